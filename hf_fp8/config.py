@@ -1,0 +1,248 @@
+"""Recipes: what an FP8 training run quantizes, how, and which modules it touches.
+
+A config is a frozen dataclass: hashable, safe to share between modules and under
+``torch.compile``, and changed only through :func:`dataclasses.replace`, which re-runs
+the validation below. Every invalid value raises ``ValueError`` naming the field, the
+value received and the values allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+__all__ = ["Fp8Config", "Fp8Format", "Recipe", "AmaxComputeAlgo", "NonFinitePolicy"]
+
+
+class _StrEnum(str, enum.Enum):
+    """An enum whose members compare equal to, and serialize as, their string value."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    @classmethod
+    def parse(cls, field: str, value: Any):
+        if isinstance(value, cls):
+            return value
+        try:
+            return cls(str(value).lower())
+        except ValueError:
+            allowed = ", ".join(repr(m.value) for m in cls)
+            raise ValueError(f"Fp8Config.{field}: got {value!r}; allowed values are {allowed}") from None
+
+
+class Recipe(_StrEnum):
+    """How scales are chosen.
+
+    - ``tensorwise``: one scale per tensor from the tensor's *current* amax (dynamic
+      scaling). Needs a reduction over the whole tensor before the cast; our kernels do
+      it in two passes with no host synchronization.
+    - ``rowwise``: one scale per row of each GEMM operand (per token for activations and
+      gradients, per output channel for weights), E4M3 for every operand. More accurate
+      with outliers; the per-row scales are applied in the GEMM epilogue.
+    - ``delayed``: one scale per tensor from a history of past amaxes (TransformerEngine's
+      recipe). The cast needs no reduction before it, so quantization is a single pass that
+      also records the current amax into the history.
+    """
+
+    TENSORWISE = "tensorwise"
+    ROWWISE = "rowwise"
+    DELAYED = "delayed"
+
+    def short_str(self) -> str:
+        return {"tensorwise": "ten", "rowwise": "row", "delayed": "dly"}[self.value]
+
+
+class Fp8Format(_StrEnum):
+    """The two OCP FP8 formats Hopper's tensor cores take."""
+
+    E4M3 = "e4m3"  # max 448, 3 mantissa bits: forward operands
+    E5M2 = "e5m2"  # max 57344, 2 mantissa bits: gradients, which have wider range
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float8_e4m3fn if self is Fp8Format.E4M3 else torch.float8_e5m2
+
+    @property
+    def max(self) -> float:
+        return float(torch.finfo(self.dtype).max)
+
+
+class AmaxComputeAlgo(_StrEnum):
+    """How the delayed recipe turns its amax history into one amax."""
+
+    MAX = "max"  # the largest amax in the window: safe against spikes
+    MOST_RECENT = "most_recent"  # the previous step's amax: tracks fast changes
+
+
+class NonFinitePolicy(_StrEnum):
+    """What happens when an FP8 cast sees inf or NaN.
+
+    The cast never produces an inf/NaN *scale*; non-finite input values come out as NaN
+    (so the loss shows them) and the module records the event. ``record`` keeps the
+    check on the device (no host synchronization; read it with
+    :func:`hf_fp8.nonfinite_modules`); ``raise`` synchronizes after every cast and raises
+    :class:`hf_fp8.NonFiniteError` naming the module, which is what you want while debugging.
+    """
+
+    RECORD = "record"
+    RAISE = "raise"
+
+
+_FIELDS_WITH_ENUMS = {
+    "recipe": Recipe,
+    "grad_format": Fp8Format,
+    "amax_compute_algo": AmaxComputeAlgo,
+    "nonfinite": NonFinitePolicy,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Fp8Config:
+    """Configuration of FP8 training for :func:`hf_fp8.convert`.
+
+    Args:
+        recipe (`str` or `Recipe`, *optional*, defaults to `"tensorwise"`):
+            ``"tensorwise"``, ``"rowwise"`` or ``"delayed"`` (see :class:`Recipe`).
+        grad_format (`str`, *optional*):
+            FP8 format of the output gradient: ``"e5m2"`` (default for tensorwise and delayed,
+            TransformerEngine's HYBRID format) or ``"e4m3"`` (default and only choice for rowwise,
+            whose per-row scales make E4M3's smaller range enough). Forward operands are always E4M3.
+        amax_history_len (`int`, *optional*, defaults to 16):
+            Length of the delayed recipe's amax history (ignored by the other recipes).
+        amax_compute_algo (`str`, *optional*, defaults to `"max"`):
+            ``"max"`` or ``"most_recent"``: how the delayed recipe reads its history.
+        margin (`int`, *optional*, defaults to 0):
+            Delayed recipe: scales are divided by ``2**margin`` to leave headroom for amax growth.
+        use_fast_accum (`bool`, *optional*, defaults to `False`):
+            Let the forward GEMM use Hopper's fast FP8 accumulation (faster, slightly less
+            accurate than FP32 accumulation; the CPU emulation always accumulates in FP32).
+        auto_filter (`bool`, *optional*, defaults to `True`):
+            Keep in high precision the layers where FP8 does not pay off: the output embedding
+            (``lm_head``) and layers below the per-recipe size thresholds measured on an H100
+            (see :mod:`hf_fp8.filter`). Layers with a dimension not divisible by 16 are always
+            kept, since the FP8 GEMM cannot take them.
+        include (`tuple[str, ...]`, *optional*, defaults to `()`):
+            Shell-style patterns (``fnmatch``) of module names to consider; empty means all.
+        exclude (`tuple[str, ...]`, *optional*, defaults to `()`):
+            Shell-style patterns of module names never to convert (wins over ``include``).
+        nonfinite (`str`, *optional*, defaults to `"record"`):
+            ``"record"`` or ``"raise"`` (see :class:`NonFinitePolicy`).
+
+    Example:
+        ```python
+        >>> import hf_fp8
+        >>> cfg = hf_fp8.Fp8Config(recipe="delayed", amax_history_len=32, exclude=("*.k_proj",))
+        >>> cfg.short_str()
+        'dly:e4m3/e5m2,h32,max'
+        >>> hf_fp8.Fp8Config.from_json(cfg.to_json()) == cfg
+        True
+
+        ```
+    """
+
+    recipe: Recipe | str = Recipe.TENSORWISE
+    grad_format: Fp8Format | str | None = None
+    amax_history_len: int = 16
+    amax_compute_algo: AmaxComputeAlgo | str = AmaxComputeAlgo.MAX
+    margin: int = 0
+    use_fast_accum: bool = False
+    auto_filter: bool = True
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    nonfinite: NonFinitePolicy | str = NonFinitePolicy.RECORD
+
+    def __post_init__(self) -> None:
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen: set once, here)
+        for name, enum_cls in _FIELDS_WITH_ENUMS.items():
+            value = getattr(self, name)
+            if value is not None:
+                set_(name, enum_cls.parse(name, value))
+        if self.grad_format is None:
+            set_("grad_format", Fp8Format.E4M3 if self.recipe is Recipe.ROWWISE else Fp8Format.E5M2)
+        if self.recipe is Recipe.ROWWISE and self.grad_format is not Fp8Format.E4M3:
+            raise ValueError(
+                f"Fp8Config.grad_format: got {self.grad_format.value!r} with recipe 'rowwise'; rowwise scaling "
+                "supports only 'e4m3' (the FP8 GEMM with per-row scales takes E4M3 operands)"
+            )
+        for name in ("amax_history_len", "margin"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"Fp8Config.{name}: got {value!r}; expected an int")
+        if self.amax_history_len < 1:
+            raise ValueError(f"Fp8Config.amax_history_len: got {self.amax_history_len}; expected an int >= 1")
+        if self.margin < 0:
+            raise ValueError(f"Fp8Config.margin: got {self.margin}; expected an int >= 0")
+        for name in ("use_fast_accum", "auto_filter"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"Fp8Config.{name}: got {getattr(self, name)!r}; expected True or False")
+        for name in ("include", "exclude"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                value = (value,)
+            if not all(isinstance(p, str) and p for p in value):
+                raise ValueError(f"Fp8Config.{name}: got {value!r}; expected a tuple of non-empty name patterns")
+            set_(name, tuple(value))
+
+    # ---- derived properties -------------------------------------------------------------
+    @property
+    def forward_format(self) -> Fp8Format:
+        return Fp8Format.E4M3
+
+    def short_str(self) -> str:
+        """Compact description for ``repr``: recipe, formats, and the delayed recipe's history."""
+        s = f"{self.recipe.short_str()}:{self.forward_format.value}/{self.grad_format.value}"
+        if self.recipe is Recipe.DELAYED:
+            s += f",h{self.amax_history_len},{self.amax_compute_algo.value}"
+            if self.margin:
+                s += f",m{self.margin}"
+        if self.use_fast_accum:
+            s += ",fast_accum"
+        return s
+
+    # ---- serialization ------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = value.value if isinstance(value, enum.Enum) else list(value) if isinstance(value, tuple) else value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Fp8Config:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"Fp8Config: unknown field(s) {unknown}; known fields are {sorted(known)}")
+        kwargs = dict(data)
+        for name in ("include", "exclude"):
+            if name in kwargs and isinstance(kwargs[name], list):
+                kwargs[name] = tuple(kwargs[name])
+        return cls(**kwargs)
+
+    def to_json(self, path: str | os.PathLike | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=True)
+        if path is not None:
+            with open(path, "w") as f:
+                f.write(text + "\n")
+        return text
+
+    @classmethod
+    def from_json(cls, text_or_path: str | os.PathLike) -> Fp8Config:
+        """Build from a JSON string or the path of a JSON file."""
+        text = str(text_or_path)
+        if not text.lstrip().startswith("{"):
+            with open(text_or_path) as f:
+                text = f.read()
+        return cls.from_dict(json.loads(text))
+
+    @classmethod
+    def from_name(cls, name: str | Recipe, **overrides: Any) -> Fp8Config:
+        """A named recipe with optional overrides: ``Fp8Config.from_name("rowwise")``."""
+        return cls(recipe=name, **overrides)

@@ -1,0 +1,688 @@
+"""FP8 quantization kernels: fused amax, scale and cast, with the transposed copy the backward needs.
+
+Math (every recipe): for a tensor ``x`` and an FP8 format with largest finite value ``FMAX``
+(448 for E4M3, 57344 for E5M2)::
+
+    amax      = max |x|                          (over the tensor, a row or a column)
+    scale     = FMAX / max(amax, MIN_AMAX)       if 0 < amax < inf, else 1
+    scale_inv = 1 / scale                        (what ``torch._scaled_mm`` multiplies by)
+    q         = fp8(clamp(x * scale, -FMAX, FMAX))   rounded to nearest even
+    q         = NaN wherever x is inf or NaN
+
+All arithmetic is FP32 with correctly rounded division (``div_rn``), so a kernel and its
+``*_reference`` produce the same bits on any device. The guards make the scale finite for
+every input: an all-zero tensor gets scale 1, a subnormal amax cannot overflow the
+division, and non-finite input leaves the scale at 1 and sets a caller-provided flag
+instead of poisoning the scale. Non-finite *values* come out as NaN (E4M3 has no inf),
+so the loss shows them rather than a silently saturated 448.
+
+Kernels (launchers below take 2-D tensors of any strides, contiguous output):
+
+- ``_amax_kernel``: a persistent pass over 2-D tiles computing max|x| per tensor (one
+  partial per program, no atomics, deterministic), per row or per column (int32 atomics).
+  The max runs on the float's bit pattern with the sign cleared: for non-negative IEEE
+  floats integer order equals float order, and a (positive) NaN sorts above inf, so NaN
+  propagates through the reduction, which ``tl.max`` on floats does not guarantee.
+- ``_cast_kernel``: one pass over 2-D tiles that scales, casts and writes the row-major
+  copy and/or the transposed copy (``_scaled_mm`` wants its second operand column-major,
+  so the backward needs Xᵀ, Wᵀ and dYᵀ). The scale comes from the amax partials
+  (tensorwise), from a scale tensor while recording this tensor's amax into an amax
+  history slot in the same pass (delayed), or per row / per column (rowwise). The
+  transposed copy's row length is padded with zeros to a multiple of 16, because it is
+  the reduction dimension of the weight-gradient GEMM and ``_scaled_mm`` requires that.
+- ``_delayed_update_kernel``: one tiny program that turns an amax history column into a
+  new scale and rolls the history (TransformerEngine's recipe), without host sync.
+
+References: the Triton layer-norm and fused-attention tutorials for the tile and
+persistent-grid patterns; torchao.float8 and TransformerEngine for the scaling recipes.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = [
+    "MIN_AMAX",
+    "Fp8Quantized",
+    "quantize_tensorwise",
+    "quantize_tensorwise_reference",
+    "quantize_delayed",
+    "quantize_delayed_reference",
+    "quantize_rowwise",
+    "quantize_rowwise_reference",
+    "quantize_colwise_transposed",
+    "quantize_colwise_transposed_reference",
+    "delayed_scale_update",
+    "delayed_scale_update_reference",
+    "amax_to_scale_reference",
+    "pad_to",
+]
+
+# Smallest amax that still gives a finite scale for E5M2 (57344 / 1e-12 < FLT_MAX).
+MIN_AMAX = 1e-12
+# Transposed copies are padded to this multiple: the K dimension of ``_scaled_mm``.
+PAD_MULTIPLE = 16
+
+_SCALE_FROM_PARTIALS = 0  # tensorwise: reduce the amax kernel's partials in every program
+_SCALE_FROM_TENSOR = 1  # delayed: read a precomputed scale
+_SCALE_PER_ROW = 2  # rowwise: one scale per row of x, from a per-row amax
+_SCALE_PER_COL = 3  # rowwise of xᵀ: one scale per column of x
+
+
+def pad_to(n: int, multiple: int = PAD_MULTIPLE) -> int:
+    return (n + multiple - 1) // multiple * multiple
+
+
+class Fp8Quantized(NamedTuple):
+    """Result of a quantization.
+
+    ``data``: (R, C) FP8, row-major, or None if not requested.
+    ``data_t``: (C, pad_to(R)) FP8, the transposed copy zero-padded, or None.
+    ``scale_inv``: FP32, ``()`` per tensor, ``(R,)`` per row, ``(C,)`` per column.
+    ``amax``: FP32 with the same shape as ``scale_inv`` (for delayed: the amax just recorded
+    is in the caller's history slot, and this is that slot).
+    """
+
+    data: torch.Tensor | None
+    data_t: torch.Tensor | None
+    scale_inv: torch.Tensor
+    amax: torch.Tensor
+
+
+# ---------------------------------------------------------------------------------------
+# Triton kernels
+# ---------------------------------------------------------------------------------------
+@triton.jit
+def _abs_bits(x):
+    """|x| as an int32 whose integer order is the float order, with NaN above inf."""
+    return x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+
+
+@triton.jit
+def _scale_from_amax(amax, FP8_MAX: tl.constexpr, MIN_AMAX_C: tl.constexpr):
+    """Guarded scale: finite for every amax (zero, subnormal, inf, NaN)."""
+    ok = (amax > 0.0) & (amax < float("inf"))
+    safe = tl.where(ok, tl.maximum(amax, MIN_AMAX_C), 1.0)
+    scale = tl.math.div_rn(tl.full(safe.shape, FP8_MAX, tl.float32), safe)
+    return tl.where(ok, scale, 1.0)
+
+
+@triton.jit
+def _amax_kernel(
+    x_ptr,
+    out_ptr,  # int32 view: (num_programs,) partials, or (R,) / (C,) zero-initialised for atomics
+    R,
+    C,
+    stride_xr,
+    stride_xc,
+    AXIS: tl.constexpr,  # -1: whole tensor; 0: per row; 1: per column
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_progs = tl.num_programs(0)
+    tiles_c = tl.cdiv(C, BLOCK_C)
+    n_tiles = tl.cdiv(R, BLOCK_R) * tiles_c
+    acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.int32)
+    for tile in range(pid, n_tiles, num_progs):
+        rows = (tile // tiles_c) * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = (tile % tiles_c) * BLOCK_C + tl.arange(0, BLOCK_C)
+        mask = (rows < R)[:, None] & (cols < C)[None, :]
+        offs = rows.to(tl.int64)[:, None] * stride_xr + cols.to(tl.int64)[None, :] * stride_xc
+        # bf16/fp16 loads must be upcast before any arithmetic (exact for every value).
+        bits = _abs_bits(tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32))
+        if AXIS == -1:
+            acc = tl.maximum(acc, bits)
+        elif AXIS == 0:
+            tl.atomic_max(out_ptr + rows, tl.max(bits, axis=1), mask=rows < R)
+        else:
+            tl.atomic_max(out_ptr + cols, tl.max(bits, axis=0), mask=cols < C)
+    if AXIS == -1:
+        tl.store(out_ptr + pid, tl.max(tl.max(acc, axis=1), axis=0))
+
+
+@triton.jit
+def _cast_kernel(
+    x_ptr,
+    y_ptr,  # (R, C) row-major FP8 output, if WRITE_Y
+    yt_ptr,  # (C, R_pad) row-major FP8 output, if WRITE_T
+    amax_ptr,  # SCALE_FROM_PARTIALS: int32 partials; PER_ROW/PER_COL: int32 amax per row/col
+    n_partials,
+    scale_ptr,  # SCALE_FROM_TENSOR: fp32 scale to use
+    record_ptr,  # SCALE_FROM_TENSOR with RECORD_AMAX: int32 view of the amax slot to max into
+    scale_inv_out_ptr,  # fp32: () or (R,) or (C,)
+    amax_out_ptr,  # fp32: () or (R,) or (C,)
+    flag_ptr,  # int32 sticky non-finite flag, if HAS_FLAG
+    R,
+    C,
+    R_pad,
+    stride_xr,
+    stride_xc,
+    stride_yr,
+    stride_ytr,
+    FP8_MAX: tl.constexpr,
+    MIN_AMAX_C: tl.constexpr,
+    SCALE_MODE: tl.constexpr,
+    RECORD_AMAX: tl.constexpr,
+    WRITE_Y: tl.constexpr,
+    WRITE_T: tl.constexpr,
+    HAS_FLAG: tl.constexpr,
+    REVERSE: tl.constexpr,  # walk tiles backwards: the amax pass just left the tail in L2
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    tiles_c = tl.cdiv(C, BLOCK_C)
+    if REVERSE:
+        pid = tl.num_programs(0) - 1 - pid
+    tile_r = pid // tiles_c
+    tile_c = pid % tiles_c
+    rows = tile_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tile_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    row_in = rows < R
+    col_in = cols < C
+    mask = row_in[:, None] & col_in[None, :]
+    offs = rows.to(tl.int64)[:, None] * stride_xr + cols.to(tl.int64)[None, :] * stride_xc
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+
+    # ---- the scale (and, for the first program of a row/column, its outputs) ----------
+    if SCALE_MODE == 0:
+        p = tl.arange(0, BLOCK_P)
+        amax = tl.max(tl.load(amax_ptr + p, mask=p < n_partials, other=0), axis=0).to(tl.float32, bitcast=True)
+        scale = _scale_from_amax(amax, FP8_MAX, MIN_AMAX_C)
+        if pid == 0:
+            tl.store(scale_inv_out_ptr, tl.math.div_rn(tl.full([], 1.0, tl.float32), scale))
+            tl.store(amax_out_ptr, amax)
+            if HAS_FLAG:
+                tl.store(flag_ptr, 1, mask=~(amax < float("inf")))
+        y = x * scale
+    elif SCALE_MODE == 1:
+        scale = tl.load(scale_ptr)
+        y = x * scale
+        if RECORD_AMAX:
+            tl.atomic_max(record_ptr, tl.max(tl.max(_abs_bits(x), axis=1), axis=0))
+    elif SCALE_MODE == 2:
+        amax = tl.load(amax_ptr + rows, mask=row_in, other=0).to(tl.float32, bitcast=True)
+        scale = _scale_from_amax(amax, FP8_MAX, MIN_AMAX_C)
+        if tile_c == 0:
+            tl.store(scale_inv_out_ptr + rows, tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale), mask=row_in)
+            tl.store(amax_out_ptr + rows, amax, mask=row_in)
+            if HAS_FLAG:
+                tl.store(flag_ptr, 1, mask=tl.max((row_in & ~(amax < float("inf"))).to(tl.int32), axis=0) > 0)
+        y = x * scale[:, None]
+    else:
+        amax = tl.load(amax_ptr + cols, mask=col_in, other=0).to(tl.float32, bitcast=True)
+        scale = _scale_from_amax(amax, FP8_MAX, MIN_AMAX_C)
+        if tile_r == 0:
+            tl.store(scale_inv_out_ptr + cols, tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale), mask=col_in)
+            tl.store(amax_out_ptr + cols, amax, mask=col_in)
+            if HAS_FLAG:
+                tl.store(flag_ptr, 1, mask=tl.max((col_in & ~(amax < float("inf"))).to(tl.int32), axis=0) > 0)
+        y = x * scale[None, :]
+
+    # ---- cast: saturate finite values, NaN for non-finite input -----------------------
+    y = tl.minimum(tl.maximum(y, -FP8_MAX), FP8_MAX)
+    y = tl.where(tl.abs(x) < float("inf"), y, float("nan"))
+    q = y.to(y_ptr.dtype.element_ty)  # y_ptr and yt_ptr have the same dtype (the launcher aliases them)
+    if WRITE_Y:
+        y_offs = rows.to(tl.int64)[:, None] * stride_yr + cols[None, :]
+        tl.store(y_ptr + y_offs, q, mask=mask)
+    if WRITE_T:
+        # rows in [R, R_pad) were loaded as 0 and are written as the zero padding.
+        # The compiler stages the tile through shared memory so this store is coalesced along rows.
+        t_offs = cols.to(tl.int64)[None, :] * stride_ytr + rows[:, None]
+        tl.store(yt_ptr + t_offs, q, mask=(rows < R_pad)[:, None] & col_in[None, :])
+
+
+@triton.jit
+def _delayed_update_kernel(
+    hist_ptr,  # (L, S) fp32, row 0 the most recent
+    scale_ptr,  # (S,) fp32
+    scale_inv_ptr,  # (S,) fp32
+    flag_ptr,  # int32 sticky non-finite flag, if HAS_FLAG
+    slot,
+    L,
+    stride_h,
+    FP8_MAX: tl.constexpr,
+    MIN_AMAX_C: tl.constexpr,
+    MARGIN_MUL: tl.constexpr,  # 2**-margin, exact
+    USE_MAX: tl.constexpr,
+    HAS_FLAG: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+):
+    i = tl.arange(0, BLOCK_L)
+    h = tl.load(hist_ptr + i * stride_h + slot, mask=i < L, other=0.0)
+    if USE_MAX:
+        amax = tl.max(_abs_bits(h), axis=0).to(tl.float32, bitcast=True)
+    else:
+        amax = tl.load(hist_ptr + slot)
+    ok = (amax > 0.0) & (amax < float("inf"))
+    new_scale = _scale_from_amax(amax, FP8_MAX, MIN_AMAX_C) * MARGIN_MUL
+    old_scale = tl.load(scale_ptr + slot)
+    scale = tl.where(ok, new_scale, old_scale)
+    tl.store(scale_ptr + slot, scale)
+    tl.store(scale_inv_ptr + slot, tl.math.div_rn(tl.full([], 1.0, tl.float32), scale))
+    if HAS_FLAG:
+        tl.store(flag_ptr, 1, mask=~(amax < float("inf")))
+    # roll: entry i+1 <- entry i, entry 0 <- 0 (ready for this step's amax)
+    shifted = tl.load(hist_ptr + (i - 1) * stride_h + slot, mask=(i >= 1) & (i < L), other=0.0)
+    tl.debug_barrier()
+    tl.store(hist_ptr + i * stride_h + slot, shifted, mask=i < L)
+
+
+# ---------------------------------------------------------------------------------------
+# launch settings
+# ---------------------------------------------------------------------------------------
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=8)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _max_programs(x: torch.Tensor) -> int:
+    if x.is_cuda:
+        return 4 * _num_sms(x.device.index if x.device.index is not None else torch.cuda.current_device())
+    return 4  # the interpreter runs programs one after another: fewer, larger is faster
+
+
+def _settings(x: torch.Tensor, transposed_io: bool) -> tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_C, num_warps) for the cast kernel.
+
+    On a GPU: 64x128 tiles of 16-bit input (16 KB) give each program enough independent
+    loads to hide latency; when a transposed copy is written, a square-ish 64x64 tile keeps
+    both the row-major and the transposed store coalesced after the layout conversion.
+    Under the interpreter every program costs ~0.5 ms, so tiles are as large as the tensor.
+    """
+    if _interpreting():
+        return 64, 128, 4
+    if transposed_io:
+        return 64, 64, 4
+    return 32, 256, 4
+
+
+def _check_2d(x: torch.Tensor, name: str = "x") -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"{name}: expected a 2-D tensor, got shape {tuple(x.shape)}")
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"{name}: expected float32, bfloat16 or float16, got {x.dtype}")
+    if x.numel() == 0:
+        raise ValueError(f"{name}: cannot quantize an empty tensor of shape {tuple(x.shape)}")
+
+
+def _check_fp8(dtype: torch.dtype) -> float:
+    if dtype not in (torch.float8_e4m3fn, torch.float8_e5m2):
+        raise ValueError(f"fp8_dtype: expected torch.float8_e4m3fn or torch.float8_e5m2, got {dtype}")
+    return float(torch.finfo(dtype).max)
+
+
+def _launch_cast(
+    x: torch.Tensor,
+    fp8_dtype: torch.dtype,
+    *,
+    scale_mode: int,
+    write_y: bool,
+    write_t: bool,
+    amax_src: torch.Tensor | None = None,
+    n_partials: int = 0,
+    scale: torch.Tensor | None = None,
+    record: torch.Tensor | None = None,
+    out_shape: tuple[int, ...] = (),
+    nonfinite_flag: torch.Tensor | None = None,
+    reverse: bool = False,
+    block: tuple[int, int, int] | None = None,
+) -> Fp8Quantized:
+    R, C = x.shape
+    R_pad = pad_to(R) if write_t else R
+    fmax = _check_fp8(fp8_dtype)
+    y = torch.empty((R, C), dtype=fp8_dtype, device=x.device) if write_y else None
+    yt = torch.empty((C, R_pad), dtype=fp8_dtype, device=x.device) if write_t else None
+    scale_inv = torch.empty(out_shape, dtype=torch.float32, device=x.device)
+    amax = torch.empty(out_shape, dtype=torch.float32, device=x.device)
+    BLOCK_R, BLOCK_C, num_warps = block or _settings(x, write_t)
+    grid = (triton.cdiv(R_pad, BLOCK_R) * triton.cdiv(C, BLOCK_C),)
+    dummy = scale_inv
+    _cast_kernel[grid](
+        x,
+        y if y is not None else yt,
+        yt if yt is not None else y,
+        amax_src if amax_src is not None else dummy,
+        n_partials,
+        scale if scale is not None else dummy,
+        record if record is not None else dummy,
+        scale_inv,
+        amax,
+        nonfinite_flag if nonfinite_flag is not None else dummy,
+        R,
+        C,
+        R_pad,
+        x.stride(0),
+        x.stride(1),
+        C,
+        R_pad,
+        FP8_MAX=fmax,
+        MIN_AMAX_C=MIN_AMAX,
+        SCALE_MODE=scale_mode,
+        RECORD_AMAX=record is not None,
+        WRITE_Y=write_y,
+        WRITE_T=write_t,
+        HAS_FLAG=nonfinite_flag is not None,
+        REVERSE=reverse,
+        BLOCK_R=BLOCK_R,
+        BLOCK_C=BLOCK_C,
+        BLOCK_P=max(triton.next_power_of_2(max(n_partials, 1)), 16),
+        num_warps=num_warps,
+    )
+    return Fp8Quantized(y, yt, scale_inv, amax)
+
+
+def _launch_amax(x: torch.Tensor, axis: int, block: tuple[int, int, int] | None = None) -> tuple[torch.Tensor, int]:
+    """Per-tensor partials (axis=-1) or per-row/column amax bits (axis=0/1) as int32."""
+    R, C = x.shape
+    if _interpreting():
+        BLOCK_R, BLOCK_C, num_warps = 64, 128, 4
+    else:
+        BLOCK_R, BLOCK_C, num_warps = block or ((16, 512, 8) if x.stride(1) == 1 else (128, 32, 4))
+    n_tiles = triton.cdiv(R, BLOCK_R) * triton.cdiv(C, BLOCK_C)
+    n_progs = min(n_tiles, _max_programs(x))
+    if axis == -1:
+        out = torch.empty(n_progs, dtype=torch.int32, device=x.device)
+    else:
+        out = torch.zeros(R if axis == 0 else C, dtype=torch.int32, device=x.device)
+    _amax_kernel[(n_progs,)](
+        x, out, R, C, x.stride(0), x.stride(1), AXIS=axis, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, num_warps=num_warps
+    )
+    return out, n_progs
+
+
+# ---------------------------------------------------------------------------------------
+# public launchers (GPU or TRITON_INTERPRET=1) and their pure-torch references
+# ---------------------------------------------------------------------------------------
+def quantize_tensorwise(
+    x: torch.Tensor,
+    fp8_dtype: torch.dtype,
+    *,
+    write_y: bool = True,
+    write_t: bool = False,
+    nonfinite_flag: torch.Tensor | None = None,
+    block: tuple[int, int, int] | None = None,
+) -> Fp8Quantized:
+    """Dynamic per-tensor scaling: amax pass, then one scale-and-cast pass (no host sync).
+
+    Args:
+        x (`torch.Tensor`): (R, C) float32/bfloat16/float16, any strides.
+        fp8_dtype (`torch.dtype`): ``torch.float8_e4m3fn`` or ``torch.float8_e5m2``.
+        write_y (`bool`): write the (R, C) row-major copy.
+        write_t (`bool`): write the (C, pad_to(R)) transposed copy.
+        nonfinite_flag (`torch.Tensor`, *optional*): int32 (1,) set to 1 if x has inf/NaN.
+    """
+    _check_2d(x)
+    partials, n = _launch_amax(x, -1)
+    return _launch_cast(
+        x,
+        fp8_dtype,
+        scale_mode=_SCALE_FROM_PARTIALS,
+        write_y=write_y,
+        write_t=write_t,
+        amax_src=partials,
+        n_partials=n,
+        nonfinite_flag=nonfinite_flag,
+        reverse=True,
+        block=block,
+    )
+
+
+def quantize_delayed(
+    x: torch.Tensor,
+    fp8_dtype: torch.dtype,
+    scale: torch.Tensor,
+    scale_inv: torch.Tensor,
+    amax_slot: torch.Tensor,
+    *,
+    write_y: bool = True,
+    write_t: bool = False,
+    block: tuple[int, int, int] | None = None,
+) -> Fp8Quantized:
+    """Cast with a precomputed scale and record max|x| into ``amax_slot`` in the same pass.
+
+    Args:
+        scale (`torch.Tensor`): fp32 0-d (a view into the module's scale buffer).
+        scale_inv (`torch.Tensor`): fp32 0-d, ``1 / scale``, returned as the result's scale_inv.
+        amax_slot (`torch.Tensor`): fp32 0-d view into the amax history that must hold 0 (or
+            a smaller amax) before the call; it is max-reduced into atomically.
+    """
+    _check_2d(x)
+    for name, t in (("scale", scale), ("scale_inv", scale_inv), ("amax_slot", amax_slot)):
+        if t.dtype != torch.float32 or t.numel() != 1:
+            raise ValueError(f"{name}: expected a float32 tensor with one element, got {t.dtype} {tuple(t.shape)}")
+    q = _launch_cast(
+        x,
+        fp8_dtype,
+        scale_mode=_SCALE_FROM_TENSOR,
+        write_y=write_y,
+        write_t=write_t,
+        scale=scale,
+        record=amax_slot.view(torch.int32),
+        block=block,
+    )
+    return Fp8Quantized(q.data, q.data_t, scale_inv, amax_slot)
+
+
+def quantize_rowwise(
+    x: torch.Tensor,
+    fp8_dtype: torch.dtype,
+    *,
+    nonfinite_flag: torch.Tensor | None = None,
+    block: tuple[int, int, int] | None = None,
+) -> Fp8Quantized:
+    """One scale per row of ``x``: data (R, C), scale_inv (R,)."""
+    _check_2d(x)
+    amax_bits, _ = _launch_amax(x, 0)
+    return _launch_cast(
+        x,
+        fp8_dtype,
+        scale_mode=_SCALE_PER_ROW,
+        write_y=True,
+        write_t=False,
+        amax_src=amax_bits,
+        out_shape=(x.shape[0],),
+        nonfinite_flag=nonfinite_flag,
+        block=block,
+    )
+
+
+def quantize_colwise_transposed(
+    x: torch.Tensor,
+    fp8_dtype: torch.dtype,
+    *,
+    nonfinite_flag: torch.Tensor | None = None,
+    block: tuple[int, int, int] | None = None,
+) -> Fp8Quantized:
+    """One scale per column of ``x``, written transposed: data_t (C, pad_to(R)), scale_inv (C,).
+
+    This is the rowwise quantization of ``xᵀ`` without materializing ``xᵀ`` in high precision.
+    """
+    _check_2d(x)
+    amax_bits, _ = _launch_amax(x, 1)
+    return _launch_cast(
+        x,
+        fp8_dtype,
+        scale_mode=_SCALE_PER_COL,
+        write_y=False,
+        write_t=True,
+        amax_src=amax_bits,
+        out_shape=(x.shape[1],),
+        nonfinite_flag=nonfinite_flag,
+        block=block,
+    )
+
+
+def delayed_scale_update(
+    history: torch.Tensor,
+    scale: torch.Tensor,
+    scale_inv: torch.Tensor,
+    slot: int,
+    fp8_dtype: torch.dtype,
+    *,
+    use_max: bool = True,
+    margin: int = 0,
+    nonfinite_flag: torch.Tensor | None = None,
+) -> None:
+    """In place: ``scale[slot]`` from ``history[:, slot]`` (guarded), then roll that column.
+
+    Args:
+        history (`torch.Tensor`): (L, S) fp32, contiguous; row 0 is the most recent amax.
+        scale, scale_inv (`torch.Tensor`): (S,) fp32. A non-positive or non-finite amax keeps
+            the previous scale (and sets ``nonfinite_flag`` if non-finite).
+    """
+    if history.dim() != 2 or history.dtype != torch.float32 or not history.is_contiguous():
+        raise ValueError(f"history: expected a contiguous 2-D float32 tensor, got {history.dtype} {tuple(history.shape)}")
+    L = history.shape[0]
+    _delayed_update_kernel[(1,)](
+        history,
+        scale,
+        scale_inv,
+        nonfinite_flag if nonfinite_flag is not None else scale,
+        slot,
+        L,
+        history.stride(0),
+        FP8_MAX=_check_fp8(fp8_dtype),
+        MIN_AMAX_C=MIN_AMAX,
+        MARGIN_MUL=float(2.0**-margin),
+        USE_MAX=use_max,
+        HAS_FLAG=nonfinite_flag is not None,
+        BLOCK_L=max(triton.next_power_of_2(L), 16),
+    )
+
+
+# ---- references: the same function in plain torch (used on CPU and to test the kernels) --
+def amax_to_scale_reference(amax: torch.Tensor, fp8_max: float) -> torch.Tensor:
+    """The guarded scale of ``_scale_from_amax``: FP32, correctly rounded division."""
+    amax = amax.float()
+    ok = (amax > 0) & (amax < float("inf"))
+    safe = torch.where(ok, amax.clamp(min=MIN_AMAX), torch.ones_like(amax))
+    return torch.where(ok, torch.full_like(amax, fp8_max) / safe, torch.ones_like(amax))
+
+
+def _amax_reference(x: torch.Tensor, dim: int | None) -> torch.Tensor:
+    """max|x| with NaN propagation (torch.amax propagates NaN)."""
+    a = x.float().abs()
+    return a.amax() if dim is None else a.amax(dim=dim)
+
+
+def _cast_reference(x: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype) -> torch.Tensor:
+    fmax = _check_fp8(fp8_dtype)
+    x = x.float()
+    y = (x * scale).clamp(-fmax, fmax)
+    y = torch.where(x.abs() < float("inf"), y, torch.full_like(y, float("nan")))
+    return y.to(fp8_dtype)
+
+
+def _transpose_padded(q: torch.Tensor) -> torch.Tensor:
+    R, C = q.shape
+    out = torch.zeros((C, pad_to(R)), dtype=q.dtype, device=q.device)
+    out[:, :R] = q.t()
+    return out
+
+
+def _set_flag(flag: torch.Tensor | None, amax: torch.Tensor) -> None:
+    if flag is not None:
+        flag.copy_(torch.where((~(amax < float("inf"))).any(), torch.ones_like(flag), flag))
+
+
+def quantize_tensorwise_reference(
+    x: torch.Tensor,
+    fp8_dtype: torch.dtype,
+    *,
+    write_y: bool = True,
+    write_t: bool = False,
+    nonfinite_flag: torch.Tensor | None = None,
+    block: object = None,
+) -> Fp8Quantized:
+    _check_2d(x)
+    amax = _amax_reference(x, None)
+    scale = amax_to_scale_reference(amax, _check_fp8(fp8_dtype))
+    q = _cast_reference(x, scale, fp8_dtype)
+    _set_flag(nonfinite_flag, amax)
+    return Fp8Quantized(q if write_y else None, _transpose_padded(q) if write_t else None, 1.0 / scale, amax)
+
+
+def quantize_delayed_reference(
+    x: torch.Tensor,
+    fp8_dtype: torch.dtype,
+    scale: torch.Tensor,
+    scale_inv: torch.Tensor,
+    amax_slot: torch.Tensor,
+    *,
+    write_y: bool = True,
+    write_t: bool = False,
+    block: object = None,
+) -> Fp8Quantized:
+    _check_2d(x)
+    q = _cast_reference(x, scale, fp8_dtype)
+    amax = _amax_reference(x, None)
+    # NaN must win, as in the kernel's integer max: torch.maximum propagates NaN.
+    amax_slot.copy_(torch.maximum(amax_slot, amax))
+    return Fp8Quantized(q if write_y else None, _transpose_padded(q) if write_t else None, scale_inv, amax_slot)
+
+
+def quantize_rowwise_reference(
+    x: torch.Tensor,
+    fp8_dtype: torch.dtype,
+    *,
+    nonfinite_flag: torch.Tensor | None = None,
+    block: object = None,
+) -> Fp8Quantized:
+    _check_2d(x)
+    amax = _amax_reference(x, 1)
+    scale = amax_to_scale_reference(amax, _check_fp8(fp8_dtype))
+    _set_flag(nonfinite_flag, amax)
+    return Fp8Quantized(_cast_reference(x, scale[:, None], fp8_dtype), None, 1.0 / scale, amax)
+
+
+def quantize_colwise_transposed_reference(
+    x: torch.Tensor,
+    fp8_dtype: torch.dtype,
+    *,
+    nonfinite_flag: torch.Tensor | None = None,
+    block: object = None,
+) -> Fp8Quantized:
+    _check_2d(x)
+    amax = _amax_reference(x, 0)
+    scale = amax_to_scale_reference(amax, _check_fp8(fp8_dtype))
+    _set_flag(nonfinite_flag, amax)
+    q = _cast_reference(x, scale[None, :], fp8_dtype)
+    return Fp8Quantized(None, _transpose_padded(q), 1.0 / scale, amax)
+
+
+def delayed_scale_update_reference(
+    history: torch.Tensor,
+    scale: torch.Tensor,
+    scale_inv: torch.Tensor,
+    slot: int,
+    fp8_dtype: torch.dtype,
+    *,
+    use_max: bool = True,
+    margin: int = 0,
+    nonfinite_flag: torch.Tensor | None = None,
+) -> None:
+    col = history[:, slot]
+    amax = col.amax() if use_max else col[0].clone()
+    ok = (amax > 0) & (amax < float("inf"))
+    new_scale = amax_to_scale_reference(amax, _check_fp8(fp8_dtype)) * (2.0**-margin)
+    scale[slot] = torch.where(ok, new_scale, scale[slot])
+    scale_inv[slot] = 1.0 / scale[slot]
+    _set_flag(nonfinite_flag, amax)
+    history[:, slot] = torch.roll(col, 1)
+    history[0, slot] = 0.0
