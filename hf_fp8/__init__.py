@@ -1,1 +1,39 @@
-"""hf_fp8"""
+"""hf_fp8: FP8 and full-BF16 training for HuggingFace Transformers on NVIDIA Hopper GPUs.
+
+One entry point::
+
+    import hf_fp8
+    report = hf_fp8.convert(model, hf_fp8.Fp8Config(recipe="tensorwise"))
+    print(report)
+
+Importing this package does no work: no device probing, no patching, no transformers import.
+"""
+
+from __future__ import annotations
+
+from hf_fp8._backend import fp8_gemm_supported, kernel_backend
+from hf_fp8.config import AmaxComputeAlgo, Fp8Config, Fp8Format, NonFinitePolicy, Recipe
+from hf_fp8.convert import convert, nonfinite_modules, reset_nonfinite, revert
+from hf_fp8.linear import Fp8Linear, NonFiniteError
+from hf_fp8.report import ConversionReport, ModuleDecision
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AmaxComputeAlgo",
+    "ConversionReport",
+    "Fp8Config",
+    "Fp8Format",
+    "Fp8Linear",
+    "ModuleDecision",
+    "NonFiniteError",
+    "NonFinitePolicy",
+    "Recipe",
+    "convert",
+    "fp8_gemm_supported",
+    "kernel_backend",
+    "nonfinite_modules",
+    "reset_nonfinite",
+    "revert",
+    "__version__",
+]

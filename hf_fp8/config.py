@@ -211,7 +211,9 @@ class Fp8Config:
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            out[f.name] = value.value if isinstance(value, enum.Enum) else list(value) if isinstance(value, tuple) else value
+            out[f.name] = (
+                value.value if isinstance(value, enum.Enum) else list(value) if isinstance(value, tuple) else value
+            )
         return out
 
     @classmethod

@@ -41,11 +41,24 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
+
+from .quant_reference import (
+    MIN_AMAX,
+    Fp8Quantized,
+    _check_2d,
+    _check_fp8,
+    amax_to_scale_reference,
+    delayed_scale_update_reference,
+    pad_to,
+    quantize_colwise_transposed_reference,
+    quantize_delayed_reference,
+    quantize_rowwise_reference,
+    quantize_tensorwise_reference,
+)
 
 __all__ = [
     "MIN_AMAX",
@@ -64,35 +77,11 @@ __all__ = [
     "pad_to",
 ]
 
-# Smallest amax that still gives a finite scale for E5M2 (57344 / 1e-12 < FLT_MAX).
-MIN_AMAX = 1e-12
-# Transposed copies are padded to this multiple: the K dimension of ``_scaled_mm``.
-PAD_MULTIPLE = 16
 
 _SCALE_FROM_PARTIALS = 0  # tensorwise: reduce the amax kernel's partials in every program
 _SCALE_FROM_TENSOR = 1  # delayed: read a precomputed scale
 _SCALE_PER_ROW = 2  # rowwise: one scale per row of x, from a per-row amax
 _SCALE_PER_COL = 3  # rowwise of xᵀ: one scale per column of x
-
-
-def pad_to(n: int, multiple: int = PAD_MULTIPLE) -> int:
-    return (n + multiple - 1) // multiple * multiple
-
-
-class Fp8Quantized(NamedTuple):
-    """Result of a quantization.
-
-    ``data``: (R, C) FP8, row-major, or None if not requested.
-    ``data_t``: (C, pad_to(R)) FP8, the transposed copy zero-padded, or None.
-    ``scale_inv``: FP32, ``()`` per tensor, ``(R,)`` per row, ``(C,)`` per column.
-    ``amax``: FP32 with the same shape as ``scale_inv`` (for delayed: the amax just recorded
-    is in the caller's history slot, and this is that slot).
-    """
-
-    data: torch.Tensor | None
-    data_t: torch.Tensor | None
-    scale_inv: torch.Tensor
-    amax: torch.Tensor
 
 
 # ---------------------------------------------------------------------------------------
@@ -111,6 +100,12 @@ def _scale_from_amax(amax, FP8_MAX: tl.constexpr, MIN_AMAX_C: tl.constexpr):
     safe = tl.where(ok, tl.maximum(amax, MIN_AMAX_C), 1.0)
     scale = tl.math.div_rn(tl.full(safe.shape, FP8_MAX, tl.float32), safe)
     return tl.where(ok, scale, 1.0)
+
+
+@triton.jit
+def _reciprocal(scale):
+    """Correctly rounded 1/scale (Triton's ``/`` on fp32 is an approximate division)."""
+    return tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
 
 
 @triton.jit
@@ -198,7 +193,7 @@ def _cast_kernel(
         amax = tl.max(tl.load(amax_ptr + p, mask=p < n_partials, other=0), axis=0).to(tl.float32, bitcast=True)
         scale = _scale_from_amax(amax, FP8_MAX, MIN_AMAX_C)
         if pid == 0:
-            tl.store(scale_inv_out_ptr, tl.math.div_rn(tl.full([], 1.0, tl.float32), scale))
+            tl.store(scale_inv_out_ptr, _reciprocal(scale))
             tl.store(amax_out_ptr, amax)
             if HAS_FLAG:
                 tl.store(flag_ptr, 1, mask=~(amax < float("inf")))
@@ -207,12 +202,15 @@ def _cast_kernel(
         scale = tl.load(scale_ptr)
         y = x * scale
         if RECORD_AMAX:
-            tl.atomic_max(record_ptr, tl.max(tl.max(_abs_bits(x), axis=1), axis=0))
+            tile_amax = tl.max(tl.max(_abs_bits(x), axis=1), axis=0)
+            tl.atomic_max(record_ptr, tile_amax)
+            if HAS_FLAG:
+                tl.store(flag_ptr, 1, mask=tile_amax >= 0x7F800000)  # inf or NaN bits
     elif SCALE_MODE == 2:
         amax = tl.load(amax_ptr + rows, mask=row_in, other=0).to(tl.float32, bitcast=True)
         scale = _scale_from_amax(amax, FP8_MAX, MIN_AMAX_C)
         if tile_c == 0:
-            tl.store(scale_inv_out_ptr + rows, tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale), mask=row_in)
+            tl.store(scale_inv_out_ptr + rows, _reciprocal(scale), mask=row_in)
             tl.store(amax_out_ptr + rows, amax, mask=row_in)
             if HAS_FLAG:
                 tl.store(flag_ptr, 1, mask=tl.max((row_in & ~(amax < float("inf"))).to(tl.int32), axis=0) > 0)
@@ -221,7 +219,7 @@ def _cast_kernel(
         amax = tl.load(amax_ptr + cols, mask=col_in, other=0).to(tl.float32, bitcast=True)
         scale = _scale_from_amax(amax, FP8_MAX, MIN_AMAX_C)
         if tile_r == 0:
-            tl.store(scale_inv_out_ptr + cols, tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale), mask=col_in)
+            tl.store(scale_inv_out_ptr + cols, _reciprocal(scale), mask=col_in)
             tl.store(amax_out_ptr + cols, amax, mask=col_in)
             if HAS_FLAG:
                 tl.store(flag_ptr, 1, mask=tl.max((col_in & ~(amax < float("inf"))).to(tl.int32), axis=0) > 0)
@@ -268,7 +266,7 @@ def _delayed_update_kernel(
     old_scale = tl.load(scale_ptr + slot)
     scale = tl.where(ok, new_scale, old_scale)
     tl.store(scale_ptr + slot, scale)
-    tl.store(scale_inv_ptr + slot, tl.math.div_rn(tl.full([], 1.0, tl.float32), scale))
+    tl.store(scale_inv_ptr + slot, _reciprocal(scale))
     if HAS_FLAG:
         tl.store(flag_ptr, 1, mask=~(amax < float("inf")))
     # roll: entry i+1 <- entry i, entry 0 <- 0 (ready for this step's amax)
@@ -308,23 +306,6 @@ def _settings(x: torch.Tensor, transposed_io: bool) -> tuple[int, int, int]:
     if transposed_io:
         return 64, 64, 4
     return 32, 256, 4
-
-
-def _check_2d(x: torch.Tensor, name: str = "x") -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 2:
-        raise ValueError(f"{name}: expected a 2-D tensor, got shape {tuple(x.shape)}")
-    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise TypeError(f"{name}: expected float32, bfloat16 or float16, got {x.dtype}")
-    if x.numel() == 0:
-        raise ValueError(f"{name}: cannot quantize an empty tensor of shape {tuple(x.shape)}")
-
-
-def _check_fp8(dtype: torch.dtype) -> float:
-    if dtype not in (torch.float8_e4m3fn, torch.float8_e5m2):
-        raise ValueError(f"fp8_dtype: expected torch.float8_e4m3fn or torch.float8_e5m2, got {dtype}")
-    return float(torch.finfo(dtype).max)
 
 
 def _launch_cast(
@@ -452,6 +433,7 @@ def quantize_delayed(
     *,
     write_y: bool = True,
     write_t: bool = False,
+    nonfinite_flag: torch.Tensor | None = None,
     block: tuple[int, int, int] | None = None,
 ) -> Fp8Quantized:
     """Cast with a precomputed scale and record max|x| into ``amax_slot`` in the same pass.
@@ -461,6 +443,7 @@ def quantize_delayed(
         scale_inv (`torch.Tensor`): fp32 0-d, ``1 / scale``, returned as the result's scale_inv.
         amax_slot (`torch.Tensor`): fp32 0-d view into the amax history that must hold 0 (or
             a smaller amax) before the call; it is max-reduced into atomically.
+        nonfinite_flag (`torch.Tensor`, *optional*): int32 (1,) set to 1 if x has inf/NaN.
     """
     _check_2d(x)
     for name, t in (("scale", scale), ("scale_inv", scale_inv), ("amax_slot", amax_slot)):
@@ -474,6 +457,7 @@ def quantize_delayed(
         write_t=write_t,
         scale=scale,
         record=amax_slot.view(torch.int32),
+        nonfinite_flag=nonfinite_flag,
         block=block,
     )
     return Fp8Quantized(q.data, q.data_t, scale_inv, amax_slot)
@@ -547,7 +531,9 @@ def delayed_scale_update(
             the previous scale (and sets ``nonfinite_flag`` if non-finite).
     """
     if history.dim() != 2 or history.dtype != torch.float32 or not history.is_contiguous():
-        raise ValueError(f"history: expected a contiguous 2-D float32 tensor, got {history.dtype} {tuple(history.shape)}")
+        raise ValueError(
+            f"history: expected a contiguous 2-D float32 tensor, got {history.dtype} {tuple(history.shape)}"
+        )
     L = history.shape[0]
     _delayed_update_kernel[(1,)](
         history,
@@ -564,125 +550,3 @@ def delayed_scale_update(
         HAS_FLAG=nonfinite_flag is not None,
         BLOCK_L=max(triton.next_power_of_2(L), 16),
     )
-
-
-# ---- references: the same function in plain torch (used on CPU and to test the kernels) --
-def amax_to_scale_reference(amax: torch.Tensor, fp8_max: float) -> torch.Tensor:
-    """The guarded scale of ``_scale_from_amax``: FP32, correctly rounded division."""
-    amax = amax.float()
-    ok = (amax > 0) & (amax < float("inf"))
-    safe = torch.where(ok, amax.clamp(min=MIN_AMAX), torch.ones_like(amax))
-    return torch.where(ok, torch.full_like(amax, fp8_max) / safe, torch.ones_like(amax))
-
-
-def _amax_reference(x: torch.Tensor, dim: int | None) -> torch.Tensor:
-    """max|x| with NaN propagation (torch.amax propagates NaN)."""
-    a = x.float().abs()
-    return a.amax() if dim is None else a.amax(dim=dim)
-
-
-def _cast_reference(x: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype) -> torch.Tensor:
-    fmax = _check_fp8(fp8_dtype)
-    x = x.float()
-    y = (x * scale).clamp(-fmax, fmax)
-    y = torch.where(x.abs() < float("inf"), y, torch.full_like(y, float("nan")))
-    return y.to(fp8_dtype)
-
-
-def _transpose_padded(q: torch.Tensor) -> torch.Tensor:
-    R, C = q.shape
-    out = torch.zeros((C, pad_to(R)), dtype=q.dtype, device=q.device)
-    out[:, :R] = q.t()
-    return out
-
-
-def _set_flag(flag: torch.Tensor | None, amax: torch.Tensor) -> None:
-    if flag is not None:
-        flag.copy_(torch.where((~(amax < float("inf"))).any(), torch.ones_like(flag), flag))
-
-
-def quantize_tensorwise_reference(
-    x: torch.Tensor,
-    fp8_dtype: torch.dtype,
-    *,
-    write_y: bool = True,
-    write_t: bool = False,
-    nonfinite_flag: torch.Tensor | None = None,
-    block: object = None,
-) -> Fp8Quantized:
-    _check_2d(x)
-    amax = _amax_reference(x, None)
-    scale = amax_to_scale_reference(amax, _check_fp8(fp8_dtype))
-    q = _cast_reference(x, scale, fp8_dtype)
-    _set_flag(nonfinite_flag, amax)
-    return Fp8Quantized(q if write_y else None, _transpose_padded(q) if write_t else None, 1.0 / scale, amax)
-
-
-def quantize_delayed_reference(
-    x: torch.Tensor,
-    fp8_dtype: torch.dtype,
-    scale: torch.Tensor,
-    scale_inv: torch.Tensor,
-    amax_slot: torch.Tensor,
-    *,
-    write_y: bool = True,
-    write_t: bool = False,
-    block: object = None,
-) -> Fp8Quantized:
-    _check_2d(x)
-    q = _cast_reference(x, scale, fp8_dtype)
-    amax = _amax_reference(x, None)
-    # NaN must win, as in the kernel's integer max: torch.maximum propagates NaN.
-    amax_slot.copy_(torch.maximum(amax_slot, amax))
-    return Fp8Quantized(q if write_y else None, _transpose_padded(q) if write_t else None, scale_inv, amax_slot)
-
-
-def quantize_rowwise_reference(
-    x: torch.Tensor,
-    fp8_dtype: torch.dtype,
-    *,
-    nonfinite_flag: torch.Tensor | None = None,
-    block: object = None,
-) -> Fp8Quantized:
-    _check_2d(x)
-    amax = _amax_reference(x, 1)
-    scale = amax_to_scale_reference(amax, _check_fp8(fp8_dtype))
-    _set_flag(nonfinite_flag, amax)
-    return Fp8Quantized(_cast_reference(x, scale[:, None], fp8_dtype), None, 1.0 / scale, amax)
-
-
-def quantize_colwise_transposed_reference(
-    x: torch.Tensor,
-    fp8_dtype: torch.dtype,
-    *,
-    nonfinite_flag: torch.Tensor | None = None,
-    block: object = None,
-) -> Fp8Quantized:
-    _check_2d(x)
-    amax = _amax_reference(x, 0)
-    scale = amax_to_scale_reference(amax, _check_fp8(fp8_dtype))
-    _set_flag(nonfinite_flag, amax)
-    q = _cast_reference(x, scale[None, :], fp8_dtype)
-    return Fp8Quantized(None, _transpose_padded(q), 1.0 / scale, amax)
-
-
-def delayed_scale_update_reference(
-    history: torch.Tensor,
-    scale: torch.Tensor,
-    scale_inv: torch.Tensor,
-    slot: int,
-    fp8_dtype: torch.dtype,
-    *,
-    use_max: bool = True,
-    margin: int = 0,
-    nonfinite_flag: torch.Tensor | None = None,
-) -> None:
-    col = history[:, slot]
-    amax = col.amax() if use_max else col[0].clone()
-    ok = (amax > 0) & (amax < float("inf"))
-    new_scale = amax_to_scale_reference(amax, _check_fp8(fp8_dtype)) * (2.0**-margin)
-    scale[slot] = torch.where(ok, new_scale, scale[slot])
-    scale_inv[slot] = 1.0 / scale[slot]
-    _set_flag(nonfinite_flag, amax)
-    history[:, slot] = torch.roll(col, 1)
-    history[0, slot] = 0.0

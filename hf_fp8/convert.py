@@ -1,0 +1,185 @@
+"""Model conversion: swap ``nn.Linear`` for ``Fp8Linear`` in place, and back.
+
+The swap keeps the same ``nn.Parameter`` objects, so an optimizer built before or after
+still updates the right tensors, and a converted model's ``state_dict`` has the same
+parameter keys. The filter is built once from the root model (so "the output embedding"
+means the model's, not whatever module is being visited) and every decision is recorded
+in a :class:`ConversionReport`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from hf_fp8.config import Fp8Config
+from hf_fp8.filter import passes_shape_rule
+from hf_fp8.linear import Fp8Linear
+from hf_fp8.report import ConversionReport, ModuleDecision
+
+__all__ = ["convert", "revert", "nonfinite_modules", "reset_nonfinite"]
+
+logger = logging.getLogger(__name__)
+
+ModuleFilter = Callable[[nn.Module, str], bool]
+
+
+def _output_embedding_ids(model: nn.Module) -> set[int]:
+    ids: set[int] = set()
+    get = getattr(model, "get_output_embeddings", None)
+    if callable(get):
+        try:
+            out = get()
+        except (NotImplementedError, AttributeError):
+            out = None
+        if isinstance(out, nn.Module):
+            ids.add(id(out))
+    return ids
+
+
+def _embedding_weight_ids(model: nn.Module) -> set[int]:
+    return {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+
+
+def _decide(
+    name: str,
+    module: nn.Linear,
+    config: Fp8Config,
+    output_embeddings: set[int],
+    embedding_weights: set[int],
+    module_filter_fn: ModuleFilter | None,
+) -> tuple[bool, str]:
+    K, N = module.in_features, module.out_features
+    for pattern in config.exclude:
+        if fnmatch.fnmatchcase(name, pattern):
+            return False, f"excluded by pattern {pattern!r}"
+    if config.include and not any(fnmatch.fnmatchcase(name, p) for p in config.include):
+        return False, "not matched by the include patterns"
+    if type(module) is not nn.Linear:
+        return False, f"{type(module).__name__} is an nn.Linear subclass with its own behaviour"
+    if config.auto_filter:
+        if id(module) in output_embeddings or name.split(".")[-1] == "lm_head":
+            return False, "output embedding (lm_head): kept in high precision for accuracy"
+        if id(module.weight) in embedding_weights:
+            return False, "weight tied to an embedding"
+    if K % 16 or N % 16:
+        return False, f"in={K}, out={N}: both must be multiples of 16 for the FP8 GEMM"
+    if config.auto_filter:
+        ok, reason = passes_shape_rule(K, N, config.recipe)
+        if not ok:
+            return False, reason
+    if module_filter_fn is not None and not module_filter_fn(module, name):
+        return False, "rejected by module_filter_fn"
+    return True, ""
+
+
+def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+def convert(
+    model: nn.Module,
+    config: Fp8Config | str | None = None,
+    *,
+    module_filter_fn: ModuleFilter | None = None,
+) -> ConversionReport:
+    """Swap the model's ``nn.Linear`` layers for :class:`Fp8Linear` in place.
+
+    Args:
+        model (`nn.Module`): any model, e.g. a ``LlamaForCausalLM``. Converting twice is a no-op
+            for layers that are already ``Fp8Linear``.
+        config (`Fp8Config` or `str`, *optional*): the recipe, or a recipe name
+            (``"tensorwise"``, ``"rowwise"``, ``"delayed"``). Defaults to ``Fp8Config()``.
+        module_filter_fn (`Callable[[nn.Module, str], bool]`, *optional*): an extra veto,
+            called with each candidate layer and its fully qualified name after the
+            config's own rules.
+
+    Returns:
+        `ConversionReport`: per linear layer, converted or kept and why; ``print()`` it.
+
+    Example:
+        ```python
+        >>> import torch, hf_fp8
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4096, 4096), torch.nn.Linear(4096, 10))
+        >>> report = hf_fp8.convert(model, "tensorwise")
+        >>> report.converted
+        ['0']
+        >>> report.skipped["1"]
+        'in=4096, out=10: both must be multiples of 16 for the FP8 GEMM'
+
+        ```
+    """
+    if config is None:
+        config = Fp8Config()
+    elif isinstance(config, str):
+        config = Fp8Config(recipe=config)
+    elif not isinstance(config, Fp8Config):
+        raise TypeError(f"convert: config must be an Fp8Config or a recipe name, got {type(config).__name__}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"convert: expected an nn.Module, got {type(model).__name__}")
+    if isinstance(model, nn.Linear):
+        raise ValueError(
+            "convert: the model itself is an nn.Linear and cannot be swapped in place; "
+            "use hf_fp8.Fp8Linear.from_linear(layer, config)"
+        )
+
+    output_embeddings = _output_embedding_ids(model)
+    embedding_weights = _embedding_weight_ids(model)
+    decisions: list[ModuleDecision] = []
+    swaps: list[tuple[str, nn.Linear]] = []
+    for name, module in model.named_modules():
+        if isinstance(module, Fp8Linear):
+            decisions.append(ModuleDecision(name, module.in_features, module.out_features, True, "already Fp8Linear"))
+            continue
+        if not isinstance(module, nn.Linear):
+            continue
+        ok, reason = _decide(name, module, config, output_embeddings, embedding_weights, module_filter_fn)
+        decisions.append(ModuleDecision(name, module.in_features, module.out_features, ok, reason))
+        if ok:
+            swaps.append((name, module))
+
+    for name, module in swaps:
+        new = Fp8Linear.from_linear(module, config)
+        new.fp8_name = name
+        _set_submodule(model, name, new)
+    report = ConversionReport(decisions, config.short_str())
+    logger.info("hf_fp8.convert: %d of %d linear layers converted", len(report.converted), len(decisions))
+    return report
+
+
+def revert(model: nn.Module) -> int:
+    """Swap every :class:`Fp8Linear` back to ``nn.Linear`` (same Parameters). Returns how many.
+
+    FP8 state (delayed-scaling histories) is dropped; weights are untouched, since
+    ``Fp8Linear`` keeps them in their original dtype.
+    """
+    swaps = [(name, m) for name, m in model.named_modules() if isinstance(m, Fp8Linear) and name]
+    for name, module in swaps:
+        _set_submodule(model, name, module.to_linear())
+    return len(swaps)
+
+
+def nonfinite_modules(model: nn.Module) -> dict[str, list[str]]:
+    """Layers whose FP8 casts have seen inf/NaN since the last :func:`reset_nonfinite`.
+
+    One device-to-host copy for the whole model; call it at logging steps, not every step.
+    Returns ``{module name: ["input" | "weight" | "grad_output", ...]}``.
+    """
+    mods = [(name, m) for name, m in model.named_modules() if isinstance(m, Fp8Linear)]
+    if not mods:
+        return {}
+    flags = torch.stack([m.fp8_nonfinite.to("cpu", non_blocking=False) for _, m in mods]).tolist()
+    roles = ("input", "weight", "grad_output")
+    return {name: [r for r, f in zip(roles, fl) if f] for (name, _), fl in zip(mods, flags) if any(fl)}
+
+
+def reset_nonfinite(model: nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, Fp8Linear):
+            m.fp8_nonfinite.zero_()

@@ -1,0 +1,262 @@
+"""``Fp8Linear``: an ``nn.Linear`` whose three GEMMs run in FP8.
+
+Forward ``Y = X Wᵀ``, input gradient ``dX = dY W`` and weight gradient ``dW = dYᵀ X`` are
+each one ``_scaled_mm`` on FP8 operands (or its exact emulation off Hopper/Ada). The
+module is an ``nn.Linear`` subclass sharing the original ``Parameter`` objects, so
+optimizers, PEFT and ``isinstance`` checks keep working; only ``forward`` changes.
+
+What is saved for backward is FP8 (Xᵀ and Wᵀ, one byte per element) instead of the
+BF16 input, and nothing is quantized that no gradient needs: a frozen weight skips Xᵀ and
+the weight-gradient GEMM; an input that needs no gradient skips Wᵀ and the input-gradient GEMM.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from hf_fp8._backend import fp8_gemm_supported
+from hf_fp8.config import Fp8Config, NonFinitePolicy, Recipe
+from hf_fp8.gemm import scaled_mm
+from hf_fp8.scaling import DelayedScalingState, QuantizedOperand, Role, quantize_operand
+
+__all__ = ["Fp8Linear", "NonFiniteError"]
+
+
+class NonFiniteError(FloatingPointError):
+    """An FP8 cast saw inf or NaN (raised only with ``Fp8Config(nonfinite="raise")``)."""
+
+
+def _check_nonfinite(module: Fp8Linear, role: Role, q: QuantizedOperand) -> None:
+    if module.fp8_config.nonfinite is NonFinitePolicy.RAISE and not bool(torch.isfinite(q.amax).all()):
+        raise NonFiniteError(
+            f"{module.fp8_name or 'Fp8Linear'}: the {role.name.lower().replace('_', ' ')} contains inf or NaN "
+            f"(amax={q.amax.max().item()}); FP8 cannot represent it. Look for an overflow upstream of this layer."
+        )
+
+
+def _a_scale(scale: torch.Tensor) -> torch.Tensor:
+    """Scale of a row-major ``a`` operand: scalar, or (M,) -> (M, 1)."""
+    return scale if scale.numel() == 1 and scale.dim() == 0 else scale.view(-1, 1)
+
+
+def _b_scale(scale: torch.Tensor) -> torch.Tensor:
+    """Scale of a column-major ``b`` operand: scalar, or (N,) -> (1, N)."""
+    return scale if scale.numel() == 1 and scale.dim() == 0 else scale.view(1, -1)
+
+
+class _Fp8LinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        module: Fp8Linear,
+        out_dtype: torch.dtype,
+        need_grad: bool,
+    ) -> torch.Tensor:
+        cfg = module.fp8_config
+        lead, K = x.shape[:-1], x.shape[-1]
+        x2d = x.reshape(-1, K)
+        need_dx = need_grad and x.requires_grad
+        need_dw = need_grad and weight.requires_grad
+        emulate = not fp8_gemm_supported(x.device)
+        delayed = module._fp8_delayed
+
+        qx = quantize_operand(
+            x2d, Role.INPUT, cfg, want_rows=True, want_t=need_dw, nonfinite_flag=module.fp8_nonfinite, delayed=delayed
+        )
+        _check_nonfinite(module, Role.INPUT, qx)
+        qw = quantize_operand(
+            weight,
+            Role.WEIGHT,
+            cfg,
+            want_rows=True,
+            want_t=need_dx,
+            nonfinite_flag=module.fp8_nonfinite,
+            delayed=delayed,
+        )
+        _check_nonfinite(module, Role.WEIGHT, qw)
+
+        out = scaled_mm(
+            qx.rows,
+            qw.rows.t(),
+            _a_scale(qx.rows_scale),
+            _b_scale(qw.rows_scale),
+            out_dtype=out_dtype,
+            use_fast_accum=cfg.use_fast_accum,
+            emulate=emulate,
+        )
+        if bias is not None:
+            out = out + bias.to(out_dtype)
+
+        ctx.module = module
+        ctx.emulate = emulate
+        ctx.need_dx, ctx.need_dw = need_dx, need_dw
+        ctx.need_db = need_grad and bias is not None and bias.requires_grad
+        ctx.x_dtype, ctx.w_dtype = x.dtype, weight.dtype
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        ctx.x_shape = x.shape
+        ctx.save_for_backward(qx.t, qx.t_scale, qw.t, qw.t_scale)
+        return out.reshape(*lead, weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        x_t, x_t_scale, w_t, w_t_scale = ctx.saved_tensors
+        module = ctx.module
+        cfg = module.fp8_config
+        N = grad_out.shape[-1]
+        g2d = grad_out.reshape(-1, N)
+        grad_x = grad_w = grad_b = None
+        if ctx.need_dx or ctx.need_dw:
+            qg = quantize_operand(
+                g2d,
+                Role.GRAD_OUTPUT,
+                cfg,
+                want_rows=ctx.need_dx,
+                want_t=ctx.need_dw,
+                nonfinite_flag=module.fp8_nonfinite,
+                delayed=module._fp8_delayed,
+            )
+            _check_nonfinite(module, Role.GRAD_OUTPUT, qg)
+            if ctx.need_dx:
+                # dX (M, K) = dY (M, N) @ W (N, K); W as column-major b is Wᵀ's row-major copy, transposed.
+                grad_x = scaled_mm(
+                    qg.rows,
+                    w_t.t(),
+                    _a_scale(qg.rows_scale),
+                    _b_scale(w_t_scale),
+                    out_dtype=ctx.x_dtype,
+                    emulate=ctx.emulate,
+                ).reshape(ctx.x_shape)
+            if ctx.need_dw:
+                # dW (N, K) = dYᵀ (N, M) @ X (M, K); both transposed copies are zero-padded along M.
+                grad_w = scaled_mm(
+                    qg.t, x_t.t(), _a_scale(qg.t_scale), _b_scale(x_t_scale), out_dtype=ctx.w_dtype, emulate=ctx.emulate
+                )
+        if ctx.need_db:
+            grad_b = g2d.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
+        return grad_x, grad_w, grad_b, None, None, None
+
+
+class Fp8Linear(nn.Linear):
+    """``nn.Linear`` computing its forward and both backward GEMMs in FP8.
+
+    Build it with :meth:`from_linear` (or let :func:`hf_fp8.convert` do it); the constructor
+    takes ``nn.Linear``'s arguments plus ``config``.
+
+    Args:
+        config (`Fp8Config`, *optional*): the recipe; defaults to ``Fp8Config()`` (tensorwise).
+
+    Buffers:
+        ``fp8_nonfinite`` (int32, 3, not saved): sticky flags set when the input, weight or
+        output gradient contained inf/NaN (see :func:`hf_fp8.nonfinite_modules`).
+        Delayed recipe only, saved in ``state_dict``: ``fp8_amax_history`` (L, 3) with row 0 the
+        most recent amax, ``fp8_scale`` and ``fp8_scale_inv`` (3,), for input, weight, grad_output.
+
+    Input and output: ``(*, in_features) -> (*, out_features)`` in the input's dtype, or in
+    the autocast dtype inside ``torch.autocast``. Parameters may be FP32 or BF16; they are
+    quantized directly from their own dtype. ``in_features`` and ``out_features`` must be
+    multiples of 16 (the FP8 GEMM's rule).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        config: Fp8Config | None = None,
+    ) -> None:
+        if in_features % 16 or out_features % 16:
+            raise ValueError(
+                f"Fp8Linear: in_features={in_features} and out_features={out_features} must both be multiples of 16 "
+                "(torch._scaled_mm's rule); keep this layer as nn.Linear (hf_fp8.convert does so automatically)"
+            )
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        if config is not None and not isinstance(config, Fp8Config):
+            raise TypeError(f"Fp8Linear: config must be an Fp8Config, got {type(config).__name__}")
+        self.fp8_config = config or Fp8Config()
+        self.fp8_name: str | None = None
+        self._init_fp8_buffers(device)
+
+    def _init_fp8_buffers(self, device: torch.device | str | None) -> None:
+        self.register_buffer("fp8_nonfinite", torch.zeros(3, dtype=torch.int32, device=device), persistent=False)
+        self._fp8_delayed: DelayedScalingState | None = None
+        if self.fp8_config.recipe is Recipe.DELAYED:
+            L = self.fp8_config.amax_history_len
+            self.register_buffer("fp8_amax_history", torch.zeros(L, 3, dtype=torch.float32, device=device))
+            self.register_buffer("fp8_scale", torch.ones(3, dtype=torch.float32, device=device))
+            self.register_buffer("fp8_scale_inv", torch.ones(3, dtype=torch.float32, device=device))
+            self._fp8_delayed = DelayedScalingState(self.fp8_amax_history, self.fp8_scale, self.fp8_scale_inv)
+
+    def _apply(self, fn, recurse=True):
+        # Buffers are replaced by .to()/.cuda(); keep the delayed state pointing at the live ones.
+        out = super()._apply(fn, recurse)
+        if self._fp8_delayed is not None:
+            self._fp8_delayed.history = self.fp8_amax_history
+            self._fp8_delayed.scale = self.fp8_scale
+            self._fp8_delayed.scale_inv = self.fp8_scale_inv
+        return out
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self._fp8_delayed is not None and prefix + "fp8_amax_history" in state_dict:
+            # A loaded history seeds the scales; an all-zero column still needs a first measurement.
+            seeded = (self.fp8_amax_history != 0).any(dim=0).tolist()
+            self._fp8_delayed.seeded = [bool(s) for s in seeded]
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, config: Fp8Config | None = None) -> Fp8Linear:
+        """Wrap ``linear``'s own ``weight`` and ``bias`` Parameters (no copy) in an ``Fp8Linear``."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"Fp8Linear.from_linear: expected an nn.Linear, got {type(linear).__name__}")
+        with torch.device("meta"):
+            new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, config=config)
+        new.weight = linear.weight
+        new.bias = linear.bias
+        new._init_fp8_buffers(linear.weight.device)
+        new.train(linear.training)
+        _copy_hooks(linear, new)
+        return new
+
+    def to_linear(self) -> nn.Linear:
+        """A plain ``nn.Linear`` holding this module's ``weight`` and ``bias`` Parameters (no copy)."""
+        with torch.device("meta"):
+            linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        linear.weight = self.weight
+        linear.bias = self.bias
+        linear.train(self.training)
+        _copy_hooks(self, linear)
+        return linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not x.is_floating_point():
+            raise TypeError(f"{self.fp8_name or 'Fp8Linear'}: expected a floating-point input, got {x.dtype}")
+        if x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"{self.fp8_name or 'Fp8Linear'}: input has {x.shape[-1]} features in its last dimension, "
+                f"expected in_features={self.in_features} (shape {tuple(x.shape)})"
+            )
+        if x.numel() == 0:
+            return torch.zeros(*x.shape[:-1], self.out_features, dtype=x.dtype, device=x.device)
+        device_type = x.device.type
+        out_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+        # The emulation's FP32 matmul must not be autocast to BF16.
+        with torch.autocast(device_type=device_type, enabled=False):
+            return _Fp8LinearFunction.apply(x, self.weight, self.bias, self, out_dtype, torch.is_grad_enabled())
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, fp8={self.fp8_config.short_str()}"
+
+
+def _copy_hooks(src: nn.Module, dst: nn.Module) -> None:
+    """Carry user-registered hooks across the swap (accelerate and PEFT register some)."""
+    for attr in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"):
+        getattr(dst, attr).update(getattr(src, attr))
+    for attr in ("_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs"):
+        if hasattr(src, attr):
+            getattr(dst, attr).update(getattr(src, attr))

@@ -1,0 +1,69 @@
+"""Quantization entry points that pick the Triton kernel or its torch reference.
+
+Both compute the same bits (tests prove it), so this choice changes speed, never numerics.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from hf_fp8._backend import use_triton_kernels
+from hf_fp8.kernels import quant_reference as _ref
+from hf_fp8.kernels.quant_reference import Fp8Quantized
+
+__all__ = [
+    "Fp8Quantized",
+    "quantize_tensorwise",
+    "quantize_delayed",
+    "quantize_rowwise",
+    "quantize_colwise_transposed",
+    "delayed_scale_update",
+    "amax_to_scale",
+]
+
+
+def _impl(name: str, x: torch.Tensor) -> Any:
+    if use_triton_kernels(x):
+        from hf_fp8.kernels import quant
+
+        return getattr(quant, name)
+    return getattr(_ref, name + "_reference")
+
+
+def quantize_tensorwise(x: torch.Tensor, fp8_dtype: torch.dtype, **kwargs: Any) -> Fp8Quantized:
+    return _impl("quantize_tensorwise", x)(x, fp8_dtype, **kwargs)
+
+
+def quantize_delayed(
+    x: torch.Tensor,
+    fp8_dtype: torch.dtype,
+    scale: torch.Tensor,
+    scale_inv: torch.Tensor,
+    amax_slot: torch.Tensor,
+    **kwargs: Any,
+) -> Fp8Quantized:
+    return _impl("quantize_delayed", x)(x, fp8_dtype, scale, scale_inv, amax_slot, **kwargs)
+
+
+def quantize_rowwise(x: torch.Tensor, fp8_dtype: torch.dtype, **kwargs: Any) -> Fp8Quantized:
+    return _impl("quantize_rowwise", x)(x, fp8_dtype, **kwargs)
+
+
+def quantize_colwise_transposed(x: torch.Tensor, fp8_dtype: torch.dtype, **kwargs: Any) -> Fp8Quantized:
+    return _impl("quantize_colwise_transposed", x)(x, fp8_dtype, **kwargs)
+
+
+def delayed_scale_update(
+    history: torch.Tensor,
+    scale: torch.Tensor,
+    scale_inv: torch.Tensor,
+    slot: int,
+    fp8_dtype: torch.dtype,
+    **kwargs: Any,
+) -> None:
+    _impl("delayed_scale_update", history)(history, scale, scale_inv, slot, fp8_dtype, **kwargs)
+
+
+amax_to_scale = _ref.amax_to_scale_reference

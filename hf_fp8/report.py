@@ -1,0 +1,92 @@
+"""The record of a conversion: per module, converted or kept, and why."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any
+
+__all__ = ["ModuleDecision", "ConversionReport"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModuleDecision:
+    name: str
+    in_features: int
+    out_features: int
+    converted: bool
+    reason: str
+
+
+_INDEX = re.compile(r"\.(\d+)\.")
+
+
+@dataclasses.dataclass
+class ConversionReport:
+    """What :func:`hf_fp8.convert` did. ``print(report)`` shows a table in which layers that
+    differ only by their block index (``layers.0`` ... ``layers.31``) share one row."""
+
+    decisions: list[ModuleDecision]
+    config_str: str = ""
+
+    @property
+    def converted(self) -> list[str]:
+        return [d.name for d in self.decisions if d.converted]
+
+    @property
+    def skipped(self) -> dict[str, str]:
+        return {d.name: d.reason for d in self.decisions if not d.converted}
+
+    def __getitem__(self, name: str) -> ModuleDecision:
+        for d in self.decisions:
+            if d.name == name:
+                return d
+        raise KeyError(f"no linear layer named {name!r} in this report")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"config": self.config_str, "modules": [dataclasses.asdict(d) for d in self.decisions]}
+
+    def _grouped_rows(self) -> list[tuple[str, str, str, str]]:
+        groups: dict[tuple, list[str]] = {}
+        order: list[tuple] = []
+        for d in self.decisions:
+            indices = _INDEX.findall(d.name)
+            key = (_INDEX.sub(".{i}.", d.name), d.in_features, d.out_features, d.converted, d.reason)
+            if key not in groups:
+                groups[key] = []
+                order.append(key)
+            groups[key].append(indices[0] if len(indices) == 1 else d.name)
+        rows = []
+        for key in order:
+            members = groups[key]
+            pattern, k, n, conv, reason = key
+            if len(members) == 1:
+                name = pattern.replace("{i}", members[0]) if "{i}" in pattern else pattern
+            else:
+                idx = sorted(int(m) for m in members)
+                contiguous = idx == list(range(idx[0], idx[-1] + 1))
+                span = f"{idx[0]}-{idx[-1]}" if contiguous else ",".join(map(str, idx))
+                name = pattern.replace("{i}", "{" + span + "}")
+            rows.append((name, f"{k}->{n}", "fp8" if conv else "kept", reason))
+        return rows
+
+    def table(self) -> str:
+        header = ("module", "shape", "status", "reason")
+        rows = self._grouped_rows()
+        widths = [max(len(header[i]), *(len(r[i]) for r in rows)) if rows else len(header[i]) for i in range(4)]
+        line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+        out = [line(header), line(tuple("-" * w for w in widths))] + [line(r) for r in rows]
+        n_conv = len(self.converted)
+        out.append(
+            f"{n_conv} of {len(self.decisions)} linear layers converted to FP8"
+            + (f" ({self.config_str})" if self.config_str else "")
+        )
+        return "\n".join(out)
+
+    def __str__(self) -> str:
+        return self.table()
+
+    def __repr__(self) -> str:
+        return (
+            f"ConversionReport(converted={len(self.converted)}, kept={len(self.skipped)}, config={self.config_str!r})"
+        )

@@ -1,0 +1,119 @@
+"""How each recipe turns a high-precision GEMM operand into FP8 data plus dequantization scales.
+
+Every GEMM operand is needed in up to two layouts. For ``Y = X Wᵀ`` (X: M×K, W: N×K):
+
+=========  ==========================  ===========================================
+operand    row-major copy (``rows``)    transposed copy (``t``), zero-padded
+=========  ==========================  ===========================================
+X          forward GEMM, ``a``          weight-grad GEMM, ``b`` (if W needs grad)
+W          forward GEMM, ``b``          input-grad GEMM, ``b`` (if X needs grad)
+dY         input-grad GEMM, ``a``       weight-grad GEMM, ``a``
+=========  ==========================  ===========================================
+
+Tensorwise and delayed scaling share one scale between both copies, so a single fused
+pass writes both. Rowwise scaling reduces along the GEMM's K dimension, which is a
+different axis for the two copies, so each copy has its own scales.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import NamedTuple
+
+import torch
+
+from hf_fp8 import quantize as Q
+from hf_fp8.config import AmaxComputeAlgo, Fp8Config, Recipe
+
+__all__ = ["Role", "QuantizedOperand", "DelayedScalingState", "quantize_operand"]
+
+
+class Role(enum.IntEnum):
+    """Which operand of the linear layer; also the column of the delayed-scaling buffers."""
+
+    INPUT = 0
+    WEIGHT = 1
+    GRAD_OUTPUT = 2
+
+
+class QuantizedOperand(NamedTuple):
+    rows: torch.Tensor | None  # (R, C) FP8 row-major
+    rows_scale: torch.Tensor | None  # () or (R,)
+    t: torch.Tensor | None  # (C, pad16(R)) FP8
+    t_scale: torch.Tensor | None  # () or (C,)
+    amax: torch.Tensor  # for the ``raise`` non-finite policy
+
+
+class DelayedScalingState:
+    """Host-side view of a module's delayed-scaling buffers (the buffers live on the module).
+
+    The first time each operand is seen there is no history to take a scale from, so that
+    cast uses the current amax (tensorwise) and seeds the history with it; from then on,
+    each cast first derives the scale from the history and rolls it (one tiny kernel), then
+    casts while recording the current amax into the fresh history slot (one pass).
+    """
+
+    def __init__(self, history: torch.Tensor, scale: torch.Tensor, scale_inv: torch.Tensor) -> None:
+        self.history = history
+        self.scale = scale
+        self.scale_inv = scale_inv
+        self.seeded = [False, False, False]
+
+
+def quantize_operand(
+    x: torch.Tensor,
+    role: Role,
+    config: Fp8Config,
+    *,
+    want_rows: bool,
+    want_t: bool,
+    nonfinite_flag: torch.Tensor,
+    delayed: DelayedScalingState | None = None,
+) -> QuantizedOperand:
+    """Quantize a 2-D operand for ``role`` under ``config``'s recipe."""
+    fmt = config.grad_format if role is Role.GRAD_OUTPUT else config.forward_format
+    dtype = fmt.dtype
+    flag = nonfinite_flag[int(role) : int(role) + 1]
+
+    if config.recipe is Recipe.ROWWISE:
+        rows = Q.quantize_rowwise(x, dtype, nonfinite_flag=flag) if want_rows else None
+        t = Q.quantize_colwise_transposed(x, dtype, nonfinite_flag=flag) if want_t else None
+        amax = torch.cat([q.amax.reshape(-1) for q in (rows, t) if q is not None])
+        return QuantizedOperand(
+            rows.data if rows else None,
+            rows.scale_inv if rows else None,
+            t.data_t if t else None,
+            t.scale_inv if t else None,
+            amax,
+        )
+
+    if config.recipe is Recipe.DELAYED and delayed is not None and delayed.seeded[role]:
+        slot = int(role)
+        Q.delayed_scale_update(
+            delayed.history,
+            delayed.scale,
+            delayed.scale_inv,
+            slot,
+            dtype,
+            use_max=config.amax_compute_algo is AmaxComputeAlgo.MAX,
+            margin=config.margin,
+        )
+        q = Q.quantize_delayed(
+            x,
+            dtype,
+            delayed.scale[slot],
+            delayed.scale_inv[slot],
+            delayed.history[0, slot],
+            write_y=want_rows,
+            write_t=want_t,
+            nonfinite_flag=flag,
+        )
+    else:
+        q = Q.quantize_tensorwise(x, dtype, write_y=want_rows, write_t=want_t, nonfinite_flag=flag)
+        if delayed is not None:  # seed the history with the amax just measured
+            slot = int(role)
+            delayed.history[0, slot] = q.amax
+            delayed.scale[slot] = Q.amax_to_scale(q.amax, fmt.max) * (2.0**-config.margin)
+            delayed.scale_inv[slot] = 1.0 / delayed.scale[slot]
+            delayed.seeded[slot] = True
+    return QuantizedOperand(q.data, q.scale_inv, q.data_t, q.scale_inv, q.amax)
