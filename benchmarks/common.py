@@ -1,0 +1,74 @@
+"""Shared benchmark plumbing: environment record, timing, JSON output."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def git_sha() -> str:
+    sha = os.environ.get("HF_FP8_GIT_SHA")
+    if sha:
+        return sha
+    try:
+        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, text=True).strip()
+    except Exception:
+        return "unknown"
+
+
+def environment() -> dict:
+    def version(pkg: str) -> str | None:
+        try:
+            import importlib.metadata as md
+
+            return md.version(pkg)
+        except Exception:
+            return None
+
+    env = {
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "git_sha": git_sha(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": version("triton"),
+        "transformers": version("transformers"),
+        "torchao": version("torchao"),
+    }
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        env.update(gpu=p.name, sm_count=p.multi_processor_count, capability=list(torch.cuda.get_device_capability()))
+    return env
+
+
+def bench_ms(fn: Callable[[], object], *, warmup_ms: float = 25, rep_ms: float = 100) -> dict:
+    """Median / p20 / p80 milliseconds over repeated CUDA-event-timed calls (triton's do_bench)."""
+    import triton.testing
+
+    q = triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
+    return {"ms": q[0], "ms_p20": q[1], "ms_p80": q[2]}
+
+
+def median(xs):
+    return statistics.median(xs)
+
+
+def write_json(name: str, payload: dict) -> Path:
+    out_dirs = [RESULTS]
+    if os.environ.get("OUT"):
+        out_dirs.append(Path(os.environ["OUT"]))
+    path = None
+    for d in out_dirs:
+        d.mkdir(parents=True, exist_ok=True)
+        path = d / name
+        path.write_text(json.dumps(payload, indent=1, sort_keys=False) + "\n")
+    return path

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Everything the H100 has to prove, in one call of the device tool:
+#   GPU tests, quantization-kernel bandwidth, Fp8Linear vs BF16 vs torchao, the auto-filter sweep.
+# Usage (from the repo root on the GPU machine): bash benchmarks/run_gpu.sh [tests|quant|linear|sweep ...]
+set -u
+export PYTHONUNBUFFERED=1 HF_FP8_TEST_GPU=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+# hf_fp8.kernels / hf_fp8.integrations live in kernels/ and integrations/: lay the package out as installed.
+rm -rf /tmp/pkg && mkdir -p /tmp/pkg && cp -r hf_fp8 /tmp/pkg/ && cp -r kernels /tmp/pkg/hf_fp8/kernels \
+  && cp -r integrations /tmp/pkg/hf_fp8/integrations && export PYTHONPATH="/tmp/pkg:$PYTHONPATH"
+python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__, torch.cuda.get_device_name())"
+steps=${*:-tests quant linear sweep}
+for s in $steps; do
+  echo "=== $s ($(date +%T))"
+  case $s in
+    tests) python3 -m pytest -m gpu tests/test_gpu.py -q -x -p no:cacheprovider 2>&1 | tail -25 | tee "$OUT/gpu_tests.txt" ;;
+    quant) python3 -m benchmarks.bench_quant --sweep-blocks 2>&1 | tail -60 ;;
+    linear) python3 -m benchmarks.bench_linear --budget-s 300 2>&1 | grep -v Warning | tail -80 ;;
+    sweep) python3 -m benchmarks.bench_linear --sweep --budget-s 150 2>&1 | tail -150 ;;
+  esac
+done
+echo "=== done $(date +%T)"

@@ -1,0 +1,137 @@
+"""GPU checks (``pytest -m gpu`` on the GPU machine, with HF_FP8_TEST_GPU=1 so Triton compiles for real).
+
+They prove on hardware what the CPU tests prove under emulation: the Triton kernels give the
+same bits as the torch references, ``torch._scaled_mm`` agrees with the emulated GEMM up to
+FP32 summation order, and ``Fp8Linear``'s real path equals its emulated path per layer.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from helpers import assert_bits_equal, rel_err, sqnr_db
+
+import hf_fp8
+from hf_fp8.gemm import scaled_mm
+from hf_fp8.kernels import quant as K
+from hf_fp8.kernels import quant_reference as R
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(
+        not (torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)),
+        reason="needs a CUDA GPU with compute capability >= 8.9 (FP8 tensor cores)",
+    ),
+]
+
+SHAPES = [(1, 16), (127, 300), (1000, 4112), (4096, 1024), (8192, 4096)]
+F8 = [torch.float8_e4m3fn, torch.float8_e5m2]
+
+
+def _rand(shape, dtype):
+    return (torch.randn(shape, device="cuda") * torch.rand(shape[0], 1, device="cuda") * 10).to(dtype)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("f8", F8)
+def test_kernels_bit_exact_on_gpu(shape, dtype, f8):
+    x = _rand(shape, dtype)
+    for fn, ref, kw in [
+        (K.quantize_tensorwise, R.quantize_tensorwise_reference, dict(write_y=True, write_t=True)),
+        (K.quantize_rowwise, R.quantize_rowwise_reference, {}),
+        (K.quantize_colwise_transposed, R.quantize_colwise_transposed_reference, {}),
+    ]:
+        a, b = fn(x, f8, **kw), ref(x, f8, **kw)
+        for name in ("data", "data_t", "scale_inv", "amax"):
+            if getattr(b, name) is not None:
+                assert_bits_equal(getattr(a, name), getattr(b, name), f"{fn.__name__}.{name}")
+        # the same bits as the CPU reference too
+        c = ref(x.cpu(), f8, **kw)
+        for name in ("data", "data_t"):
+            if getattr(c, name) is not None:
+                assert_bits_equal(getattr(a, name).cpu(), getattr(c, name), f"{fn.__name__}.{name} vs CPU")
+    s = torch.tensor(3.0, device="cuda")
+    slot_a, slot_b = torch.zeros((), device="cuda"), torch.zeros((), device="cuda")
+    a = K.quantize_delayed(x, f8, s, 1 / s, slot_a, write_t=True)
+    b = R.quantize_delayed_reference(x, f8, s, 1 / s, slot_b, write_t=True)
+    assert_bits_equal(a.data, b.data, "delayed.data")
+    assert_bits_equal(a.data_t, b.data_t, "delayed.data_t")
+    assert_bits_equal(slot_a, slot_b, "delayed amax")
+
+
+@pytest.mark.parametrize("special", ["zeros", "inf", "nan", "tiny"])
+def test_kernels_guard_scales_on_gpu(special):
+    x = torch.randn(256, 512, device="cuda", dtype=torch.bfloat16)
+    if special == "zeros":
+        x.zero_()
+    elif special == "inf":
+        x[3, 7] = float("inf")
+    elif special == "nan":
+        x[100, 1] = float("nan")
+    else:
+        x = (x.float() * 1e-38).to(torch.bfloat16)
+    flag = torch.zeros(1, dtype=torch.int32, device="cuda")
+    for q in (
+        K.quantize_tensorwise(x, torch.float8_e4m3fn, write_t=True, nonfinite_flag=flag),
+        K.quantize_rowwise(x, torch.float8_e4m3fn, nonfinite_flag=flag),
+        K.quantize_colwise_transposed(x, torch.float8_e5m2, nonfinite_flag=flag),
+    ):
+        assert torch.isfinite(q.scale_inv).all()
+    assert flag.item() == (1 if special in ("inf", "nan") else 0)
+
+
+@pytest.mark.parametrize("rowwise", [False, True])
+def test_scaled_mm_matches_emulation(rowwise):
+    M, Kd, N = 512, 1024, 768
+    a = R.quantize_rowwise_reference(_rand((M, Kd), torch.bfloat16), torch.float8_e4m3fn)
+    b = R.quantize_rowwise_reference(_rand((N, Kd), torch.bfloat16), torch.float8_e4m3fn)
+    if rowwise:
+        sa, sb, out = a.scale_inv.view(-1, 1), b.scale_inv.view(1, -1), torch.bfloat16
+    else:
+        sa, sb, out = a.scale_inv[:1].reshape(()), b.scale_inv[:1].reshape(()), torch.float32
+    real = scaled_mm(a.data, b.data.t(), sa, sb, out_dtype=out, emulate=False)
+    emu = scaled_mm(a.data, b.data.t(), sa, sb, out_dtype=out, emulate=True)
+    # FP32 output: only the summation order differs (~1e-7). BF16 output: both round the
+    # same FP32 value to BF16, so at most a 1-ulp flip where they straddle a rounding boundary.
+    assert rel_err(emu, real) < (1e-6 if out == torch.float32 else 4e-3)
+
+
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise", "delayed"])
+@pytest.mark.parametrize("param_dtype", [torch.bfloat16, torch.float32])
+def test_fp8_linear_real_equals_emulated(recipe, param_dtype):
+    torch.manual_seed(0)
+    cfg = hf_fp8.Fp8Config(recipe=recipe)
+    base = torch.nn.Linear(1024, 2048, bias=True, dtype=param_dtype)
+    gpu = hf_fp8.Fp8Linear.from_linear(copy.deepcopy(base).cuda(), cfg)
+    cpu = hf_fp8.Fp8Linear.from_linear(base, cfg)
+    x = torch.randn(3, 333, 1024, dtype=param_dtype)
+    g = torch.randn(3, 333, 2048, dtype=param_dtype)
+    results = []
+    for mod, dev in ((cpu, "cpu"), (gpu, "cuda")):
+        xi = x.to(dev).requires_grad_()
+        for _ in range(2):  # two steps: delayed scaling uses its history on the second
+            mod.zero_grad()
+            xi.grad = None
+            y = mod(xi)
+            y.backward(g.to(dev))
+        results.append((y.cpu(), xi.grad.cpu(), mod.weight.grad.cpu(), mod.bias.grad.cpu()))
+    tol = 1e-5 if param_dtype == torch.float32 and recipe != "rowwise" else 8e-3
+    for name, c, r in zip(("y", "dx", "dw", "db"), *results):
+        assert rel_err(c, r) < tol, f"{name}: {rel_err(c, r)}"
+    ref = torch.nn.functional.linear(x.double(), base.weight.double(), base.bias.double())
+    assert sqnr_db(ref, results[1][0]) > 25
+
+
+def test_fp8_linear_frozen_weight_autocast_and_leading_dims():
+    lin = torch.nn.Linear(512, 1024, bias=False).cuda()
+    lin.weight.requires_grad_(False)
+    m = hf_fp8.Fp8Linear.from_linear(lin, hf_fp8.Fp8Config())
+    x = torch.randn(2, 3, 7, 512, device="cuda", requires_grad=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = m(x)
+    assert y.dtype == torch.bfloat16 and y.shape == (2, 3, 7, 1024)
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and m.weight.grad is None
