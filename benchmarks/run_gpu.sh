@@ -3,15 +3,17 @@
 #   GPU tests, quantization-kernel bandwidth, Fp8Linear vs BF16 vs torchao, the auto-filter sweep.
 # Usage (from the repo root on the GPU machine): bash benchmarks/run_gpu.sh [tests|quant|linear|sweep ...]
 set -u
-export PYTHONUNBUFFERED=1 HF_FP8_TEST_GPU=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1 HF_FP8_TEST_GPU=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
-# hf_fp8.kernels / hf_fp8.integrations live in kernels/ and integrations/: lay the package out as installed.
-rm -rf /tmp/pkg && mkdir -p /tmp/pkg && cp -r hf_fp8 /tmp/pkg/ && cp -r kernels /tmp/pkg/hf_fp8/kernels \
-  && cp -r integrations /tmp/pkg/hf_fp8/integrations && export PYTHONPATH="/tmp/pkg:$PYTHONPATH"
+# hf_fp8.kernels / hf_fp8.integrations live in kernels/ and integrations/: lay the tree out as installed
+# and run from there (the source tree's own hf_fp8/ would shadow it from the current directory).
+rm -rf /tmp/work && mkdir -p /tmp/work && cp -r hf_fp8 benchmarks tests pyproject.toml /tmp/work/ \
+  && cp -r kernels /tmp/work/hf_fp8/kernels && cp -r integrations /tmp/work/hf_fp8/integrations && cd /tmp/work \
+  && export PYTHONPATH="/tmp/work:$PYTHONPATH"
 python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__, torch.cuda.get_device_name())"
 steps=${*:-tests quant linear sweep}
 for s in $steps; do
