@@ -7,13 +7,13 @@ export PYTHONUNBUFFERED=1 HF_FP8_TEST_GPU=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+    && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 # hf_fp8.kernels / hf_fp8.integrations live in kernels/ and integrations/: lay the tree out as installed
 # and run from there (the source tree's own hf_fp8/ would shadow it from the current directory).
 rm -rf /tmp/work && mkdir -p /tmp/work && cp -r hf_fp8 benchmarks tests pyproject.toml /tmp/work/ \
   && cp -r kernels /tmp/work/hf_fp8/kernels && cp -r integrations /tmp/work/hf_fp8/integrations && cd /tmp/work \
-  && export PYTHONPATH="/tmp/work:$PYTHONPATH"
+  && export PYTHONPATH="/tmp/work${PYTHONPATH:+:$PYTHONPATH}"
 python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__, torch.cuda.get_device_name())"
 steps=${*:-tests quant linear sweep}
 for s in $steps; do
