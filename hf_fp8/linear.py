@@ -153,7 +153,7 @@ class Fp8Linear(nn.Linear):
         ``fp8_nonfinite`` (int32, 3, not saved): sticky flags set when the input, weight or
         output gradient contained inf/NaN (see :func:`hf_fp8.nonfinite_modules`).
         Delayed recipe only, saved in ``state_dict``: ``fp8_amax_history`` (L, 3) with row 0 the
-        most recent amax, ``fp8_scale`` and ``fp8_scale_inv`` (3,), for input, weight, grad_output.
+        most recent amax, and ``fp8_scale`` (3,), for input, weight, grad_output.
 
     Input and output: ``(*, in_features) -> (*, out_features)`` in the input's dtype, or in
     the autocast dtype inside ``torch.autocast``. Parameters may be FP32 or BF16; they are
@@ -190,8 +190,7 @@ class Fp8Linear(nn.Linear):
             L = self.fp8_config.amax_history_len
             self.register_buffer("fp8_amax_history", torch.zeros(L, 3, dtype=torch.float32, device=device))
             self.register_buffer("fp8_scale", torch.ones(3, dtype=torch.float32, device=device))
-            self.register_buffer("fp8_scale_inv", torch.ones(3, dtype=torch.float32, device=device))
-            self._fp8_delayed = DelayedScalingState(self.fp8_amax_history, self.fp8_scale, self.fp8_scale_inv)
+            self._fp8_delayed = DelayedScalingState(self.fp8_amax_history, self.fp8_scale)
 
     def _apply(self, fn, recurse=True):
         # Buffers are replaced by .to()/.cuda(); keep the delayed state pointing at the live ones.
@@ -199,7 +198,6 @@ class Fp8Linear(nn.Linear):
         if self._fp8_delayed is not None:
             self._fp8_delayed.history = self.fp8_amax_history
             self._fp8_delayed.scale = self.fp8_scale
-            self._fp8_delayed.scale_inv = self.fp8_scale_inv
         return out
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):

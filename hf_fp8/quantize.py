@@ -40,11 +40,10 @@ def quantize_delayed(
     x: torch.Tensor,
     fp8_dtype: torch.dtype,
     scale: torch.Tensor,
-    scale_inv: torch.Tensor,
     amax_slot: torch.Tensor,
     **kwargs: Any,
 ) -> Fp8Quantized:
-    return _impl("quantize_delayed", x)(x, fp8_dtype, scale, scale_inv, amax_slot, **kwargs)
+    return _impl("quantize_delayed", x)(x, fp8_dtype, scale, amax_slot, **kwargs)
 
 
 def quantize_rowwise(x: torch.Tensor, fp8_dtype: torch.dtype, **kwargs: Any) -> Fp8Quantized:

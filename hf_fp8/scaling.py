@@ -53,10 +53,9 @@ class DelayedScalingState:
     casts while recording the current amax into the fresh history slot (one pass).
     """
 
-    def __init__(self, history: torch.Tensor, scale: torch.Tensor, scale_inv: torch.Tensor) -> None:
+    def __init__(self, history: torch.Tensor, scale: torch.Tensor) -> None:
         self.history = history
         self.scale = scale
-        self.scale_inv = scale_inv
         self.seeded = [False, False, False]
 
 
@@ -92,7 +91,6 @@ def quantize_operand(
         Q.delayed_scale_update(
             delayed.history,
             delayed.scale,
-            delayed.scale_inv,
             slot,
             dtype,
             use_max=config.amax_compute_algo is AmaxComputeAlgo.MAX,
@@ -102,7 +100,6 @@ def quantize_operand(
             x,
             dtype,
             delayed.scale[slot],
-            delayed.scale_inv[slot],
             delayed.history[0, slot],
             write_y=want_rows,
             write_t=want_t,
@@ -114,6 +111,5 @@ def quantize_operand(
             slot = int(role)
             delayed.history[0, slot] = q.amax
             delayed.scale[slot] = Q.amax_to_scale(q.amax, fmt.max) * (2.0**-config.margin)
-            delayed.scale_inv[slot] = 1.0 / delayed.scale[slot]
             delayed.seeded[slot] = True
     return QuantizedOperand(q.data, q.scale_inv, q.data_t, q.scale_inv, q.amax)

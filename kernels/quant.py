@@ -200,6 +200,10 @@ def _cast_kernel(
         y = x * scale
     elif SCALE_MODE == 1:
         scale = tl.load(scale_ptr)
+        if pid == 0:
+            # a fresh 0-d tensor: cuBLASLt rejects scale pointers that are not 16-byte aligned,
+            # which a view into the module's (3,) scale buffer would not be
+            tl.store(scale_inv_out_ptr, _reciprocal(scale))
         y = x * scale
         if RECORD_AMAX:
             tile_amax = tl.max(tl.max(_abs_bits(x), axis=1), axis=0)
@@ -234,16 +238,17 @@ def _cast_kernel(
         tl.store(y_ptr + y_offs, q, mask=mask)
     if WRITE_T:
         # rows in [R, R_pad) were loaded as 0 and are written as the zero padding.
-        # The compiler stages the tile through shared memory so this store is coalesced along rows.
-        t_offs = cols.to(tl.int64)[None, :] * stride_ytr + rows[:, None]
-        tl.store(yt_ptr + t_offs, q, mask=(rows < R_pad)[:, None] & col_in[None, :])
+        # Transpose in registers (staged through shared memory by the compiler), then store
+        # rows of the transposed tile, contiguous along the original rows.
+        t_offs = cols.to(tl.int64)[:, None] * stride_ytr + rows[None, :]
+        t_mask = col_in[:, None] & (rows < R_pad)[None, :]
+        tl.store(yt_ptr + t_offs, tl.trans(q), mask=t_mask)
 
 
 @triton.jit
 def _delayed_update_kernel(
     hist_ptr,  # (L, S) fp32, row 0 the most recent
     scale_ptr,  # (S,) fp32
-    scale_inv_ptr,  # (S,) fp32
     flag_ptr,  # int32 sticky non-finite flag, if HAS_FLAG
     slot,
     L,
@@ -266,7 +271,6 @@ def _delayed_update_kernel(
     old_scale = tl.load(scale_ptr + slot)
     scale = tl.where(ok, new_scale, old_scale)
     tl.store(scale_ptr + slot, scale)
-    tl.store(scale_inv_ptr + slot, _reciprocal(scale))
     if HAS_FLAG:
         tl.store(flag_ptr, 1, mask=~(amax < float("inf")))
     # roll: entry i+1 <- entry i, entry 0 <- 0 (ready for this step's amax)
@@ -287,25 +291,33 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+# GPU launch settings, (BLOCK_R, BLOCK_C, num_warps), from the H100 sweep in
+# benchmarks/results/quant_h100.json (``python -m benchmarks.bench_quant --sweep-blocks``).
+# Benchmarks may override them; the library never changes them at run time.
+TUNING: dict[str, tuple[int, ...]] = {
+    "amax": (16, 512, 8),  # row-major reads: 16 KB of 16-bit input per tile
+    "amax_colwise": (128, 32, 4),  # per-column amax: tall tiles so each column's partial max is long
+    "programs_per_sm": (4,),  # persistent amax grid: enough loads in flight to cover HBM latency
+    "cast": (32, 256, 4),
+    "cast_t": (128, 64, 4),  # tall tiles: the transposed store writes 128-byte rows of FP8
+}
+
+
 def _max_programs(x: torch.Tensor) -> int:
     if x.is_cuda:
-        return 4 * _num_sms(x.device.index if x.device.index is not None else torch.cuda.current_device())
+        sms = _num_sms(x.device.index if x.device.index is not None else torch.cuda.current_device())
+        return TUNING["programs_per_sm"][0] * sms
     return 4  # the interpreter runs programs one after another: fewer, larger is faster
 
 
 def _settings(x: torch.Tensor, transposed_io: bool) -> tuple[int, int, int]:
     """(BLOCK_R, BLOCK_C, num_warps) for the cast kernel.
 
-    On a GPU: 64x128 tiles of 16-bit input (16 KB) give each program enough independent
-    loads to hide latency; when a transposed copy is written, a square-ish 64x64 tile keeps
-    both the row-major and the transposed store coalesced after the layout conversion.
-    Under the interpreter every program costs ~0.5 ms, so tiles are as large as the tensor.
+    Under the interpreter every program costs ~0.5 ms, so tiles are as large as practical.
     """
     if _interpreting():
         return 64, 128, 4
-    if transposed_io:
-        return 64, 64, 4
-    return 32, 256, 4
+    return TUNING["cast_t" if transposed_io else "cast"]
 
 
 def _launch_cast(
@@ -374,7 +386,7 @@ def _launch_amax(x: torch.Tensor, axis: int, block: tuple[int, int, int] | None 
     if _interpreting():
         BLOCK_R, BLOCK_C, num_warps = 64, 128, 4
     else:
-        BLOCK_R, BLOCK_C, num_warps = block or ((16, 512, 8) if x.stride(1) == 1 else (128, 32, 4))
+        BLOCK_R, BLOCK_C, num_warps = block or (TUNING["amax"] if x.stride(1) == 1 else TUNING["amax_colwise"])
     n_tiles = triton.cdiv(R, BLOCK_R) * triton.cdiv(C, BLOCK_C)
     n_progs = min(n_tiles, _max_programs(x))
     if axis == -1:
@@ -428,7 +440,6 @@ def quantize_delayed(
     x: torch.Tensor,
     fp8_dtype: torch.dtype,
     scale: torch.Tensor,
-    scale_inv: torch.Tensor,
     amax_slot: torch.Tensor,
     *,
     write_y: bool = True,
@@ -440,13 +451,12 @@ def quantize_delayed(
 
     Args:
         scale (`torch.Tensor`): fp32 0-d (a view into the module's scale buffer).
-        scale_inv (`torch.Tensor`): fp32 0-d, ``1 / scale``, returned as the result's scale_inv.
         amax_slot (`torch.Tensor`): fp32 0-d view into the amax history that must hold 0 (or
             a smaller amax) before the call; it is max-reduced into atomically.
         nonfinite_flag (`torch.Tensor`, *optional*): int32 (1,) set to 1 if x has inf/NaN.
     """
     _check_2d(x)
-    for name, t in (("scale", scale), ("scale_inv", scale_inv), ("amax_slot", amax_slot)):
+    for name, t in (("scale", scale), ("amax_slot", amax_slot)):
         if t.dtype != torch.float32 or t.numel() != 1:
             raise ValueError(f"{name}: expected a float32 tensor with one element, got {t.dtype} {tuple(t.shape)}")
     q = _launch_cast(
@@ -460,7 +470,7 @@ def quantize_delayed(
         nonfinite_flag=nonfinite_flag,
         block=block,
     )
-    return Fp8Quantized(q.data, q.data_t, scale_inv, amax_slot)
+    return Fp8Quantized(q.data, q.data_t, q.scale_inv, amax_slot)
 
 
 def quantize_rowwise(
@@ -515,7 +525,6 @@ def quantize_colwise_transposed(
 def delayed_scale_update(
     history: torch.Tensor,
     scale: torch.Tensor,
-    scale_inv: torch.Tensor,
     slot: int,
     fp8_dtype: torch.dtype,
     *,
@@ -525,9 +534,11 @@ def delayed_scale_update(
 ) -> None:
     """In place: ``scale[slot]`` from ``history[:, slot]`` (guarded), then roll that column.
 
+    The GEMM's ``scale_inv`` is written by the cast that uses the scale (:func:`quantize_delayed`).
+
     Args:
         history (`torch.Tensor`): (L, S) fp32, contiguous; row 0 is the most recent amax.
-        scale, scale_inv (`torch.Tensor`): (S,) fp32. A non-positive or non-finite amax keeps
+        scale (`torch.Tensor`): (S,) fp32. A non-positive or non-finite amax keeps
             the previous scale (and sets ``nonfinite_flag`` if non-finite).
     """
     if history.dim() != 2 or history.dtype != torch.float32 or not history.is_contiguous():
@@ -538,7 +549,6 @@ def delayed_scale_update(
     _delayed_update_kernel[(1,)](
         history,
         scale,
-        scale_inv,
         nonfinite_flag if nonfinite_flag is not None else scale,
         slot,
         L,

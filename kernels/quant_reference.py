@@ -109,7 +109,6 @@ def quantize_delayed_reference(
     x: torch.Tensor,
     fp8_dtype: torch.dtype,
     scale: torch.Tensor,
-    scale_inv: torch.Tensor,
     amax_slot: torch.Tensor,
     *,
     write_y: bool = True,
@@ -123,7 +122,7 @@ def quantize_delayed_reference(
     # NaN must win, as in the kernel's integer max: torch.maximum propagates NaN.
     amax_slot.copy_(torch.maximum(amax_slot, amax))
     _set_flag(nonfinite_flag, amax)
-    return Fp8Quantized(q if write_y else None, _transpose_padded(q) if write_t else None, scale_inv, amax_slot)
+    return Fp8Quantized(q if write_y else None, _transpose_padded(q) if write_t else None, 1.0 / scale, amax_slot)
 
 
 def quantize_rowwise_reference(
@@ -158,7 +157,6 @@ def quantize_colwise_transposed_reference(
 def delayed_scale_update_reference(
     history: torch.Tensor,
     scale: torch.Tensor,
-    scale_inv: torch.Tensor,
     slot: int,
     fp8_dtype: torch.dtype,
     *,
@@ -171,7 +169,6 @@ def delayed_scale_update_reference(
     ok = (amax > 0) & (amax < float("inf"))
     new_scale = amax_to_scale_reference(amax, _check_fp8(fp8_dtype)) * (2.0**-margin)
     scale[slot] = torch.where(ok, new_scale, scale[slot])
-    scale_inv[slot] = 1.0 / scale[slot]
     _set_flag(nonfinite_flag, amax)
     history[:, slot] = torch.roll(col, 1)
     history[0, slot] = 0.0
