@@ -232,17 +232,17 @@ def _cast_kernel(
     # ---- cast: saturate finite values, NaN for non-finite input -----------------------
     y = tl.minimum(tl.maximum(y, -FP8_MAX), FP8_MAX)
     y = tl.where(tl.abs(x) < float("inf"), y, float("nan"))
-    q = y.to(y_ptr.dtype.element_ty)  # y_ptr and yt_ptr have the same dtype (the launcher aliases them)
     if WRITE_Y:
         y_offs = rows.to(tl.int64)[:, None] * stride_yr + cols[None, :]
-        tl.store(y_ptr + y_offs, q, mask=mask)
+        tl.store(y_ptr + y_offs, y.to(y_ptr.dtype.element_ty), mask=mask)
     if WRITE_T:
-        # rows in [R, R_pad) were loaded as 0 and are written as the zero padding.
-        # Transpose in registers (staged through shared memory by the compiler), then store
-        # rows of the transposed tile, contiguous along the original rows.
+        # Rows in [R, R_pad) were loaded as 0 and are written as the zero padding. Transpose
+        # the FP32 tile (staged through shared memory by the compiler), then cast and store
+        # rows of the transposed tile, contiguous along the original rows. (Transposing the
+        # FP8 tile instead miscompiled for FP32 inputs with triton 3.6 on an H100.)
         t_offs = cols.to(tl.int64)[:, None] * stride_ytr + rows[None, :]
         t_mask = col_in[:, None] & (rows < R_pad)[None, :]
-        tl.store(yt_ptr + t_offs, tl.trans(q), mask=t_mask)
+        tl.store(yt_ptr + t_offs, tl.trans(y).to(yt_ptr.dtype.element_ty), mask=t_mask)
 
 
 @triton.jit
