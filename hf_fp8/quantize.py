@@ -57,12 +57,11 @@ def quantize_colwise_transposed(x: torch.Tensor, fp8_dtype: torch.dtype, **kwarg
 def delayed_scale_update(
     history: torch.Tensor,
     scale: torch.Tensor,
-    scale_inv: torch.Tensor,
     slot: int,
     fp8_dtype: torch.dtype,
     **kwargs: Any,
 ) -> None:
-    _impl("delayed_scale_update", history)(history, scale, scale_inv, slot, fp8_dtype, **kwargs)
+    _impl("delayed_scale_update", history)(history, scale, slot, fp8_dtype, **kwargs)
 
 
 amax_to_scale = _ref.amax_to_scale_reference
