@@ -69,15 +69,23 @@ def run(sweep_blocks: bool) -> list[dict]:
                 flush=True,
             )
         if sweep_blocks:
-            for block in [
-                (32, 256, 4),
-                (64, 128, 4),
-                (64, 64, 4),
-                (128, 64, 4),
-                (64, 128, 8),
-                (128, 128, 8),
-                (16, 512, 4),
-            ]:
+            default_tuning = dict(K.TUNING)
+            for amax_block in [(16, 512, 8), (32, 512, 8), (8, 1024, 4), (32, 256, 4), (64, 256, 8)]:
+                for per_sm in (2, 4, 8):
+                    K.TUNING.update(amax=amax_block, programs_per_sm=(per_sm,))
+                    t = bench_ms(lambda: K._launch_amax(x, -1))
+                    rows.append(
+                        dict(
+                            kernel="sweep_amax",
+                            shape=[R_, C_],
+                            block=list(amax_block),
+                            programs_per_sm=per_sm,
+                            **t,
+                            read_frac_of_copy=_gbps(2 * n, t["ms"]) / copy_gbps,
+                        )
+                    )
+            K.TUNING.update(default_tuning)
+            for block in [(32, 256, 4), (128, 64, 4), (128, 32, 4), (256, 32, 4), (64, 256, 8)]:
                 for write_t in (False, True):
                     try:
                         t = bench_ms(lambda: K.quantize_tensorwise(x, E4M3, write_t=write_t, block=block))

@@ -95,9 +95,11 @@ def test_scaled_mm_matches_emulation(rowwise):
         sa, sb, out = a.scale_inv[:1].reshape(()), b.scale_inv[:1].reshape(()), torch.float32
     real = scaled_mm(a.data, b.data.t(), sa, sb, out_dtype=out, emulate=False)
     emu = scaled_mm(a.data, b.data.t(), sa, sb, out_dtype=out, emulate=True)
-    # FP32 output: only the summation order differs (~1e-7). BF16 output: both round the
-    # same FP32 value to BF16, so at most a 1-ulp flip where they straddle a rounding boundary.
-    assert rel_err(emu, real) < (1e-6 if out == torch.float32 else 4e-3)
+    # FP32 output: Hopper's FP8 tensor cores do not accumulate in IEEE FP32 (cuBLAS promotes
+    # partial sums periodically); measured 1.3e-4 relative on this GEMM (H100, torch 2.11), so
+    # 5e-4. BF16 output: the same plus at most a 1-ulp flip (2^-8) where the two straddle a
+    # rounding boundary.
+    assert rel_err(emu, real) < (5e-4 if out == torch.float32 else 4e-3)
 
 
 @pytest.mark.parametrize("recipe", ["tensorwise", "rowwise", "delayed"])
@@ -119,7 +121,9 @@ def test_fp8_linear_real_equals_emulated(recipe, param_dtype):
             y = mod(xi)
             y.backward(g.to(dev))
         results.append((y.cpu(), xi.grad.cpu(), mod.weight.grad.cpu(), mod.bias.grad.cpu()))
-    tol = 1e-5 if param_dtype == torch.float32 and recipe != "rowwise" else 8e-3
+    # FP32 outputs: the GPU's FP8 accumulation (see test_scaled_mm_matches_emulation), measured
+    # 1.2e-4. BF16 outputs: BF16 rounding of both, 2^-8 per element at most.
+    tol = 5e-4 if param_dtype == torch.float32 and recipe != "rowwise" else 8e-3
     for name, c, r in zip(("y", "dx", "dw", "db"), *results):
         assert rel_err(c, r) < tol, f"{name}: {rel_err(c, r)}"
     ref = torch.nn.functional.linear(x.double(), base.weight.double(), base.bias.double())
