@@ -51,6 +51,7 @@ def setup(provider: str, M: int, K: int, N: int):
         mod = nn.Sequential(lin)
         convert_to_float8_training(mod, config=Float8LinearConfig.from_recipe_name(recipe))
         if extra == "compile":
+            torch._dynamo.reset()  # a fresh cache per shape: never fall back to eager at the recompile limit
             mod = torch.compile(mod)
     else:
         raise ValueError(f"unknown provider {provider!r}")

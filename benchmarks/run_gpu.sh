@@ -22,7 +22,7 @@ for s in $steps; do
     tests) python3 -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.txt" | grep -E "^(FAILED|ERROR|E  )|passed|failed" | cut -c1-300 | tail -30 ;;
     quant) python3 -m benchmarks.bench_quant --sweep-blocks 2>&1 | tail -60 ;;
     linear) python3 -m benchmarks.bench_linear --budget-s 230 2>&1 | grep -v Warning | tail -80 ;;
-    sweep) python3 -m benchmarks.bench_linear --sweep --budget-s 110 2>&1 | tail -150 ;;
+    sweep) python3 -m benchmarks.bench_linear --sweep --budget-s 150 2>&1 | tail -150 ;;
     profile) python3 -m benchmarks.profile_linear 2>&1 | grep -v "^-" | cut -c1-150 | tail -70 ;;
     quantsweep) python3 -m benchmarks.bench_quant --sweep-blocks --out quant_sweep_h100.json 2>&1 | tail -40 ;;
   esac
