@@ -1,14 +1,25 @@
 """Which linear layers FP8 makes faster: the automatic filter's shape rule.
 
 FP8 halves the GEMM time at large shapes but adds quantization passes over the activation,
-the weight and the output gradient, whose cost grows with M*K, N*K and M*N rather than
-M*N*K. Small layers, and above all layers with a small output dimension (a 4096->1024
-k/v projection), lose more to those passes than the FP8 GEMM saves. The thresholds below
-are per recipe and come from our own sweep on an H100 (``benchmarks/bench_linear.py
---sweep``, results in ``benchmarks/results/``): ``Fp8Linear`` forward+backward against BF16
-``nn.Linear`` at M=8192 tokens, K and N from 512 to 14336. A layer is converted when both
-its dimensions reach the recipe's minimums, the smallest shapes at which FP8 was faster.
-They are H100 numbers; other GPUs (or much smaller M) move them.
+the weight and the output gradient (and host work per launch), whose cost grows with
+M*K, N*K and M*N, or not at all, rather than with M*N*K. Small layers lose more to those
+passes than the FP8 GEMM saves.
+
+The rule, per recipe: convert when ``in_features * out_features >= min_weight_numel`` and
+``min(in_features, out_features) >= min_dim``. The numbers come from our own sweep on an
+H100 (``python -m benchmarks.bench_linear --sweep``, results in
+``benchmarks/results/linear_sweep_h100.json``): ``Fp8Linear`` forward+backward against
+BF16 ``nn.Linear`` at M=8192 tokens, K and N in {512, 1024, 2048, 4096, 8192, 14336}, each
+layer timed alone. ``python -m benchmarks.derive_thresholds`` derives them: the smallest
+measured weight from which every larger measured shape was faster in FP8. Measured
+speedups at the edges: tensorwise 2048x14336 1.17x, 14336x2048 1.08x, but 4096x4096 0.75x;
+rowwise 4096x14336 1.21x, but 8192x4096 0.89x.
+
+These are H100 numbers with the layer timed in isolation, where the host's launch work
+(about 1.5 ms per FP8 forward+backward, see benchmarks/README.md) is not hidden behind
+other GPU work as it is inside a model; they are conservative for Llama-sized models and
+other GPUs or much smaller M move them. Override with ``auto_filter=False`` plus
+``include``/``exclude`` patterns.
 """
 
 from __future__ import annotations
@@ -22,24 +33,25 @@ __all__ = ["ShapeThreshold", "THRESHOLDS", "passes_shape_rule"]
 
 @dataclasses.dataclass(frozen=True)
 class ShapeThreshold:
-    min_in_features: int  # K
-    min_out_features: int  # N
+    min_weight_numel: int  # in_features * out_features
+    min_dim: int  # min(in_features, out_features)
 
 
-# Measured: see the module docstring and benchmarks/results/linear_sweep_h100.json.
+# Derived from benchmarks/results/linear_sweep_h100.json by benchmarks/derive_thresholds.py
+# (tests/test_filter.py checks that these still match that file).
 THRESHOLDS: dict[Recipe, ShapeThreshold] = {
-    Recipe.TENSORWISE: ShapeThreshold(min_in_features=2048, min_out_features=2048),
-    Recipe.DELAYED: ShapeThreshold(min_in_features=2048, min_out_features=2048),
-    Recipe.ROWWISE: ShapeThreshold(min_in_features=2048, min_out_features=2048),
+    Recipe.TENSORWISE: ShapeThreshold(min_weight_numel=29_360_128, min_dim=2048),
+    Recipe.DELAYED: ShapeThreshold(min_weight_numel=29_360_128, min_dim=2048),
+    Recipe.ROWWISE: ShapeThreshold(min_weight_numel=58_720_256, min_dim=4096),
 }
 
 
 def passes_shape_rule(in_features: int, out_features: int, recipe: Recipe) -> tuple[bool, str]:
     """(convert?, reason) for a layer of this shape under ``recipe``'s measured thresholds."""
     th = THRESHOLDS[recipe]
-    if in_features >= th.min_in_features and out_features >= th.min_out_features:
+    if in_features * out_features >= th.min_weight_numel and min(in_features, out_features) >= th.min_dim:
         return True, ""
     return False, (
-        f"too small for FP8 to pay off ({recipe.value} needs in>={th.min_in_features}, "
-        f"out>={th.min_out_features} on H100)"
+        f"too small for FP8 to pay off ({recipe.value} needs in*out >= {th.min_weight_numel / 2**20:.0f}Mi "
+        f"and both dims >= {th.min_dim}, measured on H100)"
     )
