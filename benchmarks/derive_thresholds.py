@@ -23,7 +23,9 @@ def derive(path: Path = DEFAULT) -> dict[str, tuple[int, int]]:
     out: dict[str, tuple[int, int]] = {}
     for provider in sorted({r["provider"] for r in rows if r["provider"].startswith("hf_fp8-")}):
         recipe = provider.removeprefix("hf_fp8-")
-        shapes = sorted(((r["K"] * r["N"], r["K"], r["N"], r["speedup_vs_bf16"]) for r in rows if r["provider"] == provider))
+        shapes = sorted(
+            (r["K"] * r["N"], r["K"], r["N"], r["speedup_vs_bf16"]) for r in rows if r["provider"] == provider
+        )
         # walk from the largest weight down while every shape so far is faster in FP8
         passing = []
         for numel, k, n, speedup in reversed(shapes):

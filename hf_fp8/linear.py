@@ -193,8 +193,14 @@ class Fp8Linear(nn.Linear):
             self._fp8_delayed = DelayedScalingState(self.fp8_amax_history, self.fp8_scale)
 
     def _apply(self, fn, recurse=True):
-        # Buffers are replaced by .to()/.cuda(); keep the delayed state pointing at the live ones.
         out = super()._apply(fn, recurse)
+        # Scales and amax histories stay FP32 whatever model.to(bfloat16) / .half() does: a BF16
+        # scale would change the quantization, and a BF16 amax history loses its precision.
+        for name in ("fp8_amax_history", "fp8_scale"):
+            buf = getattr(self, name, None)
+            if buf is not None and buf.dtype != torch.float32:
+                setattr(self, name, buf.float())
+        # Buffers are replaced by .to()/.cuda(); keep the delayed state pointing at the live ones.
         if self._fp8_delayed is not None:
             self._fp8_delayed.history = self.fp8_amax_history
             self._fp8_delayed.scale = self.fp8_scale

@@ -47,13 +47,18 @@ def _exact_convert_float(input, input_dtype, output_dtype, rounding_mode):  # no
     return out.reshape(np.shape(input))
 
 
+_ORIGINAL_CONVERT_FLOAT = None
+
+
 def _patch_interpreter() -> bool:
+    global _ORIGINAL_CONVERT_FLOAT
     if os.environ.get("TRITON_INTERPRET") != "1":
         return False
     try:
         from triton.runtime import interpreter
     except ImportError:
         return False
+    _ORIGINAL_CONVERT_FLOAT = interpreter._convert_float
     interpreter._convert_float = _exact_convert_float
     return True
 
@@ -61,19 +66,7 @@ def _patch_interpreter() -> bool:
 INTERPRETER_PATCHED = _patch_interpreter()
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "interpreter: needs the patched Triton interpreter")
-
-
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
     yield
-
-
-def requires_triton():
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return pytest.mark.skip(reason="triton is not installed (pip install triton)")
-    return pytest.mark.skipif(False, reason="")

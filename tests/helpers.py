@@ -10,6 +10,7 @@ import torch
 def sqnr_db(ref: torch.Tensor, actual: torch.Tensor) -> float:
     """Signal-to-quantization-noise ratio in dB (torchao's measure for FP8 numerics)."""
     ref = ref.double()
+    ref, actual = ref.detach(), actual.detach()
     noise = (ref - actual.double()).norm()
     if noise == 0:
         return math.inf
@@ -18,7 +19,7 @@ def sqnr_db(ref: torch.Tensor, actual: torch.Tensor) -> float:
 
 def rel_err(ref: torch.Tensor, actual: torch.Tensor) -> float:
     ref = ref.double()
-    return float((ref - actual.double()).norm() / ref.norm())
+    return float((ref.detach() - actual.detach().double()).norm() / ref.detach().norm())
 
 
 def assert_bits_equal(actual: torch.Tensor, expected: torch.Tensor, what: str = "") -> None:
