@@ -106,12 +106,13 @@ def convert(
     Example:
         ```python
         >>> import torch, hf_fp8
-        >>> model = torch.nn.Sequential(torch.nn.Linear(4096, 4096), torch.nn.Linear(4096, 10))
+        >>> with torch.device("meta"):  # shapes only: no memory is allocated
+        ...     model = torch.nn.Sequential(torch.nn.Linear(4096, 14336), torch.nn.Linear(14336, 10))
         >>> report = hf_fp8.convert(model, "tensorwise")
         >>> report.converted
         ['0']
         >>> report.skipped["1"]
-        'in=4096, out=10: both must be multiples of 16 for the FP8 GEMM'
+        'in=14336, out=10: both must be multiples of 16 for the FP8 GEMM'
 
         ```
     """

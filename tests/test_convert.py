@@ -1,0 +1,144 @@
+"""hf_fp8.convert / revert: in-place swaps that keep Parameters, the filter, and the report."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from llama_fixtures import llama3_8b_config_on_meta, tiny_llama
+from torch import nn
+
+import hf_fp8
+
+
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up = nn.Linear(4096, 14336, bias=False)
+        self.down = nn.Linear(14336, 4096, bias=False)
+        self.small = nn.Linear(64, 64)
+        self.odd = nn.Linear(4096, 4100)
+
+
+def _meta_model(n=2):
+    with torch.device("meta"):
+        return nn.ModuleDict({"layers": nn.ModuleList([_Block() for _ in range(n)]), "lm_head": nn.Linear(4096, 32000)})
+
+
+def test_keeps_parameter_objects_and_reverts():
+    model = tiny_llama()
+    params_before = {n: p for n, p in model.named_parameters()}
+    keys_before = set(model.state_dict())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)  # built before conversion
+    report = hf_fp8.convert(model, hf_fp8.Fp8Config(auto_filter=False))
+    # 7 projections x 2 layers, and lm_head: with the auto filter off the user takes responsibility
+    assert len(report.converted) == 15 and report["lm_head"].converted
+    assert all(p is params_before[n] for n, p in model.named_parameters())
+    assert isinstance(model.model.layers[0].mlp.down_proj, hf_fp8.Fp8Linear)
+    before = model.model.layers[0].mlp.down_proj.weight.detach().clone()
+    ids = torch.randint(0, 512, (2, 16))
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    assert not torch.equal(before, model.model.layers[0].mlp.down_proj.weight)  # the optimizer still reaches it
+    assert hf_fp8.revert(model) == 15
+    assert not any(isinstance(m, hf_fp8.Fp8Linear) for m in model.modules())
+    assert all(p is params_before[n] for n, p in model.named_parameters())
+    assert set(model.state_dict()) == keys_before  # no hf_fp8 keys left behind
+
+
+def test_lm_head_kept_even_without_size_filter_unless_disabled():
+    model = tiny_llama()
+    report = hf_fp8.convert(model)  # default: auto filter on
+    assert report["lm_head"].reason.startswith("output embedding")
+    assert not report["lm_head"].converted
+
+
+def test_auto_filter_on_llama3_8b_shapes():
+    """Llama-3-8B layer shapes on the meta device: the measured rule keeps q/k/v/o (16M and 4M
+    weights) in BF16 and converts the MLP (59M weights)."""
+    from transformers import LlamaForCausalLM
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(llama3_8b_config_on_meta(2))
+    report = hf_fp8.convert(model)
+    conv = set(report.converted)
+    assert conv == {f"model.layers.{i}.mlp.{p}" for i in range(2) for p in ("gate_proj", "up_proj", "down_proj")}
+    assert "too small for FP8" in report["model.layers.0.self_attn.k_proj"].reason
+    table = str(report)
+    assert "model.layers.{0-1}.mlp.gate_proj" in table and "6 of 15 linear layers converted" in table
+    # rowwise needs larger weights: the MLP still qualifies (58.7M)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(llama3_8b_config_on_meta(1))
+    assert len(hf_fp8.convert(model, "rowwise").converted) == 3
+
+
+def test_filter_rules_and_reasons():
+    model = _meta_model()
+    report = hf_fp8.convert(model, hf_fp8.Fp8Config(exclude=("layers.1.*",)))
+    assert report.converted == ["layers.0.up", "layers.0.down"]
+    assert report["layers.1.up"].reason == "excluded by pattern 'layers.1.*'"
+    assert "multiples of 16" in report["layers.0.odd"].reason
+    assert "too small" in report["layers.0.small"].reason
+    assert report["lm_head"].reason.startswith("output embedding")
+
+    model = _meta_model()
+    report = hf_fp8.convert(model, hf_fp8.Fp8Config(include=("*.down",)))
+    assert report.converted == ["layers.0.down", "layers.1.down"]
+    assert report["layers.0.up"].reason == "not matched by the include patterns"
+
+    model = _meta_model()
+    report = hf_fp8.convert(model, hf_fp8.Fp8Config(auto_filter=False), module_filter_fn=lambda m, n: "1" not in n)
+    assert report["layers.1.up"].reason == "rejected by module_filter_fn"
+    assert report["layers.0.small"].converted and report["lm_head"].converted  # the user asked for it
+    assert not report["layers.0.odd"].converted  # the hardware rule always holds
+
+
+def test_tied_weights_and_subclasses_are_kept():
+    class MyLinear(nn.Linear):
+        pass
+
+    emb = nn.Embedding(64, 64)
+    head = nn.Linear(64, 64, bias=False)
+    head.weight = emb.weight
+    model = nn.ModuleDict({"emb": emb, "head": head, "custom": MyLinear(64, 64)})
+    report = hf_fp8.convert(model, hf_fp8.Fp8Config(recipe="rowwise"))
+    assert report["head"].reason == "weight tied to an embedding"
+    assert "subclass" in report["custom"].reason
+
+
+def test_convert_is_idempotent_and_validates_arguments():
+    model = _meta_model(1)
+    hf_fp8.convert(model)
+    again = hf_fp8.convert(model)
+    assert again["layers.0.up"].reason == "already Fp8Linear"
+    assert sum(isinstance(m, hf_fp8.Fp8Linear) for m in model.modules()) == 2
+    with pytest.raises(ValueError, match="from_linear"):
+        hf_fp8.convert(nn.Linear(16, 16))
+    with pytest.raises(TypeError, match="Fp8Config or a recipe name"):
+        hf_fp8.convert(model, 3)
+    with pytest.raises(TypeError, match="nn.Module"):
+        hf_fp8.convert("model")
+    with pytest.raises(ValueError, match="allowed values are 'tensorwise', 'rowwise', 'delayed'"):
+        hf_fp8.convert(model, "fp4")
+
+
+def test_report_is_readable_and_serializable():
+    report = hf_fp8.convert(_meta_model(3))
+    text = report.table()
+    lines = text.splitlines()
+    assert lines[0].split() == ["module", "shape", "status", "reason"]
+    assert any(line.startswith("layers.{0-2}.up") and "fp8" in line for line in lines)
+    assert "6 of 13 linear layers converted to FP8 (ten:e4m3/e5m2)" in lines[-1]
+    d = report.to_dict()
+    assert d["config"] == "ten:e4m3/e5m2" and len(d["modules"]) == 13
+    assert repr(report) == "ConversionReport(converted=6, kept=7, config='ten:e4m3/e5m2')"
+    with pytest.raises(KeyError, match="no linear layer named"):
+        report["nope"]
+
+
+def test_docstring_examples_run():
+    import doctest
+    import importlib
+
+    for mod in (importlib.import_module("hf_fp8.config"), importlib.import_module("hf_fp8.convert")):
+        result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)
+        assert result.attempted > 0 and result.failed == 0, mod.__name__
