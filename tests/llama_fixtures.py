@@ -42,3 +42,16 @@ def llama3_8b_config_on_meta(num_layers: int = 2):
         num_key_value_heads=8,
         vocab_size=128256,
     )
+
+
+def bigram_batches(batch: int, seq: int, vocab: int, seed: int = 0):
+    """Sequences from a fixed random bigram chain (90% follow it): a task a small Llama learns fast."""
+    g = torch.Generator().manual_seed(seed)
+    successor = torch.randperm(vocab, generator=g)
+    while True:
+        ids = torch.empty(batch, seq, dtype=torch.long)
+        ids[:, 0] = torch.randint(0, vocab, (batch,), generator=g)
+        for t in range(1, seq):
+            follow = torch.rand(batch, generator=g) < 0.9
+            ids[:, t] = torch.where(follow, successor[ids[:, t - 1]], torch.randint(0, vocab, (batch,), generator=g))
+        yield ids

@@ -1,0 +1,75 @@
+"""A converted HF Llama trains: same loss at initialization, tracks an FP32 twin, no NaN."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from llama_fixtures import bigram_batches, tiny_llama
+
+import hf_fp8
+
+SMALL = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4)
+STEPS = 40
+
+
+def _train(model, steps=STEPS, lr=3e-3):
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    data = bigram_batches(8, 64, 512)
+    losses = []
+    for _ in range(steps):
+        ids = next(data)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.fixture(scope="module")
+def fp32_run():
+    model = tiny_llama(**SMALL)
+    init = copy.deepcopy(model)
+    return init, _train(model)
+
+
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise", "delayed"])
+def test_loss_at_init_matches_unconverted(recipe):
+    ref = tiny_llama()
+    model = copy.deepcopy(ref)
+    hf_fp8.convert(model, hf_fp8.Fp8Config(recipe=recipe, auto_filter=False))
+    ids = torch.randint(0, 512, (2, 48))
+    l_ref = ref(input_ids=ids, labels=ids).loss
+    l_fp8 = model(input_ids=ids, labels=ids).loss
+    # at init the logits are small and the loss is ~ln(vocab); FP8 noise in 15 GEMMs moves it
+    # by well under 0.1% (measured ~1e-4)
+    assert abs(l_fp8.item() - l_ref.item()) / l_ref.item() < 1e-3
+
+
+def test_rowwise_training_tracks_fp32(fp32_run):
+    """40 steps on a learnable task: rowwise FP8 within 8% of the FP32 twin's loss at every 10th
+    step (measured: at most 3.4%; BF16 autocast drifts by up to 4% on the same run)."""
+    init, l_ref = fp32_run
+    model = copy.deepcopy(init)
+    hf_fp8.convert(model, hf_fp8.Fp8Config(recipe="rowwise", auto_filter=False, exclude=("lm_head",)))
+    l_fp8 = _train(model)
+    for a, b in zip(l_fp8[9::10], l_ref[9::10]):
+        assert abs(a - b) / b < 0.08, (l_fp8[9::10], l_ref[9::10])
+    assert hf_fp8.nonfinite_modules(model) == {}
+
+
+@pytest.mark.parametrize("recipe", ["tensorwise", "delayed"])
+def test_per_tensor_recipes_learn_without_nonfinite(recipe, fp32_run):
+    """Per-tensor scaling with E5M2 gradients lags on this tiny, high-learning-rate run (measured
+    final loss 1.20x the FP32 twin's at step 40, the gap closing later): it must still learn
+    steadily (below 0.85x its initial loss; FP32 reaches 0.64x) and stay within 1.4x of FP32."""
+    init, l_ref = fp32_run
+    model = copy.deepcopy(init)
+    hf_fp8.convert(model, hf_fp8.Fp8Config(recipe=recipe, auto_filter=False, exclude=("lm_head",)))
+    losses = _train(model)
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < 0.85 * losses[0]
+    assert losses[-1] < 1.4 * l_ref[-1]
+    assert hf_fp8.nonfinite_modules(model) == {}
