@@ -1,0 +1,134 @@
+"""Markdown tables from benchmarks/results/*.json, and the README sections that show them.
+
+python -m benchmarks.tables            # print the tables
+python -m benchmarks.tables --update   # rewrite the marked sections of README.md and benchmarks/README.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+PROVIDER_ORDER = [
+    "hf_fp8-tensorwise",
+    "hf_fp8-delayed",
+    "hf_fp8-rowwise",
+    "hf_fp8-tensorwise-fastacc",
+    "torchao-tensorwise",
+    "torchao-rowwise",
+    "torchao-tensorwise-compile",
+    "torchao-rowwise-compile",
+]
+
+
+def _load(name: str) -> dict:
+    return json.loads((RESULTS / name).read_text())
+
+
+def _env_line(env: dict) -> str:
+    return (
+        f"{env.get('gpu', '?')}, torch {env.get('torch')}, triton {env.get('triton')}, torchao {env.get('torchao')}, "
+        f"git {str(env.get('git_sha'))[:7]}"
+    )
+
+
+def linear_table() -> str:
+    data = _load("linear_h100.json")
+    rows = [r for r in data["rows"] if "ms" in r]
+    shapes = []
+    for r in rows:
+        if (r["K"], r["N"]) not in shapes:
+            shapes.append((r["K"], r["N"]))
+    provs = [p for p in PROVIDER_ORDER if any(r["provider"] == p for r in rows)]
+    head = (
+        "| K -> N | BF16 ms | "
+        + " | ".join(p.replace("hf_fp8-", "hf_fp8 ").replace("torchao-", "torchao ") for p in provs)
+        + " |"
+    )
+    out = [
+        f"Fp8Linear fwd+bwd, M={data['M']}, speedup over BF16 nn.Linear (higher is better). {_env_line(data['env'])}.",
+        "",
+        head,
+        "|" + "---|" * (len(provs) + 2),
+    ]
+    for k, n in shapes:
+        by = {r["provider"]: r for r in rows if (r["K"], r["N"]) == (k, n)}
+        cells = [f"{by[p]['speedup_vs_bf16']:.2f}x" if p in by else "-" for p in provs]
+        out.append(f"| {k} -> {n} | {by['bf16']['ms']:.3f} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def sweep_table(provider: str = "hf_fp8-tensorwise") -> str:
+    data = _load("linear_sweep_h100.json")
+    rows = {(r["K"], r["N"]): r["speedup_vs_bf16"] for r in data["rows"] if r.get("provider") == provider and "ms" in r}
+    ks = sorted({k for k, _ in rows})
+    ns = sorted({n for _, n in rows})
+    out = [
+        f"{provider} fwd+bwd speedup over BF16 at M={data['M']}, rows K (in), columns N (out). {_env_line(data['env'])}.",
+        "",
+        "| K \\ N | " + " | ".join(map(str, ns)) + " |",
+        "|" + "---|" * (len(ns) + 1),
+    ]
+    for k in ks:
+        out.append(f"| {k} | " + " | ".join(f"{rows[(k, n)]:.2f}" for n in ns) + " |")
+    return "\n".join(out)
+
+
+def quant_table() -> str:
+    data = _load("quant_h100.json")
+    rows = [r for r in data["rows"] if "useful_gbps" in r and not r["kernel"].startswith("sweep")]
+    shapes = []
+    for r in rows:
+        if tuple(r["shape"]) not in shapes:
+            shapes.append(tuple(r["shape"]))
+    kernels = []
+    for r in rows:
+        if r["kernel"] != "copy" and r["kernel"] not in kernels:
+            kernels.append(r["kernel"])
+    out = [
+        f"BF16 input -> FP8, useful bytes (input read once + outputs written once) per second as a fraction of a "
+        f"device-to-device copy's. {_env_line(data['env'])}.",
+        "",
+        "| kernel | " + " | ".join(f"{a}x{b}" for a, b in shapes) + " |",
+        "|" + "---|" * (len(shapes) + 1),
+    ]
+    for kname in kernels:
+        cells = []
+        for s in shapes:
+            r = next((r for r in rows if r["kernel"] == kname and tuple(r["shape"]) == s), None)
+            cells.append(f"{r['useful_frac_of_copy']:.2f} ({r['ms'] * 1e3:.0f} us)" if r else "-")
+        out.append(f"| {kname} | " + " | ".join(cells) + " |")
+    copies = [next(r for r in rows if r["kernel"] == "copy" and tuple(r["shape"]) == s) for s in shapes]
+    out.append("| copy GB/s | " + " | ".join(f"{c['useful_gbps']:.0f}" for c in copies) + " |")
+    return "\n".join(out)
+
+
+SECTIONS = {"linear": linear_table, "sweep": sweep_table, "quant": quant_table}
+
+
+def render(text: str) -> str:
+    for name, fn in SECTIONS.items():
+        pattern = re.compile(rf"(<!-- bench:{name} -->\n)(?:.*?\n)?(<!-- /bench:{name} -->)", re.S)
+        text = pattern.sub(lambda m, fn=fn: m.group(1) + fn() + "\n" + m.group(2), text)
+    return text
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--update", action="store_true")
+    args = ap.parse_args()
+    if args.update:
+        for path in (ROOT / "README.md", ROOT / "benchmarks" / "README.md"):
+            path.write_text(render(path.read_text()))
+            print(f"updated {path}")
+    else:
+        for fn in SECTIONS.values():
+            print(fn(), end="\n\n")
+
+
+if __name__ == "__main__":
+    main()

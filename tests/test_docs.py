@@ -1,0 +1,18 @@
+"""README and benchmarks/README tables are generated from the committed JSON results."""
+
+from __future__ import annotations
+
+from benchmarks.tables import ROOT, render
+
+
+def test_bench_tables_are_up_to_date():
+    for path in (ROOT / "README.md", ROOT / "benchmarks" / "README.md"):
+        text = path.read_text()
+        assert render(text) == text, f"{path}: run python -m benchmarks.tables --update"
+
+
+def test_readme_names_the_test_command_ci_runs():
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "bash scripts/dev.sh test" in readme and "bash scripts/dev.sh test" in ci
+    assert "bash scripts/dev.sh demo" in readme
