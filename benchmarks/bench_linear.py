@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 import hf_fp8
-from benchmarks.common import bench_ms, environment, write_json
+from benchmarks.common import bench_ms, environment, warm_up_gpu, write_json
 
 LLAMA8B_SHAPES = [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)]
 SMALL_SHAPES = [(2048, 2048), (2048, 512), (1024, 1024)]
@@ -133,6 +133,7 @@ def main() -> None:
         shapes = LLAMA8B_SHAPES + SMALL_SHAPES
         provs = providers(_torchao_available(), not args.no_compile)
         out = args.out or "linear_h100.json"
+    warm_up_gpu()
     rows = run_shapes(shapes, args.M, provs, args.budget_s)
     path = write_json(out, {"env": environment(), "M": args.M, "rows": rows})
     print(f"wrote {path}")

@@ -15,7 +15,7 @@ import argparse
 
 import torch
 
-from benchmarks.common import bench_ms, environment, write_json
+from benchmarks.common import bench_ms, environment, warm_up_gpu, write_json
 from hf_fp8.kernels import quant as K
 from hf_fp8.kernels import quant_reference as R
 
@@ -28,6 +28,7 @@ def _gbps(nbytes: int, ms: float) -> float:
 
 
 def run(sweep_blocks: bool) -> list[dict]:
+    warm_up_gpu()
     rows = []
     for R_, C_ in SHAPES:
         x = torch.randn(R_, C_, device="cuda", dtype=torch.bfloat16)
