@@ -175,7 +175,11 @@ def nonfinite_modules(model: nn.Module) -> dict[str, list[str]]:
     mods = [(name, m) for name, m in model.named_modules() if isinstance(m, Fp8Linear)]
     if not mods:
         return {}
-    flags = torch.stack([m.fp8_nonfinite.to("cpu", non_blocking=False) for _, m in mods]).tolist()
+    devices = {m.fp8_nonfinite.device for _, m in mods}
+    if len(devices) == 1:
+        flags = torch.stack([m.fp8_nonfinite for _, m in mods]).tolist()  # one device-to-host copy
+    else:
+        flags = [m.fp8_nonfinite.tolist() for _, m in mods]
     roles = ("input", "weight", "grad_output")
     return {name: [r for r, f in zip(roles, fl) if f] for (name, _), fl in zip(mods, flags) if any(fl)}
 

@@ -28,11 +28,14 @@ class NonFiniteError(FloatingPointError):
 
 
 def _check_nonfinite(module: Fp8Linear, role: Role, q: QuantizedOperand) -> None:
-    if module.fp8_config.nonfinite is NonFinitePolicy.RAISE and not bool(torch.isfinite(q.amax).all()):
-        raise NonFiniteError(
-            f"{module.fp8_name or 'Fp8Linear'}: the {role.name.lower().replace('_', ' ')} contains inf or NaN "
-            f"(amax={q.amax.max().item()}); FP8 cannot represent it. Look for an overflow upstream of this layer."
-        )
+    if module.fp8_config.nonfinite is not NonFinitePolicy.RAISE:
+        return
+    for amax in q.amaxes:
+        if not bool(torch.isfinite(amax).all()):
+            raise NonFiniteError(
+                f"{module.fp8_name or 'Fp8Linear'}: the {role.name.lower().replace('_', ' ')} contains inf or NaN "
+                f"(amax={amax.max().item()}); FP8 cannot represent it. Look for an overflow upstream of this layer."
+            )
 
 
 def _a_scale(scale: torch.Tensor) -> torch.Tensor:

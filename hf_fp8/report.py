@@ -18,7 +18,7 @@ class ModuleDecision:
     reason: str
 
 
-_INDEX = re.compile(r"\.(\d+)\.")
+_INDEX = re.compile(r"\.(\d+)(?=\.|$)")  # lookahead: consecutive indices (blocks.1.0.w) are all found
 
 
 @dataclasses.dataclass
@@ -51,7 +51,9 @@ class ConversionReport:
         order: list[tuple] = []
         for d in self.decisions:
             indices = _INDEX.findall(d.name)
-            key = (_INDEX.sub(".{i}.", d.name), d.in_features, d.out_features, d.converted, d.reason)
+            # only names with exactly one block index are grouped (layers.{0-31}.mlp.up_proj)
+            pattern = _INDEX.sub(".{i}", d.name) if len(indices) == 1 else d.name
+            key = (pattern, d.in_features, d.out_features, d.converted, d.reason)
             if key not in groups:
                 groups[key] = []
                 order.append(key)

@@ -41,7 +41,7 @@ class QuantizedOperand(NamedTuple):
     rows_scale: torch.Tensor | None  # () or (R,)
     t: torch.Tensor | None  # (C, pad16(R)) FP8
     t_scale: torch.Tensor | None  # () or (C,)
-    amax: torch.Tensor  # for the ``raise`` non-finite policy
+    amaxes: tuple[torch.Tensor, ...]  # read only by the ``raise`` non-finite policy
 
 
 class DelayedScalingState:
@@ -77,13 +77,12 @@ def quantize_operand(
     if config.recipe is Recipe.ROWWISE:
         rows = Q.quantize_rowwise(x, dtype, nonfinite_flag=flag) if want_rows else None
         t = Q.quantize_colwise_transposed(x, dtype, nonfinite_flag=flag) if want_t else None
-        amax = torch.cat([q.amax.reshape(-1) for q in (rows, t) if q is not None])
         return QuantizedOperand(
             rows.data if rows else None,
             rows.scale_inv if rows else None,
             t.data_t if t else None,
             t.scale_inv if t else None,
-            amax,
+            tuple(q.amax for q in (rows, t) if q is not None),
         )
 
     if config.recipe is Recipe.DELAYED and delayed is not None and delayed.seeded[role]:
@@ -112,4 +111,4 @@ def quantize_operand(
             delayed.history[0, slot] = q.amax
             delayed.scale[slot] = Q.amax_to_scale(q.amax, fmt.max) * (2.0**-config.margin)
             delayed.seeded[slot] = True
-    return QuantizedOperand(q.data, q.scale_inv, q.data_t, q.scale_inv, q.amax)
+    return QuantizedOperand(q.data, q.scale_inv, q.data_t, q.scale_inv, (q.amax,))

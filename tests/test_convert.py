@@ -142,3 +142,15 @@ def test_docstring_examples_run():
     for mod in (importlib.import_module("hf_fp8.config"), importlib.import_module("hf_fp8.convert")):
         result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)
         assert result.attempted > 0 and result.failed == 0, mod.__name__
+
+
+def test_report_groups_only_single_index_names():
+    class Expert(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Linear(64, 64)
+
+    with torch.device("meta"):
+        model = nn.ModuleDict({"blocks": nn.ModuleList([nn.ModuleList([Expert(), Expert()]) for _ in range(2)])})
+    table = hf_fp8.convert(model).table()
+    assert "blocks.1.0.w" in table and "blocks.0.1.w" in table  # two indices: listed one by one
