@@ -238,8 +238,9 @@ def _cast_kernel(
     if WRITE_T:
         # Rows in [R, R_pad) were loaded as 0 and are written as the zero padding. Transpose
         # the FP32 tile (staged through shared memory by the compiler), then cast and store
-        # rows of the transposed tile, contiguous along the original rows. (Transposing the
-        # FP8 tile instead miscompiled for FP32 inputs with triton 3.6 on an H100.)
+        # rows of the transposed tile, contiguous along the original rows. With triton 3.6 on
+        # an H100, writing both copies from one FP32/FP16-loaded tile gave wrong bits, so the
+        # launcher only asks for both at once from BF16 input (see _launch_cast).
         t_offs = cols.to(tl.int64)[:, None] * stride_ytr + rows[None, :]
         t_mask = col_in[:, None] & (rows < R_pad)[None, :]
         tl.store(yt_ptr + t_offs, tl.trans(y).to(yt_ptr.dtype.element_ty), mask=t_mask)
