@@ -239,8 +239,8 @@ def _cast_kernel(
         # Rows in [R, R_pad) were loaded as 0 and are written as the zero padding. Transpose
         # the FP32 tile (staged through shared memory by the compiler), then cast and store
         # rows of the transposed tile, contiguous along the original rows. With triton 3.6 on
-        # an H100, writing both copies from one FP32/FP16-loaded tile gave wrong bits, so the
-        # launcher only asks for both at once from BF16 input (see _launch_cast).
+        # an H100, writing both copies from one FP32-loaded tile gave wrong bits (FP16 was not
+        # tried), so the launcher asks for both at once only from BF16 input (see _launch_cast).
         t_offs = cols.to(tl.int64)[:, None] * stride_ytr + rows[None, :]
         t_mask = col_in[:, None] & (rows < R_pad)[None, :]
         tl.store(yt_ptr + t_offs, tl.trans(y).to(yt_ptr.dtype.element_ty), mask=t_mask)
