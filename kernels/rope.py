@@ -1,0 +1,216 @@
+"""Rotary position embedding in FP32: cos/sin computed inside the kernel, one rounding per output.
+
+Math (HF Llama's ``rotate_half`` convention, head_dim D, pairs (i, i + D/2) for i < D/2)::
+
+    angle_i = fp32(pos) * inv_freq_i                       (FP32 product, as HF and Meta compute it)
+    c, s    = cos(angle_i) * scaling, sin(angle_i) * scaling      (FP32)
+    y_i       = x_i * c - x_{i+D/2} * s
+    y_{i+D/2} = x_{i+D/2} * c + x_i * s
+    backward: the transpose of the rotation, i.e. the same with s -> -s
+
+Everything after the angle is FP32 and the output is rounded to the input dtype once, so
+BF16 q/k come out as the correctly rounded rotation in all but ~1e-4 of elements. Stock HF
+instead rounds cos/sin to BF16 and rotates in BF16 (about 2/3 of outputs correctly rounded
+at rope_theta=500000). Angles reach ~S radians, so before cos/sin the kernel reduces them to
+[-pi, pi] in FP64: accurate whatever the lowering of ``tl.cos``/``tl.sin`` (libdevice or an
+approximate instruction), and on the CPU interpreter, which has no fused multiply-add.
+
+Layout: q (B, S, Hq, D), k (B, S, Hk, D) with unit stride along D and any other strides
+(``q_proj(x).view(B, S, H, D)`` needs no copy); GQA is Hq != Hk. position_ids (B, S) or
+(1, S), int32/int64. One program rotates BLOCK_S tokens of all heads of q and k, computing
+their cos/sin once.
+
+Reference: RoFormer (Su et al. 2021); HF ``apply_rotary_pos_emb``; TransformerEngine issue
+#1245 for why FP32 matters at rope_theta=500000.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .rope_reference import _check_rope_inputs, rope_reference
+
+__all__ = ["rope_fwd", "rope_bwd", "RopeFunction", "apply_rope", "rope_reference"]
+
+_TWO_PI = 2 * math.pi
+
+
+@triton.jit
+def _rotate_heads(
+    x_ptr,
+    y_ptr,
+    b,
+    s,
+    tok_mask,
+    c,
+    sn,
+    n_heads,
+    stride_b,
+    stride_s,
+    stride_h,
+    ystride_b,
+    ystride_s,
+    ystride_h,
+    HALF: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+):
+    d = tl.arange(0, BLOCK_HALF)
+    mask = tok_mask[:, None] & (d < HALF)[None, :]
+    base = b.to(tl.int64) * stride_b + s.to(tl.int64) * stride_s
+    ybase = b.to(tl.int64) * ystride_b + s.to(tl.int64) * ystride_s
+    for h in range(n_heads):
+        offs = (base + h * stride_h)[:, None] + d[None, :]
+        x1 = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(x_ptr + offs + HALF, mask=mask, other=0.0).to(tl.float32)
+        y1 = x1 * c - x2 * sn
+        y2 = x2 * c + x1 * sn
+        yoffs = (ybase + h * ystride_h)[:, None] + d[None, :]
+        tl.store(y_ptr + yoffs, y1.to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(y_ptr + yoffs + HALF, y2.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rope_kernel(
+    q_ptr,
+    k_ptr,
+    qo_ptr,
+    ko_ptr,
+    pos_ptr,
+    inv_freq_ptr,
+    scaling,
+    n_tokens,
+    S,
+    Hq,
+    Hk,
+    stride_pb,
+    stride_ps,
+    sq_b,
+    sq_s,
+    sq_h,
+    sk_b,
+    sk_s,
+    sk_h,
+    sqo_b,
+    sqo_s,
+    sqo_h,
+    sko_b,
+    sko_s,
+    sko_h,
+    TWO_PI: tl.constexpr,
+    INV_TWO_PI: tl.constexpr,
+    HALF: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BACKWARD: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    tok = pid * BLOCK_S + tl.arange(0, BLOCK_S)
+    tok_mask = tok < n_tokens
+    b = tok // S
+    s = tok % S
+    pos = tl.load(pos_ptr + b * stride_pb + s * stride_ps, mask=tok_mask, other=0).to(tl.float32)
+    d = tl.arange(0, BLOCK_HALF)
+    inv_freq = tl.load(inv_freq_ptr + d, mask=d < HALF, other=0.0)
+    angle = pos[:, None] * inv_freq[None, :]  # FP32, the model's own angle
+    # Reduce to [-pi, pi] in FP64 (exact for the FP32 angle; ~1e-12 absolute at 8k radians),
+    # then cos/sin in FP32 of the small argument. A few FP64 ops per angle are free here.
+    a64 = angle.to(tl.float64)
+    turns = tl.floor(a64 * tl.full([], INV_TWO_PI, tl.float64) + 0.5)
+    r = (a64 - turns * tl.full([], TWO_PI, tl.float64)).to(tl.float32)
+    c = tl.cos(r) * scaling
+    sn = tl.sin(r) * scaling
+    if BACKWARD:
+        sn = -sn
+    _rotate_heads(q_ptr, qo_ptr, b, s, tok_mask, c, sn, Hq, sq_b, sq_s, sq_h, sqo_b, sqo_s, sqo_h, HALF, BLOCK_HALF)
+    _rotate_heads(k_ptr, ko_ptr, b, s, tok_mask, c, sn, Hk, sk_b, sk_s, sk_h, sko_b, sko_s, sko_h, HALF, BLOCK_HALF)
+
+
+def _launch(q, k, position_ids, inv_freq, scaling, backward):
+    B, S, Hq, D = q.shape
+    Hk = k.shape[2]
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    k = k if k.stride(-1) == 1 else k.contiguous()
+    qo = torch.empty((B, S, Hq, D), dtype=q.dtype, device=q.device)
+    ko = torch.empty((B, S, Hk, D), dtype=k.dtype, device=k.device)
+    pos = position_ids if position_ids.dim() == 2 else position_ids.view(1, -1)
+    stride_pb = pos.stride(0) if pos.shape[0] > 1 else 0
+    n_tokens = B * S
+    BLOCK_S = 64 if os.environ.get("TRITON_INTERPRET", "0") == "1" else 16
+    grid = (triton.cdiv(n_tokens, BLOCK_S),)
+    _rope_kernel[grid](
+        q,
+        k,
+        qo,
+        ko,
+        pos,
+        inv_freq,
+        float(scaling),
+        n_tokens,
+        S,
+        Hq,
+        Hk,
+        stride_pb,
+        pos.stride(1),
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        qo.stride(0),
+        qo.stride(1),
+        qo.stride(2),
+        ko.stride(0),
+        ko.stride(1),
+        ko.stride(2),
+        TWO_PI=_TWO_PI,
+        INV_TWO_PI=1.0 / _TWO_PI,
+        HALF=D // 2,
+        BLOCK_HALF=triton.next_power_of_2(D // 2),
+        BLOCK_S=BLOCK_S,
+        BACKWARD=backward,
+        num_warps=4,
+    )
+    return qo, ko
+
+
+def rope_fwd(
+    q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, inv_freq: torch.Tensor, scaling: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q (B, S, Hq, D) and k (B, S, Hk, D); returns new contiguous tensors in the input dtypes."""
+    _check_rope_inputs(q, k, position_ids, inv_freq)
+    return _launch(q, k, position_ids, inv_freq, scaling, backward=False)
+
+
+def rope_bwd(
+    dq: torch.Tensor, dk: torch.Tensor, position_ids: torch.Tensor, inv_freq: torch.Tensor, scaling: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients through the rotation: the inverse rotation (scaled) of the output gradients."""
+    _check_rope_inputs(dq, dk, position_ids, inv_freq)
+    return _launch(dq, dk, position_ids, inv_freq, scaling, backward=True)
+
+
+class RopeFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, position_ids, inv_freq, scaling):
+        ctx.save_for_backward(position_ids, inv_freq)
+        ctx.scaling = scaling
+        return rope_fwd(q, k, position_ids, inv_freq, scaling)
+
+    @staticmethod
+    def backward(ctx, dq, dk):
+        position_ids, inv_freq = ctx.saved_tensors
+        dq, dk = rope_bwd(dq, dk, position_ids, inv_freq, ctx.scaling)
+        return dq, dk, None, None, None
+
+
+def apply_rope(
+    q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, inv_freq: torch.Tensor, scaling: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Autograd-aware FP32 RoPE on (B, S, H, D) q and k (Triton kernel)."""
+    return RopeFunction.apply(q, k, position_ids, inv_freq, scaling)
