@@ -14,6 +14,7 @@ from __future__ import annotations
 from hf_fp8._backend import fp8_gemm_supported, kernel_backend
 from hf_fp8.config import AmaxComputeAlgo, Fp8Config, Fp8Format, NonFinitePolicy, Recipe
 from hf_fp8.convert import convert, nonfinite_modules, reset_nonfinite, revert
+from hf_fp8.integrations.rope import RopePatch, patch_rope, unpatch_rope
 from hf_fp8.linear import Fp8Linear, NonFiniteError
 from hf_fp8.report import ConversionReport, ModuleDecision
 
@@ -29,11 +30,14 @@ __all__ = [
     "NonFiniteError",
     "NonFinitePolicy",
     "Recipe",
+    "RopePatch",
     "convert",
     "fp8_gemm_supported",
     "kernel_backend",
     "nonfinite_modules",
+    "patch_rope",
     "reset_nonfinite",
     "revert",
+    "unpatch_rope",
     "__version__",
 ]

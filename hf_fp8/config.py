@@ -134,6 +134,9 @@ class Fp8Config:
             Shell-style patterns of module names never to convert (wins over ``include``).
         nonfinite (`str`, *optional*, defaults to `"record"`):
             ``"record"`` or ``"raise"`` (see :class:`NonFinitePolicy`).
+        fp32_rope (`bool`, *optional*, defaults to `True`):
+            For supported HF models (Llama), also rotate q/k in FP32 and keep the RoPE buffers
+            FP32 (:func:`hf_fp8.patch_rope`).
 
     Example:
         ```python
@@ -157,6 +160,7 @@ class Fp8Config:
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     nonfinite: NonFinitePolicy | str = NonFinitePolicy.RECORD
+    fp32_rope: bool = True
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen: set once, here)
@@ -179,7 +183,7 @@ class Fp8Config:
             raise ValueError(f"Fp8Config.amax_history_len: got {self.amax_history_len}; expected an int >= 1")
         if self.margin < 0:
             raise ValueError(f"Fp8Config.margin: got {self.margin}; expected an int >= 0")
-        for name in ("use_fast_accum", "auto_filter"):
+        for name in ("use_fast_accum", "auto_filter", "fp32_rope"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"Fp8Config.{name}: got {getattr(self, name)!r}; expected True or False")
         for name in ("include", "exclude"):

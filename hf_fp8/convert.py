@@ -149,17 +149,32 @@ def convert(
         new = Fp8Linear.from_linear(module, config)
         new.fp8_name = name
         _set_submodule(model, name, new)
-    report = ConversionReport(decisions, config.short_str())
+    report = ConversionReport(decisions, config.short_str(), rope=_maybe_patch_rope(model, config))
     logger.info("hf_fp8.convert: %d of %d linear layers converted", len(report.converted), len(decisions))
     return report
+
+
+def _maybe_patch_rope(model: nn.Module, config: Fp8Config) -> str:
+    from hf_fp8.integrations.rope import _attention_classes, patch_rope
+
+    if not config.fp32_rope:
+        return "left as is (fp32_rope=False)"
+    if not _attention_classes(model):
+        return "not patched (not a supported HF model family)"
+    patch = patch_rope(model)
+    return f"FP32 rotation in {len(patch.attention_modules)} attention layers, FP32 inv_freq"
 
 
 def revert(model: nn.Module) -> int:
     """Swap every :class:`Fp8Linear` back to ``nn.Linear`` (same Parameters). Returns how many.
 
     FP8 state (delayed-scaling histories) is dropped; weights are untouched, since
-    ``Fp8Linear`` keeps them in their original dtype.
+    ``Fp8Linear`` keeps them in their original dtype. A RoPE patch made by :func:`convert`
+    is undone too.
     """
+    from hf_fp8.integrations.rope import unpatch_rope
+
+    unpatch_rope(model)
     swaps = [(name, m) for name, m in model.named_modules() if isinstance(m, Fp8Linear) and name]
     for name, module in swaps:
         _set_submodule(model, name, module.to_linear())

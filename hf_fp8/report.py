@@ -28,6 +28,7 @@ class ConversionReport:
 
     decisions: list[ModuleDecision]
     config_str: str = ""
+    rope: str = "not patched"
 
     @property
     def converted(self) -> list[str]:
@@ -44,7 +45,11 @@ class ConversionReport:
         raise KeyError(f"no linear layer named {name!r} in this report")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"config": self.config_str, "modules": [dataclasses.asdict(d) for d in self.decisions]}
+        return {
+            "config": self.config_str,
+            "rope": self.rope,
+            "modules": [dataclasses.asdict(d) for d in self.decisions],
+        }
 
     def _grouped_rows(self) -> list[tuple[str, str, str, str]]:
         groups: dict[tuple, list[str]] = {}
@@ -83,6 +88,7 @@ class ConversionReport:
             f"{n_conv} of {len(self.decisions)} linear layers converted to FP8"
             + (f" ({self.config_str})" if self.config_str else "")
         )
+        out.append(f"RoPE: {self.rope}")
         return "\n".join(out)
 
     def __str__(self) -> str:
