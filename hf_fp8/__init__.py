@@ -14,8 +14,10 @@ from __future__ import annotations
 from hf_fp8._backend import fp8_gemm_supported, kernel_backend
 from hf_fp8.config import AmaxComputeAlgo, Fp8Config, Fp8Format, NonFinitePolicy, Recipe
 from hf_fp8.convert import convert, nonfinite_modules, reset_nonfinite, revert
+from hf_fp8.integrations.loss import patch_loss, unpatch_loss
 from hf_fp8.integrations.rope import RopePatch, patch_rope, unpatch_rope
 from hf_fp8.linear import Fp8Linear, NonFiniteError
+from hf_fp8.loss import chunked_linear_cross_entropy
 from hf_fp8.report import ConversionReport, ModuleDecision
 
 __version__ = "0.1.0"
@@ -31,13 +33,16 @@ __all__ = [
     "NonFinitePolicy",
     "Recipe",
     "RopePatch",
+    "chunked_linear_cross_entropy",
     "convert",
     "fp8_gemm_supported",
     "kernel_backend",
     "nonfinite_modules",
+    "patch_loss",
     "patch_rope",
     "reset_nonfinite",
     "revert",
+    "unpatch_loss",
     "unpatch_rope",
     "__version__",
 ]

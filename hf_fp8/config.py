@@ -137,6 +137,10 @@ class Fp8Config:
         fp32_rope (`bool`, *optional*, defaults to `True`):
             For supported HF models (Llama), also rotate q/k in FP32 and keep the RoPE buffers
             FP32 (:func:`hf_fp8.patch_rope`).
+        fp32_loss (`bool`, *optional*, defaults to `True`):
+            For supported HF causal LMs (Llama), compute logits and loss in FP32 with the
+            chunked linear + cross-entropy, never materializing full logits in training
+            (:func:`hf_fp8.patch_loss`).
 
     Example:
         ```python
@@ -161,6 +165,7 @@ class Fp8Config:
     exclude: tuple[str, ...] = ()
     nonfinite: NonFinitePolicy | str = NonFinitePolicy.RECORD
     fp32_rope: bool = True
+    fp32_loss: bool = True
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen: set once, here)
@@ -183,7 +188,7 @@ class Fp8Config:
             raise ValueError(f"Fp8Config.amax_history_len: got {self.amax_history_len}; expected an int >= 1")
         if self.margin < 0:
             raise ValueError(f"Fp8Config.margin: got {self.margin}; expected an int >= 0")
-        for name in ("use_fast_accum", "auto_filter", "fp32_rope"):
+        for name in ("use_fast_accum", "auto_filter", "fp32_rope", "fp32_loss"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"Fp8Config.{name}: got {getattr(self, name)!r}; expected True or False")
         for name in ("include", "exclude"):

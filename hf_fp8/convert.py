@@ -149,7 +149,9 @@ def convert(
         new = Fp8Linear.from_linear(module, config)
         new.fp8_name = name
         _set_submodule(model, name, new)
-    report = ConversionReport(decisions, config.short_str(), rope=_maybe_patch_rope(model, config))
+    report = ConversionReport(
+        decisions, config.short_str(), rope=_maybe_patch_rope(model, config), loss=_maybe_patch_loss(model, config)
+    )
     logger.info("hf_fp8.convert: %d of %d linear layers converted", len(report.converted), len(decisions))
     return report
 
@@ -165,6 +167,16 @@ def _maybe_patch_rope(model: nn.Module, config: Fp8Config) -> str:
     return f"FP32 rotation in {len(patch.attention_modules)} attention layers, FP32 inv_freq"
 
 
+def _maybe_patch_loss(model: nn.Module, config: Fp8Config) -> str:
+    from hf_fp8.integrations.loss import patch_loss
+
+    if not config.fp32_loss:
+        return "left as is (fp32_loss=False)"
+    if not patch_loss(model):
+        return "not patched (not a supported HF causal LM)"
+    return "FP32, chunked linear + cross-entropy (no full logits in training)"
+
+
 def revert(model: nn.Module) -> int:
     """Swap every :class:`Fp8Linear` back to ``nn.Linear`` (same Parameters). Returns how many.
 
@@ -172,9 +184,11 @@ def revert(model: nn.Module) -> int:
     ``Fp8Linear`` keeps them in their original dtype. A RoPE patch made by :func:`convert`
     is undone too.
     """
+    from hf_fp8.integrations.loss import unpatch_loss
     from hf_fp8.integrations.rope import unpatch_rope
 
     unpatch_rope(model)
+    unpatch_loss(model)
     swaps = [(name, m) for name, m in model.named_modules() if isinstance(m, Fp8Linear) and name]
     for name, module in swaps:
         _set_submodule(model, name, module.to_linear())

@@ -29,6 +29,7 @@ class ConversionReport:
     decisions: list[ModuleDecision]
     config_str: str = ""
     rope: str = "not patched"
+    loss: str = "not patched"
 
     @property
     def converted(self) -> list[str]:
@@ -48,6 +49,7 @@ class ConversionReport:
         return {
             "config": self.config_str,
             "rope": self.rope,
+            "loss": self.loss,
             "modules": [dataclasses.asdict(d) for d in self.decisions],
         }
 
@@ -89,6 +91,7 @@ class ConversionReport:
             + (f" ({self.config_str})" if self.config_str else "")
         )
         out.append(f"RoPE: {self.rope}")
+        out.append(f"logits and loss: {self.loss}")
         return "\n".join(out)
 
     def __str__(self) -> str:

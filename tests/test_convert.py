@@ -127,8 +127,9 @@ def test_report_is_readable_and_serializable():
     lines = text.splitlines()
     assert lines[0].split() == ["module", "shape", "status", "reason"]
     assert any(line.startswith("layers.{0-2}.up") and "fp8" in line for line in lines)
-    assert "6 of 13 linear layers converted to FP8 (ten:e4m3/e5m2)" in lines[-2]
-    assert lines[-1] == "RoPE: not patched (not a supported HF model family)"
+    assert "6 of 13 linear layers converted to FP8 (ten:e4m3/e5m2)" in lines[-3]
+    assert lines[-2] == "RoPE: not patched (not a supported HF model family)"
+    assert lines[-1] == "logits and loss: not patched (not a supported HF causal LM)"
     d = report.to_dict()
     assert d["config"] == "ten:e4m3/e5m2" and len(d["modules"]) == 13
     assert repr(report) == "ConversionReport(converted=6, kept=7, config='ten:e4m3/e5m2')"

@@ -1,0 +1,161 @@
+"""FP32 logits and loss without the full logits tensor: chunked linear + cross-entropy.
+
+For each chunk of tokens the lm_head GEMM takes the model-dtype (BF16) operands and writes
+FP32 logits (FP32 accumulation, no BF16 rounding of the logits), the loss and the logits
+gradient come out of one fused kernel, and the gradients of the hidden states and of the
+lm_head weight are accumulated right away, the weight's in FP32 across chunks. The chunk
+buffer is then reused, so peak memory is one (chunk x vocab) FP32 block instead of HF's
+(batch x seq x vocab) BF16 logits, their FP32 copy and the FP32 softmax saved for backward.
+
+Semantics are HF's ``ForCausalLMLoss``: labels are shifted left by one (or ``shift_labels``
+is used as given), ``ignore_index`` tokens count for nothing, and the loss is the mean over
+counted tokens, or the sum divided by ``num_items_in_batch`` when that is given (gradient
+accumulation across micro-batches).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+__all__ = ["chunked_linear_cross_entropy", "mm_fp32_out"]
+
+
+@functools.lru_cache(maxsize=1)
+def _has_dtype_gemm() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        a = torch.ones(16, 16, device="cuda", dtype=torch.bfloat16)
+        return torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
+    except (RuntimeError, TypeError):
+        return False
+
+
+def mm_fp32_out(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` with FP32 accumulation and an FP32 result, for BF16/FP16/FP32 operands.
+
+    On CUDA the low-precision operands go straight to the tensor cores (``out_dtype``); on CPU
+    they are upcast first, which computes the same products (exact in FP32) and sums.
+    """
+    if a.dtype == torch.float32 and b.dtype == torch.float32:
+        return a @ b
+    if a.is_cuda and a.dtype == b.dtype and _has_dtype_gemm():
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a.float() @ b.float()
+
+
+def _addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc (FP32) += a @ b, accumulating in place without a second full-size FP32 temporary."""
+    if a.is_cuda and a.dtype == b.dtype and a.dtype != torch.float32 and _has_dtype_gemm():
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
+        acc.addmm_(a.float(), b.float())
+
+
+def _ce(logits: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor, grad_dtype: torch.dtype, ignore_index: int):
+    from hf_fp8._backend import _override, _triton_available
+
+    use_triton = _override == "triton" or (_override == "auto" and logits.is_cuda and _triton_available())
+    if use_triton:
+        from hf_fp8.kernels.cross_entropy import ce_fwd_bwd
+
+        return ce_fwd_bwd(logits, labels, scale, grad_dtype, ignore_index)
+    from hf_fp8.kernels.cross_entropy_reference import ce_fwd_bwd_reference
+
+    return ce_fwd_bwd_reference(logits, labels, scale, grad_dtype, ignore_index)
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Loss and all gradients in the forward (the loss ends the graph), scaled in backward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, scale, chunk_size, ignore_index):
+        N = hidden.shape[0]
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = bias is not None and ctx.needs_input_grad[2]
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
+        w_t = weight.t()
+        for start in range(0, N, chunk_size):
+            h = hidden[start : start + chunk_size]
+            logits = mm_fp32_out(h, w_t)
+            if bias is not None:
+                logits += bias.float()
+            chunk_loss, g = _ce(logits, labels[start : start + chunk_size], scale, weight.dtype, ignore_index)
+            del logits
+            loss += chunk_loss.sum()
+            if need_h:
+                grad_h[start : start + chunk_size] = (g @ weight).to(hidden.dtype)
+            if need_w:
+                _addmm_fp32_(grad_w, g.t(), h.to(weight.dtype))
+            if need_b:
+                grad_b += g.float().sum(0)
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
+        return loss * scale
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        w_dtype, b_dtype = ctx.dtypes
+        out_h = grad_h * grad_loss.to(grad_h.dtype) if grad_h is not None else None
+        out_w = (grad_w * grad_loss).to(w_dtype) if grad_w is not None else None
+        out_b = (grad_b * grad_loss).to(b_dtype) if grad_b is not None else None
+        return out_h, out_w, out_b, None, None, None, None
+
+
+def chunked_linear_cross_entropy(
+    hidden_states: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    bias: torch.Tensor | None = None,
+    shift_labels: torch.Tensor | None = None,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    ignore_index: int = -100,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """HF's causal-LM loss of ``hidden_states @ weight.T (+ bias)``, with FP32 logits, chunked.
+
+    Args:
+        hidden_states (`torch.Tensor`): (..., S, H) final hidden states (after the last norm).
+        weight (`torch.Tensor`): (V, H) lm_head weight; ``bias`` (V,) optional.
+        labels (`torch.Tensor`): (..., S) token ids; shifted left by one here, as HF does. Or give
+            ``shift_labels`` (..., S) already aligned with ``hidden_states``.
+        num_items_in_batch (`int` or `torch.Tensor`, *optional*): divide the summed loss by this
+            instead of averaging over counted tokens (what the Trainer passes under gradient
+            accumulation).
+        chunk_size (`int`, *optional*): tokens per chunk; default keeps a chunk's FP32 logits
+            near 256 MB.
+
+    Returns:
+        `torch.Tensor`: 0-d FP32 loss. NaN if no token is counted and ``num_items_in_batch`` is
+        None (as ``torch.nn.functional.cross_entropy`` gives).
+    """
+    if (labels is None) == (shift_labels is None):
+        raise ValueError("chunked_linear_cross_entropy: give exactly one of labels and shift_labels")
+    H = hidden_states.shape[-1]
+    if weight.dim() != 2 or weight.shape[1] != H:
+        raise ValueError(f"weight: expected (vocab, {H}), got {tuple(weight.shape)}")
+    if shift_labels is None:
+        shift_labels = torch.nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    if shift_labels.shape != hidden_states.shape[:-1]:
+        raise ValueError(
+            f"labels: shape {tuple(shift_labels.shape)} does not match hidden states {tuple(hidden_states.shape[:-1])}"
+        )
+    hidden = hidden_states.reshape(-1, H)
+    flat_labels = shift_labels.reshape(-1).to(device=hidden.device, dtype=torch.int64)
+    if num_items_in_batch is None:
+        scale = 1.0 / (flat_labels != ignore_index).sum().to(torch.float32)  # no host sync
+    else:
+        n = num_items_in_batch if isinstance(num_items_in_batch, torch.Tensor) else torch.tensor(num_items_in_batch)
+        scale = 1.0 / n.to(device=hidden.device, dtype=torch.float32)
+    if chunk_size is None:
+        chunk_size = max(16, min(4096, (1 << 26) // max(1, weight.shape[0])))
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size: expected >= 1, got {chunk_size}")
+    return _ChunkedLinearCrossEntropy.apply(hidden, weight, bias, flat_labels, scale, chunk_size, ignore_index)

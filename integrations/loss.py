@@ -1,0 +1,114 @@
+"""FP32 logits and loss for HF causal LMs: a per-instance forward, reversible.
+
+The patched ``LlamaForCausalLM.forward`` runs the decoder as HF does, then
+
+- with ``labels`` (or ``shift_labels``): computes the loss with
+  :func:`hf_fp8.loss.chunked_linear_cross_entropy` (FP32 logits per chunk, never the full
+  batch x seq x vocab tensor) and, in training mode, returns no logits unless the call
+  passes ``return_logits=True``;
+- without labels, or in eval mode: returns FP32 logits (FP32 accumulation of the lm_head GEMM).
+
+Model families are listed in one table (``_CAUSAL_LM_CLASSES``).
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+from torch import nn
+
+__all__ = ["patch_loss", "unpatch_loss"]
+
+_CAUSAL_LM_CLASSES = ("LlamaForCausalLM",)
+
+
+def _lm_head_logits_fp32(lm_head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    from hf_fp8.loss import mm_fp32_out
+
+    weight = lm_head.weight
+    out = mm_fp32_out(hidden.reshape(-1, hidden.shape[-1]).to(weight.dtype), weight.t())
+    if getattr(lm_head, "bias", None) is not None:
+        out = out + lm_head.bias.float()
+    return out.view(*hidden.shape[:-1], weight.shape[0])
+
+
+def _causal_lm_forward(
+    self,
+    input_ids=None,
+    attention_mask=None,
+    position_ids=None,
+    past_key_values=None,
+    inputs_embeds=None,
+    labels=None,
+    use_cache=None,
+    logits_to_keep=0,
+    **kwargs,
+):
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    from hf_fp8.loss import chunked_linear_cross_entropy
+
+    return_logits = kwargs.pop("return_logits", False)
+    return_dict = kwargs.pop("return_dict", None)
+    outputs = self.model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        past_key_values=past_key_values,
+        inputs_embeds=inputs_embeds,
+        use_cache=use_cache,
+        **kwargs,
+    )
+    hidden = outputs.last_hidden_state
+    if isinstance(logits_to_keep, int):
+        hidden = hidden[:, -logits_to_keep:, :] if logits_to_keep > 0 else hidden
+    else:
+        hidden = hidden[:, logits_to_keep, :]
+
+    loss = None
+    shift_labels = kwargs.get("shift_labels")
+    if labels is not None or shift_labels is not None:
+        loss = chunked_linear_cross_entropy(
+            hidden,
+            self.lm_head.weight,
+            labels if shift_labels is None else None,
+            bias=getattr(self.lm_head, "bias", None),
+            shift_labels=shift_labels,
+            num_items_in_batch=kwargs.get("num_items_in_batch"),
+            ignore_index=kwargs.get("ignore_index", -100),
+        )
+    logits = None
+    if loss is None or not self.training or return_logits:
+        logits = _lm_head_logits_fp32(self.lm_head, hidden)
+    out = CausalLMOutputWithPast(
+        loss=loss,
+        logits=logits,
+        past_key_values=outputs.past_key_values,
+        hidden_states=outputs.hidden_states,
+        attentions=outputs.attentions,
+    )
+    return out.to_tuple() if return_dict is False else out
+
+
+def patch_loss(model: nn.Module) -> bool:
+    """Give a supported causal LM the FP32 chunked loss and FP32 logits. Returns whether it did.
+
+    Idempotent; :func:`unpatch_loss` restores HF's forward.
+    """
+    if type(model).__name__ not in _CAUSAL_LM_CLASSES or not hasattr(model, "lm_head"):
+        return False
+    current = model.__dict__.get("forward")
+    if getattr(current, "__func__", None) is not _causal_lm_forward:
+        if current is not None:
+            raise ValueError(
+                "hf_fp8.patch_loss: this model's forward is already replaced on the instance (by another library's "
+                "hook?); patch before wrapping it"
+            )
+        model.forward = types.MethodType(_causal_lm_forward, model)
+    return True
+
+
+def unpatch_loss(model: nn.Module) -> None:
+    if type(model).__name__ in _CAUSAL_LM_CLASSES:
+        model.__dict__.pop("forward", None)
