@@ -11,9 +11,11 @@ Importing this package does no work: no device probing, no patching, no transfor
 
 from __future__ import annotations
 
+from hf_fp8 import optim
 from hf_fp8._backend import fp8_gemm_supported, kernel_backend
 from hf_fp8.config import AmaxComputeAlgo, Fp8Config, Fp8Format, NonFinitePolicy, Recipe
 from hf_fp8.convert import convert, nonfinite_modules, reset_nonfinite, revert
+from hf_fp8.dtypes import set_default_dtype
 from hf_fp8.integrations.loss import patch_loss, unpatch_loss
 from hf_fp8.integrations.rope import RopePatch, patch_rope, unpatch_rope
 from hf_fp8.linear import Fp8Linear, NonFiniteError
@@ -38,10 +40,12 @@ __all__ = [
     "fp8_gemm_supported",
     "kernel_backend",
     "nonfinite_modules",
+    "optim",
     "patch_loss",
     "patch_rope",
     "reset_nonfinite",
     "revert",
+    "set_default_dtype",
     "unpatch_loss",
     "unpatch_rope",
     "__version__",

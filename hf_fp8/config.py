@@ -108,8 +108,10 @@ class Fp8Config:
     """Configuration of FP8 training for :func:`hf_fp8.convert`.
 
     Args:
-        recipe (`str` or `Recipe`, *optional*, defaults to `"tensorwise"`):
-            ``"tensorwise"``, ``"rowwise"`` or ``"delayed"`` (see :class:`Recipe`).
+        recipe (`str`, `Recipe` or `None`, *optional*, defaults to `"tensorwise"`):
+            ``"tensorwise"``, ``"rowwise"`` or ``"delayed"`` (see :class:`Recipe`), or ``None`` for
+            full-BF16 mode: no FP8, BF16 parameters and gradients, with FP32 RoPE, logits and loss
+            (use :class:`hf_fp8.optim.AdamW` for FP32 optimizer states).
         grad_format (`str`, *optional*):
             FP8 format of the output gradient: ``"e5m2"`` (default for tensorwise and delayed,
             TransformerEngine's HYBRID format) or ``"e4m3"`` (default and only choice for rowwise,
@@ -154,7 +156,7 @@ class Fp8Config:
         ```
     """
 
-    recipe: Recipe | str = Recipe.TENSORWISE
+    recipe: Recipe | str | None = Recipe.TENSORWISE
     grad_format: Fp8Format | str | None = None
     amax_history_len: int = 16
     amax_compute_algo: AmaxComputeAlgo | str = AmaxComputeAlgo.MAX
@@ -173,7 +175,10 @@ class Fp8Config:
             value = getattr(self, name)
             if value is not None:
                 set_(name, enum_cls.parse(name, value))
-        if self.grad_format is None:
+        if self.recipe is None:  # full-BF16 mode: no FP8 anywhere
+            if self.grad_format is not None:
+                raise ValueError("Fp8Config.grad_format: must be None in full-BF16 mode (recipe=None): there is no FP8")
+        elif self.grad_format is None:
             set_("grad_format", Fp8Format.E4M3 if self.recipe is Recipe.ROWWISE else Fp8Format.E5M2)
         if self.recipe is Recipe.ROWWISE and self.grad_format is not Fp8Format.E4M3:
             raise ValueError(
@@ -204,8 +209,16 @@ class Fp8Config:
     def forward_format(self) -> Fp8Format:
         return Fp8Format.E4M3
 
+    @property
+    def full_bf16(self) -> bool:
+        """Full-BF16 mode (``recipe=None``): BF16 parameters and gradients, FP32 RoPE, logits,
+        loss and optimizer states, no FP8."""
+        return self.recipe is None
+
     def short_str(self) -> str:
         """Compact description for ``repr``: recipe, formats, and the delayed recipe's history."""
+        if self.recipe is None:
+            return "full-bf16"
         s = f"{self.recipe.short_str()}:{self.forward_format.value}/{self.grad_format.value}"
         if self.recipe is Recipe.DELAYED:
             s += f",h{self.amax_history_len},{self.amax_compute_algo.value}"

@@ -130,6 +130,8 @@ def convert(
             "use hf_fp8.Fp8Linear.from_linear(layer, config)"
         )
 
+    if config.full_bf16:
+        _check_full_bf16_dtypes(model)
     output_embeddings = _output_embedding_ids(model)
     embedding_weights = _embedding_weight_ids(model)
     decisions: list[ModuleDecision] = []
@@ -140,7 +142,10 @@ def convert(
             continue
         if not isinstance(module, nn.Linear):
             continue
-        ok, reason = _decide(name, module, config, output_embeddings, embedding_weights, module_filter_fn)
+        if config.full_bf16:
+            ok, reason = False, "full-BF16 mode (recipe=None): no FP8"
+        else:
+            ok, reason = _decide(name, module, config, output_embeddings, embedding_weights, module_filter_fn)
         decisions.append(ModuleDecision(name, module.in_features, module.out_features, ok, reason))
         if ok:
             swaps.append((name, module))
@@ -152,8 +157,29 @@ def convert(
     report = ConversionReport(
         decisions, config.short_str(), rope=_maybe_patch_rope(model, config), loss=_maybe_patch_loss(model, config)
     )
+    if config.full_bf16:
+        report.notes.append("full-BF16: train with hf_fp8.optim.AdamW(..., full_bf16=True) for FP32 optimizer states")
     logger.info("hf_fp8.convert: %d of %d linear layers converted", len(report.converted), len(decisions))
     return report
+
+
+def _check_full_bf16_dtypes(model: nn.Module) -> None:
+    import warnings
+
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if torch.float16 in dtypes:
+        raise ValueError(
+            "convert: full-BF16 mode (recipe=None) got float16 parameters; float16's range overflows without loss "
+            "scaling. Use model.to(torch.bfloat16)."
+        )
+    if torch.float32 in dtypes:
+        warnings.warn(
+            "convert: full-BF16 mode (recipe=None) got float32 parameters, so this run is not full-BF16 (RoPE, "
+            "logits and loss are made FP32 all the same). Build the model under "
+            "hf_fp8.set_default_dtype(torch.bfloat16) or call model.to(torch.bfloat16).",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def _maybe_patch_rope(model: nn.Module, config: Fp8Config) -> str:

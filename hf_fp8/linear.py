@@ -183,6 +183,8 @@ class Fp8Linear(nn.Linear):
         if config is not None and not isinstance(config, Fp8Config):
             raise TypeError(f"Fp8Linear: config must be an Fp8Config, got {type(config).__name__}")
         self.fp8_config = config or Fp8Config()
+        if self.fp8_config.full_bf16:
+            raise ValueError("Fp8Linear: config.recipe is None (full-BF16 mode), which uses no FP8 layers")
         self.fp8_name: str | None = None
         self._init_fp8_buffers(device)
 

@@ -30,6 +30,7 @@ class ConversionReport:
     config_str: str = ""
     rope: str = "not patched"
     loss: str = "not patched"
+    notes: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def converted(self) -> list[str]:
@@ -92,6 +93,7 @@ class ConversionReport:
         )
         out.append(f"RoPE: {self.rope}")
         out.append(f"logits and loss: {self.loss}")
+        out.extend(self.notes)
         return "\n".join(out)
 
     def __str__(self) -> str:
