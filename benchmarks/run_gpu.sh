@@ -24,6 +24,7 @@ for s in $steps; do
     linear) python3 -m benchmarks.bench_linear --budget-s 230 2>&1 | grep -v Warning | tail -80 ;;
     sweep) python3 -m benchmarks.bench_linear --sweep --budget-s 150 2>&1 | tail -150 ;;
     profile) python3 -m benchmarks.profile_linear 2>&1 | grep -v "^-" | cut -c1-150 | tail -70 ;;
+    precision) python3 -m benchmarks.bench_precision_ops 2>&1 | grep -v Warning | tail -30 ;;
     demo) python3 examples/quickstart.py --steps 20 2>&1 | tail -16 ;;
     quantsweep) python3 -m benchmarks.bench_quant --sweep-blocks --out quant_sweep_h100.json 2>&1 | tail -40 ;;
   esac

@@ -140,3 +140,65 @@ def test_fp8_linear_frozen_weight_autocast_and_leading_dims():
     assert y.dtype == torch.bfloat16 and y.shape == (2, 3, 7, 1024)
     y.float().sum().backward()
     assert x.grad.dtype == torch.float32 and m.weight.grad is None
+
+
+def test_rope_kernel_correctly_rounded_on_gpu():
+    from hf_fp8.kernels.rope import rope_bwd, rope_fwd
+
+    S, D = 8192, 128
+    q = torch.randn(2, S, 32, D, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(2, S, 8, D, device="cuda", dtype=torch.bfloat16)
+    pos = torch.arange(S, device="cuda").view(1, S)
+    inv = 1.0 / (500000.0 ** (torch.arange(0, D, 2, dtype=torch.float, device="cuda") / D))
+    angle = (pos.float()[..., None] * inv).double()[:, :, None, :]
+    for fn, sign in ((rope_fwd, 1.0), (rope_bwd, -1.0)):
+        qo, _ = fn(q, k, pos, inv)
+        x1, x2 = q.double().chunk(2, dim=-1)
+        c, s = angle.cos(), sign * angle.sin()
+        exact = torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+        frac = (qo == exact.float().to(torch.bfloat16)).float().mean().item()
+        assert frac >= 0.999, frac
+
+
+def test_cross_entropy_and_adamw_kernels_on_gpu():
+    from hf_fp8.kernels.cross_entropy import ce_fwd_bwd
+    from hf_fp8.kernels.cross_entropy_reference import ce_fwd_bwd_reference
+    from hf_fp8.optim import AdamW
+
+    logits = torch.randn(64, 128256, device="cuda") * 3
+    labels = torch.randint(0, 128256, (64,), device="cuda")
+    labels[5] = -100
+    scale = torch.tensor(1 / 63, device="cuda")
+    l_k, g_k = ce_fwd_bwd(logits, labels, scale, torch.bfloat16)
+    l_r, g_r = ce_fwd_bwd_reference(logits, labels, scale, torch.bfloat16)
+    torch.testing.assert_close(l_k, l_r, rtol=1e-5, atol=1e-5)
+    assert rel_err(g_r.float(), g_k.float()) < 4e-3
+    p = torch.nn.Parameter(torch.ones(1_000_000, device="cuda", dtype=torch.bfloat16))
+    opt = AdamW([p], lr=1e-3, weight_decay=0.0, seed=0)
+    p.grad = torch.ones_like(p)
+    opt.step()
+    assert abs(p.float().mean().item() - (1 - 1e-3)) < 1e-5
+    assert opt.state[p]["exp_avg"].dtype == torch.float32
+
+
+def test_patched_llama_on_gpu():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        hidden_size=512,
+        intermediate_size=1024,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        vocab_size=1024,
+        rope_theta=500000.0,
+    )
+    torch.manual_seed(0)
+    ref = LlamaForCausalLM(cfg).cuda()
+    model = copy.deepcopy(ref)
+    hf_fp8.patch_rope(model)
+    hf_fp8.patch_loss(model)
+    ids = torch.randint(0, 1024, (2, 256), device="cuda")
+    l_ref = ref(input_ids=ids, labels=ids).loss
+    loss = model(input_ids=ids, labels=ids).loss
+    assert abs(loss.item() - l_ref.item()) / l_ref.item() < 1e-4

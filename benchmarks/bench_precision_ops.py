@@ -1,0 +1,241 @@
+"""FP32 RoPE, chunked FP32 loss and FP32-state AdamW on the H100, against HF eager, Liger and torch.
+
+    python -m benchmarks.bench_precision_ops [rope loss adamw]
+
+RoPE: B=2, S=4096, 32 query / 8 key heads, head_dim 128, BF16, rope_theta=500000; forward
+and fwd+bwd (backward through both outputs). HF and Liger include computing their BF16
+cos/sin (HF's rotary module), since our kernel computes cos/sin itself. Each row also
+records the fraction of outputs equal to the correctly rounded rotation (float64).
+Loss: B=2, S=4096, hidden 4096, vocab 128256, BF16 hidden states and lm_head; fwd+bwd time
+and peak memory above the inputs, for HF's path (BF16 logits, upcast, cross-entropy),
+Liger's fused linear cross-entropy and ours.
+AdamW: the parameters of 4 Llama-3-8B decoder layers (872M); step time for torch fused
+AdamW on BF16 parameters (BF16 states), on FP32 parameters (FP32 states), and ours on BF16
+parameters with FP32 states and stochastic rounding.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from benchmarks.common import bench_ms, environment, warm_up_gpu, write_json
+
+
+def _hf_rope_fns():
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+    cfg = LlamaConfig(
+        hidden_size=4096,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        rope_theta=500000.0,
+        max_position_embeddings=8192,
+    )
+    return LlamaRotaryEmbedding(cfg).cuda(), apply_rotary_pos_emb
+
+
+def bench_rope() -> list[dict]:
+    from hf_fp8.integrations.rope import fp32_rope
+
+    B, S, Hq, Hk, D = 2, 4096, 32, 8, 128
+    rotary, hf_apply = _hf_rope_fns()
+    inv_freq = rotary.inv_freq.float()
+    pos = torch.arange(S, device="cuda").view(1, S)
+    q_lin = torch.randn(B, S, Hq * D, device="cuda", dtype=torch.bfloat16)
+    k_lin = torch.randn(B, S, Hk * D, device="cuda", dtype=torch.bfloat16)
+    gq = torch.randn(B, Hq, S, D, device="cuda", dtype=torch.bfloat16)
+    gk = torch.randn(B, Hk, S, D, device="cuda", dtype=torch.bfloat16)
+
+    def hf(q, k):
+        cos, sin = rotary(q, pos)
+        return hf_apply(q.view(B, S, Hq, D).transpose(1, 2), k.view(B, S, Hk, D).transpose(1, 2), cos, sin)
+
+    def ours(q, k):
+        qo, ko = fp32_rope(q.view(B, S, Hq, D), k.view(B, S, Hk, D), pos, inv_freq)
+        return qo.transpose(1, 2), ko.transpose(1, 2)
+
+    providers = {"hf_eager": hf, "hf_fp8": ours}
+    try:
+        from liger_kernel.transformers.rope import liger_rotary_pos_emb
+
+        def liger(q, k):
+            cos, sin = rotary(q, pos)
+            # Liger writes into its inputs when they are contiguous: give it fresh ones
+            return liger_rotary_pos_emb(
+                q.view(B, S, Hq, D).transpose(1, 2).contiguous(),
+                k.view(B, S, Hk, D).transpose(1, 2).contiguous(),
+                cos,
+                sin,
+            )
+
+        providers["liger"] = liger
+    except Exception as e:  # noqa: BLE001
+        print("liger unavailable:", e)
+
+    # exact reference: float64 rotation by the model's FP32 angle
+    angle = (pos.float()[..., None] * inv_freq).double()  # (1, S, D/2)
+    c, s = angle.cos()[:, None], angle.sin()[:, None]
+
+    def exact(x):
+        x1, x2 = x.double().chunk(2, dim=-1)
+        return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+
+    ref_q = exact(q_lin.view(B, S, Hq, D).transpose(1, 2))
+    rows = []
+    for name, fn in providers.items():
+        qo, ko = fn(q_lin, k_lin)
+        correct = (qo == ref_q.to(torch.float32).to(torch.bfloat16)).float().mean().item()
+        err = ((qo.double() - ref_q).norm() / ref_q.norm()).item()
+        fwd = bench_ms(lambda fn=fn: fn(q_lin, k_lin))
+
+        def fwd_bwd(fn=fn):
+            q = q_lin.detach().requires_grad_()
+            k = k_lin.detach().requires_grad_()
+            qo, ko = fn(q, k)
+            torch.autograd.backward([qo, ko], [gq, gk])
+
+        fb = bench_ms(fwd_bwd)
+        rows.append(
+            dict(
+                op="rope",
+                provider=name,
+                fwd_ms=fwd["ms"],
+                fwd_bwd_ms=fb["ms"],
+                frac_correctly_rounded=correct,
+                rel_err=err,
+            )
+        )
+    base = next(r for r in rows if r["provider"] == "hf_eager")
+    for r in rows:
+        r["fwd_speedup_vs_hf"] = base["fwd_ms"] / r["fwd_ms"]
+        r["fwd_bwd_speedup_vs_hf"] = base["fwd_bwd_ms"] / r["fwd_bwd_ms"]
+        print(
+            f"rope {r['provider']:9s} fwd {r['fwd_ms']:.3f} ms  fwd+bwd {r['fwd_bwd_ms']:.3f} ms  "
+            f"x{r['fwd_bwd_speedup_vs_hf']:.2f} vs HF  correctly rounded {r['frac_correctly_rounded']:.4f}",
+            flush=True,
+        )
+    return rows
+
+
+def bench_loss() -> list[dict]:
+    import hf_fp8
+
+    B, S, H, V = 2, 4096, 4096, 128256
+    torch.manual_seed(0)
+    hidden0 = torch.randn(B, S, H, device="cuda", dtype=torch.bfloat16)
+    weight0 = (torch.randn(V, H, device="cuda") * 0.02).to(torch.bfloat16)
+    labels = torch.randint(0, V, (B, S), device="cuda")
+
+    def hf(h, w):
+        from transformers.loss.loss_utils import ForCausalLMLoss
+
+        logits = h @ w.t()
+        return ForCausalLMLoss(logits, labels, vocab_size=V)
+
+    def ours(h, w):
+        return hf_fp8.chunked_linear_cross_entropy(h, w, labels)
+
+    providers = {"hf_bf16": hf, "hf_fp8": ours}
+    try:
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+        def liger(h, w):
+            shift = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:]
+            return liger_fused_linear_cross_entropy(h.reshape(-1, H), w, shift.reshape(-1), ignore_index=-100)
+
+        providers["liger"] = liger
+    except Exception as e:  # noqa: BLE001
+        print("liger unavailable:", e)
+
+    # float64 reference loss on a slice (the full float64 logits would not fit)
+    rows = []
+    for name, fn in providers.items():
+
+        def step(fn=fn):
+            h = hidden0.detach().requires_grad_()
+            w = weight0.detach().requires_grad_()
+            loss = fn(h, w)
+            loss.backward()
+            return loss
+
+        loss = step().item()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base_mem = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base_mem
+        t = bench_ms(step)
+        rows.append(dict(op="loss", provider=name, fwd_bwd_ms=t["ms"], peak_mem_gb=peak / 1e9, loss=loss))
+        print(f"loss {name:9s} fwd+bwd {t['ms']:.2f} ms  peak {peak / 1e9:.2f} GB  loss {loss:.6f}", flush=True)
+    ref = next(r for r in rows if r["provider"] == "hf_bf16")
+    for r in rows:
+        r["time_vs_hf"] = r["fwd_bwd_ms"] / ref["fwd_bwd_ms"]
+        r["mem_vs_hf"] = r["peak_mem_gb"] / ref["peak_mem_gb"]
+    return rows
+
+
+def bench_adamw() -> list[dict]:
+    import hf_fp8
+
+    shapes = [
+        (4096, 4096),
+        (1024, 4096),
+        (1024, 4096),
+        (4096, 4096),
+        (14336, 4096),
+        (14336, 4096),
+        (4096, 14336),
+        (4096,),
+        (4096,),
+    ] * 4
+    rows = []
+
+    def make(dtype):
+        torch.manual_seed(0)
+        ps = [torch.nn.Parameter(torch.randn(s, device="cuda", dtype=dtype) * 0.02) for s in shapes]
+        for p in ps:
+            p.grad = torch.randn_like(p) * 1e-3
+        return ps
+
+    n = sum(torch.Size(s).numel() for s in shapes)
+    cases = {
+        "torch_fused_bf16_params_bf16_states": (torch.bfloat16, lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=True)),
+        "torch_fused_fp32_params_fp32_states": (torch.float32, lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=True)),
+        "hf_fp8_bf16_params_fp32_states_sr": (torch.bfloat16, lambda ps: hf_fp8.optim.AdamW(ps, lr=1e-4, seed=0)),
+    }
+    for name, (dtype, mk) in cases.items():
+        ps = make(dtype)
+        opt = mk(ps)
+        opt.step()
+        t = bench_ms(opt.step, warmup_ms=50, rep_ms=300)
+        rows.append(dict(op="adamw", provider=name, params=n, step_ms=t["ms"]))
+        print(f"adamw {name:40s} {t['ms']:.2f} ms for {n / 1e6:.0f}M params", flush=True)
+        del ps, opt
+        torch.cuda.empty_cache()
+    ref = rows[0]["step_ms"]
+    for r in rows:
+        r["time_vs_torch_fused_bf16"] = r["step_ms"] / ref
+    return rows
+
+
+def main() -> None:
+    sections = sys.argv[1:] or ["rope", "loss", "adamw"]
+    warm_up_gpu()
+    rows = []
+    for s in sections:
+        try:
+            rows += {"rope": bench_rope, "loss": bench_loss, "adamw": bench_adamw}[s]()
+        except Exception as e:  # noqa: BLE001  a failed section is a result too
+            import traceback
+
+            traceback.print_exc()
+            rows.append(dict(op=s, error=f"{type(e).__name__}: {str(e)[:300]}"))
+    print(f"wrote {write_json('precision_ops_h100.json', {'env': environment(), 'rows': rows})}")
+
+
+if __name__ == "__main__":
+    main()
