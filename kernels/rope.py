@@ -17,8 +17,7 @@ approximate instruction), and on the CPU interpreter, which has no fused multipl
 
 Layout: q (B, S, Hq, D), k (B, S, Hk, D) with unit stride along D and any other strides
 (``q_proj(x).view(B, S, H, D)`` needs no copy); GQA is Hq != Hk. position_ids (B, S) or
-(1, S), int32/int64. One program rotates BLOCK_S tokens of all heads of q and k, computing
-their cos/sin once.
+(1, S), int32/int64. One program rotates BLOCK_S tokens of one head of q or k.
 
 Reference: RoFormer (Su et al. 2021); HF ``apply_rotary_pos_emb``; TransformerEngine issue
 #1245 for why FP32 matters at rope_theta=500000.
@@ -27,7 +26,6 @@ Reference: RoFormer (Su et al. 2021); HF ``apply_rotary_pos_emb``; TransformerEn
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
@@ -38,40 +36,6 @@ from .rope_reference import _check_rope_inputs, rope_reference
 __all__ = ["rope_fwd", "rope_bwd", "RopeFunction", "apply_rope", "rope_reference"]
 
 _TWO_PI = 2 * math.pi
-
-
-@triton.jit
-def _rotate_heads(
-    x_ptr,
-    y_ptr,
-    b,
-    s,
-    tok_mask,
-    c,
-    sn,
-    n_heads,
-    stride_b,
-    stride_s,
-    stride_h,
-    ystride_b,
-    ystride_s,
-    ystride_h,
-    HALF: tl.constexpr,
-    BLOCK_HALF: tl.constexpr,
-):
-    d = tl.arange(0, BLOCK_HALF)
-    mask = tok_mask[:, None] & (d < HALF)[None, :]
-    base = b.to(tl.int64) * stride_b + s.to(tl.int64) * stride_s
-    ybase = b.to(tl.int64) * ystride_b + s.to(tl.int64) * ystride_s
-    for h in range(n_heads):
-        offs = (base + h * stride_h)[:, None] + d[None, :]
-        x1 = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        x2 = tl.load(x_ptr + offs + HALF, mask=mask, other=0.0).to(tl.float32)
-        y1 = x1 * c - x2 * sn
-        y2 = x2 * c + x1 * sn
-        yoffs = (ybase + h * ystride_h)[:, None] + d[None, :]
-        tl.store(y_ptr + yoffs, y1.to(y_ptr.dtype.element_ty), mask=mask)
-        tl.store(y_ptr + yoffs + HALF, y2.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -86,7 +50,6 @@ def _rope_kernel(
     n_tokens,
     S,
     Hq,
-    Hk,
     stride_pb,
     stride_ps,
     sq_b,
@@ -108,7 +71,10 @@ def _rope_kernel(
     BLOCK_S: tl.constexpr,
     BACKWARD: tl.constexpr,
 ):
+    # program (token block, head): heads 0..Hq-1 are q's, the rest k's. Recomputing cos/sin per
+    # head costs a few ALU ops per element and buys Hq + Hk times more parallel programs.
     pid = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
     tok = pid * BLOCK_S + tl.arange(0, BLOCK_S)
     tok_mask = tok < n_tokens
     b = tok // S
@@ -118,7 +84,7 @@ def _rope_kernel(
     inv_freq = tl.load(inv_freq_ptr + d, mask=d < HALF, other=0.0)
     angle = pos[:, None] * inv_freq[None, :]  # FP32, the model's own angle
     # Reduce to [-pi, pi] in FP64 (exact for the FP32 angle; ~1e-12 absolute at 8k radians),
-    # then cos/sin in FP32 of the small argument. A few FP64 ops per angle are free here.
+    # then cos/sin in FP32 of the small argument.
     a64 = angle.to(tl.float64)
     turns = tl.floor(a64 * tl.full([], INV_TWO_PI, tl.float64) + 0.5)
     r = (a64 - turns * tl.full([], TWO_PI, tl.float64)).to(tl.float32)
@@ -126,8 +92,23 @@ def _rope_kernel(
     sn = tl.sin(r) * scaling
     if BACKWARD:
         sn = -sn
-    _rotate_heads(q_ptr, qo_ptr, b, s, tok_mask, c, sn, Hq, sq_b, sq_s, sq_h, sqo_b, sqo_s, sqo_h, HALF, BLOCK_HALF)
-    _rotate_heads(k_ptr, ko_ptr, b, s, tok_mask, c, sn, Hk, sk_b, sk_s, sk_h, sko_b, sko_s, sko_h, HALF, BLOCK_HALF)
+    if head < Hq:
+        x_ptr, y_ptr, h = q_ptr, qo_ptr, head
+        base = b * sq_b + s * sq_s + h * sq_h
+        ybase = b * sqo_b + s * sqo_s + h * sqo_h
+    else:
+        x_ptr, y_ptr, h = k_ptr, ko_ptr, head - Hq
+        base = b * sk_b + s * sk_s + h * sk_h
+        ybase = b * sko_b + s * sko_s + h * sko_h
+    mask = tok_mask[:, None] & (d < HALF)[None, :]
+    offs = base[:, None] + d[None, :]
+    x1 = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(x_ptr + offs + HALF, mask=mask, other=0.0).to(tl.float32)
+    y1 = x1 * c - x2 * sn
+    y2 = x2 * c + x1 * sn
+    yoffs = ybase[:, None] + d[None, :]
+    tl.store(y_ptr + yoffs, y1.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + yoffs + HALF, y2.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 def _launch(q, k, position_ids, inv_freq, scaling, backward):
@@ -140,8 +121,8 @@ def _launch(q, k, position_ids, inv_freq, scaling, backward):
     pos = position_ids if position_ids.dim() == 2 else position_ids.view(1, -1)
     stride_pb = pos.stride(0) if pos.shape[0] > 1 else 0
     n_tokens = B * S
-    BLOCK_S = 64 if os.environ.get("TRITON_INTERPRET", "0") == "1" else 16
-    grid = (triton.cdiv(n_tokens, BLOCK_S),)
+    BLOCK_S = 64
+    grid = (triton.cdiv(n_tokens, BLOCK_S), Hq + Hk)
     _rope_kernel[grid](
         q,
         k,
@@ -153,7 +134,6 @@ def _launch(q, k, position_ids, inv_freq, scaling, backward):
         n_tokens,
         S,
         Hq,
-        Hk,
         stride_pb,
         pos.stride(1),
         q.stride(0),
