@@ -108,8 +108,33 @@ def bench_rope() -> list[dict]:
                 rel_err=err,
             )
         )
+    # launch-shape sweep of our kernel (BLOCK_S tokens, HEADS per program, num_warps)
+    from hf_fp8.kernels import rope as rope_kernels
+
+    default = rope_kernels.TUNING["gpu"]
+    for cfg in [(16, 40, 4), (32, 8, 4), (64, 8, 4), (32, 4, 4), (64, 4, 8), (128, 8, 8), (32, 40, 4)]:
+        rope_kernels.TUNING["gpu"] = cfg
+
+        def fb(fn=ours):
+            q = q_lin.detach().requires_grad_()
+            k = k_lin.detach().requires_grad_()
+            qo, ko = fn(q, k)
+            torch.autograd.backward([qo, ko], [gq, gk])
+
+        rows.append(
+            dict(
+                op="rope_sweep",
+                config=list(cfg),
+                fwd_ms=bench_ms(lambda: ours(q_lin, k_lin))["ms"],
+                fwd_bwd_ms=bench_ms(fb)["ms"],
+            )
+        )
+        print(f"rope sweep {cfg}: fwd {rows[-1]['fwd_ms']:.3f} fwd+bwd {rows[-1]['fwd_bwd_ms']:.3f}", flush=True)
+    rope_kernels.TUNING["gpu"] = default
     base = next(r for r in rows if r["provider"] == "hf_eager")
     for r in rows:
+        if r["op"] != "rope":
+            continue
         r["fwd_speedup_vs_hf"] = base["fwd_ms"] / r["fwd_ms"]
         r["fwd_bwd_speedup_vs_hf"] = base["fwd_bwd_ms"] / r["fwd_bwd_ms"]
         print(

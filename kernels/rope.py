@@ -17,7 +17,8 @@ approximate instruction), and on the CPU interpreter, which has no fused multipl
 
 Layout: q (B, S, Hq, D), k (B, S, Hk, D) with unit stride along D and any other strides
 (``q_proj(x).view(B, S, H, D)`` needs no copy); GQA is Hq != Hk. position_ids (B, S) or
-(1, S), int32/int64. One program rotates BLOCK_S tokens of one head of q or k.
+(1, S), int32/int64. One program rotates BLOCK_S tokens of HEADS heads of q and k,
+computing their cos/sin once.
 
 Reference: RoFormer (Su et al. 2021); HF ``apply_rotary_pos_emb``; TransformerEngine issue
 #1245 for why FP32 matters at rope_theta=500000.
@@ -26,6 +27,7 @@ Reference: RoFormer (Su et al. 2021); HF ``apply_rotary_pos_emb``; TransformerEn
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -50,6 +52,7 @@ def _rope_kernel(
     n_tokens,
     S,
     Hq,
+    Hk,
     stride_pb,
     stride_ps,
     sq_b,
@@ -69,12 +72,13 @@ def _rope_kernel(
     HALF: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
     BLOCK_S: tl.constexpr,
+    HEADS: tl.constexpr,
     BACKWARD: tl.constexpr,
 ):
-    # program (token block, head): heads 0..Hq-1 are q's, the rest k's. Recomputing cos/sin per
-    # head costs a few ALU ops per element and buys Hq + Hk times more parallel programs.
+    # program (token block, head group): heads 0..Hq-1 are q's, the rest k's. cos/sin are
+    # computed once per program and reused for its HEADS heads.
     pid = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1)
+    head0 = tl.program_id(1) * HEADS
     tok = pid * BLOCK_S + tl.arange(0, BLOCK_S)
     tok_mask = tok < n_tokens
     b = tok // S
@@ -92,23 +96,30 @@ def _rope_kernel(
     sn = tl.sin(r) * scaling
     if BACKWARD:
         sn = -sn
-    if head < Hq:
-        x_ptr, y_ptr, h = q_ptr, qo_ptr, head
-        base = b * sq_b + s * sq_s + h * sq_h
-        ybase = b * sqo_b + s * sqo_s + h * sqo_h
-    else:
-        x_ptr, y_ptr, h = k_ptr, ko_ptr, head - Hq
-        base = b * sk_b + s * sk_s + h * sk_h
-        ybase = b * sko_b + s * sko_s + h * sko_h
     mask = tok_mask[:, None] & (d < HALF)[None, :]
-    offs = base[:, None] + d[None, :]
+    for i in range(HEADS):
+        head = head0 + i
+        if head < Hq:
+            offs = (b * sq_b + s * sq_s + head * sq_h)[:, None] + d[None, :]
+            yoffs = (b * sqo_b + s * sqo_s + head * sqo_h)[:, None] + d[None, :]
+            _rotate_tile(q_ptr, qo_ptr, offs, yoffs, mask, c, sn, HALF)
+        elif head < Hq + Hk:
+            h = head - Hq
+            offs = (b * sk_b + s * sk_s + h * sk_h)[:, None] + d[None, :]
+            yoffs = (b * sko_b + s * sko_s + h * sko_h)[:, None] + d[None, :]
+            _rotate_tile(k_ptr, ko_ptr, offs, yoffs, mask, c, sn, HALF)
+
+
+@triton.jit
+def _rotate_tile(x_ptr, y_ptr, offs, yoffs, mask, c, sn, HALF: tl.constexpr):
     x1 = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(x_ptr + offs + HALF, mask=mask, other=0.0).to(tl.float32)
-    y1 = x1 * c - x2 * sn
-    y2 = x2 * c + x1 * sn
-    yoffs = ybase[:, None] + d[None, :]
-    tl.store(y_ptr + yoffs, y1.to(y_ptr.dtype.element_ty), mask=mask)
-    tl.store(y_ptr + yoffs + HALF, y2.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + yoffs, (x1 * c - x2 * sn).to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + yoffs + HALF, (x2 * c + x1 * sn).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+# (BLOCK_S tokens, HEADS per program, num_warps); benchmarks may override, the library never does.
+TUNING: dict[str, tuple[int, int, int]] = {"gpu": (32, 8, 4)}
 
 
 def _launch(q, k, position_ids, inv_freq, scaling, backward):
@@ -121,8 +132,11 @@ def _launch(q, k, position_ids, inv_freq, scaling, backward):
     pos = position_ids if position_ids.dim() == 2 else position_ids.view(1, -1)
     stride_pb = pos.stride(0) if pos.shape[0] > 1 else 0
     n_tokens = B * S
-    BLOCK_S = 64
-    grid = (triton.cdiv(n_tokens, BLOCK_S), Hq + Hk)
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        BLOCK_S, HEADS, num_warps = 64, Hq + Hk, 1  # few, large programs: the interpreter pays per program
+    else:
+        BLOCK_S, HEADS, num_warps = TUNING["gpu"]
+    grid = (triton.cdiv(n_tokens, BLOCK_S), triton.cdiv(Hq + Hk, HEADS))
     _rope_kernel[grid](
         q,
         k,
@@ -134,6 +148,7 @@ def _launch(q, k, position_ids, inv_freq, scaling, backward):
         n_tokens,
         S,
         Hq,
+        Hk,
         stride_pb,
         pos.stride(1),
         q.stride(0),
@@ -153,8 +168,9 @@ def _launch(q, k, position_ids, inv_freq, scaling, backward):
         HALF=D // 2,
         BLOCK_HALF=triton.next_power_of_2(D // 2),
         BLOCK_S=BLOCK_S,
+        HEADS=HEADS,
         BACKWARD=backward,
-        num_warps=4,
+        num_warps=num_warps,
     )
     return qo, ko
 
