@@ -107,7 +107,45 @@ def quant_table() -> str:
     return "\n".join(out)
 
 
-SECTIONS = {"linear": linear_table, "sweep": sweep_table, "quant": quant_table}
+def precision_table() -> str:
+    rope = _load("rope_h100.json")
+    ops = _load("precision_ops_h100.json")
+    out = [
+        f"RoPE, B=2, S=4096, 32/8 heads, head_dim 128, BF16, rope_theta=500000. {_env_line(rope['env'])}.",
+        "",
+        "| provider | fwd ms | fwd+bwd ms | fwd+bwd vs HF | outputs correctly rounded |",
+        "|---|---|---|---|---|",
+    ]
+    for r in (r for r in rope["rows"] if r["op"] == "rope"):
+        out.append(
+            f"| {r['provider']} | {r['fwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} | {r['fwd_bwd_speedup_vs_hf']:.2f}x | "
+            f"{r['frac_correctly_rounded']:.4f} |"
+        )
+    out += [
+        "",
+        f"Loss, B=2, S=4096, hidden 4096, vocab 128256, BF16 operands, fwd+bwd. {_env_line(ops['env'])}.",
+        "",
+        "| provider | ms | vs HF | peak memory GB | vs HF | loss |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in (r for r in ops["rows"] if r["op"] == "loss"):
+        out.append(
+            f"| {r['provider']} | {r['fwd_bwd_ms']:.1f} | {r['time_vs_hf']:.2f}x | {r['peak_mem_gb']:.2f} | "
+            f"{r['mem_vs_hf']:.2f}x | {r['loss']:.6f} |"
+        )
+    out += [
+        "",
+        "AdamW step, the 872M parameters of 4 Llama-3-8B decoder layers.",
+        "",
+        "| optimizer | step ms | vs torch fused (BF16 params) |",
+        "|---|---|---|",
+    ]
+    for r in (r for r in ops["rows"] if r["op"] == "adamw"):
+        out.append(f"| {r['provider']} | {r['step_ms']:.2f} | {r['time_vs_torch_fused_bf16']:.2f}x |")
+    return "\n".join(out)
+
+
+SECTIONS = {"linear": linear_table, "sweep": sweep_table, "quant": quant_table, "precision": precision_table}
 
 
 def render(text: str) -> str:

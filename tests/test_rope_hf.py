@@ -163,3 +163,31 @@ def test_triton_path_matches_torch_path():
         l_triton = model(input_ids=ids, labels=ids).loss
         l_triton.backward()
     torch.testing.assert_close(l_triton, l_torch, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize(
+    "rope_parameters",
+    [
+        {
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+        {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0},
+        {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0},
+    ],
+    ids=["llama3", "linear", "dynamic"],
+)
+def test_rope_types_match_stock_fp32(rope_parameters):
+    """Llama 3 frequency scaling, linear and dynamic (which rescales inv_freq for sequences past
+    max_position_embeddings=256 here): same logits as stock HF in FP32."""
+    ref = tiny_llama(rope_parameters=rope_parameters)
+    model = copy.deepcopy(ref)
+    hf_fp8.patch_rope(model)
+    assert torch.equal(model.model.rotary_emb.inv_freq, ref.model.rotary_emb.inv_freq)
+    for S in (40, 300):  # 300 > max_position_embeddings: the dynamic type grows its frequencies
+        ids = torch.randint(0, 512, (1, S))
+        torch.testing.assert_close(model(input_ids=ids).logits, ref(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
