@@ -55,3 +55,17 @@ def bigram_batches(batch: int, seq: int, vocab: int, seed: int = 0):
             follow = torch.rand(batch, generator=g) < 0.9
             ids[:, t] = torch.where(follow, successor[ids[:, t - 1]], torch.randint(0, vocab, (batch,), generator=g))
         yield ids
+
+
+def train_losses(model, optimizer, steps: int, *, batch: int = 8, seq: int = 32, vocab: int = 512) -> list[float]:
+    """Train ``model`` on :func:`bigram_batches` for ``steps`` steps; the loss of each step."""
+    data = bigram_batches(batch, seq, vocab, seed=0)
+    losses = []
+    for _ in range(steps):
+        ids = next(data)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from llama_fixtures import bigram_batches, tiny_llama
+from llama_fixtures import tiny_llama, train_losses
 
 import hf_fp8
 
@@ -15,17 +15,7 @@ STEPS = 40
 
 
 def _train(model, steps=STEPS, lr=3e-3):
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    data = bigram_batches(8, 64, 512)
-    losses = []
-    for _ in range(steps):
-        ids = next(data)
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    return losses
+    return train_losses(model, torch.optim.AdamW(model.parameters(), lr=lr), steps, seq=64)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import warnings
 import conftest
 import pytest
 import torch
-from llama_fixtures import bigram_batches, tiny_llama
+from llama_fixtures import tiny_llama, train_losses
 
 import hf_fp8
 from hf_fp8.optim import AdamW, stochastic_round
@@ -160,17 +160,7 @@ def test_triton_kernel_matches_torch_path():
 
 
 def _train(model, make_opt, steps=200):
-    opt = make_opt(model.parameters())
-    data = bigram_batches(8, 32, 512, seed=0)
-    losses = []
-    for _ in range(steps):
-        ids = next(data)
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    return torch.tensor(losses)
+    return torch.tensor(train_losses(model, make_opt(model.parameters()), steps))
 
 
 def test_bf16_training_tracks_fp32_much_closer_than_torch_adamw():
