@@ -24,8 +24,25 @@ from hf_fp8.report import ConversionReport, ModuleDecision
 
 __version__ = "0.1.0"
 
+# Trainer integration imports transformers: loaded on first use, so `import hf_fp8` stays light.
+_LAZY = {"Trainer", "TrainingArguments", "Fp8Callback", "Fp8TrainerMixin", "Fp8ArgumentsMixin"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        from hf_fp8.integrations import trainer
+
+        return getattr(trainer, name)
+    raise AttributeError(f"module 'hf_fp8' has no attribute {name!r}")
+
+
 __all__ = [
     "AmaxComputeAlgo",
+    "Fp8ArgumentsMixin",
+    "Fp8Callback",
+    "Fp8TrainerMixin",
+    "Trainer",
+    "TrainingArguments",
     "ConversionReport",
     "Fp8Config",
     "Fp8Format",

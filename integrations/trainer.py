@@ -1,0 +1,226 @@
+"""The Trainer flag: ``TrainingArguments`` fields, a Trainer (and mixin), and a callback.
+
+``--fp8 rowwise`` (or ``--full_bf16``) on the command line reaches the model through one
+of three doors, all of which convert it inside ``Trainer.__init__``, before the optimizer is
+created and before ``accelerator.prepare``:
+
+- ``hf_fp8.Trainer`` (a ``transformers.Trainer``), or ``hf_fp8.Fp8TrainerMixin`` mixed into
+  another Trainer class (TRL's ``SFTTrainer``...), which also builds
+  :class:`hf_fp8.optim.AdamW` with FP32 states in full-BF16 mode;
+- the stock ``transformers.Trainer`` with ``callbacks=[hf_fp8.Fp8Callback()]``.
+
+If FP8 arguments reach a Trainer through none of them, ``train()`` stops (when the Trainer
+asks the arguments for its warm-up steps, before the first step) with an error saying what
+to add, instead of silently training in BF16.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import transformers
+from torch import nn
+
+from hf_fp8.config import Fp8Config, Recipe
+
+__all__ = [
+    "Fp8ArgumentsMixin",
+    "Fp8Callback",
+    "Fp8TrainerMixin",
+    "Trainer",
+    "TrainingArguments",
+    "apply_to_model",
+    "make_training_arguments_class",
+]
+
+_APPLIED = "_hf_fp8_applied"
+
+
+@dataclasses.dataclass
+class Fp8ArgumentsMixin:
+    """hf_fp8's fields for any ``TrainingArguments``-like dataclass (mix it in first)."""
+
+    fp8: str | None = dataclasses.field(
+        default=None,
+        metadata={"help": "FP8 recipe: 'tensorwise', 'rowwise' or 'delayed', or the path of an Fp8Config JSON file."},
+    )
+    full_bf16: bool = dataclasses.field(
+        default=False,
+        metadata={
+            "help": "Full-BF16 training: BF16 weights and gradients, FP32 RoPE, logits, loss and optimizer "
+            "states (hf_fp8.optim.AdamW). Excludes --fp8."
+        },
+    )
+    fp8_attention: bool = dataclasses.field(
+        default=False, metadata={"help": "FP8 dot-product attention (not available in this version)."}
+    )
+    fp8_auto_filter: bool = dataclasses.field(
+        default=True, metadata={"help": "Keep layers FP8 would slow down (and lm_head) in high precision."}
+    )
+    fp8_include: list[str] | None = dataclasses.field(
+        default=None, metadata={"help": "Only convert modules whose name matches one of these shell patterns."}
+    )
+    fp8_exclude: list[str] | None = dataclasses.field(
+        default=None, metadata={"help": "Never convert modules whose name matches one of these shell patterns."}
+    )
+
+    def __post_init__(self) -> None:
+        parent = super()
+        if hasattr(parent, "__post_init__"):
+            parent.__post_init__()
+        self._validate_fp8()
+
+    def _validate_fp8(self) -> None:
+        if self.fp8 is not None and self.full_bf16:
+            raise ValueError("--fp8 and --full_bf16 exclude each other: choose FP8 linear layers or full BF16")
+        if self.fp8_attention:
+            raise ValueError("--fp8_attention: FP8 attention is not available in this version of hf_fp8")
+        if (self.fp8 is not None or self.full_bf16) and getattr(self, "fp16", False):
+            raise ValueError(
+                "--fp16 cannot be combined with --fp8 or --full_bf16: FP16 autocast needs loss scaling and its range "
+                "is too small for these recipes; use --bf16 (with --fp8, BF16 autocast runs everything that is not "
+                "an FP8 layer) or nothing (full BF16)"
+            )
+        if self.fp8 is not None and os.environ.get("ACCELERATE_MIXED_PRECISION", "").lower() == "fp8":
+            raise ValueError(
+                "--fp8 was given while ACCELERATE_MIXED_PRECISION=fp8 selects accelerate's own FP8 backend: two FP8 "
+                "implementations would wrap the same layers. Unset ACCELERATE_MIXED_PRECISION (or set it to bf16)."
+            )
+        self.fp8_config()  # a bad recipe name or JSON path fails here, at parse time
+
+    def fp8_config(self) -> Fp8Config | None:
+        """The :class:`Fp8Config` these arguments ask for (``None``: no hf_fp8)."""
+        if self.full_bf16:
+            return Fp8Config(recipe=None)
+        if self.fp8 is None:
+            return None
+        overrides: dict[str, Any] = {"auto_filter": self.fp8_auto_filter}
+        if self.fp8_include:
+            overrides["include"] = tuple(self.fp8_include)
+        if self.fp8_exclude:
+            overrides["exclude"] = tuple(self.fp8_exclude)
+        if self.fp8.lower() in {r.value for r in Recipe}:
+            return Fp8Config(recipe=self.fp8, **overrides)
+        if os.path.isfile(self.fp8):
+            return dataclasses.replace(Fp8Config.from_json(self.fp8), **overrides)
+        raise ValueError(
+            f"--fp8: got {self.fp8!r}; expected 'tensorwise', 'rowwise', 'delayed' or the path of an Fp8Config JSON file"
+        )
+
+    def get_warmup_steps(self, num_training_steps: int) -> int:
+        # The Trainer asks this while building the scheduler, before the first step: the last
+        # moment to stop a run whose FP8 arguments were never applied to the model.
+        if self.fp8_config() is not None and not getattr(self, _APPLIED, False):
+            raise RuntimeError(
+                f"hf_fp8 arguments (fp8={self.fp8!r}, full_bf16={self.full_bf16}) reached a Trainer that did not apply "
+                "them, so training would silently run without them. Use hf_fp8.Trainer, mix hf_fp8.Fp8TrainerMixin "
+                "into your Trainer class, or pass callbacks=[hf_fp8.Fp8Callback()] to transformers.Trainer."
+            )
+        return super().get_warmup_steps(num_training_steps)
+
+
+def make_training_arguments_class(base: type) -> type:
+    """``hf_fp8``'s fields added to another arguments dataclass, e.g. TRL's ``SFTConfig``."""
+    return dataclasses.dataclass(type(f"Fp8{base.__name__}", (Fp8ArgumentsMixin, base), {}))
+
+
+def apply_to_model(model: nn.Module, config: Fp8Config, args: Any = None):
+    """Convert ``model`` for ``config`` and mark ``args`` as applied. Returns the report."""
+    from hf_fp8.convert import convert
+
+    report = convert(model, config)
+    if args is not None:
+        object.__setattr__(args, _APPLIED, True)
+    return report
+
+
+def _args_config(args: Any) -> Fp8Config | None:
+    return args.fp8_config() if isinstance(args, Fp8ArgumentsMixin) else None
+
+
+class Fp8TrainerMixin:
+    """Mix into any ``transformers.Trainer`` subclass (first in the bases) to honour hf_fp8's arguments."""
+
+    def __init__(self, model: nn.Module | None = None, args: Any = None, *pargs, **kwargs) -> None:
+        self.fp8_report = None
+        config = _args_config(args)
+        if config is not None and model is not None:
+            self.fp8_report = apply_to_model(model, config, args)
+        super().__init__(model, args, *pargs, **kwargs)
+
+    def call_model_init(self, trial=None):
+        model = super().call_model_init(trial)
+        config = _args_config(self.args)
+        if config is not None:
+            self.fp8_report = apply_to_model(model, config, self.args)
+        return model
+
+    def create_optimizer(self, *pargs, **kwargs):
+        config = _args_config(self.args)
+        if config is not None and config.full_bf16 and self.optimizer is None:
+            from hf_fp8.optim import AdamW
+
+            model = self.model
+            decay = set(self.get_decay_parameter_names(model))
+            params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+            groups = [
+                {"params": [p for n, p in params if n in decay], "weight_decay": self.args.weight_decay},
+                {"params": [p for n, p in params if n not in decay], "weight_decay": 0.0},
+            ]
+            self.optimizer = AdamW(
+                [g for g in groups if g["params"]],
+                lr=self.args.learning_rate,
+                betas=(self.args.adam_beta1, self.args.adam_beta2),
+                eps=self.args.adam_epsilon,
+                seed=self.args.seed,
+                full_bf16=True,
+            )
+            return self.optimizer
+        return super().create_optimizer(*pargs, **kwargs)
+
+
+class Fp8Callback(transformers.TrainerCallback):
+    """For the stock ``transformers.Trainer``: ``callbacks=[hf_fp8.Fp8Callback()]``.
+
+    Converts the model at the end of ``Trainer.__init__`` (before the optimizer exists and
+    before ``accelerator.prepare``) using the arguments' hf_fp8 fields, or ``config`` if given.
+    In full-BF16 mode the stock Trainer cannot build :class:`hf_fp8.optim.AdamW` itself: pass
+    ``optimizers=(hf_fp8.optim.AdamW(model.parameters(), ...), None)`` or use ``hf_fp8.Trainer``;
+    otherwise ``train()`` stops with an error.
+    """
+
+    def __init__(self, config: Fp8Config | None = None) -> None:
+        self.config = config
+        self.report = None
+
+    def on_init_end(self, args, state, control, model=None, **kwargs):
+        config = self.config or _args_config(args)
+        if config is None or model is None:
+            return control
+        self.report = apply_to_model(model, config, args)
+        return control
+
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        config = self.config or _args_config(args)
+        if config is not None and config.full_bf16:
+            from hf_fp8.optim import AdamW
+
+            inner = getattr(optimizer, "optimizer", optimizer)
+            if not isinstance(inner, AdamW):
+                raise RuntimeError(
+                    "full-BF16 training needs FP32 optimizer states: pass optimizers=(hf_fp8.optim.AdamW("
+                    "model.parameters(), lr=...), None) to transformers.Trainer, or use hf_fp8.Trainer"
+                )
+        return control
+
+
+@dataclasses.dataclass
+class TrainingArguments(Fp8ArgumentsMixin, transformers.TrainingArguments):
+    """``transformers.TrainingArguments`` plus ``--fp8``, ``--full_bf16``, ``--fp8_attention``,
+    ``--fp8_auto_filter``, ``--fp8_include`` and ``--fp8_exclude`` (see :class:`Fp8ArgumentsMixin`)."""
+
+
+class Trainer(Fp8TrainerMixin, transformers.Trainer):
+    """A drop-in ``transformers.Trainer`` that applies hf_fp8's arguments (see the module docstring)."""

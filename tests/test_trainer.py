@@ -1,0 +1,130 @@
+"""The Trainer flag: CLI parsing, hf_fp8.Trainer, the stock Trainer with Fp8Callback, and the guard
+that stops a run whose FP8 arguments were never applied."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers
+from llama_fixtures import bigram_batches, tiny_llama
+
+import hf_fp8
+from hf_fp8.optim import AdamW
+
+
+class _Data(torch.utils.data.Dataset):
+    def __init__(self, n=64, seq=32):
+        gen = bigram_batches(n, seq, 512, seed=0)
+        self.ids = next(gen)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def _args(tmp_path, **kw):
+    base = dict(output_dir=str(tmp_path), max_steps=12, per_device_train_batch_size=8, learning_rate=3e-3,
+                logging_steps=1, report_to="none", save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0)
+    base.update(kw)
+    return hf_fp8.TrainingArguments(**base)
+
+
+def _losses(trainer):
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+def test_cli_flags_parse_and_serialize(tmp_path):
+    parser = transformers.HfArgumentParser(hf_fp8.TrainingArguments)
+    (args,) = parser.parse_args_into_dataclasses(
+        ["--output_dir", str(tmp_path), "--fp8", "delayed", "--fp8_exclude", "*.k_proj", "*.v_proj",
+         "--fp8_auto_filter", "false", "--report_to", "none"]
+    )
+    cfg = args.fp8_config()
+    assert cfg.recipe is hf_fp8.Recipe.DELAYED and cfg.exclude == ("*.k_proj", "*.v_proj") and not cfg.auto_filter
+    d = json.loads(args.to_json_string())
+    assert d["fp8"] == "delayed" and d["fp8_exclude"] == ["*.k_proj", "*.v_proj"]
+    # a JSON config file works as --fp8 too
+    path = tmp_path / "fp8.json"
+    hf_fp8.Fp8Config(recipe="rowwise", amax_history_len=4).to_json(path)
+    (args,) = parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--fp8", str(path)])
+    assert args.fp8_config().recipe is hf_fp8.Recipe.ROWWISE
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(fp8="rowwise", full_bf16=True), "exclude each other"),
+        (dict(fp8="fp4"), "expected 'tensorwise', 'rowwise', 'delayed'"),
+        (dict(fp8="tensorwise", fp16=True), "--fp16 cannot be combined"),
+        (dict(fp8_attention=True), "not available"),
+    ],
+)
+def test_conflicting_arguments(tmp_path, kw, match):
+    with pytest.raises(ValueError, match=match):
+        _args(tmp_path, **kw)
+
+
+def test_accelerate_fp8_env_conflict(tmp_path, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp8")
+    with pytest.raises(ValueError, match="two FP8 implementations"):
+        _args(tmp_path, fp8="tensorwise")
+
+
+def test_hf_fp8_trainer_trains_in_fp8(tmp_path):
+    model = tiny_llama()
+    trainer = hf_fp8.Trainer(model=model, args=_args(tmp_path, fp8="tensorwise", fp8_auto_filter=False,
+                                                     fp8_exclude=["lm_head"]), train_dataset=_Data())
+    assert isinstance(model.model.layers[0].mlp.up_proj, hf_fp8.Fp8Linear)
+    assert trainer.fp8_report is not None and len(trainer.fp8_report.converted) == 14
+    trainer.train()
+    losses = _losses(trainer)
+    assert losses[-1] < losses[0] * 0.9, losses
+    assert isinstance(trainer.model.model.layers[1].self_attn.q_proj, hf_fp8.Fp8Linear)
+
+
+def test_stock_trainer_with_callback(tmp_path):
+    model = tiny_llama()
+    cb = hf_fp8.Fp8Callback()
+    trainer = transformers.Trainer(model=model, args=_args(tmp_path, fp8="rowwise", fp8_auto_filter=False),
+                                   train_dataset=_Data(), callbacks=[cb])
+    assert isinstance(model.model.layers[0].mlp.down_proj, hf_fp8.Fp8Linear)
+    trainer.train()
+    losses = _losses(trainer)
+    assert losses[-1] < losses[0] * 0.9, losses
+
+
+def test_unapplied_fp8_arguments_stop_training(tmp_path):
+    trainer = transformers.Trainer(model=tiny_llama(), args=_args(tmp_path, fp8="tensorwise"), train_dataset=_Data())
+    with pytest.raises(RuntimeError, match=r"callbacks=\[hf_fp8.Fp8Callback\(\)\]"):
+        trainer.train()
+
+
+def test_full_bf16_trainer_uses_fp32_state_adamw(tmp_path):
+    with hf_fp8.set_default_dtype(torch.bfloat16):
+        model = tiny_llama()
+    trainer = hf_fp8.Trainer(model=model, args=_args(tmp_path, full_bf16=True, max_steps=4), train_dataset=_Data())
+    trainer.train()
+    assert isinstance(trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer,
+                      AdamW)
+    opt = trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
+    assert all(s["exp_avg"].dtype == torch.float32 for s in opt.state.values())
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    # the stock Trainer + callback refuses full BF16 with its own optimizer
+    with hf_fp8.set_default_dtype(torch.bfloat16):
+        model2 = tiny_llama()
+    stock = transformers.Trainer(model=model2, args=_args(tmp_path, full_bf16=True, max_steps=2),
+                                 train_dataset=_Data(), callbacks=[hf_fp8.Fp8Callback()])
+    with pytest.raises(RuntimeError, match="FP32 optimizer states"):
+        stock.train()
+
+
+def test_mixin_for_other_argument_classes():
+    from hf_fp8.integrations.trainer import make_training_arguments_class
+
+    Args = make_training_arguments_class(transformers.Seq2SeqTrainingArguments)
+    a = Args(output_dir="/tmp/x", fp8="rowwise", report_to="none")
+    assert a.fp8_config().recipe is hf_fp8.Recipe.ROWWISE and hasattr(a, "predict_with_generate")
