@@ -154,6 +154,7 @@ def convert(
         new = Fp8Linear.from_linear(module, config)
         new.fp8_name = name
         _set_submodule(model, name, new)
+    _hide_fp8_state_from_save_pretrained(model)
     report = ConversionReport(
         decisions, config.short_str(), rope=_maybe_patch_rope(model, config), loss=_maybe_patch_loss(model, config)
     )
@@ -161,6 +162,19 @@ def convert(
         report.notes.append("full-BF16: train with hf_fp8.optim.AdamW(..., full_bf16=True) for FP32 optimizer states")
     logger.info("hf_fp8.convert: %d of %d linear layers converted", len(report.converted), len(decisions))
     return report
+
+
+def _hide_fp8_state_from_save_pretrained(model: nn.Module) -> None:
+    """``save_pretrained`` of a converted HF model writes a stock checkpoint: its delayed-scaling
+    buffers (training state, not weights) are listed in the instance's ``_keys_to_ignore_on_save``.
+    Trainer checkpoints keep them in a file of their own (:mod:`hf_fp8.state`)."""
+    if not hasattr(model, "save_pretrained"):
+        return
+    fp8_keys = [k for k in model.state_dict() if k.endswith((".fp8_amax_history", ".fp8_scale"))]
+    if not fp8_keys:
+        return
+    base = list(type(model)._keys_to_ignore_on_save or []) if hasattr(type(model), "_keys_to_ignore_on_save") else []
+    model._keys_to_ignore_on_save = base + fp8_keys
 
 
 def _check_full_bf16_dtypes(model: nn.Module) -> None:
@@ -215,6 +229,7 @@ def revert(model: nn.Module) -> int:
 
     unpatch_rope(model)
     unpatch_loss(model)
+    model.__dict__.pop("_keys_to_ignore_on_save", None)
     swaps = [(name, m) for name, m in model.named_modules() if isinstance(m, Fp8Linear) and name]
     for name, module in swaps:
         _set_submodule(model, name, module.to_linear())

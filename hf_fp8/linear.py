@@ -211,8 +211,17 @@ class Fp8Linear(nn.Linear):
             self._fp8_delayed.scale = self.fp8_scale
         return out
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        # A stock nn.Linear checkpoint has no FP8 state: loading it into a converted model is
+        # fine, the layer measures its own amaxes from the first step.
+        for name in ("fp8_amax_history", "fp8_scale"):
+            if prefix + name in missing_keys:
+                missing_keys.remove(prefix + name)
         if self._fp8_delayed is not None and prefix + "fp8_amax_history" in state_dict:
             # A loaded history seeds the scales; an all-zero column still needs a first measurement.
             seeded = (self.fp8_amax_history != 0).any(dim=0).tolist()

@@ -157,6 +157,22 @@ class Fp8TrainerMixin:
             self.fp8_report = apply_to_model(model, config, self.args)
         return model
 
+    def _save_checkpoint(self, model, trial, *pargs, **kwargs):
+        super()._save_checkpoint(model, trial, *pargs, **kwargs)
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        from hf_fp8.state import save_fp8_state
+
+        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        if self.args.should_save and os.path.isdir(folder):
+            save_fp8_state(self.accelerator.unwrap_model(self.model), folder)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        from hf_fp8.state import load_fp8_state
+
+        load_fp8_state(model if model is not None else self.model, resume_from_checkpoint)
+
     def create_optimizer(self, *pargs, **kwargs):
         config = _args_config(self.args)
         if config is not None and config.full_bf16 and self.optimizer is None:
@@ -202,7 +218,23 @@ class Fp8Callback(transformers.TrainerCallback):
         self.report = apply_to_model(model, config, args)
         return control
 
-    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+    def on_save(self, args, state, control, model=None, **kwargs):
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        from hf_fp8.state import save_fp8_state
+
+        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        if model is not None and args.should_save and os.path.isdir(folder):
+            save_fp8_state(model, folder)
+        return control
+
+    def on_train_begin(self, args, state, control, optimizer=None, model=None, **kwargs):
+        if state.global_step > 0 and model is not None:  # resumed: restore the FP8 state saved with the checkpoint
+            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+            from hf_fp8.state import load_fp8_state
+
+            load_fp8_state(model, os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"))
         config = self.config or _args_config(args)
         if config is not None and config.full_bf16:
             from hf_fp8.optim import AdamW

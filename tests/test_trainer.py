@@ -27,8 +27,18 @@ class _Data(torch.utils.data.Dataset):
 
 
 def _args(tmp_path, **kw):
-    base = dict(output_dir=str(tmp_path), max_steps=12, per_device_train_batch_size=8, learning_rate=3e-3,
-                logging_steps=1, report_to="none", save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0)
+    base = dict(
+        output_dir=str(tmp_path),
+        max_steps=12,
+        per_device_train_batch_size=8,
+        learning_rate=3e-3,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+    )
     base.update(kw)
     return hf_fp8.TrainingArguments(**base)
 
@@ -40,8 +50,19 @@ def _losses(trainer):
 def test_cli_flags_parse_and_serialize(tmp_path):
     parser = transformers.HfArgumentParser(hf_fp8.TrainingArguments)
     (args,) = parser.parse_args_into_dataclasses(
-        ["--output_dir", str(tmp_path), "--fp8", "delayed", "--fp8_exclude", "*.k_proj", "*.v_proj",
-         "--fp8_auto_filter", "false", "--report_to", "none"]
+        [
+            "--output_dir",
+            str(tmp_path),
+            "--fp8",
+            "delayed",
+            "--fp8_exclude",
+            "*.k_proj",
+            "*.v_proj",
+            "--fp8_auto_filter",
+            "false",
+            "--report_to",
+            "none",
+        ]
     )
     cfg = args.fp8_config()
     assert cfg.recipe is hf_fp8.Recipe.DELAYED and cfg.exclude == ("*.k_proj", "*.v_proj") and not cfg.auto_filter
@@ -76,8 +97,11 @@ def test_accelerate_fp8_env_conflict(tmp_path, monkeypatch):
 
 def test_hf_fp8_trainer_trains_in_fp8(tmp_path):
     model = tiny_llama()
-    trainer = hf_fp8.Trainer(model=model, args=_args(tmp_path, fp8="tensorwise", fp8_auto_filter=False,
-                                                     fp8_exclude=["lm_head"]), train_dataset=_Data())
+    trainer = hf_fp8.Trainer(
+        model=model,
+        args=_args(tmp_path, fp8="tensorwise", fp8_auto_filter=False, fp8_exclude=["lm_head"]),
+        train_dataset=_Data(),
+    )
     assert isinstance(model.model.layers[0].mlp.up_proj, hf_fp8.Fp8Linear)
     assert trainer.fp8_report is not None and len(trainer.fp8_report.converted) == 14
     trainer.train()
@@ -89,8 +113,9 @@ def test_hf_fp8_trainer_trains_in_fp8(tmp_path):
 def test_stock_trainer_with_callback(tmp_path):
     model = tiny_llama()
     cb = hf_fp8.Fp8Callback()
-    trainer = transformers.Trainer(model=model, args=_args(tmp_path, fp8="rowwise", fp8_auto_filter=False),
-                                   train_dataset=_Data(), callbacks=[cb])
+    trainer = transformers.Trainer(
+        model=model, args=_args(tmp_path, fp8="rowwise", fp8_auto_filter=False), train_dataset=_Data(), callbacks=[cb]
+    )
     assert isinstance(model.model.layers[0].mlp.down_proj, hf_fp8.Fp8Linear)
     trainer.train()
     losses = _losses(trainer)
@@ -108,16 +133,21 @@ def test_full_bf16_trainer_uses_fp32_state_adamw(tmp_path):
         model = tiny_llama()
     trainer = hf_fp8.Trainer(model=model, args=_args(tmp_path, full_bf16=True, max_steps=4), train_dataset=_Data())
     trainer.train()
-    assert isinstance(trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer,
-                      AdamW)
+    assert isinstance(
+        trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer, AdamW
+    )
     opt = trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
     assert all(s["exp_avg"].dtype == torch.float32 for s in opt.state.values())
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
     # the stock Trainer + callback refuses full BF16 with its own optimizer
     with hf_fp8.set_default_dtype(torch.bfloat16):
         model2 = tiny_llama()
-    stock = transformers.Trainer(model=model2, args=_args(tmp_path, full_bf16=True, max_steps=2),
-                                 train_dataset=_Data(), callbacks=[hf_fp8.Fp8Callback()])
+    stock = transformers.Trainer(
+        model=model2,
+        args=_args(tmp_path, full_bf16=True, max_steps=2),
+        train_dataset=_Data(),
+        callbacks=[hf_fp8.Fp8Callback()],
+    )
     with pytest.raises(RuntimeError, match="FP32 optimizer states"):
         stock.train()
 
