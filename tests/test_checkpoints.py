@@ -67,11 +67,19 @@ class _StopAt(transformers.TrainerCallback):
         return control
 
 
-@pytest.mark.parametrize("mode", ["delayed", "full_bf16"])
+@pytest.mark.parametrize("mode", ["delayed", "full_bf16", "delayed_stock_trainer"])
 def test_resume_is_bit_exact(tmp_path, mode):
     """8 steps straight vs 4 steps, checkpoint, new Trainer resumed: steps 5-8 give identical losses.
     Exercises the delayed-scaling state file and the FP32 AdamW states with their RNG."""
-    kw = dict(fp8="delayed", fp8_auto_filter=False) if mode == "delayed" else dict(full_bf16=True)
+    kw = dict(full_bf16=True) if mode == "full_bf16" else dict(fp8="delayed", fp8_auto_filter=False)
+    stock = mode == "delayed_stock_trainer"
+
+    def trainer(model, args, callbacks=()):
+        if stock:  # transformers.Trainer + Fp8Callback saves and restores the FP8 state too
+            return transformers.Trainer(
+                model=model, args=args, train_dataset=_Data(), callbacks=[hf_fp8.Fp8Callback(), *callbacks]
+            )
+        return hf_fp8.Trainer(model=model, args=args, train_dataset=_Data(), callbacks=list(callbacks))
 
     def build(out, **extra):
         if mode == "full_bf16":
@@ -83,19 +91,19 @@ def test_resume_is_bit_exact(tmp_path, mode):
         return model, args
 
     model, args = build(tmp_path / "a")
-    straight = hf_fp8.Trainer(model=model, args=args, train_dataset=_Data())
+    straight = trainer(model, args)
     straight.train()
     losses_a = _losses(straight)
 
     model, args = build(tmp_path / "b")
-    first = hf_fp8.Trainer(model=model, args=args, train_dataset=_Data(), callbacks=[_StopAt(4)])
+    first = trainer(model, args, [_StopAt(4)])
     first.train()
     ckpt = tmp_path / "b" / "checkpoint-4"
     assert (ckpt / "model.safetensors").exists()
-    if mode == "delayed":
+    if mode != "full_bf16":
         assert (ckpt / "hf_fp8_state.safetensors").exists()
     model, args = build(tmp_path / "b")
-    second = hf_fp8.Trainer(model=model, args=args, train_dataset=_Data())
+    second = trainer(model, args)
     second.train(resume_from_checkpoint=str(ckpt))
     losses_b = _losses(second)
     assert len(losses_a) == 8 and len(losses_b) >= 4
