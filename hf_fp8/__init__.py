@@ -25,14 +25,22 @@ from hf_fp8.report import ConversionReport, ModuleDecision
 __version__ = "0.1.0"
 
 # Trainer integration imports transformers: loaded on first use, so `import hf_fp8` stays light.
-_LAZY = {"Trainer", "TrainingArguments", "Fp8Callback", "Fp8TrainerMixin", "Fp8ArgumentsMixin"}
+_LAZY = {
+    "Trainer": "trainer",
+    "TrainingArguments": "trainer",
+    "Fp8Callback": "trainer",
+    "Fp8TrainerMixin": "trainer",
+    "Fp8ArgumentsMixin": "trainer",
+    "save_fp8": "export",
+    "load_fp8": "export",
+}
 
 
 def __getattr__(name: str):
     if name in _LAZY:
-        from hf_fp8.integrations import trainer
+        import importlib
 
-        return getattr(trainer, name)
+        return getattr(importlib.import_module(f"hf_fp8.integrations.{_LAZY[name]}"), name)
     raise AttributeError(f"module 'hf_fp8' has no attribute {name!r}")
 
 
@@ -56,12 +64,14 @@ __all__ = [
     "convert",
     "fp8_gemm_supported",
     "kernel_backend",
+    "load_fp8",
     "nonfinite_modules",
     "optim",
     "patch_loss",
     "patch_rope",
     "reset_nonfinite",
     "revert",
+    "save_fp8",
     "set_default_dtype",
     "unpatch_loss",
     "unpatch_rope",
