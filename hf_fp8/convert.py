@@ -59,6 +59,8 @@ def _decide(
             return False, f"excluded by pattern {pattern!r}"
     if config.include and not any(fnmatch.fnmatchcase(name, p) for p in config.include):
         return False, "not matched by the include patterns"
+    if ".lora_" in f".{name}" or name.startswith("lora_"):
+        return False, "LoRA adapter: kept in its own precision"
     if type(module) is not nn.Linear:
         return False, f"{type(module).__name__} is an nn.Linear subclass with its own behaviour"
     if config.auto_filter:
