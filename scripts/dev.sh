@@ -2,7 +2,7 @@
 # One entry point for newcomers and CI. It creates .venv on first use (a CPU build of torch,
 # torch==2.13.0, unless the Python it finds already has torch), installs hf_fp8 with its dev
 # extras, then runs a task:
-#   bash scripts/dev.sh demo [args]   the main job: examples/quickstart.py
+#   bash scripts/dev.sh demo [args]   the main job: examples/finetune_trainer.py (FP8 fine-tuning with the HF Trainer)
 #   bash scripts/dev.sh test [args]   the CPU test suite: python -m pytest [args]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,6 +29,6 @@ if [ ! -f "$stamp" ]; then
 fi
 
 case "$task" in
-  demo) exec python examples/quickstart.py "$@" ;;
+  demo) exec python examples/finetune_trainer.py "$@" ;;
   test) exec python -m pytest "$@" ;;
 esac

@@ -2,20 +2,53 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 from pathlib import Path
+
+import pytest
+import torch
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
-def test_quickstart_runs(capsys):
+@pytest.fixture()
+def examples_path():
     sys.path.insert(0, str(EXAMPLES))
-    try:
-        import quickstart
-    finally:
-        sys.path.remove(str(EXAMPLES))
+    yield
+    sys.path.remove(str(EXAMPLES))
+
+
+def test_quickstart_runs(capsys, examples_path):
+    quickstart = importlib.import_module("quickstart")
     losses = quickstart.main(["--steps", "6", "--device", "cpu"])
     out = capsys.readouterr().out
     assert "96 of 225 linear layers converted to FP8" in out  # rowwise on Llama-3-8B shapes: the MLPs
     assert "step   loss fp8  loss fp32" in out
     assert len(losses["fp8"]) == 6 and all(v == v for v in losses["fp8"]), "no NaN"
+
+
+def test_finetune_trainer_runs_and_saves_a_stock_checkpoint(tmp_path, capsys, examples_path):
+    from transformers import AutoModelForCausalLM
+
+    out = importlib.import_module("finetune_trainer").main(
+        ["--output_dir", str(tmp_path), "--max_steps", "4", "--disable_tqdm", "true"]
+    )
+    text = capsys.readouterr().out
+    assert "converted to FP8 (row:e4m3/e4m3)" in text and f"saved a stock Hugging Face checkpoint to {tmp_path}" in text
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    assert not any("fp8" in k for k in reloaded.state_dict())
+
+
+def test_full_bf16_example(tmp_path, examples_path):
+    from transformers import AutoModelForCausalLM
+
+    out = importlib.import_module("full_bf16").main(
+        ["--output_dir", str(tmp_path), "--max_steps", "3", "--disable_tqdm", "true"]
+    )
+    assert AutoModelForCausalLM.from_pretrained(out).model.embed_tokens.weight.dtype == torch.bfloat16
+
+
+def test_lora_fp8_example(tmp_path, examples_path):
+    out = Path(importlib.import_module("lora_fp8").main(["--output_dir", str(tmp_path), "--steps", "3"]))
+    assert (out / "adapter" / "adapter_model.safetensors").exists() and (out / "merged" / "config.json").exists()
