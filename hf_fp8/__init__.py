@@ -32,6 +32,7 @@ _LAZY = {
     "Fp8TrainerMixin": "trainer",
     "Fp8ArgumentsMixin": "trainer",
     "save_fp8": "export",
+    "Accelerator": "accelerate_plugin",
     "load_fp8": "export",
 }
 
@@ -45,6 +46,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "Accelerator",
     "AmaxComputeAlgo",
     "Fp8ArgumentsMixin",
     "Fp8Callback",

@@ -1,0 +1,88 @@
+"""accelerate: hf_fp8.Accelerator, the recipe from the environment, and `accelerate launch` (1 CPU process)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from llama_fixtures import tiny_llama
+
+import hf_fp8
+from hf_fp8.integrations.accelerate_plugin import config_from_environment
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(
+    "env, expected",
+    [
+        ({}, None),
+        ({"HF_FP8_RECIPE": "delayed"}, "dly:e4m3/e5m2,h16,max"),
+        ({"HF_FP8_RECIPE": "full_bf16"}, "full-bf16"),
+        ({"ACCELERATE_MIXED_PRECISION": "fp8"}, "ten:e4m3/e5m2"),
+        (
+            {
+                "ACCELERATE_MIXED_PRECISION": "fp8",
+                "ACCELERATE_FP8_FORMAT": "HYBRID",
+                "ACCELERATE_FP8_AMAX_HISTORY_LEN": "32",
+                "ACCELERATE_FP8_AMAX_COMPUTE_ALGO": "most_recent",
+            },
+            "dly:e4m3/e5m2,h32,most_recent",
+        ),
+        ({"ACCELERATE_MIXED_PRECISION": "fp8", "ACCELERATE_FP8_FORMAT": "E4M3"}, "ten:e4m3/e4m3"),
+    ],
+)
+def test_recipe_from_environment(env, expected):
+    cfg = config_from_environment(env)
+    assert (cfg.short_str() if cfg else None) == expected
+
+
+def test_bad_recipe_env():
+    with pytest.raises(ValueError, match="HF_FP8_RECIPE"):
+        config_from_environment({"HF_FP8_RECIPE": "fp4"})
+
+
+def test_accelerator_converts_in_prepare_and_replaces_accelerate_fp8(monkeypatch):
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp8")  # accelerate's FP8 request is taken over
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    model = tiny_llama()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)  # built before conversion: still the same Parameters
+    acc = hf_fp8.Accelerator(fp8_config=hf_fp8.Fp8Config(auto_filter=False, exclude=("lm_head",)), cpu=True)
+    assert acc.mixed_precision == "bf16" and os.environ["ACCELERATE_MIXED_PRECISION"] == "bf16"
+    model, opt = acc.prepare(model, opt)
+    assert isinstance(model.model.layers[0].mlp.up_proj, hf_fp8.Fp8Linear)
+    assert acc.fp8_reports and len(acc.fp8_reports[0].converted) == 14
+    ids = torch.randint(0, 512, (2, 16))
+    acc.backward(model(input_ids=ids, labels=ids).loss)
+    opt.step()
+
+
+@pytest.mark.skipif(shutil.which("accelerate") is None, reason="the accelerate CLI is not on PATH")
+def test_accelerate_launch_one_cpu_process():
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "HF_FP8_"))}
+    env["PYTHONPATH"] = str(ROOT / "tests") + os.pathsep + env.get("PYTHONPATH", "")
+    out = subprocess.run(
+        [
+            shutil.which("accelerate"),
+            "launch",
+            "--config_file",
+            str(ROOT / "examples/accelerate/cpu.yaml"),
+            str(ROOT / "examples/finetune_accelerate.py"),
+            "--steps",
+            "8",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "28 of 29 linear layers converted to FP8 (row:e4m3/e4m3)" in out.stdout
+    m = re.search(r"loss: first ([0-9.]+), last ([0-9.]+); FP8 layers: (\d+)", out.stdout)
+    assert m and float(m.group(2)) < float(m.group(1)) and m.group(3) == "28", out.stdout[-2000:]
