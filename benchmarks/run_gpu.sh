@@ -11,7 +11,7 @@ if [ -d .whl ]; then
 fi
 # hf_fp8.kernels / hf_fp8.integrations live in kernels/ and integrations/: lay the tree out as installed
 # and run from there (the source tree's own hf_fp8/ would shadow it from the current directory).
-rm -rf /tmp/work && mkdir -p /tmp/work && cp -r hf_fp8 benchmarks tests examples pyproject.toml /tmp/work/ \
+rm -rf /tmp/work && mkdir -p /tmp/work && cp -r hf_fp8 benchmarks tests examples pyproject.toml /tmp/work/ && { [ -d scratch ] && cp -r scratch /tmp/work/ || true; } \
   && cp -r kernels /tmp/work/hf_fp8/kernels && cp -r integrations /tmp/work/hf_fp8/integrations && cd /tmp/work \
   && export PYTHONPATH="/tmp/work${PYTHONPATH:+:$PYTHONPATH}"
 python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__, torch.cuda.get_device_name())"
@@ -24,8 +24,12 @@ for s in $steps; do
     linear) python3 -m benchmarks.bench_linear --budget-s 230 2>&1 | grep -v Warning | tail -80 ;;
     sweep) python3 -m benchmarks.bench_linear --sweep --budget-s 150 2>&1 | tail -150 ;;
     profile) python3 -m benchmarks.profile_linear 2>&1 | grep -v "^-" | cut -c1-150 | tail -70 ;;
+    rope) python3 -m benchmarks.bench_precision_ops rope-final 2>&1 | grep -v Warning | tail -12 ;;
+    lora) python3 -m benchmarks.bench_lora 2>&1 | grep -v Warning | tail -12 ;;
+    export) python3 -m benchmarks.check_fp8_export 2>&1 | grep -v Warning | tail -25 ;;
     precision) python3 -m benchmarks.bench_precision_ops 2>&1 | grep -v Warning | tail -30 ;;
     demo) python3 examples/quickstart.py --steps 20 2>&1 | tail -16 ;;
+    ropeprofile) python3 -m benchmarks.profile_rope 2>&1 | grep -v Warning | cut -c1-200 | tail -60 ;;
     quantsweep) python3 -m benchmarks.bench_quant --sweep-blocks --out quant_sweep_h100.json 2>&1 | tail -40 ;;
   esac
 done

@@ -1,9 +1,11 @@
 """LoRA on an FP8 base model: the frozen base layers run in FP8, the adapters train in FP32.
 
     python examples/lora_fp8.py                         # tiny Llama + public-domain text, CPU is fine
-    python examples/lora_fp8.py --model_name_or_path meta-llama/Llama-3.1-8B --recipe tensorwise --steps 100
+    python examples/lora_fp8.py --model_name_or_path meta-llama/Llama-3.1-8B --steps 100
+    python examples/lora_fp8.py --no_fp8_weights --recipe rowwise   # keep BF16 base weights
 
-Converts the model (frozen base weights skip the weight-gradient GEMM entirely), wraps it with
+Converts the model, storing the frozen base weights in FP8 only (``Fp8Config(fp8_weights=True)``:
+half the memory of BF16 base weights; frozen layers skip the weight-gradient GEMM entirely), wraps it with
 ``peft.get_peft_model``, trains the adapters, saves them with PEFT's own ``save_pretrained``,
 then merges them and saves a stock checkpoint.
 """
@@ -26,7 +28,12 @@ from _shared import DEFAULT_TEXT, TextBlocks, load  # noqa: E402
 def main(argv: list[str] | None = None) -> str:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model_name_or_path", default=None)
-    ap.add_argument("--recipe", default="rowwise", choices=["tensorwise", "rowwise", "delayed"])
+    ap.add_argument("--recipe", default="tensorwise", choices=["tensorwise", "rowwise", "delayed"])
+    ap.add_argument(
+        "--no_fp8_weights",
+        action="store_true",
+        help="keep the base weights in their own dtype (needed for --recipe rowwise)",
+    )
     ap.add_argument("--text_file", default=str(DEFAULT_TEXT))
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--seq_len", type=int, default=64)
@@ -43,7 +50,9 @@ def main(argv: list[str] | None = None) -> str:
     model.to(device)
     embedded = args.model_name_or_path is None
     # the embedded model is too small for FP8 to pay off: convert all its layers anyway, to show the path
-    cfg = hf_fp8.Fp8Config(recipe=args.recipe, auto_filter=not embedded, exclude=("lm_head",))
+    cfg = hf_fp8.Fp8Config(
+        recipe=args.recipe, auto_filter=not embedded, exclude=("lm_head",), fp8_weights=not args.no_fp8_weights
+    )
     model.requires_grad_(False)
     print(hf_fp8.convert(model, cfg))
     peft_model = get_peft_model(

@@ -143,6 +143,13 @@ class Fp8Config:
             For supported HF causal LMs (Llama), compute logits and loss in FP32 with the
             chunked linear + cross-entropy, never materializing full logits in training
             (:func:`hf_fp8.patch_loss`).
+        fp8_weights (`bool`, *optional*, defaults to `False`):
+            Store the converted layers' weights in FP8 only (E4M3, one per-tensor scale), frozen,
+            with no high-precision copy: half the memory of BF16 base weights, for LoRA and other
+            adapter fine-tuning where the base does not train. ``save_pretrained`` still writes
+            the dequantized weights in their original dtype. Needs a per-tensor recipe
+            (``"tensorwise"`` or ``"delayed"``): the input-gradient GEMM reads the weight scaled
+            along the other axis, which per-row scales cannot give without a high-precision copy.
 
     Example:
         ```python
@@ -168,6 +175,7 @@ class Fp8Config:
     nonfinite: NonFinitePolicy | str = NonFinitePolicy.RECORD
     fp32_rope: bool = True
     fp32_loss: bool = True
+    fp8_weights: bool = False
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen: set once, here)
@@ -193,9 +201,17 @@ class Fp8Config:
             raise ValueError(f"Fp8Config.amax_history_len: got {self.amax_history_len}; expected an int >= 1")
         if self.margin < 0:
             raise ValueError(f"Fp8Config.margin: got {self.margin}; expected an int >= 0")
-        for name in ("use_fast_accum", "auto_filter", "fp32_rope", "fp32_loss"):
+        for name in ("use_fast_accum", "auto_filter", "fp32_rope", "fp32_loss", "fp8_weights"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"Fp8Config.{name}: got {getattr(self, name)!r}; expected True or False")
+        if self.fp8_weights and self.recipe is None:
+            raise ValueError("Fp8Config.fp8_weights: full-BF16 mode (recipe=None) has no FP8 layers to store in FP8")
+        if self.fp8_weights and self.recipe is Recipe.ROWWISE:
+            raise ValueError(
+                "Fp8Config.fp8_weights: needs recipe 'tensorwise' or 'delayed'. With 'rowwise', the input-gradient "
+                "GEMM needs the weight scaled per column as well as per row, which an FP8-only weight cannot give "
+                "without requantizing (a second rounding)."
+            )
         for name in ("include", "exclude"):
             value = getattr(self, name)
             if isinstance(value, str):
@@ -226,6 +242,8 @@ class Fp8Config:
                 s += f",m{self.margin}"
         if self.use_fast_accum:
             s += ",fast_accum"
+        if self.fp8_weights:
+            s += ",fp8_weights"
         return s
 
     # ---- serialization ------------------------------------------------------------------

@@ -155,7 +155,13 @@ def convert(
     for name, module in swaps:
         new = Fp8Linear.from_linear(module, config)
         new.fp8_name = name
+        if config.fp8_weights:
+            new.store_weight_in_fp8()  # frees this layer's high-precision weight before the next one
         _set_submodule(model, name, new)
+    if config.fp8_weights and swaps:
+        from hf_fp8.integrations.lora import enable_peft_fp8_weights
+
+        enable_peft_fp8_weights()
     _hide_fp8_state_from_save_pretrained(model)
     report = ConversionReport(
         decisions, config.short_str(), rope=_maybe_patch_rope(model, config), loss=_maybe_patch_loss(model, config)

@@ -8,6 +8,10 @@ optimizers, PEFT and ``isinstance`` checks keep working; only ``forward`` change
 What is saved for backward is FP8 (Xᵀ and Wᵀ, one byte per element) instead of the
 BF16 input, and nothing is quantized that no gradient needs: a frozen weight skips Xᵀ and
 the weight-gradient GEMM; an input that needs no gradient skips Wᵀ and the input-gradient GEMM.
+
+With ``Fp8Config(fp8_weights=True)`` a frozen layer keeps its weight in FP8 only (see
+:meth:`Fp8Linear.store_weight_in_fp8`): the forward GEMM reads it as is, and the
+input-gradient GEMM reads its transpose, so no weight is quantized during training.
 """
 
 from __future__ import annotations
@@ -20,7 +24,13 @@ from hf_fp8.config import Fp8Config, NonFinitePolicy, Recipe
 from hf_fp8.gemm import scaled_mm
 from hf_fp8.scaling import DelayedScalingState, QuantizedOperand, Role, quantize_operand
 
-__all__ = ["Fp8Linear", "NonFiniteError"]
+__all__ = ["Fp8Linear", "NonFiniteError", "is_fp8_dtype"]
+
+_FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def is_fp8_dtype(dtype: torch.dtype) -> bool:
+    return dtype in _FP8_DTYPES
 
 
 class NonFiniteError(FloatingPointError):
@@ -71,16 +81,22 @@ class _Fp8LinearFunction(torch.autograd.Function):
             x2d, Role.INPUT, cfg, want_rows=True, want_t=need_dw, nonfinite_flag=module.fp8_nonfinite, delayed=delayed
         )
         _check_nonfinite(module, Role.INPUT, qx)
-        qw = quantize_operand(
-            weight,
-            Role.WEIGHT,
-            cfg,
-            want_rows=True,
-            want_t=need_dx,
-            nonfinite_flag=module.fp8_nonfinite,
-            delayed=delayed,
-        )
-        _check_nonfinite(module, Role.WEIGHT, qw)
+        if is_fp8_dtype(weight.dtype):
+            # FP8-only weight (fp8_weights=True): already quantized with one per-tensor scale.
+            # N is a multiple of 16, so its transpose needs no padding to be the GEMM's b.
+            scale_inv = module.fp8_weight_scale_inv
+            qw = QuantizedOperand(weight, scale_inv, weight.t().contiguous() if need_dx else None, scale_inv, ())
+        else:
+            qw = quantize_operand(
+                weight,
+                Role.WEIGHT,
+                cfg,
+                want_rows=True,
+                want_t=need_dx,
+                nonfinite_flag=module.fp8_nonfinite,
+                delayed=delayed,
+            )
+            _check_nonfinite(module, Role.WEIGHT, qw)
 
         out = scaled_mm(
             qx.rows,
@@ -198,10 +214,18 @@ class Fp8Linear(nn.Linear):
             self._fp8_delayed = DelayedScalingState(self.fp8_amax_history, self.fp8_scale)
 
     def _apply(self, fn, recurse=True):
+        # detach(): a new tensor on the same storage, which Module._apply's in-place
+        # ``param.data = fn(param)`` does not touch
+        fp8_weight = self.weight.detach() if self.has_fp8_weight else None
         out = super()._apply(fn, recurse)
+        if fp8_weight is not None and self.weight.dtype != fp8_weight.dtype:
+            # model.to(bfloat16) / .half() would turn FP8 codes into numbers without their scale:
+            # keep the codes (moved to the new device) and take the new dtype as the compute dtype.
+            self.compute_dtype = self.weight.dtype
+            self.weight = nn.Parameter(fp8_weight.to(self.weight.device), requires_grad=False)
         # Scales and amax histories stay FP32 whatever model.to(bfloat16) / .half() does: a BF16
         # scale would change the quantization, and a BF16 amax history loses its precision.
-        for name in ("fp8_amax_history", "fp8_scale"):
+        for name in ("fp8_amax_history", "fp8_scale", "fp8_weight_scale_inv"):
             buf = getattr(self, name, None)
             if buf is not None and buf.dtype != torch.float32:
                 setattr(self, name, buf.float())
@@ -214,9 +238,24 @@ class Fp8Linear(nn.Linear):
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):
+        weight_key = prefix + "weight"
+        incoming = state_dict.get(weight_key)
+        fp8_load = self.has_fp8_weight and isinstance(incoming, torch.Tensor) and not is_fp8_dtype(incoming.dtype)
+        if fp8_load:  # a high-precision checkpoint into an FP8-only weight: quantize it here
+            state_dict = {k: v for k, v in state_dict.items() if k != weight_key}
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+        if fp8_load:
+            if tuple(incoming.shape) != tuple(self.weight.shape):
+                error_msgs.append(
+                    f"size mismatch for {weight_key}: copying a param with shape {tuple(incoming.shape)}, "
+                    f"the shape in current model is {tuple(self.weight.shape)}."
+                )
+            else:
+                self._load_fp8_weight_from(incoming)
+            if weight_key in missing_keys:
+                missing_keys.remove(weight_key)
         # A stock nn.Linear checkpoint has no FP8 state: loading it into a converted model is
         # fine, the layer measures its own amaxes from the first step.
         for name in ("fp8_amax_history", "fp8_scale"):
@@ -226,6 +265,65 @@ class Fp8Linear(nn.Linear):
             # A loaded history seeds the scales; an all-zero column still needs a first measurement.
             seeded = (self.fp8_amax_history != 0).any(dim=0).tolist()
             self._fp8_delayed.seeded = [bool(s) for s in seeded]
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.has_fp8_weight:
+            # A stock checkpoint: the weight dequantized to the dtype it had before conversion.
+            destination[prefix + "weight"] = self.dense_weight()
+
+    # ---- FP8-only weights (Fp8Config(fp8_weights=True)) ----------------------------------------
+    @property
+    def has_fp8_weight(self) -> bool:
+        """Whether ``weight`` holds FP8 codes only (scaled by ``fp8_weight_scale_inv``), frozen."""
+        return is_fp8_dtype(self.weight.dtype)
+
+    @torch.no_grad()
+    def store_weight_in_fp8(self) -> None:
+        """Replace the weight by its FP8 (E4M3) codes and one FP32 scale, frozen; idempotent.
+
+        Halves (BF16) or quarters (FP32) the weight's memory. The FP8 codes are exactly what
+        the tensorwise recipe would compute from the weight at every step, so a frozen layer's
+        numerics do not change. The new ``weight`` is a new ``Parameter`` with
+        ``requires_grad=False``: build the optimizer afterwards (frozen weights have no place
+        in it anyway). ``compute_dtype`` keeps the original dtype: it is what
+        :meth:`dense_weight`, ``state_dict()`` and PEFT's adapters use.
+        """
+        if self.has_fp8_weight:
+            return
+        if self.fp8_config.recipe is Recipe.ROWWISE:
+            raise ValueError(f"{self.fp8_name or 'Fp8Linear'}: FP8-only weights need a per-tensor recipe, not rowwise")
+        from hf_fp8 import quantize as Q
+
+        w = self.weight
+        q = Q.quantize_tensorwise(
+            w.detach(), torch.float8_e4m3fn, write_y=True, write_t=False, nonfinite_flag=self.fp8_nonfinite[1:2]
+        )
+        self.compute_dtype = w.dtype
+        self.register_buffer("fp8_weight_scale_inv", q.scale_inv.float().reshape(()).clone(), persistent=False)
+        self.weight = nn.Parameter(q.data, requires_grad=False)
+
+    def dense_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The weight in high precision (``dtype``, default the original one): dequantized FP8
+        codes for FP8-only weights, else the weight itself (detached)."""
+        if not self.has_fp8_weight:
+            w = self.weight.detach()
+            return w if dtype is None else w.to(dtype)
+        dense = self.weight.to(torch.float32) * self.fp8_weight_scale_inv
+        return dense.to(dtype or self.compute_dtype)
+
+    @torch.no_grad()
+    def _load_fp8_weight_from(self, weight: torch.Tensor) -> None:
+        weight = weight.to(self.weight.device)
+        if torch.equal(weight, self.dense_weight(weight.dtype)):
+            return  # what state_dict() wrote from these very codes: keep them bit for bit
+        from hf_fp8 import quantize as Q
+
+        q = Q.quantize_tensorwise(
+            weight, torch.float8_e4m3fn, write_y=True, write_t=False, nonfinite_flag=self.fp8_nonfinite[1:2]
+        )
+        self.weight.copy_(q.data)
+        self.fp8_weight_scale_inv.copy_(q.scale_inv.reshape(()))
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, config: Fp8Config | None = None) -> Fp8Linear:
@@ -242,10 +340,11 @@ class Fp8Linear(nn.Linear):
         return new
 
     def to_linear(self) -> nn.Linear:
-        """A plain ``nn.Linear`` holding this module's ``weight`` and ``bias`` Parameters (no copy)."""
+        """A plain ``nn.Linear`` holding this module's ``weight`` and ``bias`` Parameters (no copy;
+        an FP8-only weight comes back dequantized to its original dtype, still frozen)."""
         with torch.device("meta"):
             linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
-        linear.weight = self.weight
+        linear.weight = nn.Parameter(self.dense_weight(), requires_grad=False) if self.has_fp8_weight else self.weight
         linear.bias = self.bias
         linear.train(self.training)
         _copy_hooks(self, linear)
@@ -268,7 +367,8 @@ class Fp8Linear(nn.Linear):
             return _Fp8LinearFunction.apply(x, self.weight, self.bias, self, out_dtype, torch.is_grad_enabled())
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, fp8={self.fp8_config.short_str()}"
+        fp8_weight = ", weight=fp8(frozen)" if self.has_fp8_weight else ""
+        return f"{super().extra_repr()}, fp8={self.fp8_config.short_str()}{fp8_weight}"
 
 
 def _copy_hooks(src: nn.Module, dst: nn.Module) -> None:

@@ -71,10 +71,10 @@ def save_fp8(model: nn.Module, directory: str | os.PathLike, *, keep: tuple[str,
         state.pop("lm_head.weight", None)  # the loader re-ties it
     quantized: list[str] = []
     not_converted = list(keep)
-    for name, lin in _linear_weights(model).items():
+    for name in _linear_weights(model):
         if any(name == k or name.endswith("." + k) for k in keep) or f"{name}.weight" not in state:
             continue
-        q, s = quantize_blockwise(lin.weight.detach())
+        q, s = quantize_blockwise(state[f"{name}.weight"])  # dequantized already for FP8-only weights
         state[f"{name}.weight"] = q
         state[f"{name}.weight_scale_inv"] = s
         quantized.append(name)

@@ -142,6 +142,27 @@ def test_fp8_linear_frozen_weight_autocast_and_leading_dims():
     assert x.grad.dtype == torch.float32 and m.weight.grad is None
 
 
+def test_fp8_only_weights_real_equal_quantize_every_step_and_emulation():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(512, 1024, bias=True, device="cuda", dtype=torch.bfloat16).requires_grad_(False)
+    dyn = hf_fp8.Fp8Linear.from_linear(lin, hf_fp8.Fp8Config())
+    lin2 = torch.nn.Linear(512, 1024, bias=True, device="cuda", dtype=torch.bfloat16).requires_grad_(False)
+    lin2.load_state_dict(lin.state_dict())
+    stored = hf_fp8.Fp8Linear.from_linear(lin2, hf_fp8.Fp8Config(fp8_weights=True))
+    stored.store_weight_in_fp8()
+    x = torch.randn(64, 512, device="cuda", dtype=torch.bfloat16)
+    outs = []
+    for m in (dyn, stored, copy.deepcopy(stored).cpu()):  # the CPU copy runs the FP32 emulation
+        xi = x.clone().to(m.weight.device).requires_grad_()
+        y = m(xi)
+        y.float().square().sum().backward()
+        outs.append((y.cpu(), xi.grad.cpu()))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    # real _scaled_mm vs FP32 emulation: BF16 outputs within BF16 rounding
+    for a, b in zip(outs[1], outs[2]):
+        assert rel_err(a, b) < 8e-3
+
+
 def test_rope_kernel_correctly_rounded_on_gpu():
     from hf_fp8.kernels.rope import rope_bwd, rope_fwd
 

@@ -73,6 +73,10 @@ def test_cli_flags_parse_and_serialize(tmp_path):
     hf_fp8.Fp8Config(recipe="rowwise", amax_history_len=4).to_json(path)
     (args,) = parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--fp8", str(path)])
     assert args.fp8_config().recipe is hf_fp8.Recipe.ROWWISE
+    (args,) = parser.parse_args_into_dataclasses(
+        ["--output_dir", str(tmp_path), "--fp8", "tensorwise", "--fp8_weights"]
+    )
+    assert args.fp8_config().fp8_weights
 
 
 @pytest.mark.parametrize(
@@ -82,6 +86,8 @@ def test_cli_flags_parse_and_serialize(tmp_path):
         (dict(fp8="fp4"), "expected 'tensorwise', 'rowwise', 'delayed'"),
         (dict(fp8="tensorwise", fp16=True), "--fp16 cannot be combined"),
         (dict(fp8_attention=True), "not available"),
+        (dict(fp8_weights=True), "--fp8_weights needs --fp8"),
+        (dict(fp8="rowwise", fp8_weights=True), "scaled per column"),
     ],
 )
 def test_conflicting_arguments(tmp_path, kw, match):
