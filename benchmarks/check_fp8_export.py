@@ -10,6 +10,12 @@ model's near-flat logits would let any rounding flip a greedy token). Then
 quantizer: FP8 weights, 128x128 block scales, dynamically quantized activations) and
 ``hf_fp8.load_fp8(dir)`` (weights dequantized to BF16, stock linear layers) each generate
 greedily from the same prompts.
+
+transformers 5.x runs its FP8 matmul with a Triton kernel it downloads from the HF Hub
+(``kernels-community/finegrained-fp8`` through the ``kernels`` package); where that cannot be
+had (an offline machine), the quantized model still loads, its FP8 weights and scales are
+compared with the file bit for bit, and the generation comparison uses transformers' own
+dequantizing load (``FineGrainedFP8Config(dequantize=True)``) instead, with the reason recorded.
 """
 
 from __future__ import annotations
@@ -55,24 +61,53 @@ def main() -> None:
     print(f"trained: loss {loss.item():.3f}", flush=True)
     prompts = next(bigram_batches(8, 8, V, seed=1)).cuda()
     out = {"train_loss": loss.item()}
-    with tempfile.TemporaryDirectory() as d:
+    kw = dict(max_new_tokens=24, do_sample=False, pad_token_id=0)
+    with tempfile.TemporaryDirectory() as d, torch.no_grad():
         hf_fp8.save_fp8(model, d)
-        quant = AutoModelForCausalLM.from_pretrained(d, device_map="cuda")
+        from safetensors.torch import load_file
+        from transformers import FineGrainedFP8Config
+
+        saved = load_file(f"{d}/model.safetensors")
+        quant = AutoModelForCausalLM.from_pretrained(d, device_map="cuda").eval()
         fp8_modules = sorted(
-            {type(m).__module__ + "." + type(m).__name__ for m in quant.modules() if "fp8" in type(m).__name__.lower()}
+            {f"{type(m).__module__}.{type(m).__name__}" for m in quant.modules() if "fp8" in type(m).__name__.lower()}
+        )
+        same_bits = all(
+            torch.equal(
+                t.cpu().view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t.cpu(),
+                saved[k].view(torch.uint8) if saved[k].dtype == torch.float8_e4m3fn else saved[k],
+            )
+            for k, t in quant.state_dict().items()
+            if k in saved and ("weight" in k)
         )
         w = quant.model.layers[0].mlp.up_proj.weight
-        out.update(transformers_fp8_modules=fp8_modules, quantized_weight_dtype=str(w.dtype))
-        print("transformers loaded:", fp8_modules, w.dtype, flush=True)
+        out.update(
+            transformers_fp8_modules=fp8_modules,
+            quantized_weight_dtype=str(w.dtype),
+            weights_and_scales_bit_equal_to_file=same_bits,
+        )
+        print("transformers loaded:", fp8_modules, w.dtype, "bit-equal to file:", same_bits, flush=True)
         deq, _ = hf_fp8.load_fp8(d, None, device="cuda")
         deq.eval()
-        quant.eval()
-        kw = dict(max_new_tokens=24, do_sample=False, pad_token_id=0)
-        with torch.no_grad():
+        b = deq.generate(prompts, **kw)
+        lb = deq(input_ids=prompts).logits.float()
+        try:
             a = quant.generate(prompts, **kw)
-            b = deq.generate(prompts, **kw)
             la = quant(input_ids=prompts).logits.float()
-            lb = deq(input_ids=prompts).logits.float()
+            out["transformers_path"] = "FP8 matmul (transformers' finegrained-fp8 kernel)"
+        except ImportError as e:
+            out["fp8_matmul_unavailable"] = str(e)[:300]
+            deq_t = AutoModelForCausalLM.from_pretrained(
+                d, device_map="cuda", quantization_config=FineGrainedFP8Config(dequantize=True)
+            ).eval()
+            a = deq_t.generate(prompts, **kw)
+            la = deq_t(input_ids=prompts).logits.float()
+            out["transformers_path"] = "FineGrainedFP8Config(dequantize=True): transformers' own dequantization"
+            out["max_weight_diff_vs_hf_fp8_dequant"] = max(
+                (deq_t.get_submodule(n).weight.float() - m.weight.float()).abs().max().item()
+                for n, m in deq.named_modules()
+                if isinstance(m, torch.nn.Linear)
+            )
     same = (a == b).all(dim=1)
     out.update(
         prompts=prompts.shape[0],
