@@ -147,7 +147,35 @@ def precision_table() -> str:
     return "\n".join(out)
 
 
-SECTIONS = {"linear": linear_table, "sweep": sweep_table, "quant": quant_table, "precision": precision_table}
+def lora_table() -> str:
+    data = _load("lora_h100.json")
+    rows = [r for r in data["rows"] if "error" not in r]
+    r0 = rows[0]
+    out = [
+        f"LoRA r=16 on q/k/v/o/gate/up/down (FP32 adapters), {r0['layers']}-layer Llama with Llama-3-8B shapes, "
+        f"B={r0['batch']}, S={r0['seq']}, BF16 model, tensorwise recipe with the default filter. "
+        f"{_env_line(data['env'])}.",
+        "",
+        "| variant | LoRA-targeted base weights GB | vs stock | all frozen params GB | vs stock | peak GB | vs stock "
+        "| step ms | speedup | loss |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        out.append(
+            f"| {r['variant']} | {r['targeted_base_weight_gb']:.2f} | {r['targeted_base_weight_vs_stock']:.2f}x | "
+            f"{r['frozen_param_gb']:.2f} | {r['frozen_param_vs_stock']:.2f}x | {r['peak_mem_gb']:.1f} | "
+            f"{r['peak_mem_vs_stock']:.2f}x | {r['step_ms']:.1f} | {r['speedup_vs_stock']:.2f}x | {r['loss']:.4f} |"
+        )
+    return "\n".join(out)
+
+
+SECTIONS = {
+    "linear": linear_table,
+    "sweep": sweep_table,
+    "quant": quant_table,
+    "precision": precision_table,
+    "lora": lora_table,
+}
 
 
 def render(text: str) -> str:
