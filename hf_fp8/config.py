@@ -176,6 +176,7 @@ class Fp8Config:
     fp32_rope: bool = True
     fp32_loss: bool = True
     fp8_weights: bool = False
+    fp8_attention: bool = False
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen: set once, here)
@@ -201,9 +202,13 @@ class Fp8Config:
             raise ValueError(f"Fp8Config.amax_history_len: got {self.amax_history_len}; expected an int >= 1")
         if self.margin < 0:
             raise ValueError(f"Fp8Config.margin: got {self.margin}; expected an int >= 0")
-        for name in ("use_fast_accum", "auto_filter", "fp32_rope", "fp32_loss", "fp8_weights"):
+        for name in ("use_fast_accum", "auto_filter", "fp32_rope", "fp32_loss", "fp8_weights", "fp8_attention"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"Fp8Config.{name}: got {getattr(self, name)!r}; expected True or False")
+        if self.fp8_attention and self.recipe is None:
+            raise ValueError(
+                "Fp8Config.fp8_attention: full-BF16 mode (recipe=None) means no FP8; use a recipe with FP8 attention"
+            )
         if self.fp8_weights and self.recipe is None:
             raise ValueError("Fp8Config.fp8_weights: full-BF16 mode (recipe=None) has no FP8 layers to store in FP8")
         if self.fp8_weights and self.recipe is Recipe.ROWWISE:
@@ -244,6 +249,8 @@ class Fp8Config:
             s += ",fast_accum"
         if self.fp8_weights:
             s += ",fp8_weights"
+        if self.fp8_attention:
+            s += ",fp8_attention"
         return s
 
     # ---- serialization ------------------------------------------------------------------

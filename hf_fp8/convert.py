@@ -166,6 +166,8 @@ def convert(
     report = ConversionReport(
         decisions, config.short_str(), rope=_maybe_patch_rope(model, config), loss=_maybe_patch_loss(model, config)
     )
+    if config.fp8_attention:
+        report.notes.append(f"attention: {_switch_to_fp8_attention(model)}")
     if config.full_bf16:
         report.notes.append("full-BF16: train with hf_fp8.optim.AdamW(..., full_bf16=True) for FP32 optimizer states")
     logger.info("hf_fp8.convert: %d of %d linear layers converted", len(report.converted), len(decisions))
@@ -215,6 +217,20 @@ def _maybe_patch_rope(model: nn.Module, config: Fp8Config) -> str:
     return f"FP32 rotation in {len(patch.attention_modules)} attention layers, FP32 inv_freq"
 
 
+def _switch_to_fp8_attention(model: nn.Module) -> str:
+    from hf_fp8.integrations.attention import register_attention
+
+    cfg = getattr(model, "config", None)
+    if cfg is None or not hasattr(model, "set_attn_implementation"):
+        return "unchanged (not an HF model with an attention interface)"
+    name = register_attention()
+    previous = getattr(cfg, "_attn_implementation", None)
+    if previous != name:
+        model.__dict__["_hf_fp8_previous_attn"] = previous
+        model.set_attn_implementation(name)
+    return f"FP8 (attn_implementation={name!r}, was {previous!r})"
+
+
 def _maybe_patch_loss(model: nn.Module, config: Fp8Config) -> str:
     from hf_fp8.integrations.loss import patch_loss
 
@@ -229,14 +245,17 @@ def revert(model: nn.Module) -> int:
     """Swap every :class:`Fp8Linear` back to ``nn.Linear`` (same Parameters). Returns how many.
 
     FP8 state (delayed-scaling histories) is dropped; weights are untouched, since
-    ``Fp8Linear`` keeps them in their original dtype. A RoPE patch made by :func:`convert`
-    is undone too.
+    ``Fp8Linear`` keeps them in their original dtype (FP8-only weights are dequantized). RoPE
+    and loss patches and an FP8-attention switch made by :func:`convert` are undone too.
     """
     from hf_fp8.integrations.loss import unpatch_loss
     from hf_fp8.integrations.rope import unpatch_rope
 
     unpatch_rope(model)
     unpatch_loss(model)
+    previous_attn = model.__dict__.pop("_hf_fp8_previous_attn", None)
+    if previous_attn is not None:
+        model.set_attn_implementation(previous_attn)
     model.__dict__.pop("_keys_to_ignore_on_save", None)
     swaps = [(name, m) for name, m in model.named_modules() if isinstance(m, Fp8Linear) and name]
     for name, module in swaps:

@@ -54,7 +54,8 @@ class Fp8ArgumentsMixin:
         },
     )
     fp8_attention: bool = dataclasses.field(
-        default=False, metadata={"help": "FP8 dot-product attention (not available in this version)."}
+        default=False,
+        metadata={"help": "FP8 dot-product attention (attn_implementation='hf_fp8'; BF16 backward). Needs --fp8."},
     )
     fp8_auto_filter: bool = dataclasses.field(
         default=True, metadata={"help": "Keep layers FP8 would slow down (and lm_head) in high precision."}
@@ -84,8 +85,8 @@ class Fp8ArgumentsMixin:
             raise ValueError("--fp8 and --full_bf16 exclude each other: choose FP8 linear layers or full BF16")
         if self.fp8_weights and self.fp8 is None:
             raise ValueError("--fp8_weights needs --fp8 (tensorwise or delayed): it stores FP8 layers' weights in FP8")
-        if self.fp8_attention:
-            raise ValueError("--fp8_attention: FP8 attention is not available in this version of hf_fp8")
+        if self.fp8_attention and self.fp8 is None:
+            raise ValueError("--fp8_attention needs --fp8 (a recipe for the linear layers)")
         if (self.fp8 is not None or self.full_bf16) and getattr(self, "fp16", False):
             raise ValueError(
                 "--fp16 cannot be combined with --fp8 or --full_bf16: FP16 autocast needs loss scaling and its range "
@@ -112,6 +113,8 @@ class Fp8ArgumentsMixin:
             overrides["exclude"] = tuple(self.fp8_exclude)
         if self.fp8_weights:
             overrides["fp8_weights"] = True
+        if self.fp8_attention:
+            overrides["fp8_attention"] = True
         if self.fp8.lower() in {r.value for r in Recipe}:
             return Fp8Config(recipe=self.fp8, **overrides)
         if os.path.isfile(self.fp8):

@@ -1,0 +1,173 @@
+"""``attn_implementation="hf_fp8"``: FP8 dot-product attention behind transformers' AttentionInterface.
+
+Forward: Q, K, V in E4M3 with per-(batch, head) scales and P.V in FP8
+(:mod:`hf_fp8.kernels.attention`) on FP8-capable GPUs; the same numerics emulated in torch
+elsewhere (``attention_reference``). Backward: BF16, by PyTorch's FlashAttention backward on
+the original (unquantized) Q, K, V with our output and log-sum-exp, i.e. the gradient of
+exact attention evaluated through our forward's statistics; where that op is unavailable, by
+recomputing BF16 SDPA. Cases the kernel does not take (an explicit mask: padding or packed
+sequences; dropout; head_dim outside 64/128; a query shorter than the keys, i.e. KV-cache
+decoding; sliding windows or attention sinks) run HF's own SDPA attention instead, with a
+one-time warning naming the reason.
+
+Register once per process with :func:`register_attention` (``hf_fp8.convert`` does it when
+``Fp8Config(fp8_attention=True)``), then ``from_pretrained(..., attn_implementation="hf_fp8")``
+or ``model.set_attn_implementation("hf_fp8")``. The mask function registered beside it is
+SDPA's, which returns no mask for plain causal attention.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+
+__all__ = ["ATTN_IMPLEMENTATION", "register_attention", "fp8_attention", "fp8_attention_forward", "fallback_reasons"]
+
+ATTN_IMPLEMENTATION = "hf_fp8"
+_warned: set[str] = set()
+_backward_path: dict[str, str] = {}  # which backward ran last (benchmarks record it)
+
+
+def fallback_reasons() -> set[str]:
+    """Reasons for which this process has fallen back to SDPA so far (each warned once)."""
+    return set(_warned)
+
+
+def _use_kernel(q: torch.Tensor) -> bool:
+    from hf_fp8._backend import _override, _triton_available, fp8_gemm_supported
+
+    if _override == "triton":
+        return True
+    if _override == "torch":
+        return False
+    return fp8_gemm_supported(q.device) and _triton_available()
+
+
+def _flash_backward(dout, q, k, v, out, lse, causal, scale):
+    """PyTorch's FlashAttention-2 backward with our output and log-sum-exp; k/v expanded for GQA."""
+    groups = q.shape[1] // k.shape[1]
+    ke = k.repeat_interleave(groups, dim=1) if groups > 1 else k
+    ve = v.repeat_interleave(groups, dim=1) if groups > 1 else v
+    empty = torch.empty(0, dtype=torch.int64, device=q.device)
+    dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
+        dout, q, ke, ve, out, lse, None, None, q.shape[2], k.shape[2], 0.0, causal, empty, empty, scale=scale
+    )
+    if groups > 1:
+        B, Hk, S, D = k.shape
+        dk = dk.view(B, Hk, groups, S, D).sum(2)
+        dv = dv.view(B, Hk, groups, S, D).sum(2)
+    return dq, dk, dv
+
+
+def _recompute_backward(dout, q, k, v, causal, scale):
+    with torch.enable_grad():
+        qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
+        o = torch.nn.functional.scaled_dot_product_attention(
+            qq, kk, vv, is_causal=causal, scale=scale, enable_gqa=kk.shape[1] != qq.shape[1]
+        )
+        return torch.autograd.grad(o, (qq, kk, vv), dout)
+
+
+class _Fp8AttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, causal: bool, scale: float):
+        from hf_fp8.kernels.attention import fp8_attention_fwd
+
+        out, lse = fp8_attention_fwd(q, k, v, causal=causal, scale=scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.causal, ctx.scale = causal, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        dout_bhsd = dout.transpose(1, 2)
+        dq = dk = dv = None
+        if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
+            try:
+                dq, dk, dv = _flash_backward(dout_bhsd, q, k, v, out.transpose(1, 2), lse, ctx.causal, ctx.scale)
+                _backward_path["last"] = "flash"
+            except (RuntimeError, TypeError) as e:
+                _backward_path["flash_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+        if dq is None:
+            dq, dk, dv = _recompute_backward(dout_bhsd, q, k, v, ctx.causal, ctx.scale)
+            _backward_path["last"] = "recompute"
+        return dq, dk, dv, None, None
+
+
+def fp8_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True, scale: float | None = None
+) -> torch.Tensor:
+    """FP8 attention of q (B, H, S, D), k/v (B, Hk, S, D) -> (B, S, H, D), differentiable.
+
+    Triton kernel on FP8-capable GPUs, the torch emulation elsewhere.
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if _use_kernel(q):
+        return _Fp8AttentionFunction.apply(q, k, v, causal, scale)
+    from hf_fp8.kernels.attention_reference import fp8_attention_reference
+
+    return fp8_attention_reference(q, k, v, causal=causal, scale=scale)
+
+
+def _unsupported(module, query, key, attention_mask, dropout, kwargs) -> str | None:
+    from hf_fp8.kernels.attention import SUPPORTED_HEAD_DIMS
+
+    if attention_mask is not None:
+        return "an explicit attention mask (padding, packed sequences or a custom mask)"
+    if dropout and getattr(module, "training", True):
+        return f"attention dropout {dropout} > 0"
+    if query.shape[-1] not in SUPPORTED_HEAD_DIMS:
+        return f"head_dim {query.shape[-1]} (supported: {SUPPORTED_HEAD_DIMS})"
+    if query.shape[2] != key.shape[2]:
+        return "query and key lengths differ (KV-cache decoding)"
+    if kwargs.get("sliding_window") is not None:
+        return "sliding-window attention"
+    if kwargs.get("s_aux") is not None:
+        return "attention sinks"
+    if query.shape[1] % key.shape[1]:
+        return "query heads not a multiple of key/value heads"
+    return None
+
+
+def fp8_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """HF attention-interface function: q/k/v (B, H|Hk, S, D) -> ((B, S, H, D), None)."""
+    reason = _unsupported(module, query, key, attention_mask, dropout, kwargs)
+    if reason is not None:
+        if reason not in _warned:
+            _warned.add(reason)
+            warnings.warn(
+                f"hf_fp8 FP8 attention: falling back to BF16 SDPA for {reason} (warned once per reason)",
+                UserWarning,
+                stacklevel=2,
+            )
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+        )
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    return fp8_attention(query, key, value, causal=causal, scale=scaling), None
+
+
+def register_attention() -> str:
+    """Register ``"hf_fp8"`` with transformers' AttentionInterface (and SDPA's mask function under
+    the same name); idempotent. Returns the name to pass as ``attn_implementation``."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, fp8_attention_forward)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
+    return ATTN_IMPLEMENTATION

@@ -1,0 +1,77 @@
+"""Torch reference (and CPU path) of :mod:`hf_fp8.kernels.attention`'s FP8 attention numerics.
+
+Same quantization as the kernel: Q, K, V scaled per (batch, head) so that each head's amax
+maps to E4M3's 448, cast to E4M3 (round to nearest even, saturating); softmax statistics in
+FP32; P scaled by ``P_SCALE`` (P <= 1 maps to <= 448), cast to E4M3, multiplied with V's codes.
+The one difference from the kernel: the kernel rounds P against the running row maximum of
+its online softmax (FlashAttention), this reference against the final row maximum; both are
+the same where a row's maximum is in its first key block and differ by one E4M3 rounding
+of some P values otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["P_SCALE", "E4M3_MAX", "head_scales", "quantize_heads_reference", "fp8_attention_reference"]
+
+E4M3_MAX = 448.0
+P_SCALE = 448.0  # P in [0, 1] -> [0, 448]: E4M3's full range, 2^-4 relative precision down to 2^-6 / 448
+
+
+def head_scales(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-(batch, head) scale and its inverse for x (B, H, S, D): 448 / amax, guarded like the
+    linear layers' scales (zero, inf or NaN amax gives scale 1)."""
+    amax = x.detach().abs().amax(dim=(2, 3)).float()
+    ok = (amax > 0) & torch.isfinite(amax)
+    scale = torch.where(ok, E4M3_MAX / torch.where(ok, amax, torch.ones_like(amax)), torch.ones_like(amax))
+    return scale, 1.0 / scale
+
+
+def quantize_heads_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, H, S, D) -> (E4M3 codes (B, H, S, D), FP32 scale_inv (B, H))."""
+    scale, scale_inv = head_scales(x)
+    y = (x.float() * scale[:, :, None, None]).clamp(-E4M3_MAX, E4M3_MAX)
+    return y.to(torch.float8_e4m3fn), scale_inv
+
+
+def _ste(x: torch.Tensor, quantized_value: torch.Tensor) -> torch.Tensor:
+    """Forward: the quantized value; backward: identity (straight-through), like the GPU path,
+    whose backward differentiates the unquantized attention."""
+    return x + (quantized_value - x).detach()
+
+
+def fp8_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = True,
+    scale: float | None = None,
+    compute_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """FP8 attention of q (B, H, S, D), k/v (B, Hk, S, D) (GQA when Hk < H); returns (B, S, H, D)
+    in q's dtype. Differentiable (straight-through quantization); ``compute_dtype=float64`` gives
+    the exact value of the quantized function."""
+    B, H, S, D = q.shape
+    Hk = k.shape[1]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    deq = []
+    for t in (q, k, v):
+        codes, scale_inv = quantize_heads_reference(t)
+        deq.append(_ste(t.to(compute_dtype), codes.to(compute_dtype) * scale_inv[:, :, None, None].to(compute_dtype)))
+    qd, kd, vd = deq
+    if Hk != H:
+        kd = kd.repeat_interleave(H // Hk, dim=1)
+        vd = vd.repeat_interleave(H // Hk, dim=1)
+    s = (qd @ kd.transpose(-1, -2)) * scale
+    if causal:
+        s = s.masked_fill(torch.ones(S, S, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    m = s.amax(dim=-1, keepdim=True)
+    p = torch.exp(s - m)
+    l = p.sum(dim=-1, keepdim=True)  # noqa: E741  (FP32 sum of the unquantized P, as in the kernel)
+    p8 = (p.float() * P_SCALE).to(torch.float8_e4m3fn).to(compute_dtype) / P_SCALE  # P is FP32 in the kernel
+    out = (_ste(p, p8) @ vd) / l
+    return out.transpose(1, 2).to(q.dtype)
