@@ -169,7 +169,27 @@ def lora_table() -> str:
     return "\n".join(out)
 
 
+def attention_table() -> str:
+    data = _load("attention_h100.json")
+    rows = [r for r in data["rows"] if r.get("kind") == "attention" and "error" not in r]
+    out = [
+        "Attention, B=2, 32 query / 8 KV heads, head_dim 128, causal, BF16 inputs; our kernel's tiles "
+        f"{tuple(data['tuning'])} (BLOCK_M, BLOCK_N, warps, stages) from a sweep in the same run. "
+        f"{_env_line(data['env'])}.",
+        "",
+        "| S | provider | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s | error vs float64 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        out.append(
+            f"| {r['S']} | {r['provider']} | {r['fwd_ms']:.3f} | {r['fwd_tflops']:.0f} | {r['fwd_bwd_ms']:.3f} | "
+            f"{r['fwd_bwd_tflops']:.0f} | {r['rel_err_vs_fp64']:.4f} |"
+        )
+    return "\n".join(out)
+
+
 SECTIONS = {
+    "attention": attention_table,
     "linear": linear_table,
     "sweep": sweep_table,
     "quant": quant_table,
