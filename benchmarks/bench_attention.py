@@ -32,22 +32,69 @@ def main() -> None:
         v = torch.randn(B, S, Hk, D, device="cuda", generator=g).to(torch.bfloat16).transpose(1, 2)
         return q, k, v
 
-    # launch-shape sweep at S=4096 (forward)
+    # launch-shape sweep at S=4096 (forward), both kernels (TMA loads or pointer loads)
     q, k, v = make(4096)
     best = None
-    for cfg in [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (64, 64, 4, 4), (64, 32, 4, 3), (64, 64, 8, 3), (128, 128, 8, 2)]:
-        K.TUNING["gpu"] = cfg
-        try:
-            ms = bench_ms(lambda: A.fp8_attention(q, k, v, causal=True))["ms"]
-        except Exception as e:  # noqa: BLE001  a config that fails to compile is a result too
-            print(f"sweep {cfg}: {type(e).__name__}: {str(e)[:120]}", flush=True)
-            continue
-        rows.append(dict(kind="sweep", config=list(cfg), S=4096, fwd_ms=ms))
-        print(f"sweep {cfg}: fwd {ms:.3f} ms", flush=True)
-        if best is None or ms < best[1]:
-            best = (cfg, ms)
-    K.TUNING["gpu"] = best[0]
+    for use_tma in (True, False):
+        for cfg in [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (64, 64, 4, 4), (128, 128, 8, 2), (64, 32, 4, 3)]:
+            K.TUNING["gpu"], K.USE_TMA = cfg, use_tma
+            try:
+                ms = bench_ms(lambda: A.fp8_attention(q, k, v, causal=True))["ms"]
+                kernel_ms = bench_ms(lambda: A.fp8_attention(q, k, v, causal=True), cudagraph=True)["ms"]
+            except Exception as e:  # noqa: BLE001  a config that fails to compile is a result too
+                print(f"sweep tma={use_tma} {cfg}: {type(e).__name__}: {str(e)[:120]}", flush=True)
+                continue
+            rows.append(
+                dict(kind="sweep", config=list(cfg), tma=use_tma, S=4096, fwd_ms=ms, fwd_ms_cudagraph=kernel_ms)
+            )
+            print(f"sweep tma={use_tma} {cfg}: fwd {ms:.3f} ms (CUDA graph {kernel_ms:.3f})", flush=True)
+            if best is None or ms < best[1]:
+                best = ((cfg, use_tma), ms)
+    (K.TUNING["gpu"], K.USE_TMA), _ = best
     print(f"using {best[0]}", flush=True)
+    # the pieces of our forward at S=4096: quantization alone
+    qt = bench_ms(lambda: (K.quantize_heads(q), K.quantize_heads(k), K.quantize_heads(v, transpose=True)))["ms"]
+    rows.append(dict(kind="quantize_qkv", S=4096, ms=qt))
+    print(f"quantize q, k, v: {qt:.3f} ms", flush=True)
+
+    # backward kernels: time and gradient error of each against float64 (first 2 heads of batch 0)
+    for order in (("cudnn",), ("flash",)):
+        A.BACKWARD_ORDER = order
+        A._backward_path.clear()
+        qs, ks, vs = (t[:1, :8].detach() for t in (q, k, v))
+        qs, ks, vs = (
+            qs.contiguous().requires_grad_(),
+            ks[:, :2].contiguous().requires_grad_(),
+            vs[:, :2].contiguous().requires_grad_(),
+        )
+        do = torch.randn(1, 4096, 8, D, device="cuda", dtype=torch.bfloat16)
+        A.fp8_attention(qs, ks, vs, causal=True).backward(do)
+        qe, ke, ve = (t.detach().double().requires_grad_() for t in (qs, ks, vs))
+        torch.nn.functional.scaled_dot_product_attention(
+            qe, ke.repeat_interleave(4, 1), ve.repeat_interleave(4, 1), is_causal=True
+        ).transpose(1, 2).backward(do.double())
+        errs = {
+            n: ((g.double() - r).norm() / r.norm()).item()
+            for n, g, r in (("dq", qs.grad, qe.grad), ("dk", ks.grad, ke.grad), ("dv", vs.grad, ve.grad))
+        }
+
+        def fb():
+            qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
+            A.fp8_attention(qq, kk, vv, causal=True).backward(
+                torch.ones(B, 4096, H, D, device="cuda", dtype=torch.bfloat16)
+            )
+
+        row = dict(
+            kind="backward",
+            order=list(order),
+            path=dict(A._backward_path),
+            grad_rel_err=errs,
+            fwd_bwd_ms=bench_ms(fb)["ms"],
+        )
+        rows.append(row)
+        print(row, flush=True)
+    A.BACKWARD_ORDER = ("cudnn", "flash")
+    A._backward_path.clear()
 
     def sdpa(backend):
         def fn(q, k, v):
@@ -56,7 +103,11 @@ def main() -> None:
 
         return fn
 
+    def sdpa_default(q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
     providers = {
+        "sdpa_default_bf16": sdpa_default,
         "sdpa_flash_bf16": sdpa(SDPBackend.FLASH_ATTENTION),
         "sdpa_cudnn_bf16": sdpa(SDPBackend.CUDNN_ATTENTION),
         "hf_fp8": lambda q, k, v: A.fp8_attention(q, k, v, causal=True).transpose(1, 2),
@@ -95,13 +146,15 @@ def main() -> None:
     for S in (2048, 4096, 8192):
         got = {r["provider"]: r for r in rows if r.get("kind") == "attention" and r["S"] == S and "error" not in r}
         ours = got.get("hf_fp8")
-        for base in ("sdpa_flash_bf16", "sdpa_cudnn_bf16"):
+        for base in ("sdpa_default_bf16", "sdpa_flash_bf16", "sdpa_cudnn_bf16"):
             if ours and base in got:
                 ours[f"fwd_speedup_vs_{base}"] = got[base]["fwd_ms"] / ours["fwd_ms"]
                 ours[f"fwd_bwd_speedup_vs_{base}"] = got[base]["fwd_bwd_ms"] / ours["fwd_bwd_ms"]
         if ours:
             print(f"S={S}: " + ", ".join(f"{k} {v:.2f}" for k, v in ours.items() if "speedup" in k), flush=True)
-    write_json("attention_h100.json", {"env": environment(), "tuning": list(best[0]), "rows": rows})
+    write_json(
+        "attention_h100.json", {"env": environment(), "tuning": list(best[0][0]), "tma": best[0][1], "rows": rows}
+    )
 
 
 if __name__ == "__main__":

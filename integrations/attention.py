@@ -2,10 +2,10 @@
 
 Forward: Q, K, V in E4M3 with per-(batch, head) scales and P.V in FP8
 (:mod:`hf_fp8.kernels.attention`) on FP8-capable GPUs; the same numerics emulated in torch
-elsewhere (``attention_reference``). Backward: BF16, by PyTorch's FlashAttention backward on
-the original (unquantized) Q, K, V with our output and log-sum-exp, i.e. the gradient of
-exact attention evaluated through our forward's statistics; where that op is unavailable, by
-recomputing BF16 SDPA. Cases the kernel does not take (an explicit mask: padding or packed
+elsewhere (``attention_reference``). Backward: BF16, by PyTorch's cuDNN (else FlashAttention-2)
+attention backward on the original (unquantized) Q, K, V with our output and log-sum-exp,
+i.e. the gradient of exact attention evaluated through our forward's statistics; where neither
+op runs, by recomputing BF16 SDPA. Cases the kernel does not take (an explicit mask: padding or packed
 sequences; dropout; head_dim outside 64/128; a query shorter than the keys, i.e. KV-cache
 decoding; sliding windows or attention sinks) run HF's own SDPA attention instead, with a
 one-time warning naming the reason.
@@ -27,7 +27,9 @@ __all__ = ["ATTN_IMPLEMENTATION", "register_attention", "fp8_attention", "fp8_at
 
 ATTN_IMPLEMENTATION = "hf_fp8"
 _warned: set[str] = set()
-_backward_path: dict[str, str] = {}  # which backward ran last (benchmarks record it)
+_backward_path: dict[str, str] = {}  # which backward ran last, and why others failed (benchmarks record it)
+# Backward kernels tried in order on CUDA; the first that runs is used. Benchmarks may reorder.
+BACKWARD_ORDER: tuple[str, ...] = ("cudnn", "flash")
 
 
 def fallback_reasons() -> set[str]:
@@ -45,15 +47,22 @@ def _use_kernel(q: torch.Tensor) -> bool:
     return fp8_gemm_supported(q.device) and _triton_available()
 
 
-def _flash_backward(dout, q, k, v, out, lse, causal, scale):
-    """PyTorch's FlashAttention-2 backward with our output and log-sum-exp; k/v expanded for GQA."""
+def _bf16_backward(kind, dout, q, k, v, out, lse, causal, scale):
+    """PyTorch's cuDNN or FlashAttention-2 backward fed our output and log-sum-exp (both take the
+    natural-log LSE of the scaled scores); K/V expanded for GQA, their gradients summed back."""
     groups = q.shape[1] // k.shape[1]
     ke = k.repeat_interleave(groups, dim=1) if groups > 1 else k
     ve = v.repeat_interleave(groups, dim=1) if groups > 1 else v
     empty = torch.empty(0, dtype=torch.int64, device=q.device)
-    dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
-        dout, q, ke, ve, out, lse, None, None, q.shape[2], k.shape[2], 0.0, causal, empty, empty, scale=scale
-    )
+    S_q, S_k = q.shape[2], k.shape[2]
+    if kind == "cudnn":
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+            dout, q, ke, ve, out, lse.unsqueeze(-1), empty, empty, None, None, None, S_q, S_k, 0.0, causal, scale=scale
+        )
+    else:
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
+            dout, q, ke, ve, out, lse, None, None, S_q, S_k, 0.0, causal, empty, empty, scale=scale
+        )
     if groups > 1:
         B, Hk, S, D = k.shape
         dk = dk.view(B, Hk, groups, S, D).sum(2)
@@ -86,11 +95,17 @@ class _Fp8AttentionFunction(torch.autograd.Function):
         dout_bhsd = dout.transpose(1, 2)
         dq = dk = dv = None
         if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
-            try:
-                dq, dk, dv = _flash_backward(dout_bhsd, q, k, v, out.transpose(1, 2), lse, ctx.causal, ctx.scale)
-                _backward_path["last"] = "flash"
-            except (RuntimeError, TypeError) as e:
-                _backward_path["flash_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+            for kind in BACKWARD_ORDER:
+                if f"{kind}_error" in _backward_path:
+                    continue  # failed once in this process: do not pay for the failure every step
+                try:
+                    dq, dk, dv = _bf16_backward(
+                        kind, dout_bhsd, q, k, v, out.transpose(1, 2), lse, ctx.causal, ctx.scale
+                    )
+                    _backward_path["last"] = kind
+                    break
+                except (RuntimeError, TypeError) as e:
+                    _backward_path[f"{kind}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
         if dq is None:
             dq, dk, dv = _recompute_backward(dout_bhsd, q, k, v, ctx.causal, ctx.scale)
             _backward_path["last"] = "recompute"

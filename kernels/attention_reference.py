@@ -26,8 +26,11 @@ def head_scales(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     linear layers' scales (zero, inf or NaN amax gives scale 1)."""
     amax = x.detach().abs().amax(dim=(2, 3)).float()
     ok = (amax > 0) & torch.isfinite(amax)
-    scale = torch.where(ok, E4M3_MAX / torch.where(ok, amax, torch.ones_like(amax)), torch.ones_like(amax))
-    return scale, 1.0 / scale
+    # tensor / tensor divisions: ``448.0 / amax`` would be torch's reciprocal times 448, rounded
+    # twice; the kernel divides once with IEEE rounding (div_rn)
+    safe = torch.where(ok, amax, torch.ones_like(amax))
+    scale = torch.where(ok, torch.full_like(amax, E4M3_MAX) / safe, torch.ones_like(amax))
+    return scale, torch.ones_like(scale) / scale
 
 
 def quantize_heads_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
