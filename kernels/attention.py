@@ -1,15 +1,23 @@
-"""FP8 flash attention forward (Triton): Q, K, V in E4M3 with per-(batch, head) scales, P.V in
-FP8, softmax statistics in FP32.
+"""FP8 flash attention forward (Triton): Q, K, V in E4M3, P.V in FP8, softmax statistics in FP32.
+
+Scales. Q and K get one scale per row (token and head): they factor out of Q Kᵀ as a row and
+a column multiplier, need no pass over the whole head first, and follow outlier tokens more
+closely than one scale per head. V gets one scale per (batch, head), since its scale must
+factor out of the sum over tokens in P V; that needs an amax pass over each head first.
+
+Passes. Q is read once, in the attention kernel itself, which casts each query tile to E4M3
+with its row scales (Q, the largest operand under GQA, is never written back in FP8). K is
+cast in one pass (row scales need no prior amax). V takes an amax pass and a cast pass that
+writes it transposed, (B, Hk, D, S), so that both operands of P.V are K-major (Hopper's FP8
+MMA reads only K-major operands). K and Vᵀ tiles are read by bulk tensor copies (TMA) where
+the shapes allow, by pointer loads otherwise (same arithmetic, same results).
 
 Layouts. Inputs are HF's q (B, H, S, D), k and v (B, Hk, S, D), any strides with unit stride
-along D (``q_proj(x).view(B, S, H, D).transpose(1, 2)`` needs no copy). One cast kernel per
-operand scales and converts to E4M3 and writes the layout the FP8 tensor cores want: Q and K
-row-major (B, H, S, D), V transposed (B, Hk, D, S) so that both operands of P.V are K-major
-(Hopper's FP8 MMA reads only K-major operands). The output is written as (B, S, H, D), the
-layout HF's attention interface returns, in the input dtype; the log-sum-exp (natural log,
-FP32, (B, H, S)) is kept for the backward.
+along D (``q_proj(x).view(B, S, H, D).transpose(1, 2)`` needs no copy). The output is written
+as (B, S, H, D), the layout HF's attention interface returns, in the input dtype; the
+log-sum-exp (natural log, FP32, (B, H, S)) is kept for the backward.
 
-Numerics: S = (Q8 K8ᵀ) * sq * sk * softmax_scale in FP32; online softmax (FlashAttention-2)
+Numerics: S = (Q8 K8ᵀ) * sq_i * sk_j * softmax_scale in FP32; online softmax (FlashAttention-2)
 in base 2; P in [0, 1] is scaled by ``P_SCALE`` = 448 and cast to E4M3; O = Σ P8 V8 in FP32,
 divided by the FP32 row sum and rescaled once at the end. See ``attention_reference`` for the
 torch version of the same function.
@@ -32,7 +40,14 @@ import triton.language as tl
 
 from .attention_reference import E4M3_MAX, P_SCALE, fp8_attention_reference
 
-__all__ = ["quantize_heads", "fp8_attention_fwd", "fp8_attention_reference", "TUNING", "SUPPORTED_HEAD_DIMS"]
+__all__ = [
+    "quantize_heads",
+    "quantize_rows",
+    "fp8_attention_fwd",
+    "fp8_attention_reference",
+    "TUNING",
+    "SUPPORTED_HEAD_DIMS",
+]
 
 SUPPORTED_HEAD_DIMS = (64, 128)
 _LN2 = math.log(2.0)
@@ -41,6 +56,37 @@ _LN2 = math.log(2.0)
 # Hopper's bulk tensor copies for Q, K, Vᵀ (when S % 16 == 0); benchmarks compare both kernels.
 USE_TMA = True
 TUNING: dict[str, tuple[int, int, int, int]] = {"gpu": (64, 64, 4, 3)}  # best of a sweep on the H100 (bench_attention)
+
+
+@triton.jit
+def _row_scales(x, FP8_MAX: tl.constexpr):
+    """(R, D) FP32 tile -> (scale (R,), scale_inv (R,)): 448 / row amax, guarded (zero, inf or
+    NaN amax gives 1), correctly rounded divisions like the torch reference."""
+    a = tl.abs(x)
+    amax = tl.max(tl.where(a != a, float("inf"), a), 1)
+    ok = (amax > 0) & (amax < float("inf"))
+    scale = tl.where(ok, tl.math.div_rn(tl.full(amax.shape, FP8_MAX, tl.float32), tl.where(ok, amax, 1.0)), 1.0)
+    return scale, tl.math.div_rn(tl.full(amax.shape, 1.0, tl.float32), scale)
+
+
+@triton.jit
+def _cast_rows_kernel(
+    x_ptr, y_ptr, scale_inv_ptr, S, H, sx_b, sx_h, sx_s,
+    D: tl.constexpr, BLOCK_S: tl.constexpr, FP8_MAX: tl.constexpr,
+):  # fmt: skip
+    # one program: BLOCK_S rows of one (batch, head) -> contiguous (B, H, S, D) E4M3 + (B, H, S) scale_inv
+    pid_s = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+    d = tl.arange(0, D)
+    mask = s < S
+    x = tl.load(x_ptr + b * sx_b + h * sx_h + s[:, None] * sx_s + d[None, :], mask=mask[:, None], other=0.0)
+    scale, scale_inv = _row_scales(x.to(tl.float32), FP8_MAX)
+    y = tl.clamp(x.to(tl.float32) * scale[:, None], -FP8_MAX, FP8_MAX)
+    tl.store(y_ptr + bh * S * D + s[:, None] * D + d[None, :], y.to(tl.float8e4nv), mask=mask[:, None])
+    tl.store(scale_inv_ptr + bh * S + s, scale_inv, mask=mask)
 
 
 @triton.jit
@@ -85,16 +131,21 @@ def _cast_heads_kernel(
 
 
 @triton.jit
-def _attn_block(
-    acc, m_i, l_i, q, k_base, v_base, offs_m, lo, hi, S, sk_s, qk_scale,
+def _attn_inner(
+    acc, m_i, l_i, q8, q_row_scale, k_ptr, vt_ptr, k_sinv_ptr, desc_k, desc_v, bhk, offs_m, lo, hi, S,
     D: tl.constexpr, BLOCK_N: tl.constexpr, MASK_DIAGONAL: tl.constexpr, P_SCALE_C: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):  # fmt: skip
     d = tl.arange(0, D)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
         in_range = cols < S
-        k = tl.load(k_base + cols[:, None] * sk_s + d[None, :], mask=in_range[:, None], other=0.0)
-        qk = tl.dot(q, tl.trans(k)) * qk_scale  # log2 units
+        if USE_TMA:
+            k = desc_k.load([bhk.to(tl.int32), start_n, 0]).reshape(BLOCK_N, D)  # rows past S come back as zeros
+        else:
+            k = tl.load(k_ptr + bhk * S * D + cols[:, None] * D + d[None, :], mask=in_range[:, None], other=0.0)
+        k_sinv = tl.load(k_sinv_ptr + bhk * S + cols, mask=in_range, other=0.0)
+        qk = tl.dot(q8, tl.trans(k)) * q_row_scale[:, None] * k_sinv[None, :]  # log2 units
         keep = in_range[None, :]
         if MASK_DIAGONAL:
             keep = keep & (offs_m[:, None] >= cols[None, :])
@@ -103,7 +154,10 @@ def _attn_block(
         alpha = tl.math.exp2(m_i - m_new)
         p = tl.math.exp2(qk - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + d[None, :] * S + cols[:, None], mask=in_range[:, None], other=0.0)  # (BLOCK_N, D)
+        if USE_TMA:
+            v = tl.trans(desc_v.load([bhk.to(tl.int32), 0, start_n]).reshape(D, BLOCK_N))  # a (D, BLOCK_N) tile of Vᵀ
+        else:
+            v = tl.load(vt_ptr + bhk * D * S + d[None, :] * S + cols[:, None], mask=in_range[:, None], other=0.0)
         acc = tl.dot((p * P_SCALE_C).to(tl.float8e4nv), v, acc * alpha[:, None])
         m_i = m_new
     return acc, m_i, l_i
@@ -111,42 +165,42 @@ def _attn_block(
 
 @triton.jit
 def _attn_fwd_kernel(
-    q_ptr, k_ptr, vt_ptr, o_ptr, lse_ptr, q_sinv_ptr, k_sinv_ptr, v_sinv_ptr,
-    softmax_scale_log2, S, H, HK,
-    sk_s, so_b, so_s, so_h,
+    q_ptr, k_ptr, vt_ptr, desc_k, desc_v, o_ptr, lse_ptr, k_sinv_ptr, v_sinv_ptr,
+    softmax_scale_log2, S, H, HK, sq_b, sq_h, sq_s, so_b, so_s, so_h,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-    P_SCALE_C: tl.constexpr, LN2: tl.constexpr,
+    P_SCALE_C: tl.constexpr, LN2: tl.constexpr, FP8_MAX: tl.constexpr, USE_TMA: tl.constexpr,
 ):  # fmt: skip
     start_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
     h = bh % H
-    hk = h // (H // HK)
-    bhk = b * HK + hk
+    bhk = b * HK + h // (H // HK)
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     d = tl.arange(0, D)
     row_ok = offs_m < S
-    # Q, K: contiguous (B, H|Hk, S, D) FP8; Vᵀ: contiguous (B, Hk, D, S) FP8
-    q = tl.load(q_ptr + bh * S * D + offs_m[:, None] * D + d[None, :], mask=row_ok[:, None], other=0.0)
-    k_base = k_ptr + bhk * S * D
-    v_base = vt_ptr + bhk * D * S
-    qk_scale = tl.load(q_sinv_ptr + bh) * tl.load(k_sinv_ptr + bhk) * softmax_scale_log2
+    # the query tile, cast to E4M3 here with one scale per row
+    q = tl.load(q_ptr + b * sq_b + h * sq_h + offs_m[:, None] * sq_s + d[None, :], mask=row_ok[:, None], other=0.0)
+    q = q.to(tl.float32)
+    q_scale, q_sinv = _row_scales(q, FP8_MAX)
+    q8 = tl.clamp(q * q_scale[:, None], -FP8_MAX, FP8_MAX).to(tl.float8e4nv)
+    q_row_scale = q_sinv * softmax_scale_log2
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
     if CAUSAL:
         # key blocks strictly before this query block: no mask; then the diagonal block
-        acc, m_i, l_i = _attn_block(
-            acc, m_i, l_i, q, k_base, v_base, offs_m, 0, start_m * BLOCK_M, S, sk_s, qk_scale,
-            D, BLOCK_N, False, P_SCALE_C,
+        acc, m_i, l_i = _attn_inner(
+            acc, m_i, l_i, q8, q_row_scale, k_ptr, vt_ptr, k_sinv_ptr, desc_k, desc_v, bhk, offs_m,
+            0, start_m * BLOCK_M, S, D, BLOCK_N, False, P_SCALE_C, USE_TMA,
         )  # fmt: skip
-        acc, m_i, l_i = _attn_block(
-            acc, m_i, l_i, q, k_base, v_base, offs_m, start_m * BLOCK_M, (start_m + 1) * BLOCK_M, S, sk_s,
-            qk_scale, D, BLOCK_N, True, P_SCALE_C,
+        acc, m_i, l_i = _attn_inner(
+            acc, m_i, l_i, q8, q_row_scale, k_ptr, vt_ptr, k_sinv_ptr, desc_k, desc_v, bhk, offs_m,
+            start_m * BLOCK_M, (start_m + 1) * BLOCK_M, S, D, BLOCK_N, True, P_SCALE_C, USE_TMA,
         )  # fmt: skip
     else:
-        acc, m_i, l_i = _attn_block(
-            acc, m_i, l_i, q, k_base, v_base, offs_m, 0, S, S, sk_s, qk_scale, D, BLOCK_N, False, P_SCALE_C
+        acc, m_i, l_i = _attn_inner(
+            acc, m_i, l_i, q8, q_row_scale, k_ptr, vt_ptr, k_sinv_ptr, desc_k, desc_v, bhk, offs_m,
+            0, S, S, D, BLOCK_N, False, P_SCALE_C, USE_TMA,
         )  # fmt: skip
     out = acc * (tl.load(v_sinv_ptr + bhk) / P_SCALE_C) / l_i[:, None]
     o_offs = b * so_b + offs_m[:, None] * so_s + h * so_h + d[None, :]
@@ -154,71 +208,25 @@ def _attn_fwd_kernel(
     tl.store(lse_ptr + bh * S + offs_m, (m_i + tl.math.log2(l_i)) * LN2, mask=row_ok)
 
 
-@triton.jit
-def _attn_block_tma(
-    acc, m_i, l_i, q, desc_k, desc_v, bh_k, offs_m, lo, hi, S, qk_scale,
-    D: tl.constexpr, BLOCK_N: tl.constexpr, MASK_DIAGONAL: tl.constexpr, P_SCALE_C: tl.constexpr,
-):  # fmt: skip
-    for start_n in range(lo, hi, BLOCK_N):
-        cols = start_n + tl.arange(0, BLOCK_N)
-        k = desc_k.load([bh_k, start_n, 0]).reshape(BLOCK_N, D)  # rows past S come back as zeros
-        qk = tl.dot(q, tl.trans(k)) * qk_scale
-        keep = (cols < S)[None, :]
-        if MASK_DIAGONAL:
-            keep = keep & (offs_m[:, None] >= cols[None, :])
-        qk = tl.where(keep, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(qk - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = desc_v.load([bh_k, 0, start_n]).reshape(D, BLOCK_N)  # a (D, BLOCK_N) tile of Vᵀ
-        acc = tl.dot((p * P_SCALE_C).to(tl.float8e4nv), tl.trans(v), acc * alpha[:, None])
-        m_i = m_new
-    return acc, m_i, l_i
-
-
-@triton.jit
-def _attn_fwd_kernel_tma(
-    desc_q, desc_k, desc_v, o_ptr, lse_ptr, q_sinv_ptr, k_sinv_ptr, v_sinv_ptr,
-    softmax_scale_log2, S, H, HK, so_b, so_s, so_h,
-    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-    P_SCALE_C: tl.constexpr, LN2: tl.constexpr,
-):  # fmt: skip
-    # Same algorithm as _attn_fwd_kernel, with Hopper's bulk tensor copies (TMA) for Q, K, Vᵀ
-    start_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    bhk = b * HK + h // (H // HK)
-    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    d = tl.arange(0, D)
-    q = desc_q.load([bh, start_m * BLOCK_M, 0]).reshape(BLOCK_M, D)
-    qk_scale = tl.load(q_sinv_ptr + bh) * tl.load(k_sinv_ptr + bhk) * softmax_scale_log2
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, D], tl.float32)
-    if CAUSAL:
-        acc, m_i, l_i = _attn_block_tma(
-            acc, m_i, l_i, q, desc_k, desc_v, bhk, offs_m, 0, start_m * BLOCK_M, S, qk_scale,
-            D, BLOCK_N, False, P_SCALE_C,
-        )  # fmt: skip
-        acc, m_i, l_i = _attn_block_tma(
-            acc, m_i, l_i, q, desc_k, desc_v, bhk, offs_m, start_m * BLOCK_M, (start_m + 1) * BLOCK_M, S,
-            qk_scale, D, BLOCK_N, True, P_SCALE_C,
-        )  # fmt: skip
-    else:
-        acc, m_i, l_i = _attn_block_tma(
-            acc, m_i, l_i, q, desc_k, desc_v, bhk, offs_m, 0, S, S, qk_scale, D, BLOCK_N, False, P_SCALE_C
-        )  # fmt: skip
-    out = acc * (tl.load(v_sinv_ptr + bhk) / P_SCALE_C) / l_i[:, None]
-    row_ok = offs_m < S
-    o_offs = b.to(tl.int64) * so_b + offs_m[:, None] * so_s + h * so_h + d[None, :]
-    tl.store(o_ptr + o_offs, out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
-    tl.store(lse_ptr + bh.to(tl.int64) * S + offs_m, (m_i + tl.math.log2(l_i)) * LN2, mask=row_ok)
-
-
 def _interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _bhsd(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, H, S, D) with unit stride along D -> (contiguous E4M3 codes, FP32 scale_inv (B, H, S)), one pass."""
+    x = _bhsd(x)
+    B, H, S, D = x.shape
+    y = torch.empty((B, H, S, D), dtype=torch.float8_e4m3fn, device=x.device)
+    scale_inv = torch.empty((B, H, S), dtype=torch.float32, device=x.device)
+    BLOCK_S = 64
+    _cast_rows_kernel[(triton.cdiv(S, BLOCK_S), B * H)](
+        x, y, scale_inv, S, H, x.stride(0), x.stride(1), x.stride(2), D=D, BLOCK_S=BLOCK_S, FP8_MAX=E4M3_MAX
+    )
+    return y, scale_inv
 
 
 def quantize_heads(x: torch.Tensor, *, transpose: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -227,9 +235,8 @@ def quantize_heads(x: torch.Tensor, *, transpose: bool = False) -> tuple[torch.T
     Codes are contiguous (B, H, S, D), or (B, H, D, S) with ``transpose=True``. Two kernels:
     per-head amax (atomic max of tile maxima), then scale, saturate and cast.
     """
+    x = _bhsd(x)
     B, H, S, D = x.shape
-    if x.stride(-1) != 1:
-        x = x.contiguous()
     amax = torch.zeros(B * H, dtype=torch.float32, device=x.device)
     scale_inv = torch.empty(B, H, dtype=torch.float32, device=x.device)
     shape = (B, H, D, S) if transpose else (B, H, S, D)
@@ -257,8 +264,8 @@ def fp8_attention_fwd(
     if H % Hk:
         raise ValueError(f"fp8_attention_fwd: {H} query heads is not a multiple of {Hk} key/value heads")
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    q8, q_sinv = quantize_heads(q)
-    k8, k_sinv = quantize_heads(k)
+    q = _bhsd(q)
+    k8, k_sinv = quantize_rows(k)
     v8t, v_sinv = quantize_heads(v, transpose=True)
     out = torch.empty((B, S, H, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, S), dtype=torch.float32, device=q.device)
@@ -266,22 +273,18 @@ def fp8_attention_fwd(
         BLOCK_M, BLOCK_N, num_warps, num_stages = 32, 32, 1, 1  # the interpreter pays per program and per loop trip
     else:
         BLOCK_M, BLOCK_N, num_warps, num_stages = TUNING["gpu"]
-    grid = (triton.cdiv(S, BLOCK_M), B * H)
-    common = dict(D=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, CAUSAL=causal, P_SCALE_C=P_SCALE, LN2=_LN2)
-    if USE_TMA and S % 16 == 0:  # TMA needs 16-byte aligned strides (Vᵀ rows are S bytes)
+    use_tma = USE_TMA and S % 16 == 0  # TMA needs 16-byte aligned strides (Vᵀ rows are S bytes)
+    desc_k = desc_v = None
+    if use_tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
 
-        desc_q = TensorDescriptor(q8, [B * H, S, D], [S * D, D, 1], [1, BLOCK_M, D])
         desc_k = TensorDescriptor(k8, [B * Hk, S, D], [S * D, D, 1], [1, BLOCK_N, D])
         desc_v = TensorDescriptor(v8t, [B * Hk, D, S], [D * S, S, 1], [1, D, BLOCK_N])
-        _attn_fwd_kernel_tma[grid](
-            desc_q, desc_k, desc_v, out, lse, q_sinv, k_sinv, v_sinv, scale / _LN2, S, H, Hk,
-            out.stride(0), out.stride(1), out.stride(2), num_warps=num_warps, num_stages=num_stages, **common,
-        )  # fmt: skip
-    else:
-        _attn_fwd_kernel[grid](
-            q8, k8, v8t, out, lse, q_sinv, k_sinv, v_sinv, scale / _LN2, S, H, Hk,
-            k8.stride(2), out.stride(0), out.stride(1), out.stride(2), num_warps=num_warps, num_stages=num_stages,
-            **common,
-        )  # fmt: skip
+    grid = (triton.cdiv(S, BLOCK_M), B * H)
+    _attn_fwd_kernel[grid](
+        q, k8, v8t, desc_k, desc_v, out, lse, k_sinv, v_sinv, scale / _LN2, S, H, Hk,
+        q.stride(0), q.stride(1), q.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        D=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, CAUSAL=causal, P_SCALE_C=P_SCALE, LN2=_LN2, FP8_MAX=E4M3_MAX,
+        USE_TMA=use_tma, num_warps=num_warps, num_stages=num_stages,
+    )  # fmt: skip
     return out, lse

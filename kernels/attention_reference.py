@@ -1,8 +1,10 @@
 """Torch reference (and CPU path) of :mod:`hf_fp8.kernels.attention`'s FP8 attention numerics.
 
-Same quantization as the kernel: Q, K, V scaled per (batch, head) so that each head's amax
-maps to E4M3's 448, cast to E4M3 (round to nearest even, saturating); softmax statistics in
-FP32; P scaled by ``P_SCALE`` (P <= 1 maps to <= 448), cast to E4M3, multiplied with V's codes.
+Same quantization as the kernel: Q and K scaled per row (one scale per token and head, so
+each row's amax maps to E4M3's 448: the scales factor out of Q Kᵀ as a row and a column
+multiplier), V per (batch, head) (its scale must factor out of the sum over tokens in P V),
+cast to E4M3 (round to nearest even, saturating); softmax statistics in FP32; P scaled by
+``P_SCALE`` (P <= 1 maps to <= 448), cast to E4M3, multiplied with V's codes.
 The one difference from the kernel: the kernel rounds P against the running row maximum of
 its online softmax (FlashAttention), this reference against the final row maximum; both are
 the same where a row's maximum is in its first key block and differ by one E4M3 rounding
@@ -15,22 +17,40 @@ import math
 
 import torch
 
-__all__ = ["P_SCALE", "E4M3_MAX", "head_scales", "quantize_heads_reference", "fp8_attention_reference"]
+__all__ = [
+    "P_SCALE",
+    "E4M3_MAX",
+    "head_scales",
+    "quantize_heads_reference",
+    "quantize_rows_reference",
+    "fp8_attention_reference",
+]
 
 E4M3_MAX = 448.0
 P_SCALE = 448.0  # P in [0, 1] -> [0, 448]: E4M3's full range, 2^-4 relative precision down to 2^-6 / 448
 
 
-def head_scales(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-(batch, head) scale and its inverse for x (B, H, S, D): 448 / amax, guarded like the
-    linear layers' scales (zero, inf or NaN amax gives scale 1)."""
-    amax = x.detach().abs().amax(dim=(2, 3)).float()
+def _scales(amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    amax = amax.float()
     ok = (amax > 0) & torch.isfinite(amax)
     # tensor / tensor divisions: ``448.0 / amax`` would be torch's reciprocal times 448, rounded
     # twice; the kernel divides once with IEEE rounding (div_rn)
     safe = torch.where(ok, amax, torch.ones_like(amax))
     scale = torch.where(ok, torch.full_like(amax, E4M3_MAX) / safe, torch.ones_like(amax))
     return scale, torch.ones_like(scale) / scale
+
+
+def head_scales(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-(batch, head) scale and its inverse for x (B, H, S, D): 448 / amax, guarded like the
+    linear layers' scales (zero, inf or NaN amax gives scale 1)."""
+    return _scales(x.detach().abs().amax(dim=(2, 3)))
+
+
+def quantize_rows_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, H, S, D) -> (E4M3 codes (B, H, S, D), FP32 scale_inv (B, H, S)): one scale per row."""
+    scale, scale_inv = _scales(x.detach().abs().amax(dim=-1))
+    y = (x.float() * scale[..., None]).clamp(-E4M3_MAX, E4M3_MAX)
+    return y.to(torch.float8_e4m3fn), scale_inv
 
 
 def quantize_heads_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,9 +82,10 @@ def fp8_attention_reference(
     Hk = k.shape[1]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     deq = []
-    for t in (q, k, v):
-        codes, scale_inv = quantize_heads_reference(t)
-        deq.append(_ste(t.to(compute_dtype), codes.to(compute_dtype) * scale_inv[:, :, None, None].to(compute_dtype)))
+    for t, per_row in ((q, True), (k, True), (v, False)):
+        codes, scale_inv = quantize_rows_reference(t) if per_row else quantize_heads_reference(t)
+        scale_inv = scale_inv[..., None] if per_row else scale_inv[:, :, None, None]
+        deq.append(_ste(t.to(compute_dtype), codes.to(compute_dtype) * scale_inv.to(compute_dtype)))
     qd, kd, vd = deq
     if Hk != H:
         kd = kd.repeat_interleave(H // Hk, dim=1)

@@ -11,8 +11,12 @@ from llama_fixtures import tiny_llama
 
 import hf_fp8
 from hf_fp8.integrations import attention as A
-from hf_fp8.kernels.attention import fp8_attention_fwd, quantize_heads
-from hf_fp8.kernels.attention_reference import fp8_attention_reference, quantize_heads_reference
+from hf_fp8.kernels.attention import fp8_attention_fwd, quantize_heads, quantize_rows
+from hf_fp8.kernels.attention_reference import (
+    fp8_attention_reference,
+    quantize_heads_reference,
+    quantize_rows_reference,
+)
 
 
 def _rel(a, b):
@@ -48,6 +52,18 @@ def test_cast_kernel_bit_exact(transpose):
     got = codes.transpose(-1, -2) if transpose else codes
     assert torch.equal(got.view(torch.uint8), ref.view(torch.uint8))
     assert torch.equal(scale_inv, ref_scale_inv)
+
+
+def test_row_cast_kernel_bit_exact_with_special_rows():
+    q, _, _ = _qkv(S=70)
+    q[0, 0, 3] = 0.0  # an all-zero row: scale 1
+    q[0, 1, 5, 7] = float("inf")  # inf and NaN rows: scale 1, the row's other values still cast
+    q[0, 2, 9, 1] = float("nan")
+    codes, scale_inv = quantize_rows(q)
+    ref, ref_scale_inv = quantize_rows_reference(q)
+    assert torch.equal(codes.view(torch.uint8), ref.view(torch.uint8))
+    assert torch.equal(scale_inv, ref_scale_inv)
+    assert scale_inv[0, 0, 3] == scale_inv[0, 1, 5] == scale_inv[0, 2, 9] == 1.0
 
 
 @pytest.mark.parametrize(
