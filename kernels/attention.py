@@ -1,15 +1,15 @@
 """FP8 flash attention forward (Triton): Q, K, V in E4M3, P.V in FP8, softmax statistics in FP32.
 
-Scales. Q and K get one scale per row (token and head): they factor out of Q Kᵀ as a row and
-a column multiplier, need no pass over the whole head first, and follow outlier tokens more
-closely than one scale per head. V gets one scale per (batch, head), since its scale must
-factor out of the sum over tokens in P V; that needs an amax pass over each head first.
+Scales. Q gets one scale per row (token and head): it factors out of Q Kᵀ as a row
+multiplier, needs no pass over the whole head first, and follows outlier tokens more closely
+than one scale per head. K and V get one scale per (batch, head): K's as a scalar on Q Kᵀ
+(a per-key scale would cost a column multiply of every score tile, measured 15% slower), V's
+because it must factor out of the sum over tokens in P V.
 
 Passes. Q is read once, in the attention kernel itself, which casts each query tile to E4M3
-with its row scales (Q, the largest operand under GQA, is never written back in FP8). K is
-cast in one pass (row scales need no prior amax). V takes an amax pass and a cast pass that
-writes it transposed, (B, Hk, D, S), so that both operands of P.V are K-major (Hopper's FP8
-MMA reads only K-major operands). K and Vᵀ tiles are read by bulk tensor copies (TMA) where
+with its row scales (Q, the largest operand under GQA, is never written back in FP8). K and
+V each take an amax pass and a cast pass; V's writes it transposed, (B, Hk, D, S), so that
+both operands of P.V are K-major (Hopper's FP8 MMA reads only K-major operands). K and Vᵀ tiles are read by bulk tensor copies (TMA) where
 the shapes allow, by pointer loads otherwise (same arithmetic, same results).
 
 Layouts. Inputs are HF's q (B, H, S, D), k and v (B, Hk, S, D), any strides with unit stride
@@ -132,7 +132,7 @@ def _cast_heads_kernel(
 
 @triton.jit
 def _attn_inner(
-    acc, m_i, l_i, q8, q_row_scale, k_ptr, vt_ptr, k_sinv_ptr, desc_k, desc_v, bhk, offs_m, lo, hi, S,
+    acc, m_i, l_i, q8, q_row_scale, k_ptr, vt_ptr, desc_k, desc_v, bhk, offs_m, lo, hi, S,
     D: tl.constexpr, BLOCK_N: tl.constexpr, MASK_DIAGONAL: tl.constexpr, P_SCALE_C: tl.constexpr,
     USE_TMA: tl.constexpr,
 ):  # fmt: skip
@@ -144,8 +144,7 @@ def _attn_inner(
             k = desc_k.load([bhk.to(tl.int32), start_n, 0]).reshape(BLOCK_N, D)  # rows past S come back as zeros
         else:
             k = tl.load(k_ptr + bhk * S * D + cols[:, None] * D + d[None, :], mask=in_range[:, None], other=0.0)
-        k_sinv = tl.load(k_sinv_ptr + bhk * S + cols, mask=in_range, other=0.0)
-        qk = tl.dot(q8, tl.trans(k)) * q_row_scale[:, None] * k_sinv[None, :]  # log2 units
+        qk = tl.dot(q8, tl.trans(k)) * q_row_scale[:, None]  # log2 units
         keep = in_range[None, :]
         if MASK_DIAGONAL:
             keep = keep & (offs_m[:, None] >= cols[None, :])
@@ -183,23 +182,23 @@ def _attn_fwd_kernel(
     q = q.to(tl.float32)
     q_scale, q_sinv = _row_scales(q, FP8_MAX)
     q8 = tl.clamp(q * q_scale[:, None], -FP8_MAX, FP8_MAX).to(tl.float8e4nv)
-    q_row_scale = q_sinv * softmax_scale_log2
+    q_row_scale = q_sinv * (tl.load(k_sinv_ptr + bhk) * softmax_scale_log2)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
     if CAUSAL:
         # key blocks strictly before this query block: no mask; then the diagonal block
         acc, m_i, l_i = _attn_inner(
-            acc, m_i, l_i, q8, q_row_scale, k_ptr, vt_ptr, k_sinv_ptr, desc_k, desc_v, bhk, offs_m,
+            acc, m_i, l_i, q8, q_row_scale, k_ptr, vt_ptr, desc_k, desc_v, bhk, offs_m,
             0, start_m * BLOCK_M, S, D, BLOCK_N, False, P_SCALE_C, USE_TMA,
         )  # fmt: skip
         acc, m_i, l_i = _attn_inner(
-            acc, m_i, l_i, q8, q_row_scale, k_ptr, vt_ptr, k_sinv_ptr, desc_k, desc_v, bhk, offs_m,
+            acc, m_i, l_i, q8, q_row_scale, k_ptr, vt_ptr, desc_k, desc_v, bhk, offs_m,
             start_m * BLOCK_M, (start_m + 1) * BLOCK_M, S, D, BLOCK_N, True, P_SCALE_C, USE_TMA,
         )  # fmt: skip
     else:
         acc, m_i, l_i = _attn_inner(
-            acc, m_i, l_i, q8, q_row_scale, k_ptr, vt_ptr, k_sinv_ptr, desc_k, desc_v, bhk, offs_m,
+            acc, m_i, l_i, q8, q_row_scale, k_ptr, vt_ptr, desc_k, desc_v, bhk, offs_m,
             0, S, S, D, BLOCK_N, False, P_SCALE_C, USE_TMA,
         )  # fmt: skip
     out = acc * (tl.load(v_sinv_ptr + bhk) / P_SCALE_C) / l_i[:, None]
@@ -265,7 +264,7 @@ def fp8_attention_fwd(
         raise ValueError(f"fp8_attention_fwd: {H} query heads is not a multiple of {Hk} key/value heads")
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     q = _bhsd(q)
-    k8, k_sinv = quantize_rows(k)
+    k8, k_sinv = quantize_heads(k)
     v8t, v_sinv = quantize_heads(v, transpose=True)
     out = torch.empty((B, S, H, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, S), dtype=torch.float32, device=q.device)

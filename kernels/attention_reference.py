@@ -1,8 +1,7 @@
 """Torch reference (and CPU path) of :mod:`hf_fp8.kernels.attention`'s FP8 attention numerics.
 
-Same quantization as the kernel: Q and K scaled per row (one scale per token and head, so
-each row's amax maps to E4M3's 448: the scales factor out of Q Kᵀ as a row and a column
-multiplier), V per (batch, head) (its scale must factor out of the sum over tokens in P V),
+Same quantization as the kernel: Q scaled per row (one scale per token and head, so each
+row's amax maps to E4M3's 448), K and V per (batch, head),
 cast to E4M3 (round to nearest even, saturating); softmax statistics in FP32; P scaled by
 ``P_SCALE`` (P <= 1 maps to <= 448), cast to E4M3, multiplied with V's codes.
 The one difference from the kernel: the kernel rounds P against the running row maximum of
@@ -82,7 +81,7 @@ def fp8_attention_reference(
     Hk = k.shape[1]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     deq = []
-    for t, per_row in ((q, True), (k, True), (v, False)):
+    for t, per_row in ((q, True), (k, False), (v, False)):
         codes, scale_inv = quantize_rows_reference(t) if per_row else quantize_heads_reference(t)
         scale_inv = scale_inv[..., None] if per_row else scale_inv[:, :, None, None]
         deq.append(_ste(t.to(compute_dtype), codes.to(compute_dtype) * scale_inv.to(compute_dtype)))
