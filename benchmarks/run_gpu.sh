@@ -32,6 +32,7 @@ for s in $steps; do
     demo) python3 examples/quickstart.py --steps 20 2>&1 | tail -16 ;;
     ropeprofile) python3 -m benchmarks.profile_rope 2>&1 | grep -v Warning | cut -c1-200 | tail -60 ;;
     quantsweep) python3 -m benchmarks.bench_quant --sweep-blocks --out quant_sweep_h100.json 2>&1 | tail -40 ;;
+    monitor) python3 -m benchmarks.bench_monitor 2>&1 | grep -v Warning | tail -15 ;;
   esac
 done
 echo "=== done $(date +%T)"

@@ -11,7 +11,7 @@ Importing this package does no work: no device probing, no patching, no transfor
 
 from __future__ import annotations
 
-from hf_fp8 import optim
+from hf_fp8 import monitor, optim
 from hf_fp8._backend import fp8_gemm_supported, kernel_backend
 from hf_fp8.config import AmaxComputeAlgo, Fp8Config, Fp8Format, NonFinitePolicy, Recipe
 from hf_fp8.convert import convert, nonfinite_modules, reset_nonfinite, revert
@@ -20,6 +20,7 @@ from hf_fp8.integrations.loss import patch_loss, unpatch_loss
 from hf_fp8.integrations.rope import RopePatch, patch_rope, unpatch_rope
 from hf_fp8.linear import Fp8Linear, NonFiniteError
 from hf_fp8.loss import chunked_linear_cross_entropy
+from hf_fp8.monitor import Fp8Monitor, Fp8MonitorWarning
 from hf_fp8.report import ConversionReport, ModuleDecision
 
 __version__ = "0.1.0"
@@ -34,6 +35,7 @@ _LAZY = {
     "save_fp8": "export",
     "Accelerator": "accelerate_plugin",
     "load_fp8": "export",
+    "Fp8MonitorCallback": "hf_fp8.monitor.callback",  # a full module path: not under integrations
 }
 
 
@@ -41,7 +43,8 @@ def __getattr__(name: str):
     if name in _LAZY:
         import importlib
 
-        return getattr(importlib.import_module(f"hf_fp8.integrations.{_LAZY[name]}"), name)
+        module = _LAZY[name] if "." in _LAZY[name] else f"hf_fp8.integrations.{_LAZY[name]}"
+        return getattr(importlib.import_module(module), name)
     raise AttributeError(f"module 'hf_fp8' has no attribute {name!r}")
 
 
@@ -57,6 +60,9 @@ __all__ = [
     "Fp8Config",
     "Fp8Format",
     "Fp8Linear",
+    "Fp8Monitor",
+    "Fp8MonitorCallback",
+    "Fp8MonitorWarning",
     "ModuleDecision",
     "NonFiniteError",
     "NonFinitePolicy",
@@ -67,6 +73,7 @@ __all__ = [
     "fp8_gemm_supported",
     "kernel_backend",
     "load_fp8",
+    "monitor",
     "nonfinite_modules",
     "optim",
     "patch_loss",

@@ -36,6 +36,7 @@ __all__ = [
 ]
 
 _APPLIED = "_hf_fp8_applied"
+_MONITORED = "_hf_fp8_monitored"  # a Trainer already runs the FP8 monitor: Fp8Callback must not add another
 
 
 @dataclasses.dataclass
@@ -73,6 +74,14 @@ class Fp8ArgumentsMixin:
             "memory of BF16 base weights. Needs --fp8 tensorwise or delayed."
         },
     )
+    fp8_monitor_interval: int = dataclasses.field(
+        default=0,
+        metadata={
+            "help": "FP8 health monitor (hf_fp8.monitor): every N optimizer steps, log each FP8 layer's input kurtosis, "
+            "amax, saturated and flushed-to-zero fractions and scale as fp8/... metrics (report_to included) and to "
+            "<output_dir>/fp8_monitor.jsonl. 0 (default) turns it off."
+        },
+    )
 
     def __post_init__(self) -> None:
         parent = super()
@@ -87,6 +96,12 @@ class Fp8ArgumentsMixin:
             raise ValueError("--fp8_weights needs --fp8 (tensorwise or delayed): it stores FP8 layers' weights in FP8")
         if self.fp8_attention and self.fp8 is None:
             raise ValueError("--fp8_attention needs --fp8 (a recipe for the linear layers)")
+        interval = self.fp8_monitor_interval
+        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 0:
+            raise ValueError(
+                f"--fp8_monitor_interval: got {interval!r}; expected an int >= 0 (the FP8 health monitor samples every "
+                "N optimizer steps; 0 turns it off)"
+            )
         if (self.fp8 is not None or self.full_bf16) and getattr(self, "fp16", False):
             raise ValueError(
                 "--fp16 cannot be combined with --fp8 or --full_bf16: FP16 autocast needs loss scaling and its range "
@@ -159,10 +174,19 @@ class Fp8TrainerMixin:
 
     def __init__(self, model: nn.Module | None = None, args: Any = None, *pargs, **kwargs) -> None:
         self.fp8_report = None
+        self.fp8_monitor = None
         config = _args_config(args)
         if config is not None and model is not None:
             self.fp8_report = apply_to_model(model, config, args)
+        interval = args.fp8_monitor_interval if isinstance(args, Fp8ArgumentsMixin) else 0
+        if interval:
+            object.__setattr__(args, _MONITORED, True)  # before Fp8Callback.on_init_end can see args
         super().__init__(model, args, *pargs, **kwargs)
+        if interval:
+            from hf_fp8.monitor.callback import Fp8MonitorCallback
+
+            # first in the callback list, so that the report_to integrations receive its metrics
+            self.fp8_monitor = Fp8MonitorCallback(interval).attach(self)
 
     def call_model_init(self, trial=None):
         model = super().call_model_init(trial)
@@ -219,13 +243,25 @@ class Fp8Callback(transformers.TrainerCallback):
     In full-BF16 mode the stock Trainer cannot build :class:`hf_fp8.optim.AdamW` itself: pass
     ``optimizers=(hf_fp8.optim.AdamW(model.parameters(), ...), None)`` or use ``hf_fp8.Trainer``;
     otherwise ``train()`` stops with an error.
+
+    With ``--fp8_monitor_interval N`` it also runs the FP8 health monitor
+    (:class:`hf_fp8.monitor.Fp8MonitorCallback`); its metrics reach ``trainer.state.log_history``
+    and ``fp8_monitor.jsonl``, but the stock Trainer calls its ``report_to`` integrations before
+    this callback: for TensorBoard/W&B use ``hf_fp8.Trainer``, or
+    ``hf_fp8.monitor.Fp8MonitorCallback(N).attach(trainer)`` instead of the flag.
     """
 
     def __init__(self, config: Fp8Config | None = None) -> None:
         self.config = config
         self.report = None
+        self.monitor = None
 
     def on_init_end(self, args, state, control, model=None, **kwargs):
+        interval = getattr(args, "fp8_monitor_interval", 0)
+        if interval and self.monitor is None and not getattr(args, _MONITORED, False):
+            from hf_fp8.monitor.callback import Fp8MonitorCallback
+
+            self.monitor = Fp8MonitorCallback(interval)
         config = self.config or _args_config(args)
         if config is None or model is None:
             return control
@@ -259,13 +295,32 @@ class Fp8Callback(transformers.TrainerCallback):
                     "full-BF16 training needs FP32 optimizer states: pass optimizers=(hf_fp8.optim.AdamW("
                     "model.parameters(), lr=...), None) to transformers.Trainer, or use hf_fp8.Trainer"
                 )
+        return self._monitor_event("on_train_begin", args, state, control, optimizer=optimizer, model=model, **kwargs)
+
+    # ---- the FP8 monitor (--fp8_monitor_interval), forwarded -------------------------------
+    def _monitor_event(self, event: str, args, state, control, **kwargs):
+        if self.monitor is not None:
+            getattr(self.monitor, event)(args, state, control, **kwargs)
         return control
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        return self._monitor_event("on_step_begin", args, state, control, **kwargs)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        return self._monitor_event("on_step_end", args, state, control, **kwargs)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        return self._monitor_event("on_log", args, state, control, logs=logs, **kwargs)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        return self._monitor_event("on_train_end", args, state, control, **kwargs)
 
 
 @dataclasses.dataclass
 class TrainingArguments(Fp8ArgumentsMixin, transformers.TrainingArguments):
     """``transformers.TrainingArguments`` plus ``--fp8``, ``--full_bf16``, ``--fp8_attention``,
-    ``--fp8_auto_filter``, ``--fp8_include`` and ``--fp8_exclude`` (see :class:`Fp8ArgumentsMixin`)."""
+    ``--fp8_auto_filter``, ``--fp8_include``, ``--fp8_exclude``, ``--fp8_weights`` and
+    ``--fp8_monitor_interval`` (see :class:`Fp8ArgumentsMixin`)."""
 
 
 class Trainer(Fp8TrainerMixin, transformers.Trainer):

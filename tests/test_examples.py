@@ -52,3 +52,13 @@ def test_full_bf16_example(tmp_path, examples_path):
 def test_lora_fp8_example(tmp_path, examples_path):
     out = Path(importlib.import_module("lora_fp8").main(["--output_dir", str(tmp_path), "--steps", "3"]))
     assert (out / "adapter" / "adapter_model.safetensors").exists() and (out / "merged" / "config.json").exists()
+
+
+def test_monitor_fp8_example(tmp_path, capsys, examples_path):
+    png = importlib.import_module("monitor_fp8").main(
+        ["--output_dir", str(tmp_path), "--steps", "4", "--interval", "2"]
+    )
+    text = capsys.readouterr().out
+    records = (tmp_path / "fp8_monitor.jsonl").read_text().splitlines()
+    assert len(records) == 2 and "monitoring 28 layers every 2 steps" in text
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"wrote the curves to {png.resolve()}" in text
