@@ -188,7 +188,31 @@ def attention_table() -> str:
     return "\n".join(out)
 
 
+def monitor_table() -> str:
+    d = _load("monitor_h100.json")
+    t = d["step_ms"]
+    return "\n".join(
+        [
+            f"FP8 health monitor, {d['layers']}-layer Llama with Llama-3-8B shapes, B={d['batch']}, S={d['seq']}, "
+            f"{d['fp8_layers']} FP8 layers, fused AdamW. {_env_line(d['env'])}.",
+            "",
+            "| monitor | step ms (median) | vs off |",
+            "|---|---|---|",
+            f"| off | {t['off']['median']:.1f} | 1.000x |",
+            f"| idle (not a sampled step) | {t['idle']['median']:.1f} | {t['idle']['median'] / t['off']['median']:.3f}x |",
+            f"| sampled step, FP8 layers | {t['sampled']['median']:.1f} | "
+            f"{t['sampled']['median'] / t['off']['median']:.3f}x |",
+            f"| sampled step, every nn.Linear | {t['sampled_all_linear']['median']:.1f} | "
+            f"{t['sampled_all_linear']['median'] / t['off']['median']:.3f}x |",
+            "",
+            f"Amortized at the default interval ({d['interval']}): **{d['overhead_pct']:.2f}%** of step time "
+            f"({d['overhead_all_linear_pct']:.2f}% monitoring every nn.Linear).",
+        ]
+    )
+
+
 SECTIONS = {
+    "monitor": monitor_table,
     "attention": attention_table,
     "linear": linear_table,
     "sweep": sweep_table,
