@@ -1,0 +1,205 @@
+"""End-to-end training throughput of an HF Llama on the H100: stock BF16, Liger, torch.compile,
+torchao float8 and hf_fp8, side by side in one run.
+
+    python -m benchmarks.bench_llama [--configs 8b 1b] [--budget-s 520]
+    python -m benchmarks.bench_llama --plot benchmarks/results/llama_h100.json   # PNG bar chart
+
+Models (random init, BF16 parameters, SDPA attention): Llama-3-8B layer shapes with 8 layers
+("8b": hidden 4096, MLP 14336, 32/8 heads, vocab 128256), and Llama-3.2-1B ("1b": hidden 2048,
+MLP 8192, 16 layers, 32/8 heads, tied embeddings). B=2, S=4096, one fixed batch of random
+tokens, labels = inputs. Optimizer: torch fused AdamW (BF16 states, as stock BF16 training
+does), except hf_fp8 full-BF16 which uses hf_fp8.optim.AdamW (FP32 states, stochastic
+rounding). Per variant: tokens/s from the median step time after warm-up, peak memory,
+and the loss of the last timed step (same data and steps for everyone), with ratios to stock
+BF16. Variants that fail are recorded with their error; the run stops adding variants when
+the time budget is spent and says which were skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+CONFIGS = {
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=8, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
+    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
+}  # fmt: skip
+
+VARIANTS = [
+    "stock_bf16",
+    "hf_fp8_tensorwise",
+    "torchao_tensorwise_compile",
+    "liger",
+    "bf16_compile",
+    "hf_fp8_full_bf16",
+    "hf_fp8_delayed",
+    "hf_fp8_rowwise",
+    "hf_fp8_tensorwise_fp8attn",
+    "torchao_tensorwise",
+    "torchao_rowwise_compile",
+]
+
+
+def build(name: str, config: dict):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import hf_fp8
+
+    cfg = LlamaConfig(**config, max_position_embeddings=8192, rope_theta=500000.0, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    with torch.device("cuda"), hf_fp8.set_default_dtype(torch.bfloat16):
+        model = LlamaForCausalLM(cfg)
+    note = ""
+    if name == "liger":
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+        apply_liger_kernel_to_llama(model=model)
+    elif name.startswith("torchao_"):
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+
+        recipe = name.split("_")[1]
+        convert_to_float8_training(
+            model.model, config=Float8LinearConfig.from_recipe_name(recipe), module_filter_fn=lambda m, fqn: True
+        )
+    elif name.startswith("hf_fp8_"):
+        recipe = name.removeprefix("hf_fp8_").removesuffix("_fp8attn")
+        fp8_cfg = hf_fp8.Fp8Config(
+            recipe=None if recipe == "full_bf16" else recipe, fp8_attention=name.endswith("_fp8attn")
+        )
+        report = hf_fp8.convert(model, fp8_cfg)
+        note = f"{len(report.converted)} FP8 layers"
+    if name.endswith("_compile"):
+        for layer in model.model.layers:
+            layer.compile()
+    if name == "hf_fp8_full_bf16":
+        opt = hf_fp8.optim.AdamW(model.parameters(), lr=1e-4, full_bf16=True, seed=0)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    return model, opt, note
+
+
+def run_variant(name: str, config: dict, batch: int, seq: int, warmup: int, steps: int) -> dict:
+    model, opt, note = build(name, config)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    ids = torch.randint(0, config["vocab_size"], (batch, seq), device="cuda", generator=g)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    times, losses = [], []
+    t_start = time.perf_counter()
+    for i in range(warmup + steps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+        losses.append(loss.item())
+    ms = statistics.median(times) * 1e3
+    row = dict(
+        variant=name,
+        note=note,
+        step_ms=ms,
+        tokens_per_s=batch * seq / (ms / 1e3),
+        peak_mem_gb=torch.cuda.max_memory_allocated() / 1e9,
+        loss=losses[-1],
+        losses=losses,
+        wall_s=time.perf_counter() - t_start,
+    )
+    del model, opt, loss
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch._dynamo.reset()
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--configs", nargs="+", default=["8b"], choices=sorted(CONFIGS))
+    ap.add_argument("--variants", nargs="+", default=VARIANTS)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--seq", type=int, default=4096)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--budget-s", type=float, default=520)
+    ap.add_argument("--plot", default=None, help="write a PNG bar chart from this JSON instead of running")
+    args = ap.parse_args()
+    if args.plot:
+        print(f"wrote {plot(Path(args.plot))}")
+        return
+    from benchmarks.common import environment, warm_up_gpu, write_json
+
+    warm_up_gpu()
+    t0 = time.perf_counter()
+    rows = []
+    for cfg_name in args.configs:
+        for name in args.variants:
+            if time.perf_counter() - t0 > args.budget_s:
+                rows.append(dict(config=cfg_name, variant=name, skipped="time budget spent"))
+                print(f"{cfg_name} {name}: skipped (time budget)", flush=True)
+                continue
+            try:
+                row = run_variant(name, CONFIGS[cfg_name], args.batch, args.seq, args.warmup, args.steps)
+            except Exception as e:  # noqa: BLE001  a failed variant is a result too
+                import traceback
+
+                traceback.print_exc(limit=3)
+                row = dict(variant=name, error=f"{type(e).__name__}: {str(e)[:300]}")
+                gc.collect()
+                torch.cuda.empty_cache()
+                torch._dynamo.reset()
+            row["config"] = cfg_name
+            rows.append(row)
+            base = next(
+                (r for r in rows if r["config"] == cfg_name and r["variant"] == "stock_bf16" and "step_ms" in r), None
+            )
+            if base and "step_ms" in row:
+                row["speedup_vs_stock"] = base["step_ms"] / row["step_ms"]
+                row["mem_vs_stock"] = row["peak_mem_gb"] / base["peak_mem_gb"]
+                row["loss_vs_stock"] = row["loss"] / base["loss"]
+            print(f"{cfg_name} {json.dumps({k: v for k, v in row.items() if k != 'losses'})}", flush=True)
+            payload = {"env": environment(), "batch": args.batch, "seq": args.seq, "warmup": args.warmup,
+                       "steps": args.steps, "configs": {k: CONFIGS[k] for k in args.configs}, "rows": rows}  # fmt: skip
+            write_json("llama_h100.json", payload)  # after every variant: a cut-off run keeps what it measured
+
+
+def plot(path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = json.loads(path.read_text())
+    configs = sorted({r["config"] for r in data["rows"] if "speedup_vs_stock" in r})
+    fig, axes = plt.subplots(1, len(configs), figsize=(7 * len(configs), 4.5), squeeze=False)
+    for ax, cfg in zip(axes[0], configs):
+        rows = [r for r in data["rows"] if r["config"] == cfg and "speedup_vs_stock" in r]
+        names = [r["variant"] for r in rows]
+        vals = [r["speedup_vs_stock"] for r in rows]
+        colors = ["tab:blue" if n.startswith("hf_fp8") else "tab:gray" for n in names]
+        ax.barh(names, vals, color=colors)
+        ax.axvline(1.0, color="k", lw=0.8)
+        for y, v in enumerate(vals):
+            ax.text(v, y, f" {v:.2f}x", va="center")
+        ax.set_xlabel("tokens/s vs stock BF16")
+        ax.set_title(f"{cfg}: B={data['batch']}, S={data['seq']}, {data['env'].get('gpu', '')}")
+        ax.invert_yaxis()
+    fig.tight_layout()
+    out = path.with_suffix(".png")
+    fig.savefig(out, dpi=110)
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())
