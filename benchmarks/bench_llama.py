@@ -6,8 +6,9 @@ torchao float8 and hf_fp8, side by side in one run.
 
 Models (random init, BF16 parameters, SDPA attention): Llama-3-8B layer shapes with 8 layers
 ("8b": hidden 4096, MLP 14336, 32/8 heads, vocab 128256), and Llama-3.2-1B ("1b": hidden 2048,
-MLP 8192, 16 layers, 32/8 heads, tied embeddings). B=2, S=4096, one fixed batch of random
-tokens, labels = inputs. Optimizer: torch fused AdamW (BF16 states, as stock BF16 training
+MLP 8192, 16 layers, 32/8 heads, tied embeddings). B=2, S=4096; every step a new batch drawn
+from a fixed random bigram chain (90% of tokens follow it), the same batches for every variant:
+learnable but not memorizable, so the losses compare training, not recall of one batch. Optimizer: torch fused AdamW (BF16 states, as stock BF16 training
 does), except hf_fp8 full-BF16 which uses hf_fp8.optim.AdamW (FP32 states, stochastic
 rounding). Per variant: tokens/s from the median step time after warm-up, peak memory,
 and the loss of the last timed step (same data and steps for everyone), with ratios to stock
@@ -36,6 +37,8 @@ CONFIGS = {
 
 VARIANTS = [
     "stock_bf16",
+    "hf_fp8_delayed_fp8attn",
+    "hf_fp8_delayed_fp8attn_all",
     "hf_fp8_tensorwise",
     "torchao_tensorwise_compile",
     "liger",
@@ -71,9 +74,13 @@ def build(name: str, config: dict):
             model.model, config=Float8LinearConfig.from_recipe_name(recipe), module_filter_fn=lambda m, fqn: True
         )
     elif name.startswith("hf_fp8_"):
-        recipe = name.removeprefix("hf_fp8_").removesuffix("_fp8attn")
+        # hf_fp8_<recipe>[_fp8attn][_all]: _all converts every decoder linear (no auto filter), as torchao does
+        recipe = name.removeprefix("hf_fp8_").split("_fp8attn")[0].removesuffix("_all")
         fp8_cfg = hf_fp8.Fp8Config(
-            recipe=None if recipe == "full_bf16" else recipe, fp8_attention=name.endswith("_fp8attn")
+            recipe=None if recipe == "full_bf16" else recipe,
+            fp8_attention="_fp8attn" in name,
+            auto_filter=not name.endswith("_all"),
+            exclude=("lm_head",),
         )
         report = hf_fp8.convert(model, fp8_cfg)
         note = f"{len(report.converted)} FP8 layers"
@@ -87,15 +94,33 @@ def build(name: str, config: dict):
     return model, opt, note
 
 
+_BATCHES: dict[tuple, list[torch.Tensor]] = {}
+
+
+def bigram_batches(batch: int, seq: int, vocab: int, n: int) -> list[torch.Tensor]:
+    """The same n batches for every variant (built once on the CPU, cached on the GPU)."""
+    key = (batch, seq, vocab, n)
+    if key not in _BATCHES:
+        g = torch.Generator().manual_seed(0)
+        successor = torch.randperm(vocab, generator=g)
+        ids = torch.empty(n * batch, seq, dtype=torch.long)
+        ids[:, 0] = torch.randint(0, vocab, (n * batch,), generator=g)
+        noise = torch.randint(0, vocab, (n * batch, seq), generator=g)
+        follow = torch.rand(n * batch, seq, generator=g) < 0.9
+        for t in range(1, seq):  # sequential by nature
+            ids[:, t] = torch.where(follow[:, t], successor[ids[:, t - 1]], noise[:, t])
+        _BATCHES[key] = list(ids.cuda().split(batch))
+    return _BATCHES[key]
+
+
 def run_variant(name: str, config: dict, batch: int, seq: int, warmup: int, steps: int) -> dict:
     model, opt, note = build(name, config)
-    g = torch.Generator(device="cuda").manual_seed(0)
-    ids = torch.randint(0, config["vocab_size"], (batch, seq), device="cuda", generator=g)
+    batches = bigram_batches(batch, seq, config["vocab_size"], warmup + steps)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     times, losses = [], []
     t_start = time.perf_counter()
-    for i in range(warmup + steps):
+    for i, ids in enumerate(batches):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         loss = model(input_ids=ids, labels=ids).loss
