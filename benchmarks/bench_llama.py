@@ -35,20 +35,22 @@ CONFIGS = {
                num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
 }  # fmt: skip
 
+# Liger last: apply_liger_kernel_to_llama patches transformers' Llama classes for the whole
+# process (RMSNorm, SwiGLU, RoPE, loss), so every model built after it would run Liger's kernels
+# (measured: hf_fp8 delayed 1.13x -> 1.29x when built after the Liger variant).
 VARIANTS = [
     "stock_bf16",
-    "hf_fp8_delayed_fp8attn",
-    "hf_fp8_delayed_fp8attn_all",
     "hf_fp8_tensorwise",
-    "torchao_tensorwise_compile",
-    "liger",
-    "bf16_compile",
-    "hf_fp8_full_bf16",
     "hf_fp8_delayed",
     "hf_fp8_rowwise",
-    "hf_fp8_tensorwise_fp8attn",
+    "hf_fp8_delayed_fp8attn",
+    "hf_fp8_delayed_fp8attn_all",
+    "hf_fp8_full_bf16",
+    "bf16_compile",
     "torchao_tensorwise",
+    "torchao_tensorwise_compile",
     "torchao_rowwise_compile",
+    "liger",
 ]
 
 
