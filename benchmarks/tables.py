@@ -211,7 +211,28 @@ def monitor_table() -> str:
     )
 
 
+def llama_table() -> str:
+    d = _load("llama_h100.json")
+    rows = [r for r in d["rows"] if "speedup_vs_stock" in r]
+    cfg = rows[0]["config"]
+    out = [
+        f"HF Llama training step, {cfg} config ({d['configs'][cfg]['num_hidden_layers']} layers, hidden "
+        f"{d['configs'][cfg]['hidden_size']}), B={d['batch']}, S={d['seq']}, BF16 params, median of {d['steps']} "
+        f"steps after {d['warmup']}. {_env_line(d['env'])}.",
+        "",
+        "| variant | FP8 layers | tokens/s | vs stock BF16 | peak GB | vs stock | loss after the timed steps |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        out.append(
+            f"| {r['variant']} | {r['note'].removesuffix(' FP8 layers') or '-'} | {r['tokens_per_s']:.0f} | "
+            f"{r['speedup_vs_stock']:.2f}x | {r['peak_mem_gb']:.1f} | {r['mem_vs_stock']:.2f}x | {r['loss']:.4f} |"
+        )
+    return "\n".join(out)
+
+
 SECTIONS = {
+    "llama": llama_table,
     "monitor": monitor_table,
     "attention": attention_table,
     "linear": linear_table,
