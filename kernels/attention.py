@@ -59,6 +59,14 @@ TUNING: dict[str, tuple[int, int, int, int]] = {"gpu": (64, 64, 4, 3)}  # best o
 
 
 @triton.jit
+def _saturate(x, y, FP8_MAX: tl.constexpr):
+    """Scaled values y of x, saturated to E4M3's range; NaN where x is inf or NaN (E4M3 has no
+    inf), as the linear layers' casts do. Explicit because min/max NaN semantics differ between
+    GPUs and Triton versions' interpreters."""
+    return tl.where(tl.abs(x) < float("inf"), tl.minimum(tl.maximum(y, -FP8_MAX), FP8_MAX), float("nan"))
+
+
+@triton.jit
 def _row_scales(x, FP8_MAX: tl.constexpr):
     """(R, D) FP32 tile -> (scale (R,), scale_inv (R,)): 448 / row amax, guarded (zero, inf or
     NaN amax gives 1), correctly rounded divisions like the torch reference."""
@@ -84,7 +92,7 @@ def _cast_rows_kernel(
     mask = s < S
     x = tl.load(x_ptr + b * sx_b + h * sx_h + s[:, None] * sx_s + d[None, :], mask=mask[:, None], other=0.0)
     scale, scale_inv = _row_scales(x.to(tl.float32), FP8_MAX)
-    y = tl.clamp(x.to(tl.float32) * scale[:, None], -FP8_MAX, FP8_MAX)
+    y = _saturate(x.to(tl.float32), x.to(tl.float32) * scale[:, None], FP8_MAX)
     tl.store(y_ptr + bh * S * D + s[:, None] * D + d[None, :], y.to(tl.float8e4nv), mask=mask[:, None])
     tl.store(scale_inv_ptr + bh * S + s, scale_inv, mask=mask)
 
@@ -126,7 +134,7 @@ def _cast_heads_kernel(
     d = tl.arange(0, D)
     mask = (s < S)[:, None]
     x = tl.load(x_ptr + b * sx_b + h * sx_h + s[:, None] * sx_s + d[None, :], mask=mask, other=0.0).to(tl.float32)
-    y = tl.clamp(x * scale, -FP8_MAX, FP8_MAX)
+    y = _saturate(x, x * scale, FP8_MAX)
     tl.store(y_ptr + b * sy_b + h * sy_h + s[:, None] * sy_s + d[None, :] * sy_d, y.to(tl.float8e4nv), mask=mask)
 
 
@@ -181,7 +189,7 @@ def _attn_fwd_kernel(
     q = tl.load(q_ptr + b * sq_b + h * sq_h + offs_m[:, None] * sq_s + d[None, :], mask=row_ok[:, None], other=0.0)
     q = q.to(tl.float32)
     q_scale, q_sinv = _row_scales(q, FP8_MAX)
-    q8 = tl.clamp(q * q_scale[:, None], -FP8_MAX, FP8_MAX).to(tl.float8e4nv)
+    q8 = _saturate(q, q * q_scale[:, None], FP8_MAX).to(tl.float8e4nv)
     q_row_scale = q_sinv * (tl.load(k_sinv_ptr + bhk) * softmax_scale_log2)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)

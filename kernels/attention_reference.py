@@ -2,7 +2,7 @@
 
 Same quantization as the kernel: Q scaled per row (one scale per token and head, so each
 row's amax maps to E4M3's 448), K and V per (batch, head),
-cast to E4M3 (round to nearest even, saturating); softmax statistics in FP32; P scaled by
+cast to E4M3 (round to nearest even, saturating finite values, NaN for inf/NaN inputs); softmax statistics in FP32; P scaled by
 ``P_SCALE`` (P <= 1 maps to <= 448), cast to E4M3, multiplied with V's codes.
 The one difference from the kernel: the kernel rounds P against the running row maximum of
 its online softmax (FlashAttention), this reference against the final row maximum; both are
@@ -29,6 +29,11 @@ E4M3_MAX = 448.0
 P_SCALE = 448.0  # P in [0, 1] -> [0, 448]: E4M3's full range, 2^-4 relative precision down to 2^-6 / 448
 
 
+def _saturate(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """y = scaled x saturated to E4M3's range, NaN where x is not finite (E4M3 has no inf)."""
+    return torch.where(torch.isfinite(x), y.clamp(-E4M3_MAX, E4M3_MAX), torch.full_like(y, float("nan")))
+
+
 def _scales(amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     amax = amax.float()
     ok = (amax > 0) & torch.isfinite(amax)
@@ -48,14 +53,14 @@ def head_scales(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def quantize_rows_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, H, S, D) -> (E4M3 codes (B, H, S, D), FP32 scale_inv (B, H, S)): one scale per row."""
     scale, scale_inv = _scales(x.detach().abs().amax(dim=-1))
-    y = (x.float() * scale[..., None]).clamp(-E4M3_MAX, E4M3_MAX)
+    y = _saturate(x, x.float() * scale[..., None])
     return y.to(torch.float8_e4m3fn), scale_inv
 
 
 def quantize_heads_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, H, S, D) -> (E4M3 codes (B, H, S, D), FP32 scale_inv (B, H))."""
     scale, scale_inv = head_scales(x)
-    y = (x.float() * scale[:, :, None, None]).clamp(-E4M3_MAX, E4M3_MAX)
+    y = _saturate(x, x.float() * scale[:, :, None, None])
     return y.to(torch.float8_e4m3fn), scale_inv
 
 

@@ -57,7 +57,7 @@ def test_cast_kernel_bit_exact(transpose):
 def test_row_cast_kernel_bit_exact_with_special_rows():
     q, _, _ = _qkv(S=70)
     q[0, 0, 3] = 0.0  # an all-zero row: scale 1
-    q[0, 1, 5, 7] = float("inf")  # inf and NaN rows: scale 1, the row's other values still cast
+    q[0, 1, 5, 7] = float("inf")  # inf and NaN rows: scale 1, those elements NaN, the rest still cast
     q[0, 2, 9, 1] = float("nan")
     codes, scale_inv = quantize_rows(q)
     ref, ref_scale_inv = quantize_rows_reference(q)
