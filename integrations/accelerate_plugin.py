@@ -87,6 +87,7 @@ class Accelerator(accelerate.Accelerator):
         super().__init__(*args, **kwargs)
         self.fp8_config = config
         self.fp8_reports: list = []
+        self._fp8_amax_syncs: list = []
 
     def prepare(self, *args, **kwargs):
         if self.fp8_config is not None:
@@ -99,4 +100,15 @@ class Accelerator(accelerate.Accelerator):
                     self.fp8_reports.append(report)
                     if self.is_main_process:
                         print(report, flush=True)
-        return super().prepare(*args, **kwargs)
+        prepared = super().prepare(*args, **kwargs)
+        if self.fp8_config is not None and self.num_processes > 1:
+            from hf_fp8.distributed import attach_amax_sync
+
+            # delayed recipe: every rank derives its scales from the same (all-reduced) amax history
+            outs = prepared if isinstance(prepared, tuple) else (prepared,)
+            models = [o for o in outs if isinstance(o, nn.Module)]
+            optimizers = [o for o in outs if hasattr(o, "step") and hasattr(o, "param_groups")]
+            for model in models:
+                for opt in optimizers:
+                    self._fp8_amax_syncs.append(attach_amax_sync(opt, self.unwrap_model(model)))
+        return prepared

@@ -295,6 +295,11 @@ class Fp8Callback(transformers.TrainerCallback):
                     "full-BF16 training needs FP32 optimizer states: pass optimizers=(hf_fp8.optim.AdamW("
                     "model.parameters(), lr=...), None) to transformers.Trainer, or use hf_fp8.Trainer"
                 )
+        if model is not None and optimizer is not None and getattr(self, "_amax_sync", None) is None:
+            from hf_fp8.distributed import attach_amax_sync
+
+            # delayed recipe, several processes: one all-reduce of the newest amaxes per optimizer step
+            self._amax_sync = attach_amax_sync(optimizer, model)
         return self._monitor_event("on_train_begin", args, state, control, optimizer=optimizer, model=model, **kwargs)
 
     # ---- the FP8 monitor (--fp8_monitor_interval), forwarded -------------------------------

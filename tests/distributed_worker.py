@@ -1,0 +1,78 @@
+"""One process of the CPU distributed tests (tests/test_distributed.py): train a tiny Llama for a
+few steps under DDP or FSDP2 over gloo, or alone, and write the losses (and final weights' norm)
+as JSON. Run as ``python tests/distributed_worker.py <mode> <recipe> <rank> <world> <port> <out>``."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+GLOBAL_BATCH, SEQ, STEPS = 4, 32, 6
+
+
+def main(mode: str, recipe: str, rank: int, world: int, port: int, out: str, vocab: int) -> None:
+    torch.set_num_threads(1)  # several processes on 2 cores: oversubscription makes steps 20-70x slower
+    import torch.distributed as dist
+    from llama_fixtures import bigram_batches, tiny_llama
+
+    import hf_fp8
+    from hf_fp8.distributed import attach_amax_sync
+
+    if world > 1:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+    model = tiny_llama(vocab_size=vocab)
+    full_bf16 = recipe == "full_bf16"
+    if full_bf16:
+        model.to(torch.bfloat16)
+    cfg = hf_fp8.Fp8Config(recipe=None if full_bf16 else recipe, auto_filter=False, exclude=("lm_head",))
+    hf_fp8.convert(model, cfg)
+    core = model
+    if mode == "ddp":
+        model = torch.nn.parallel.DistributedDataParallel(model)
+    elif mode == "fsdp2":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (world,))
+        for layer in core.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(core, mesh=mesh)
+    if full_bf16:
+        opt = hf_fp8.optim.AdamW(model.parameters(), lr=3e-3, full_bf16=True, seed=0)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    if not os.environ.get("HF_FP8_TEST_NO_AMAX_SYNC"):
+        attach_amax_sync(opt, core)
+    data = bigram_batches(GLOBAL_BATCH, SEQ, vocab, seed=0)
+    per_rank = GLOBAL_BATCH // world
+    losses = []
+    for _ in range(STEPS):
+        ids = next(data)[rank * per_rank : (rank + 1) * per_rank]
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        mean = loss.detach().float().clone()
+        if world > 1:
+            dist.all_reduce(mean)
+            mean /= world
+        losses.append(mean.item())
+    result = {"losses": losses}
+    delayed = [m for m in core.modules() if isinstance(m, hf_fp8.Fp8Linear) and m._fp8_delayed is not None]
+    if delayed:
+        result["amax_history"] = [m.fp8_amax_history.tolist() for m in delayed]
+    Path(out if rank == 0 else f"{out}.rank{rank}").write_text(json.dumps(result))
+    if world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    mode, recipe, rank, world, port, out, vocab = sys.argv[1:8]
+    main(mode, recipe, int(rank), int(world), int(port), out, int(vocab))
