@@ -65,7 +65,9 @@ def main(argv: list[str] | None = None) -> list[float]:
     if accelerator.is_main_process:
         print(
             f"loss: first {losses[0]:.4f}, last {losses[-1]:.4f}; FP8 layers: "
-            f"{sum(isinstance(m, hf_fp8.Fp8Linear) for m in accelerator.unwrap_model(model).modules())}"
+            f"{sum(isinstance(m, hf_fp8.Fp8Linear) for m in accelerator.unwrap_model(model).modules())}; "
+            f"processes: {accelerator.num_processes} ({accelerator.distributed_type.value}, "
+            f"model wrapped as {type(model).__name__})"
         )
     return losses
 

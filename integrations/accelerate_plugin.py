@@ -11,6 +11,14 @@ class), so hf_fp8 ships an ``accelerate.Accelerator`` subclass that converts eve
 backends are turned off (mixed precision becomes ``bf16``: BF16 autocast for what is not an
 FP8 layer), so nothing re-wraps hf_fp8's layers. Converting inside ``prepare`` after the
 optimizer exists is fine: ``convert`` keeps the same ``nn.Parameter`` objects.
+
+Several processes: the delayed recipe's amax histories are all-reduced once per optimizer step
+(:mod:`hf_fp8.distributed`). On CPUs, where accelerate ignores an FSDP launch config and falls
+back to DDP, an ``fsdp_version: 2`` config is honoured here: ``prepare`` applies ``fully_shard``
+(over gloo) to the layers the config names and to the model, and points the optimizer at the
+sharded parameters. On GPUs accelerate's own FSDP2 path runs, after hf_fp8 has converted the
+model (the FP8 layers are ordinary ``nn.Linear`` subclasses; FSDP2 all-gathers their BF16
+weights before each forward, so their scales come from full tensors).
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import logging
 import os
 
 import accelerate
+import torch
 from torch import nn
 
 from hf_fp8.config import Fp8Config, Recipe
@@ -65,6 +74,10 @@ class Accelerator(accelerate.Accelerator):
     """
 
     def __init__(self, *args, fp8_config: Fp8Config | str | None = None, **kwargs) -> None:
+        if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # a multi-process launch on a machine without GPUs: train on CPUs over gloo (stock
+            # accelerate would otherwise leave each process alone, never syncing gradients)
+            kwargs.setdefault("cpu", True)
         if isinstance(fp8_config, str):
             fp8_config = Fp8Config(recipe=fp8_config)
         config = fp8_config or config_from_environment()
@@ -89,6 +102,35 @@ class Accelerator(accelerate.Accelerator):
         self.fp8_reports: list = []
         self._fp8_amax_syncs: list = []
 
+    def _fsdp2_on_cpu(self) -> bool:
+        """accelerate ignores an FSDP launch config on CPUs and falls back to DDP (its FSDP code
+        paths assume CUDA); with ``fsdp_version: 2`` hf_fp8 applies ``fully_shard`` itself there."""
+        return (
+            os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+            and os.environ.get("FSDP_VERSION") == "2"
+            and self.distributed_type == accelerate.DistributedType.MULTI_CPU
+        )
+
+    def _shard_on_cpu(self, model: nn.Module, optimizers: list) -> None:
+        """``fully_shard`` each layer named by ``FSDP_TRANSFORMER_CLS_TO_WRAP``, then the root, over
+        a gloo device mesh; point the optimizers at the sharded parameters (FSDP2 replaces them)."""
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        wrap = {c.strip() for c in os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP", "").split(",") if c.strip()}
+        reshard = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() == "true"
+        before = {id(p): name for name, p in model.named_parameters()}
+        mesh = init_device_mesh("cpu", (self.num_processes,))
+        for module in list(model.modules()):
+            if type(module).__name__ in wrap:
+                fully_shard(module, mesh=mesh, reshard_after_forward=reshard)
+        fully_shard(model, mesh=mesh, reshard_after_forward=reshard)
+        after = dict(model.named_parameters())
+        for opt in optimizers:
+            for group in opt.param_groups:
+                group["params"] = [after[before[id(p)]] if id(p) in before else p for p in group["params"]]
+        logger.info("hf_fp8.Accelerator: FSDP2 applied on CPU (%d processes, wrapping %s)", self.num_processes, wrap)
+
     def prepare(self, *args, **kwargs):
         if self.fp8_config is not None:
             from hf_fp8.convert import convert
@@ -100,7 +142,24 @@ class Accelerator(accelerate.Accelerator):
                     self.fp8_reports.append(report)
                     if self.is_main_process:
                         print(report, flush=True)
-        prepared = super().prepare(*args, **kwargs)
+        if self._fsdp2_on_cpu():
+            models = [o for o in args if isinstance(o, nn.Module)]
+            optimizers = [o for o in args if isinstance(o, torch.optim.Optimizer)]
+            for model in models:
+                self._shard_on_cpu(model, optimizers)
+                if self.mixed_precision == "bf16":  # what accelerate's prepare_model would add
+                    import types
+
+                    forward = model.forward.__func__
+                    model.forward = types.MethodType(torch.autocast("cpu", dtype=torch.bfloat16)(forward), model)
+                self._models.append(model)
+            others = [o for o in args if not isinstance(o, nn.Module)]
+            done = super().prepare(*others, **kwargs) if others else ()
+            done = iter(done if isinstance(done, tuple) else (done,))
+            prepared = tuple(o if isinstance(o, nn.Module) else next(done) for o in args)
+            prepared = prepared[0] if len(prepared) == 1 else prepared
+        else:
+            prepared = super().prepare(*args, **kwargs)
         if self.fp8_config is not None and self.num_processes > 1:
             from hf_fp8.distributed import attach_amax_sync
 
