@@ -29,7 +29,19 @@ from torch import nn
 
 from hf_fp8.linear import Fp8Linear
 
-__all__ = ["delayed_layers", "sync_amax_histories", "attach_amax_sync", "world_size"]
+__all__ = [
+    "delayed_layers",
+    "sync_amax_histories",
+    "attach_amax_sync",
+    "world_size",
+    "full_state_dict",
+    "save_pretrained_consolidated",
+    "save_fp8_consolidated",
+    "save_sharded",
+    "load_sharded",
+]
+
+_FP8_STATE_SUFFIXES = (".fp8_amax_history", ".fp8_scale")
 
 
 def world_size(group: dist.ProcessGroup | None = None) -> int:
@@ -74,3 +86,64 @@ def attach_amax_sync(optimizer: torch.optim.Optimizer, model: nn.Module, group: 
         sync_amax_histories(model, group)
 
     return inner.register_step_pre_hook(hook)
+
+
+# ---- checkpoints of sharded (FSDP2) or replicated (DDP) models -------------------------------
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's full (unsharded) state dict on CPU, on rank 0 (an empty dict elsewhere).
+
+    A collective under FSDP2: every rank must call it. Works the same on unsharded models.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    if world_size() == 1:
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _rank0() -> bool:
+    return world_size() == 1 or dist.get_rank() == 0
+
+
+def save_pretrained_consolidated(model: nn.Module, directory: str) -> None:
+    """``save_pretrained`` of a sharded or replicated HF model: one stock checkpoint (no hf_fp8
+    keys, original dtype) written by rank 0; every rank must call it."""
+    state = {k: v for k, v in full_state_dict(model).items() if not k.endswith(_FP8_STATE_SUFFIXES)}
+    if _rank0():
+        model.save_pretrained(directory, state_dict=state)
+    if world_size() > 1:
+        dist.barrier()
+
+
+def save_fp8_consolidated(model: nn.Module, directory: str, **kwargs) -> None:
+    """:func:`hf_fp8.save_fp8` of a sharded or replicated model, written by rank 0; every rank must call it."""
+    from hf_fp8.integrations.export import save_fp8
+
+    state = full_state_dict(model)
+    if _rank0():
+        save_fp8(model, directory, state_dict=state, **kwargs)
+    if world_size() > 1:
+        dist.barrier()
+
+
+def save_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, directory: str) -> None:
+    """Each rank writes its shards of the model and optimizer (torch.distributed.checkpoint),
+    FP8 state included (the delayed recipe's histories are identical on every rank)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=directory)
+
+
+def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, directory: str) -> None:
+    """Restore :func:`save_sharded`'s checkpoint into a model sharded the same way (same world size)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optim": optim_state}
+    dcp.load(state, checkpoint_id=directory)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    for m in delayed_layers(model):  # a restored history seeds the scales
+        m._fp8_delayed.seeded = [bool(v) for v in (m.fp8_amax_history != 0).any(dim=0).tolist()]

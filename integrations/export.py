@@ -55,18 +55,27 @@ def _linear_weights(model: nn.Module) -> dict[str, nn.Linear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
 
 
-def save_fp8(model: nn.Module, directory: str | os.PathLike, *, keep: tuple[str, ...] = ("lm_head",)) -> str:
+def save_fp8(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    *,
+    keep: tuple[str, ...] = ("lm_head",),
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> str:
     """Write ``model`` as an FP8 checkpoint transformers' FP8 loader understands. Returns the directory.
 
     Args:
         model: an HF causal LM (converted by hf_fp8 or not).
         keep: module names left in the model's own dtype (``modules_to_not_convert``).
+        state_dict: the full state dict to write instead of ``model.state_dict()`` (a sharded
+            model's, gathered; see :func:`hf_fp8.distributed.save_fp8_consolidated`).
     """
     from safetensors.torch import save_file
 
     os.makedirs(directory, exist_ok=True)
     config = model.config
-    state = {k: v for k, v in model.state_dict().items() if not k.endswith((".fp8_amax_history", ".fp8_scale"))}
+    source = model.state_dict() if state_dict is None else state_dict
+    state = {k: v for k, v in source.items() if not k.endswith((".fp8_amax_history", ".fp8_scale"))}
     if getattr(config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)  # the loader re-ties it
     quantized: list[str] = []

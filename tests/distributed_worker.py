@@ -17,6 +17,8 @@ GLOBAL_BATCH, SEQ, STEPS = 4, 32, 6
 
 
 def main(mode: str, recipe: str, rank: int, world: int, port: int, out: str, vocab: int) -> None:
+    """mode: single | ddp | fsdp2 | fsdp2_save (train STEPS, checkpoint at STEPS // 2 into
+    <out>.ckpt/) | fsdp2_resume (load that checkpoint, train the remaining steps)."""
     torch.set_num_threads(1)  # several processes on 2 cores: oversubscription makes steps 20-70x slower
     import torch.distributed as dist
     from llama_fixtures import bigram_batches, tiny_llama
@@ -36,7 +38,7 @@ def main(mode: str, recipe: str, rank: int, world: int, port: int, out: str, voc
     core = model
     if mode == "ddp":
         model = torch.nn.parallel.DistributedDataParallel(model)
-    elif mode == "fsdp2":
+    elif mode.startswith("fsdp2"):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
@@ -53,7 +55,30 @@ def main(mode: str, recipe: str, rank: int, world: int, port: int, out: str, voc
     data = bigram_batches(GLOBAL_BATCH, SEQ, vocab, seed=0)
     per_rank = GLOBAL_BATCH // world
     losses = []
-    for _ in range(STEPS):
+    ckpt = Path(out.replace("fsdp2_resume", "fsdp2_save") + ".ckpt")
+    first = 0
+    if mode == "fsdp2_resume":
+        from hf_fp8.distributed import load_sharded
+
+        load_sharded(core, opt, str(ckpt / "sharded"))
+        first = STEPS // 2
+        for _ in range(first):
+            next(data)  # the batches the saved run consumed before its checkpoint
+    for step in range(first, STEPS):
+        if mode == "fsdp2_save" and step == STEPS // 2:
+            from hf_fp8.distributed import (
+                full_state_dict,
+                save_fp8_consolidated,
+                save_pretrained_consolidated,
+                save_sharded,
+            )
+
+            save_sharded(core, opt, str(ckpt / "sharded"))
+            save_pretrained_consolidated(core, str(ckpt / "stock"))
+            save_fp8_consolidated(core, str(ckpt / "fp8"))
+            full = full_state_dict(core)
+            if rank == 0:
+                torch.save({k: v for k, v in full.items() if k.endswith("weight")}, ckpt / "full_weights.pt")
         ids = next(data)[rank * per_rank : (rank + 1) * per_rank]
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
