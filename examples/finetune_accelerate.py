@@ -3,6 +3,8 @@
     accelerate launch --config_file examples/accelerate/fp8.yaml examples/finetune_accelerate.py
     HF_FP8_RECIPE=delayed accelerate launch --config_file examples/accelerate/fp8.yaml examples/finetune_accelerate.py
     accelerate launch --config_file examples/accelerate/cpu.yaml examples/finetune_accelerate.py --steps 5
+    accelerate launch --config_file examples/accelerate/ddp.yaml examples/finetune_accelerate.py    # 2 processes
+    accelerate launch --config_file examples/accelerate/fsdp2.yaml examples/finetune_accelerate.py  # FSDP2
 
 The recipe comes from ``HF_FP8_RECIPE`` (default here: rowwise) or from accelerate's own FP8
 launch settings; ``--model_name_or_path`` trains a real checkpoint instead of the tiny default.
