@@ -89,7 +89,9 @@ def main() -> None:
             del model, core, opt
             torch.cuda.empty_cache()
     if rank == 0:
-        gpu = "h100" if "H100" in torch.cuda.get_device_name() else torch.cuda.get_device_name().replace(" ", "_").lower()
+        gpu = (
+            "h100" if "H100" in torch.cuda.get_device_name() else torch.cuda.get_device_name().replace(" ", "_").lower()
+        )
         write_json(f"scaling_{gpu}_x{world}.json", {"env": environment(), "args": vars(args), "rows": rows})
     dist.destroy_process_group()
 
