@@ -2,6 +2,7 @@
 # Everything the H100 has to prove, in one call of the device tool:
 #   GPU tests, quantization-kernel bandwidth, Fp8Linear vs BF16 vs torchao, the auto-filter sweep.
 # Usage (from the repo root on the GPU machine): bash benchmarks/run_gpu.sh [tests|quant|linear|sweep ...]
+# Set HF_FP8_GIT_SHA=<the commit sent> from the calling machine: the copy there may carry a stale .git.
 set -u
 export PYTHONUNBUFFERED=1 HF_FP8_TEST_GPU=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
