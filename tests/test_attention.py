@@ -201,3 +201,25 @@ def test_convert_switches_attention_and_revert_restores_it(tmp_path):
 def test_trainer_flag_enables_fp8_attention(tmp_path):
     args = hf_fp8.TrainingArguments(output_dir=str(tmp_path), fp8="tensorwise", fp8_attention=True, report_to="none")
     assert args.fp8_config().fp8_attention
+
+
+def test_padded_batch_through_the_hf_function_matches_float64():
+    # HF passes a 4-D boolean mask for padded batches: the function falls back to SDPA (BF16 here
+    # on FP32 inputs: exact up to FP32 rounding) and must match float64 masked attention
+    A._warned.discard("an explicit attention mask (padding, packed sequences or a custom mask)")
+    module = torch.nn.Module()
+    module.is_causal = True
+    module.num_key_value_groups = 2
+    q, k, v = (t.float() for t in _qkv(B=2, S=24))
+    lengths = torch.tensor([24, 17])  # second sequence left-padded by 7
+    keep = torch.arange(24)[None, :] >= (24 - lengths)[:, None]  # (B, S) keys that are real
+    causal = torch.ones(24, 24, dtype=torch.bool).tril()
+    mask = (causal[None] & keep[:, None, :])[:, None]  # (B, 1, S, S)
+    with pytest.warns(UserWarning, match="explicit attention mask"):
+        out, _ = A.fp8_attention_forward(module, q, k, v, mask)
+    g = q.shape[1] // k.shape[1]
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q.double(), k.double().repeat_interleave(g, 1), v.double().repeat_interleave(g, 1), attn_mask=mask
+    ).transpose(1, 2)
+    rows = keep[:, :, None, None].expand_as(out)  # padded query rows attend to nothing useful: skip them
+    assert _rel(out[rows], ref[rows]) < 1e-5
