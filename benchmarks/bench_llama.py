@@ -160,6 +160,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--budget-s", type=float, default=520)
+    ap.add_argument("--out", default="llama_h100.json", help="results file name (in benchmarks/results/)")
     ap.add_argument("--plot", default=None, help="write a PNG bar chart from this JSON instead of running")
     args = ap.parse_args()
     if args.plot:
@@ -198,7 +199,7 @@ def main() -> None:
             print(f"{cfg_name} {json.dumps({k: v for k, v in row.items() if k != 'losses'})}", flush=True)
             payload = {"env": environment(), "batch": args.batch, "seq": args.seq, "warmup": args.warmup,
                        "steps": args.steps, "configs": {k: CONFIGS[k] for k in args.configs}, "rows": rows}  # fmt: skip
-            write_json("llama_h100.json", payload)  # after every variant: a cut-off run keeps what it measured
+            write_json(args.out, payload)  # after every variant: a cut-off run keeps what it measured
 
 
 def plot(path: Path) -> Path:

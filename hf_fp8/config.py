@@ -177,6 +177,7 @@ class Fp8Config:
     fp32_loss: bool = True
     fp8_weights: bool = False
     fp8_attention: bool = False
+    fused_ops: bool = True
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen: set once, here)
@@ -202,7 +203,15 @@ class Fp8Config:
             raise ValueError(f"Fp8Config.amax_history_len: got {self.amax_history_len}; expected an int >= 1")
         if self.margin < 0:
             raise ValueError(f"Fp8Config.margin: got {self.margin}; expected an int >= 0")
-        for name in ("use_fast_accum", "auto_filter", "fp32_rope", "fp32_loss", "fp8_weights", "fp8_attention"):
+        for name in (
+            "use_fast_accum",
+            "auto_filter",
+            "fp32_rope",
+            "fp32_loss",
+            "fp8_weights",
+            "fp8_attention",
+            "fused_ops",
+        ):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"Fp8Config.{name}: got {getattr(self, name)!r}; expected True or False")
         if self.fp8_attention and self.recipe is None:

@@ -168,6 +168,12 @@ def convert(
     )
     if config.fp8_attention:
         report.notes.append(f"attention: {_switch_to_fp8_attention(model)}")
+    if config.fused_ops:
+        from hf_fp8.integrations.fused_ops import patch_fused_ops
+
+        fused = patch_fused_ops(model)
+        if fused:
+            report.notes.append(f"fused RMSNorm and SwiGLU in {fused} modules")
     if config.full_bf16:
         report.notes.append("full-BF16: train with hf_fp8.optim.AdamW(..., full_bf16=True) for FP32 optimizer states")
     logger.info("hf_fp8.convert: %d of %d linear layers converted", len(report.converted), len(decisions))
@@ -248,11 +254,13 @@ def revert(model: nn.Module) -> int:
     ``Fp8Linear`` keeps them in their original dtype (FP8-only weights are dequantized). RoPE
     and loss patches and an FP8-attention switch made by :func:`convert` are undone too.
     """
+    from hf_fp8.integrations.fused_ops import unpatch_fused_ops
     from hf_fp8.integrations.loss import unpatch_loss
     from hf_fp8.integrations.rope import unpatch_rope
 
     unpatch_rope(model)
     unpatch_loss(model)
+    unpatch_fused_ops(model)
     previous_attn = model.__dict__.pop("_hf_fp8_previous_attn", None)
     if previous_attn is not None:
         model.set_attn_implementation(previous_attn)

@@ -260,3 +260,23 @@ def test_fp8_attention_kernel_on_gpu(causal):
         # BF16 backward at the unquantized inputs, through our forward's LSE and output (FP8 errors
         # of a few % enter through them)
         assert rel_err(got, ref) < 0.1, rel_err(got, ref)
+
+
+def test_fused_rms_norm_and_swiglu_on_gpu():
+    from hf_fp8.kernels.norm_swiglu import rms_norm, swiglu
+
+    torch.manual_seed(0)
+    x = (torch.randn(4, 1000, 4096, device="cuda") * 3).to(torch.bfloat16).requires_grad_()
+    w = (1 + 0.1 * torch.randn(4096, device="cuda")).to(torch.bfloat16).requires_grad_()
+    dy = torch.randn_like(x)
+    rms_norm(x, w, 1e-5).backward(dy)
+    xd, wd = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    (wd * (xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-5))).backward(dy.double())
+    assert rel_err(xd.grad, x.grad) < 8e-3 and rel_err(wd.grad, w.grad) < 8e-3  # BF16 rounding
+    a = (torch.randn(4, 1000, 14336, device="cuda") * 3).to(torch.bfloat16).requires_grad_()
+    b = torch.randn_like(a).requires_grad_()
+    g = torch.randn_like(a)
+    swiglu(a, b).backward(g)
+    ad, bd = a.detach().double().requires_grad_(), b.detach().double().requires_grad_()
+    (torch.nn.functional.silu(ad) * bd).backward(g.double())
+    assert rel_err(ad.grad, a.grad) < 8e-3 and rel_err(bd.grad, b.grad) < 8e-3

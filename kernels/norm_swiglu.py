@@ -1,0 +1,147 @@
+"""Fused RMSNorm and SwiGLU for Llama (Triton), forward and backward.
+
+RMSNorm: one pass per row computes the FP32 mean square, normalizes, rounds to the input dtype
+and scales by the weight (HF's order of operations); it saves only the per-row 1/rms for the
+backward, which recomputes the normalized row. SwiGLU: ``silu(gate) * up`` in FP32, one
+rounding; the backward recomputes ``silu`` from the saved inputs. Unfused, HF runs 6 kernels for
+RMSNorm and keeps an FP32 copy of the row alive for autograd, and 2 kernels for SwiGLU keeping
+``silu(gate)``. References: ``norm_swiglu_reference``; Liger-Kernel ships similar kernels.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["rms_norm", "swiglu"]
+
+
+@triton.jit
+def _rms_fwd_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, N, eps, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < N
+    x = tl.load(x_ptr + row * N + cols, mask=mask, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt_rn(tl.sum(x * x, 0) / N + eps)
+    normed = (x * rstd).to(x_ptr.dtype.element_ty)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+    tl.store(y_ptr + row * N + cols, (w.to(tl.float32) * normed.to(tl.float32)).to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(rstd_ptr + row, rstd)
+
+
+@triton.jit
+def _rms_bwd_kernel(
+    dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_part_ptr, M, N, ROWS: tl.constexpr, BLOCK: tl.constexpr
+):  # fmt: skip
+    # ROWS rows per program; the weight gradient is summed per program (partials reduced by torch)
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < N
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    dw = tl.zeros([BLOCK], tl.float32)
+    for i in range(ROWS):
+        row = (pid * ROWS + i).to(tl.int64)
+        if row < M:
+            x = tl.load(x_ptr + row * N + cols, mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(dy_ptr + row * N + cols, mask=mask, other=0.0).to(tl.float32)
+            rstd = tl.load(rstd_ptr + row)
+            xn = x * rstd
+            dw += dy * xn.to(x_ptr.dtype.element_ty).to(tl.float32)
+            dxn = dy * w
+            dx = rstd * (dxn - xn * (tl.sum(dxn * xn, 0) / N))
+            tl.store(dx_ptr + row * N + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    tl.store(dw_part_ptr + pid * N + cols, dw, mask=mask)
+
+
+@triton.jit
+def _swiglu_fwd_kernel(a_ptr, b_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    a = tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + offs, (a * tl.sigmoid(a) * b).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _swiglu_bwd_kernel(g_ptr, a_ptr, b_ptr, da_ptr, db_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    a = tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    s = tl.sigmoid(a)
+    tl.store(da_ptr + offs, (g * b * s * (1.0 + a * (1.0 - s))).to(da_ptr.dtype.element_ty), mask=mask)
+    tl.store(db_ptr + offs, (g * a * s).to(db_ptr.dtype.element_ty), mask=mask)
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).contiguous()
+        M, N = x2.shape
+        out_dtype = torch.promote_types(weight.dtype, x.dtype)
+        y = torch.empty((M, N), dtype=out_dtype, device=x.device)
+        rstd = torch.empty(M, dtype=torch.float32, device=x.device)
+        BLOCK = triton.next_power_of_2(N)
+        _rms_fwd_kernel[(M,)](x2, weight, y, rstd, N, float(eps), BLOCK=BLOCK, num_warps=1 if _interpret() else 8)
+        ctx.save_for_backward(x2, weight, rstd)
+        ctx.shape = shape
+        return y.view(*shape[:-1], N)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, weight, rstd = ctx.saved_tensors
+        M, N = x2.shape
+        dy2 = dy.reshape(M, N).contiguous()
+        dx = torch.empty_like(x2)
+        ROWS = 64 if _interpret() else 16
+        n_prog = triton.cdiv(M, ROWS)
+        dw_part = torch.empty((n_prog, N), dtype=torch.float32, device=x2.device)
+        BLOCK = triton.next_power_of_2(N)
+        _rms_bwd_kernel[(n_prog,)](
+            dy2, x2, weight, rstd, dx, dw_part, M, N, ROWS=ROWS, BLOCK=BLOCK, num_warps=1 if _interpret() else 8
+        )
+        dw = dw_part.sum(0).to(weight.dtype) if weight.requires_grad else None
+        return dx.view(ctx.shape), dw, None
+
+
+class _SwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate, up):
+        a, b = gate.contiguous(), up.contiguous()
+        y = torch.empty_like(a)
+        n = a.numel()
+        BLOCK = 4096 if _interpret() else 1024
+        _swiglu_fwd_kernel[(triton.cdiv(n, BLOCK),)](a, b, y, n, BLOCK=BLOCK)
+        ctx.save_for_backward(a, b)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        a, b = ctx.saved_tensors
+        g = g.contiguous()
+        da, db = torch.empty_like(a), torch.empty_like(b)
+        n = a.numel()
+        BLOCK = 4096 if _interpret() else 1024
+        _swiglu_bwd_kernel[(triton.cdiv(n, BLOCK),)](g, a, b, da, db, n, BLOCK=BLOCK)
+        return da, db
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Fused HF ``LlamaRMSNorm`` (autograd-aware; Triton)."""
+    return _RMSNorm.apply(x, weight, eps)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """Fused ``silu(gate) * up`` (autograd-aware; Triton)."""
+    if gate.shape != up.shape or gate.dtype != up.dtype:
+        raise ValueError(f"swiglu: gate {tuple(gate.shape)} {gate.dtype} and up {tuple(up.shape)} {up.dtype} differ")
+    return _SwiGLU.apply(gate, up)
