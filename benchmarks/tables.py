@@ -211,8 +211,8 @@ def monitor_table() -> str:
     )
 
 
-def llama_table() -> str:
-    d = _load("llama_h100.json")
+def llama_table(name: str = "llama_h100.json") -> str:
+    d = _load(name)
     rows = [r for r in d["rows"] if "speedup_vs_stock" in r]
     cfg = rows[0]["config"]
     out = [
@@ -233,6 +233,7 @@ def llama_table() -> str:
 
 SECTIONS = {
     "llama": llama_table,
+    "llama_fused": lambda: llama_table("llama_fused_h100.json"),
     "monitor": monitor_table,
     "attention": attention_table,
     "linear": linear_table,
