@@ -13,7 +13,7 @@ from typing import Literal
 
 import torch
 
-__all__ = ["fp8_gemm_supported", "use_triton_kernels", "kernel_backend"]
+__all__ = ["fp8_gemm_supported", "use_triton", "use_triton_kernels", "kernel_backend"]
 
 KernelBackend = Literal["auto", "triton", "torch"]
 _override: KernelBackend = "auto"
@@ -37,6 +37,14 @@ def _triton_available() -> bool:
     from hf_fp8.kernels import is_triton_available
 
     return is_triton_available()
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    """Triton kernels that need no FP8 hardware (RoPE, norms, SwiGLU, AdamW) on any CUDA GPU, torch
+    references elsewhere (unless overridden)."""
+    if _override != "auto":
+        return _override == "triton"
+    return x.is_cuda and _triton_available()
 
 
 def use_triton_kernels(x: torch.Tensor) -> bool:

@@ -144,6 +144,5 @@ def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, directory: 
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optim": optim_state}
     dcp.load(state, checkpoint_id=directory)
+    # goes through each Fp8Linear's _load_from_state_dict, which re-seeds the delayed scales
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    for m in delayed_layers(model):  # a restored history seeds the scales
-        m._fp8_delayed.seeded = [bool(v) for v in (m.fp8_amax_history != 0).any(dim=0).tolist()]

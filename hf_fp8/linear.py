@@ -262,9 +262,7 @@ class Fp8Linear(nn.Linear):
             if prefix + name in missing_keys:
                 missing_keys.remove(prefix + name)
         if self._fp8_delayed is not None and prefix + "fp8_amax_history" in state_dict:
-            # A loaded history seeds the scales; an all-zero column still needs a first measurement.
-            seeded = (self.fp8_amax_history != 0).any(dim=0).tolist()
-            self._fp8_delayed.seeded = [bool(s) for s in seeded]
+            self._fp8_delayed.seed_from_history()
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)

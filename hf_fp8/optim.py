@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from hf_fp8._backend import use_triton
+
 __all__ = ["AdamW", "stochastic_round"]
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -178,7 +180,7 @@ class AdamW(torch.optim.Optimizer):
                 bc2 = 1.0 - beta2**step
                 round_sr = sr and p.dtype in _LOW_PRECISION
                 seed = self._next_seed() if round_sr else 0
-                if _use_triton(p) and not (round_sr and p.dtype == torch.float16):
+                if use_triton(p) and not (round_sr and p.dtype == torch.float16):
                     from hf_fp8.kernels.adamw import adamw_step
 
                     adamw_step(
@@ -213,16 +215,6 @@ class AdamW(torch.optim.Optimizer):
                         seed,
                     )
         return loss
-
-
-def _use_triton(p: torch.Tensor) -> bool:
-    from hf_fp8._backend import _override, _triton_available
-
-    if _override == "triton":
-        return True
-    if _override == "torch":
-        return False
-    return p.is_cuda and _triton_available()
 
 
 def _adamw_step_torch(p, g, m, v, lr, beta1, beta2, eps, wd, bc1, bc2, round_sr, seed):

@@ -58,6 +58,11 @@ class DelayedScalingState:
         self.scale = scale
         self.seeded = [False, False, False]
 
+    def seed_from_history(self) -> None:
+        """After the history was loaded or restored: a column with a recorded amax seeds its
+        scale; an all-zero column still needs a first measurement (one host sync)."""
+        self.seeded = [bool(v) for v in (self.history != 0).any(dim=0).tolist()]
+
 
 def quantize_operand(
     x: torch.Tensor,

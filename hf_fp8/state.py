@@ -39,7 +39,7 @@ def load_fp8_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> int
         if all(k in state for k in keys):
             for b, k in zip(_BUFFERS, keys, strict=True):
                 getattr(m, b).copy_(state[k])
-            m._fp8_delayed.seeded = [bool(s) for s in (m.fp8_amax_history != 0).any(dim=0).tolist()]
+            m._fp8_delayed.seed_from_history()
             n += 1
     return n
 

@@ -23,6 +23,8 @@ import warnings
 
 import torch
 
+from hf_fp8._backend import use_triton_kernels
+
 __all__ = ["ATTN_IMPLEMENTATION", "register_attention", "fp8_attention", "fp8_attention_forward", "fallback_reasons"]
 
 ATTN_IMPLEMENTATION = "hf_fp8"
@@ -35,16 +37,6 @@ BACKWARD_ORDER: tuple[str, ...] = ("cudnn", "flash")
 def fallback_reasons() -> set[str]:
     """Reasons for which this process has fallen back to SDPA so far (each warned once)."""
     return set(_warned)
-
-
-def _use_kernel(q: torch.Tensor) -> bool:
-    from hf_fp8._backend import _override, _triton_available, fp8_gemm_supported
-
-    if _override == "triton":
-        return True
-    if _override == "torch":
-        return False
-    return fp8_gemm_supported(q.device) and _triton_available()
 
 
 def _bf16_backward(kind, dout, q, k, v, out, lse, causal, scale):
@@ -120,7 +112,7 @@ def fp8_attention(
     Triton kernel on FP8-capable GPUs, the torch emulation elsewhere.
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    if _use_kernel(q):
+    if use_triton_kernels(q):
         return _Fp8AttentionFunction.apply(q, k, v, causal, scale)
     from hf_fp8.kernels.attention_reference import fp8_attention_reference
 

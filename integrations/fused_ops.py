@@ -14,22 +14,16 @@ import types
 import torch
 from torch import nn
 
+from hf_fp8._backend import use_triton
+
 __all__ = ["patch_fused_ops", "unpatch_fused_ops"]
 
 _CLASSES = {"llama": {"norm": ("LlamaRMSNorm",), "mlp": ("LlamaMLP",)}}
 _MARK = "_hf_fp8_fused"
 
 
-def _use_triton(x: torch.Tensor) -> bool:
-    from hf_fp8._backend import _override, _triton_available
-
-    if _override != "auto":
-        return _override == "triton"
-    return x.is_cuda and _triton_available()
-
-
 def _norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-    if _use_triton(hidden_states):
+    if use_triton(hidden_states):
         from hf_fp8.kernels.norm_swiglu import rms_norm
 
         return rms_norm(hidden_states, self.weight, self.variance_epsilon)
@@ -40,7 +34,7 @@ def _norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
 
 def _mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
     gate, up = self.gate_proj(x), self.up_proj(x)
-    if _use_triton(gate):
+    if use_triton(gate):
         from hf_fp8.kernels.norm_swiglu import swiglu
 
         return self.down_proj(swiglu(gate, up))

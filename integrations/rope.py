@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from hf_fp8._backend import use_triton
+
 __all__ = ["RopeInputs", "RopePatch", "patch_rope", "unpatch_rope", "fp32_rope"]
 
 # model family -> attention classes whose forward we know (same structure as Llama's)
@@ -56,23 +58,13 @@ class RopeInputs:
         )
 
 
-def _use_triton(x: torch.Tensor) -> bool:
-    from hf_fp8._backend import _override, _triton_available
-
-    if _override == "triton":
-        return True
-    if _override == "torch":
-        return False
-    return x.is_cuda and _triton_available()
-
-
 def fp32_rope(
     q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, inv_freq: torch.Tensor, scaling: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Autograd-aware FP32 rotation of q (B, S, Hq, D) and k (B, S, Hk, D): Triton on GPUs, torch elsewhere."""
     inv_freq = inv_freq.to(device=q.device)
     position_ids = position_ids.to(device=q.device)
-    if _use_triton(q):
+    if use_triton(q):
         from hf_fp8.kernels.rope import apply_rope
 
         return apply_rope(q, k, position_ids, inv_freq, scaling)
