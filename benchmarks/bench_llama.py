@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -117,34 +116,21 @@ def bigram_batches(batch: int, seq: int, vocab: int, n: int) -> list[torch.Tenso
 
 def run_variant(name: str, config: dict, batch: int, seq: int, warmup: int, steps: int) -> dict:
     model, opt, note = build(name, config)
-    batches = bigram_batches(batch, seq, config["vocab_size"], warmup + steps)
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    times, losses = [], []
+    from benchmarks.common import time_training_steps
+
     t_start = time.perf_counter()
-    for i, ids in enumerate(batches):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-        losses.append(loss.item())
-    ms = statistics.median(times) * 1e3
+    timed = time_training_steps(model, opt, bigram_batches(batch, seq, config["vocab_size"], warmup + steps), warmup)
     row = dict(
         variant=name,
         note=note,
-        step_ms=ms,
-        tokens_per_s=batch * seq / (ms / 1e3),
-        peak_mem_gb=torch.cuda.max_memory_allocated() / 1e9,
-        loss=losses[-1],
-        losses=losses,
+        step_ms=timed["step_ms"],
+        tokens_per_s=timed["tokens_per_s"],
+        peak_mem_gb=timed["peak_mem_gb"],
+        loss=timed["losses"][-1],
+        losses=timed["losses"],
         wall_s=time.perf_counter() - t_start,
     )
-    del model, opt, loss
+    del model, opt
     gc.collect()
     torch.cuda.empty_cache()
     torch._dynamo.reset()

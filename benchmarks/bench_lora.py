@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import statistics
-import time
 
 import torch
 
@@ -59,22 +57,11 @@ def run_variant(name: str, layers: int, batch: int, seq: int, steps: int, warmup
     targeted_bytes = sum(m.weight.numel() * m.weight.element_size() for m in targeted)
     frozen_bytes = sum(p.numel() * p.element_size() for p in pm.parameters() if not p.requires_grad)
     opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-4, fused=True)
+    from benchmarks.common import time_training_steps
+
     g = torch.Generator(device="cuda").manual_seed(0)
     ids = torch.randint(0, 128256, (batch, seq), device="cuda", generator=g)
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    times, loss = [], None
-    for i in range(warmup + steps):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        loss = pm(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    ms = statistics.median(times) * 1e3
+    timed = time_training_steps(pm, opt, [ids] * (warmup + steps), warmup)
     row = dict(
         variant=name,
         layers=layers,
@@ -82,13 +69,13 @@ def run_variant(name: str, layers: int, batch: int, seq: int, steps: int, warmup
         seq=seq,
         targeted_base_weight_gb=targeted_bytes / 1e9,
         frozen_param_gb=frozen_bytes / 1e9,
-        peak_mem_gb=torch.cuda.max_memory_allocated() / 1e9,
-        step_ms=ms,
-        tokens_per_s=batch * seq / (ms / 1e3),
-        loss=loss.item(),
+        peak_mem_gb=timed["peak_mem_gb"],
+        step_ms=timed["step_ms"],
+        tokens_per_s=timed["tokens_per_s"],
+        loss=timed["losses"][-1],
     )
     print(row, flush=True)
-    del pm, model, opt, loss
+    del pm, model, opt
     gc.collect()
     torch.cuda.empty_cache()
     return row

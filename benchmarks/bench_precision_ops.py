@@ -37,6 +37,22 @@ def _hf_rope_fns():
     return LlamaRotaryEmbedding(cfg).cuda(), apply_rotary_pos_emb
 
 
+ROPE_SHAPE = (2, 4096, 32, 8, 128)  # B, S, query heads, key heads, head_dim
+
+
+def rope_inputs():
+    """The RoPE benchmarks' inputs: shape, HF's rotary module and apply function, FP32 inv_freq,
+    positions, q/k as (B, S, H*D) projections (BF16) and output gradients as (B, H, S, D)."""
+    B, S, Hq, Hk, D = ROPE_SHAPE
+    rotary, hf_apply = _hf_rope_fns()
+    pos = torch.arange(S, device="cuda").view(1, S)
+    q_lin = torch.randn(B, S, Hq * D, device="cuda", dtype=torch.bfloat16)
+    k_lin = torch.randn(B, S, Hk * D, device="cuda", dtype=torch.bfloat16)
+    gq = torch.randn(B, Hq, S, D, device="cuda", dtype=torch.bfloat16)
+    gk = torch.randn(B, Hk, S, D, device="cuda", dtype=torch.bfloat16)
+    return ROPE_SHAPE, rotary, hf_apply, rotary.inv_freq.float(), pos, q_lin, k_lin, gq, gk
+
+
 def bench_rope(sweep: bool = True, rep_ms: float = 100, layers: int = 8) -> list[dict]:
     """Three views of fwd+bwd, because one backward() call has a fixed cost on its own:
 
@@ -53,14 +69,7 @@ def bench_rope(sweep: bool = True, rep_ms: float = 100, layers: int = 8) -> list
     """
     from hf_fp8.integrations.rope import fp32_rope
 
-    B, S, Hq, Hk, D = 2, 4096, 32, 8, 128
-    rotary, hf_apply = _hf_rope_fns()
-    inv_freq = rotary.inv_freq.float()
-    pos = torch.arange(S, device="cuda").view(1, S)
-    q_lin = torch.randn(B, S, Hq * D, device="cuda", dtype=torch.bfloat16)
-    k_lin = torch.randn(B, S, Hk * D, device="cuda", dtype=torch.bfloat16)
-    gq = torch.randn(B, Hq, S, D, device="cuda", dtype=torch.bfloat16)
-    gk = torch.randn(B, Hk, S, D, device="cuda", dtype=torch.bfloat16)
+    (B, S, Hq, Hk, D), rotary, hf_apply, inv_freq, pos, q_lin, k_lin, gq, gk = rope_inputs()
 
     # every provider: (prepare(q) -> per-step context, step(q4, k4, ctx) -> (q4, k4)) on (B, S, H, D) views
     def hf_prepare(q):

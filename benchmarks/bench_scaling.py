@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 
 import torch
 import torch.distributed as dist
@@ -34,7 +32,7 @@ def main() -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import hf_fp8
-    from benchmarks.common import environment, write_json
+    from benchmarks.common import environment, time_training_steps, write_json
     from hf_fp8.distributed import attach_amax_sync
 
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -65,24 +63,15 @@ def main() -> None:
                 fully_shard(core)
             opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
             attach_amax_sync(opt, core)
-            g = torch.Generator(device="cuda").manual_seed(rank)
-            times, loss = [], None
-            torch.cuda.reset_peak_memory_stats()
-            for i in range(args.warmup + args.steps):
-                ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), device="cuda", generator=g)
-                torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                loss = model(input_ids=ids, labels=ids).loss
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                torch.cuda.synchronize()
-                if i >= args.warmup:
-                    times.append(time.perf_counter() - t0)
-            ms = statistics.median(times) * 1e3
-            row = dict(strategy=strategy, precision=precision, world=world, step_ms=ms,
-                       tokens_per_s_per_gpu=args.batch * args.seq / (ms / 1e3),
-                       peak_mem_gb=torch.cuda.max_memory_allocated() / 1e9, loss=loss.item())  # fmt: skip
+            g = torch.Generator(device="cuda").manual_seed(rank)  # each rank its own data
+            batches = [
+                torch.randint(0, cfg.vocab_size, (args.batch, args.seq), device="cuda", generator=g)
+                for _ in range(args.warmup + args.steps)
+            ]
+            timed = time_training_steps(model, opt, batches, args.warmup)
+            row = dict(strategy=strategy, precision=precision, world=world, step_ms=timed["step_ms"],
+                       tokens_per_s_per_gpu=timed["tokens_per_s"], peak_mem_gb=timed["peak_mem_gb"],
+                       loss=timed["losses"][-1])  # fmt: skip
             rows.append(row)
             if rank == 0:
                 print(row, flush=True)

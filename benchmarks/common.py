@@ -67,6 +67,38 @@ def bench_ms(fn: Callable[[], object], *, warmup_ms: float = 25, rep_ms: float =
     return {"ms": q[0], "ms_p20": q[1], "ms_p80": q[2], "cudagraph": cudagraph}
 
 
+def time_training_steps(model, optimizer, batches, warmup: int) -> dict:
+    """Causal-LM training steps (labels = inputs) on each batch of ``batches``; the first
+    ``warmup`` are not timed. Returns the median step time, tokens/s, peak memory since the
+    first step, and every step's loss (one host sync per step: the timing needs it anyway)."""
+    import time
+
+    cuda = torch.cuda.is_available()
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    times, losses = [], []
+    for i, ids in enumerate(batches):
+        sync()
+        t0 = time.perf_counter()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sync()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+        losses.append(loss.item())
+    ms = statistics.median(times) * 1e3
+    return dict(
+        step_ms=ms,
+        tokens_per_s=ids.numel() / (ms / 1e3),
+        peak_mem_gb=torch.cuda.max_memory_allocated() / 1e9 if cuda else 0.0,
+        losses=losses,
+    )
+
+
 def warm_up_gpu(seconds: float = 1.0) -> None:
     """Run large matmuls first so clocks and caches are settled before the first timed shape
     (without it the first shape measured up to 2x slower in one run)."""

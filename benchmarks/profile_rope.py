@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from benchmarks.bench_precision_ops import _hf_rope_fns
+from benchmarks.bench_precision_ops import rope_inputs
 from benchmarks.common import bench_ms, environment, warm_up_gpu, write_json
 
 
@@ -34,14 +34,7 @@ def main() -> None:
     from hf_fp8.integrations.rope import fp32_rope
     from hf_fp8.kernels import rope as rk
 
-    B, S, Hq, Hk, D = 2, 4096, 32, 8, 128
-    rotary, hf_apply = _hf_rope_fns()
-    inv_freq = rotary.inv_freq.float()
-    pos = torch.arange(S, device="cuda").view(1, S)
-    q_lin = torch.randn(B, S, Hq * D, device="cuda", dtype=torch.bfloat16)
-    k_lin = torch.randn(B, S, Hk * D, device="cuda", dtype=torch.bfloat16)
-    gq = torch.randn(B, Hq, S, D, device="cuda", dtype=torch.bfloat16)
-    gk = torch.randn(B, Hk, S, D, device="cuda", dtype=torch.bfloat16)
+    (B, S, Hq, Hk, D), rotary, hf_apply, inv_freq, pos, q_lin, k_lin, gq, gk = rope_inputs()
     q4, k4 = q_lin.view(B, S, Hq, D), k_lin.view(B, S, Hk, D)
     gq4, gk4 = gq.transpose(1, 2), gk.transpose(1, 2)
 
