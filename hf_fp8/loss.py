@@ -1,11 +1,17 @@
-"""FP32 logits and loss without the full logits tensor: chunked linear + cross-entropy.
+"""FP32 logits and loss without the full FP32 logits tensor: chunked linear + cross-entropy.
 
 For each chunk of tokens the lm_head GEMM takes the model-dtype (BF16) operands and writes
-FP32 logits (FP32 accumulation, no BF16 rounding of the logits), the loss and the logits
-gradient come out of one fused kernel, and the gradients of the hidden states and of the
-lm_head weight are accumulated right away, the weight's in FP32 across chunks. The chunk
-buffer is then reused, so peak memory is one (chunk x vocab) FP32 block instead of HF's
-(batch x seq x vocab) BF16 logits, their FP32 copy and the FP32 softmax saved for backward.
+FP32 logits (FP32 accumulation, no BF16 rounding of the logits); the loss and the logits
+gradient come out of one fused kernel, which writes the gradient (in the weight's dtype) into
+one (tokens x vocab) buffer. After the last chunk, the gradients of the hidden states and of
+the lm_head weight are each one GEMM over all tokens (FP32 accumulation inside the GEMM, one
+rounding). Peak memory: that BF16 gradient buffer plus one (chunk x vocab) FP32 block, where
+HF keeps the BF16 logits, their FP32 copy and the FP32 softmax for backward.
+
+Why one weight-gradient GEMM rather than accumulating per chunk: a chunk has ~500 tokens at
+Llama-3 vocab sizes, so accumulating ``dW += gᵀ h`` per chunk reads and writes the whole
+FP32 (vocab x hidden) accumulator for a K=500 GEMM, 16 times per step: measured on the H100
+(B=2, S=4096, vocab 128256) 64.6 ms for the loss against 50.8 ms for HF's BF16 path.
 
 Semantics are HF's ``ForCausalLMLoss``: labels are shifted left by one (or ``shift_labels``
 is used as given), ``ignore_index`` tokens count for nothing, and the loss is the mean over
@@ -46,25 +52,17 @@ def mm_fp32_out(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a.float() @ b.float()
 
 
-def _addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc (FP32) += a @ b, accumulating in place without a second full-size FP32 temporary."""
-    if a.is_cuda and a.dtype == b.dtype and a.dtype != torch.float32 and _has_dtype_gemm():
-        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-    else:
-        acc.addmm_(a.float(), b.float())
-
-
-def _ce(logits: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor, grad_dtype: torch.dtype, ignore_index: int):
+def _ce(logits: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor, grad_out: torch.Tensor, ignore_index: int):
     from hf_fp8._backend import _override, _triton_available
 
     use_triton = _override == "triton" or (_override == "auto" and logits.is_cuda and _triton_available())
     if use_triton:
         from hf_fp8.kernels.cross_entropy import ce_fwd_bwd
 
-        return ce_fwd_bwd(logits, labels, scale, grad_dtype, ignore_index)
+        return ce_fwd_bwd(logits, labels, scale, grad_out.dtype, ignore_index, grad_out=grad_out)
     from hf_fp8.kernels.cross_entropy_reference import ce_fwd_bwd_reference
 
-    return ce_fwd_bwd_reference(logits, labels, scale, grad_dtype, ignore_index)
+    return ce_fwd_bwd_reference(logits, labels, scale, grad_out.dtype, ignore_index, grad_out=grad_out)
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -76,34 +74,35 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = bias is not None and ctx.needs_input_grad[2]
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
+        # dLoss/dlogits of every token, in the dtype the gradient GEMMs take (without any
+        # gradient to compute, e.g. an eval loss, one chunk's worth is reused instead)
+        rows = N if (need_h or need_w or need_b) else min(N, chunk_size)
+        grad_logits = torch.empty((rows, weight.shape[0]), dtype=weight.dtype, device=hidden.device)
         w_t = weight.t()
         for start in range(0, N, chunk_size):
-            h = hidden[start : start + chunk_size]
-            logits = mm_fp32_out(h, w_t)
+            logits = mm_fp32_out(hidden[start : start + chunk_size], w_t)
             if bias is not None:
                 logits += bias.float()
-            chunk_loss, g = _ce(logits, labels[start : start + chunk_size], scale, weight.dtype, ignore_index)
+            n = logits.shape[0]
+            g = grad_logits[start : start + n] if rows == N else grad_logits[:n]
+            chunk_loss, _ = _ce(logits, labels[start : start + n], scale, g, ignore_index)
             del logits
             loss += chunk_loss.sum()
-            if need_h:
-                grad_h[start : start + chunk_size] = (g @ weight).to(hidden.dtype)
-            if need_w:
-                _addmm_fp32_(grad_w, g.t(), h.to(weight.dtype))
-            if need_b:
-                grad_b += g.float().sum(0)
+        grad_h = (grad_logits @ weight).to(hidden.dtype) if need_h else None
+        grad_w = grad_logits.t() @ hidden.to(weight.dtype) if need_w else None
+        grad_b = grad_logits.float().sum(0) if need_b else None
+        del grad_logits
         ctx.save_for_backward(grad_h, grad_w, grad_b)
-        ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
+        ctx.b_dtype = bias.dtype if bias is not None else None
         return loss * scale
 
     @staticmethod
     def backward(ctx, grad_loss):
         grad_h, grad_w, grad_b = ctx.saved_tensors
-        w_dtype, b_dtype = ctx.dtypes
-        out_h = grad_h * grad_loss.to(grad_h.dtype) if grad_h is not None else None
-        out_w = (grad_w * grad_loss).to(w_dtype) if grad_w is not None else None
+        b_dtype = ctx.b_dtype
+        # a 0-d FP32 multiplier keeps the gradient's dtype and multiplies in FP32: one rounding
+        out_h = grad_h * grad_loss if grad_h is not None else None
+        out_w = grad_w * grad_loss if grad_w is not None else None
         out_b = (grad_b * grad_loss).to(b_dtype) if grad_b is not None else None
         return out_h, out_w, out_b, None, None, None, None
 
@@ -130,7 +129,8 @@ def chunked_linear_cross_entropy(
             instead of averaging over counted tokens (what the Trainer passes under gradient
             accumulation).
         chunk_size (`int`, *optional*): tokens per chunk; default keeps a chunk's FP32 logits
-            near 256 MB.
+            near 256 MB. The (tokens x vocab) logits gradient in the weight's dtype is held
+            whole (HF holds the logits at that size too).
 
     Returns:
         `torch.Tensor`: 0-d FP32 loss. NaN if no token is counted and ``num_items_in_batch`` is

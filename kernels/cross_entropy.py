@@ -78,8 +78,10 @@ def ce_fwd_bwd(
     scale: torch.Tensor,
     grad_dtype: torch.dtype,
     ignore_index: int = -100,
+    grad_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row losses (C,) FP32 and the scaled logits gradient (C, V) in ``grad_dtype``.
+    """Per-row losses (C,) FP32 and the scaled logits gradient (C, V) in ``grad_dtype``
+    (written into ``grad_out``, (C, V) with unit column stride, when given).
 
     Args:
         logits (`torch.Tensor`): (C, V) float32, unit stride along V.
@@ -93,7 +95,15 @@ def ce_fwd_bwd(
         )
     C, V = logits.shape
     loss = torch.empty(C, dtype=torch.float32, device=logits.device)
-    grad = torch.empty((C, V), dtype=grad_dtype, device=logits.device)
+    if grad_out is None:
+        grad = torch.empty((C, V), dtype=grad_dtype, device=logits.device)
+    elif grad_out.shape != (C, V) or grad_out.dtype != grad_dtype or grad_out.stride(1) != 1:
+        raise ValueError(
+            f"grad_out: expected ({C}, {V}) {grad_dtype} with unit column stride, got {grad_out.dtype} "
+            f"{tuple(grad_out.shape)}"
+        )
+    else:
+        grad = grad_out
     interp = os.environ.get("TRITON_INTERPRET", "0") == "1"
     BLOCK_V = min(triton.next_power_of_2(V), 65536 if interp else 4096)
     _ce_fwd_bwd_kernel[(C,)](

@@ -13,8 +13,10 @@ def ce_fwd_bwd_reference(
     scale: torch.Tensor,
     grad_dtype: torch.dtype,
     ignore_index: int = -100,
+    grad_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row losses (C,) FP32 and the scaled logits gradient (C, V) in ``grad_dtype``."""
+    """Per-row losses (C,) FP32 and the scaled logits gradient (C, V) in ``grad_dtype``
+    (written into ``grad_out`` when given)."""
     ignored = labels == ignore_index
     safe = torch.where(ignored, torch.zeros_like(labels), labels)
     lse = torch.logsumexp(logits, dim=-1)
@@ -22,4 +24,7 @@ def ce_fwd_bwd_reference(
     grad = torch.exp(logits - lse[:, None])
     grad.scatter_add_(1, safe[:, None], torch.full_like(lse[:, None], -1.0))
     grad = grad * torch.where(ignored, torch.zeros_like(lse), scale)[:, None]
-    return loss, grad.to(grad_dtype)
+    if grad_out is None:
+        return loss, grad.to(grad_dtype)
+    grad_out.copy_(grad)
+    return loss, grad_out

@@ -87,6 +87,18 @@ def test_shift_labels_and_errors():
         hf_fp8.chunked_linear_cross_entropy(hidden, weight, labels[:, :3])
 
 
+def test_loss_without_gradients_equals_training_loss():
+    """An eval loss (no_grad) reuses one chunk's gradient buffer instead of a (tokens x vocab) one."""
+    torch.manual_seed(3)
+    hidden = torch.randn(2, 37, 32, requires_grad=True)
+    weight = torch.randn(300, 32, requires_grad=True)
+    labels = torch.randint(0, 300, (2, 37))
+    train = hf_fp8.chunked_linear_cross_entropy(hidden, weight, labels, chunk_size=16)
+    with torch.no_grad():
+        evaluated = hf_fp8.chunked_linear_cross_entropy(hidden, weight, labels, chunk_size=16)
+    assert torch.equal(train.detach(), evaluated)
+
+
 def test_never_materializes_full_logits(monkeypatch):
     seen = []
     original = L.mm_fp32_out
@@ -117,6 +129,13 @@ def test_triton_kernel_matches_reference():
         torch.testing.assert_close(l_k, l_r, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(g_k.float(), g_r.float(), rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-6)
         assert (g_k[3] == 0).all() and l_k[3] == 0
+        # written in place into rows of a larger buffer (what the chunked loss does)
+        buf = torch.full((12, 700), 7.0, dtype=dtype)
+        l_o, g_o = ce_fwd_bwd(logits, labels, scale, dtype, grad_out=buf[2:11])
+        assert g_o.data_ptr() == buf[2:11].data_ptr() and torch.equal(g_o, g_k) and torch.equal(l_o, l_k)
+        assert (buf[:2] == 7).all() and (buf[11:] == 7).all()
+    with pytest.raises(ValueError, match="grad_out"):
+        ce_fwd_bwd(logits, labels, scale, torch.bfloat16, grad_out=torch.empty(9, 700))
 
 
 def test_patched_llama_fp32_equals_stock():

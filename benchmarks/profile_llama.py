@@ -1,0 +1,169 @@
+"""Where one training step's GPU time goes: kernel time by category, host idle, host syncs, memory.
+
+    python -m benchmarks.profile_llama [--variants stock_bf16 hf_fp8_delayed] [--config 8b]
+
+Same models, batches and optimizer as ``bench_llama`` (B=2, S=4096). Per variant: a few
+warm-up steps, then ``--steps`` steps under ``torch.profiler`` with no host sync inside a
+step (one at the end), and from the trace:
+
+- ``gpu_busy_ms``: union of kernel intervals per step; ``wall_ms`` minus it is time the GPU
+  waited for the host (launch overhead, syncs).
+- kernel time per category (GEMM FP8 / GEMM BF16 / FP8 casts / attention / norm+SwiGLU /
+  RoPE / loss / optimizer / other), per step, and the 25 most expensive kernels.
+- host-to-device synchronizations inside the profiled steps (``cudaStreamSynchronize``,
+  ``cudaDeviceSynchronize``, device-to-host copies), minus the one at the end.
+- memory: allocated before the step (parameters + optimizer state) and the step's peak.
+
+Results: ``benchmarks/results/llama_profile_h100.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import re
+import time
+
+import torch
+
+# (category, regex on the kernel name); first match wins. FP8 GEMMs are told apart from BF16
+# ones by the launching op (aten::_scaled_mm), see _gemm_split.
+CATEGORIES = [
+    ("attention", r"flash|fmha|attn|attention|cudnn|sdpa"),
+    ("gemm", r"gemm|nvjet|xmma|cutlass|sm90_|sm80_|cublas|splitk|s16816|s1688"),
+    ("fp8_cast", r"quant|amax|fp8|scale_update|_cast"),
+    ("norm_swiglu", r"rms|norm|swiglu|silu|glu"),
+    ("rope", r"rope|rotary"),
+    ("loss", r"_ce_|cross_entropy|log_softmax|nll"),
+    ("optimizer", r"adam|multi_tensor|foreach"),
+    ("copy", r"copy|memcpy|memset|cat|fill"),
+]
+_SYNC_NAMES = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+
+
+def categorize(name: str) -> str:
+    low = name.lower()
+    for cat, pat in CATEGORIES:
+        if re.search(pat, low):
+            return cat
+    return "other"
+
+
+def union_ms(intervals: list[tuple[float, float]]) -> float:
+    total, end = 0.0, float("-inf")
+    for s, e in sorted(intervals):
+        if s > end:
+            total += e - s
+            end = e
+        elif e > end:
+            total += e - end
+            end = e
+    return total / 1e3  # us -> ms
+
+
+def profile_variant(name: str, config: dict, batch: int, seq: int, warmup: int, steps: int) -> dict:
+    from benchmarks.bench_llama import bigram_batches, build
+
+    model, opt, note = build(name, config)
+    batches = bigram_batches(batch, seq, config["vocab_size"], warmup + steps)
+
+    def step(ids):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    for ids in batches[:warmup]:
+        step(ids)
+    torch.cuda.synchronize()
+    static_gb = torch.cuda.memory_allocated() / 1e9
+    torch.cuda.reset_peak_memory_stats()
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=acts) as prof:
+        t0 = time.perf_counter()
+        for ids in batches[warmup:]:
+            step(ids)
+        torch.cuda.synchronize()
+        wall_ms = (time.perf_counter() - t0) * 1e3 / steps
+    peak_gb = torch.cuda.max_memory_allocated() / 1e9
+
+    events = prof.events()
+    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    by_cat: dict[str, float] = {}
+    by_name: dict[str, list] = {}
+    for k in kernels:
+        ms = k.time_range.elapsed_us() / 1e3
+        cat = categorize(k.name)
+        by_cat[cat] = by_cat.get(cat, 0.0) + ms / steps
+        slot = by_name.setdefault(k.name, [0.0, 0, cat])
+        slot[0] += ms / steps
+        slot[1] += 1
+    fp8_gemm_ms = _op_device_ms(prof, "aten::_scaled_mm") / steps
+    if "gemm" in by_cat:
+        by_cat["gemm_fp8"] = fp8_gemm_ms
+        by_cat["gemm_bf16"] = by_cat.pop("gemm") - fp8_gemm_ms
+    busy = union_ms([(k.time_range.start, k.time_range.end) for k in kernels]) / steps
+    syncs: dict[str, int] = {}
+    for e in events:
+        if e.name in _SYNC_NAMES or "DtoH" in e.name:
+            syncs[e.name] = syncs.get(e.name, 0) + 1
+    top = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:25]
+    row = dict(
+        variant=name,
+        note=note,
+        wall_ms=wall_ms,
+        gpu_busy_ms=busy,
+        host_idle_ms=wall_ms - busy,
+        kernels_per_step=len(kernels) / steps,
+        category_ms={k: round(v, 3) for k, v in sorted(by_cat.items(), key=lambda kv: -kv[1])},
+        top_kernels=[dict(name=n[:160], ms=round(v[0], 3), calls=v[1] // steps, category=v[2]) for n, v in top],
+        host_syncs=syncs,
+        static_mem_gb=static_gb,
+        peak_mem_gb=peak_gb,
+        activation_and_temp_gb=peak_gb - static_gb,
+    )
+    return row
+
+
+def _op_device_ms(prof, op_name: str) -> float:
+    for avg in prof.key_averages():
+        if avg.key == op_name:
+            total = getattr(avg, "device_time_total", None)
+            return (total if total is not None else avg.cuda_time_total) / 1e3
+    return 0.0
+
+
+def main() -> None:
+    from benchmarks.bench_llama import CONFIGS
+    from benchmarks.common import environment, warm_up_gpu, write_json
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--variants", nargs="+", default=["stock_bf16", "hf_fp8_delayed", "torchao_tensorwise_compile"])
+    ap.add_argument("--config", default="8b", choices=sorted(CONFIGS))
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--seq", type=int, default=4096)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--out", default="llama_profile_h100.json")
+    args = ap.parse_args()
+    warm_up_gpu()
+    rows = []
+    for name in args.variants:
+        try:
+            row = profile_variant(name, CONFIGS[args.config], args.batch, args.seq, args.warmup, args.steps)
+        except Exception as e:  # noqa: BLE001  a failed variant is a result too
+            row = dict(variant=name, error=f"{type(e).__name__}: {str(e)[:300]}")
+        gc.collect()  # the variant's model and optimizer are unreachable now
+        torch.cuda.empty_cache()
+        torch._dynamo.reset()
+        rows.append(row)
+        print(name, {k: v for k, v in row.items() if k != "top_kernels"}, flush=True)
+        for t in row.get("top_kernels", [])[:12]:
+            print(f"   {t['ms']:8.3f} ms x{t['calls']:<4} {t['category']:<12} {t['name'][:100]}", flush=True)
+        write_json(args.out, dict(env=environment(), config=args.config, batch=args.batch, seq=args.seq,
+                                  steps=args.steps, rows=rows))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
