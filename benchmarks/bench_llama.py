@@ -45,6 +45,7 @@ VARIANTS = [
     "hf_fp8_delayed_fp8attn",
     "hf_fp8_delayed_fp8attn_all",
     "hf_fp8_full_bf16",
+    "hf_fp8_delayed_compile",
     "bf16_compile",
     "torchao_tensorwise",
     "torchao_tensorwise_compile",
@@ -75,12 +76,13 @@ def build(name: str, config: dict):
             model.model, config=Float8LinearConfig.from_recipe_name(recipe), module_filter_fn=lambda m, fqn: True
         )
     elif name.startswith("hf_fp8_"):
-        # hf_fp8_<recipe>[_fp8attn][_all]: _all converts every decoder linear (no auto filter), as torchao does
-        recipe = name.removeprefix("hf_fp8_").split("_fp8attn")[0].removesuffix("_all")
+        # hf_fp8_<recipe>[_fp8attn][_all][_compile]: _all converts every decoder linear (no auto filter),
+        # as torchao does; _compile compiles each decoder layer, as the other _compile variants do
+        recipe = name.removeprefix("hf_fp8_").removesuffix("_compile").split("_fp8attn")[0].removesuffix("_all")
         fp8_cfg = hf_fp8.Fp8Config(
             recipe=None if recipe == "full_bf16" else recipe,
             fp8_attention="_fp8attn" in name,
-            auto_filter=not name.endswith("_all"),
+            auto_filter="_all" not in name,
             exclude=("lm_head",),
         )
         report = hf_fp8.convert(model, fp8_cfg)

@@ -11,7 +11,8 @@ step (one at the end), and from the trace:
 - kernel time per category (GEMM FP8 / GEMM BF16 / FP8 casts / attention / norm+SwiGLU /
   RoPE / loss / optimizer / other), per step, and the 25 most expensive kernels.
 - host-to-device synchronizations inside the profiled steps (``cudaStreamSynchronize``,
-  ``cudaDeviceSynchronize``, device-to-host copies), minus the one at the end.
+  ``cudaDeviceSynchronize``, device-to-host copies), not counting the harness's synchronize
+  after the last step.
 - memory: allocated before the step (parameters + optimizer state) and the step's peak.
 
 Results: ``benchmarks/results/llama_profile_h100.json``.
@@ -84,12 +85,20 @@ def profile_variant(name: str, config: dict, batch: int, seq: int, warmup: int, 
         t0 = time.perf_counter()
         for ids in batches[warmup:]:
             step(ids)
-        torch.cuda.synchronize()
+        with torch.profiler.record_function("harness_sync"):
+            torch.cuda.synchronize()
         wall_ms = (time.perf_counter() - t0) * 1e3 / steps
     peak_gb = torch.cuda.max_memory_allocated() / 1e9
 
     events = prof.events()
-    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    # device-side user annotations (e.g. "Optimizer.step#AdamW.step") span kernels: not kernels themselves
+    kernels = [
+        e
+        for e in events
+        if e.device_type == torch.autograd.DeviceType.CUDA
+        and not getattr(e, "is_user_annotation", False)
+        and "#" not in e.name
+    ]
     by_cat: dict[str, float] = {}
     by_name: dict[str, list] = {}
     for k in kernels:
@@ -104,9 +113,12 @@ def profile_variant(name: str, config: dict, batch: int, seq: int, warmup: int, 
         by_cat["gemm_fp8"] = fp8_gemm_ms
         by_cat["gemm_bf16"] = by_cat.pop("gemm") - fp8_gemm_ms
     busy = union_ms([(k.time_range.start, k.time_range.end) for k in kernels]) / steps
+    # syncs inside the steps: everything but the harness's own synchronize after the last step
+    harness = [e.time_range for e in events if e.name == "harness_sync"]
     syncs: dict[str, int] = {}
     for e in events:
-        if e.name in _SYNC_NAMES or "DtoH" in e.name:
+        ours = any(h.start <= e.time_range.start <= h.end for h in harness)
+        if (e.name in _SYNC_NAMES or "DtoH" in e.name) and not ours:
             syncs[e.name] = syncs.get(e.name, 0) + 1
     top = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:25]
     row = dict(

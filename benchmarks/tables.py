@@ -231,7 +231,38 @@ def llama_table(name: str = "llama_h100.json") -> str:
     return "\n".join(out)
 
 
+def llama_profile_table(name: str = "llama_profile_h100.json") -> str:
+    d = _load(name)
+    rows = [r for r in d["rows"] if "category_ms" in r]
+    cats = sorted(
+        {c for r in rows for c in r["category_ms"]}, key=lambda c: -max(r["category_ms"].get(c, 0) for r in rows)
+    )
+    out = [
+        f"GPU time of one training step by kernel category (ms per step, torch.profiler, {d['config']} config, "
+        f"B={d['batch']}, S={d['seq']}, mean of {d['steps']} steps). {_env_line(d['env'])}.",
+        "",
+        "| | " + " | ".join(r["variant"] for r in rows) + " |",
+        "|---" * (len(rows) + 1) + "|",
+        "| step (wall) | " + " | ".join(f"{r['wall_ms']:.1f}" for r in rows) + " |",
+        "| GPU busy | " + " | ".join(f"{r['gpu_busy_ms']:.1f}" for r in rows) + " |",
+    ]
+    for c in cats:
+        out.append(f"| {c} | " + " | ".join(f"{r['category_ms'].get(c, 0.0):.1f}" for r in rows) + " |")
+    out += [
+        "| kernels per step | " + " | ".join(f"{r['kernels_per_step']:.0f}" for r in rows) + " |",
+        "| host syncs in the profiled steps | " + " | ".join(str(sum(r["host_syncs"].values())) for r in rows) + " |",
+        "| memory before the step (params + optimizer) GB | "
+        + " | ".join(f"{r['static_mem_gb']:.1f}" for r in rows)
+        + " |",
+        "| peak GB | " + " | ".join(f"{r['peak_mem_gb']:.1f}" for r in rows) + " |",
+    ]
+    return "\n".join(out)
+
+
 SECTIONS = {
+    "llama_profile": llama_profile_table,
+    "llama_e2e": lambda: llama_table("llama_e2e_h100.json"),
+    "llama_1b": lambda: llama_table("llama_1b_h100.json"),
     "llama": llama_table,
     "llama_fused": lambda: llama_table("llama_fused_h100.json"),
     "monitor": monitor_table,

@@ -19,144 +19,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from hf_fp8._backend import fp8_gemm_supported
-from hf_fp8.config import Fp8Config, NonFinitePolicy, Recipe
-from hf_fp8.gemm import scaled_mm
-from hf_fp8.scaling import DelayedScalingState, QuantizedOperand, Role, quantize_operand
+from hf_fp8.config import Fp8Config, Recipe
+from hf_fp8.linear_ops import NonFiniteError, apply_group, is_fp8_dtype, register_module
+from hf_fp8.scaling import DelayedScalingState
 
-__all__ = ["Fp8Linear", "NonFiniteError", "is_fp8_dtype"]
-
-_FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
-
-
-def is_fp8_dtype(dtype: torch.dtype) -> bool:
-    return dtype in _FP8_DTYPES
-
-
-class NonFiniteError(FloatingPointError):
-    """An FP8 cast saw inf or NaN (raised only with ``Fp8Config(nonfinite="raise")``)."""
-
-
-def _check_nonfinite(module: Fp8Linear, role: Role, q: QuantizedOperand) -> None:
-    if module.fp8_config.nonfinite is not NonFinitePolicy.RAISE:
-        return
-    for amax in q.amaxes:
-        if not bool(torch.isfinite(amax).all()):
-            raise NonFiniteError(
-                f"{module.fp8_name or 'Fp8Linear'}: the {role.name.lower().replace('_', ' ')} contains inf or NaN "
-                f"(amax={amax.max().item()}); FP8 cannot represent it. Look for an overflow upstream of this layer."
-            )
-
-
-def _a_scale(scale: torch.Tensor) -> torch.Tensor:
-    """Scale of a row-major ``a`` operand: scalar, or (M,) -> (M, 1)."""
-    return scale if scale.numel() == 1 and scale.dim() == 0 else scale.view(-1, 1)
-
-
-def _b_scale(scale: torch.Tensor) -> torch.Tensor:
-    """Scale of a column-major ``b`` operand: scalar, or (N,) -> (1, N)."""
-    return scale if scale.numel() == 1 and scale.dim() == 0 else scale.view(1, -1)
-
-
-class _Fp8LinearFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(
-        ctx,
-        x: torch.Tensor,
-        weight: torch.Tensor,
-        bias: torch.Tensor | None,
-        module: Fp8Linear,
-        out_dtype: torch.dtype,
-        need_grad: bool,
-    ) -> torch.Tensor:
-        cfg = module.fp8_config
-        lead, K = x.shape[:-1], x.shape[-1]
-        x2d = x.reshape(-1, K)
-        need_dx = need_grad and x.requires_grad
-        need_dw = need_grad and weight.requires_grad
-        emulate = not fp8_gemm_supported(x.device)
-        delayed = module._fp8_delayed
-
-        qx = quantize_operand(
-            x2d, Role.INPUT, cfg, want_rows=True, want_t=need_dw, nonfinite_flag=module.fp8_nonfinite, delayed=delayed
-        )
-        _check_nonfinite(module, Role.INPUT, qx)
-        if is_fp8_dtype(weight.dtype):
-            # FP8-only weight (fp8_weights=True): already quantized with one per-tensor scale.
-            # N is a multiple of 16, so its transpose needs no padding to be the GEMM's b.
-            scale_inv = module.fp8_weight_scale_inv
-            qw = QuantizedOperand(weight, scale_inv, weight.t().contiguous() if need_dx else None, scale_inv, ())
-        else:
-            qw = quantize_operand(
-                weight,
-                Role.WEIGHT,
-                cfg,
-                want_rows=True,
-                want_t=need_dx,
-                nonfinite_flag=module.fp8_nonfinite,
-                delayed=delayed,
-            )
-            _check_nonfinite(module, Role.WEIGHT, qw)
-
-        out = scaled_mm(
-            qx.rows,
-            qw.rows.t(),
-            _a_scale(qx.rows_scale),
-            _b_scale(qw.rows_scale),
-            out_dtype=out_dtype,
-            use_fast_accum=cfg.use_fast_accum,
-            emulate=emulate,
-        )
-        if bias is not None:
-            out = out + bias.to(out_dtype)
-
-        ctx.module = module
-        ctx.emulate = emulate
-        ctx.need_dx, ctx.need_dw = need_dx, need_dw
-        ctx.need_db = need_grad and bias is not None and bias.requires_grad
-        ctx.x_dtype, ctx.w_dtype = x.dtype, weight.dtype
-        ctx.bias_dtype = bias.dtype if bias is not None else None
-        ctx.x_shape = x.shape
-        ctx.save_for_backward(qx.t, qx.t_scale, qw.t, qw.t_scale)
-        return out.reshape(*lead, weight.shape[0])
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        x_t, x_t_scale, w_t, w_t_scale = ctx.saved_tensors
-        module = ctx.module
-        cfg = module.fp8_config
-        N = grad_out.shape[-1]
-        g2d = grad_out.reshape(-1, N)
-        grad_x = grad_w = grad_b = None
-        if ctx.need_dx or ctx.need_dw:
-            qg = quantize_operand(
-                g2d,
-                Role.GRAD_OUTPUT,
-                cfg,
-                want_rows=ctx.need_dx,
-                want_t=ctx.need_dw,
-                nonfinite_flag=module.fp8_nonfinite,
-                delayed=module._fp8_delayed,
-            )
-            _check_nonfinite(module, Role.GRAD_OUTPUT, qg)
-            if ctx.need_dx:
-                # dX (M, K) = dY (M, N) @ W (N, K); W as column-major b is Wᵀ's row-major copy, transposed.
-                grad_x = scaled_mm(
-                    qg.rows,
-                    w_t.t(),
-                    _a_scale(qg.rows_scale),
-                    _b_scale(w_t_scale),
-                    out_dtype=ctx.x_dtype,
-                    emulate=ctx.emulate,
-                ).reshape(ctx.x_shape)
-            if ctx.need_dw:
-                # dW (N, K) = dYᵀ (N, M) @ X (M, K); both transposed copies are zero-padded along M.
-                grad_w = scaled_mm(
-                    qg.t, x_t.t(), _a_scale(qg.t_scale), _b_scale(x_t_scale), out_dtype=ctx.w_dtype, emulate=ctx.emulate
-                )
-        if ctx.need_db:
-            grad_b = g2d.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
-        return grad_x, grad_w, grad_b, None, None, None
+__all__ = ["Fp8Linear", "NonFiniteError", "is_fp8_dtype", "shared_input_linears"]
 
 
 class Fp8Linear(nn.Linear):
@@ -205,6 +72,7 @@ class Fp8Linear(nn.Linear):
         self._init_fp8_buffers(device)
 
     def _init_fp8_buffers(self, device: torch.device | str | None) -> None:
+        register_module(self)
         self.register_buffer("fp8_nonfinite", torch.zeros(3, dtype=torch.int32, device=device), persistent=False)
         self._fp8_delayed: DelayedScalingState | None = None
         if self.fp8_config.recipe is Recipe.DELAYED:
@@ -212,6 +80,10 @@ class Fp8Linear(nn.Linear):
             self.register_buffer("fp8_amax_history", torch.zeros(L, 3, dtype=torch.float32, device=device))
             self.register_buffer("fp8_scale", torch.ones(3, dtype=torch.float32, device=device))
             self._fp8_delayed = DelayedScalingState(self.fp8_amax_history, self.fp8_scale)
+
+    def __setstate__(self, state):  # copy.deepcopy and unpickling build modules without __init__
+        super().__setstate__(state)
+        register_module(self)
 
     def _apply(self, fn, recurse=True):
         # detach(): a new tensor on the same storage, which Module._apply's in-place
@@ -348,7 +220,7 @@ class Fp8Linear(nn.Linear):
         _copy_hooks(self, linear)
         return linear
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _check_input(self, x: torch.Tensor) -> None:
         if not x.is_floating_point():
             raise TypeError(f"{self.fp8_name or 'Fp8Linear'}: expected a floating-point input, got {x.dtype}")
         if x.shape[-1] != self.in_features:
@@ -356,17 +228,47 @@ class Fp8Linear(nn.Linear):
                 f"{self.fp8_name or 'Fp8Linear'}: input has {x.shape[-1]} features in its last dimension, "
                 f"expected in_features={self.in_features} (shape {tuple(x.shape)})"
             )
-        if x.numel() == 0:
-            return torch.zeros(*x.shape[:-1], self.out_features, dtype=x.dtype, device=x.device)
-        device_type = x.device.type
-        out_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
-        # The emulation's FP32 matmul must not be autocast to BF16.
-        with torch.autocast(device_type=device_type, enabled=False):
-            return _Fp8LinearFunction.apply(x, self.weight, self.bias, self, out_dtype, torch.is_grad_enabled())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        return apply_group((self,), x)[0]
 
     def extra_repr(self) -> str:
         fp8_weight = ", weight=fp8(frozen)" if self.has_fp8_weight else ""
         return f"{super().extra_repr()}, fp8={self.fp8_config.short_str()}{fp8_weight}"
+
+
+def _has_hooks(m: nn.Module) -> bool:
+    return any(
+        getattr(m, attr, None)
+        for attr in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+    )
+
+
+def shared_input_linears(modules: tuple[nn.Module, ...], x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``tuple(m(x) for m in modules)``, with ``x`` quantized once when that gives the same result.
+
+    Layers that read the same input (gate and up projections; q, k and v) each quantize it
+    and save its FP8 transposed copy for backward. When every module is an :class:`Fp8Linear`
+    with one config and no hooks, they run as one autograd node: one cast of ``x``, one saved
+    copy (measured: one fewer 8192x4096 cast and 32 MB less per Llama-3-8B MLP at B=2, S=4096).
+    The numbers are those of separate calls for tensorwise and rowwise (the input's scale
+    depends only on ``x``); for delayed scaling the group uses the first layer's input
+    history, whose amaxes are the same ``x``'s. Anything else (PEFT wrappers, hooks, global
+    hooks, BF16 layers) runs the modules one by one.
+    """
+    first = modules[0]
+    shareable = (
+        len(modules) > 1
+        and all(type(m) is Fp8Linear and not _has_hooks(m) for m in modules)
+        and all(m.fp8_config == first.fp8_config for m in modules)
+        and not (nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
+    )
+    if not shareable:
+        return tuple(m(x) for m in modules)
+    for m in modules:
+        m._check_input(x)
+    return apply_group(tuple(modules), x)
 
 
 def _copy_hooks(src: nn.Module, dst: nn.Module) -> None:

@@ -65,46 +65,99 @@ def _ce(logits: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor, grad_ou
     return ce_fwd_bwd_reference(logits, labels, scale, grad_out.dtype, ignore_index, grad_out=grad_out)
 
 
+def _loss_and_grads(hidden, weight, bias, labels, scale, chunk_size, ignore_index, need_h, need_w, need_b):
+    """(scaled loss, dLoss/dhidden, dLoss/dweight, dLoss/dbias), the gradients None where not needed."""
+    N = hidden.shape[0]
+    loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    # dLoss/dlogits of every token, in the dtype the gradient GEMMs take (without any
+    # gradient to compute, e.g. an eval loss, one chunk's worth is reused instead)
+    rows = N if (need_h or need_w or need_b) else min(N, chunk_size)
+    grad_logits = torch.empty((rows, weight.shape[0]), dtype=weight.dtype, device=hidden.device)
+    w_t = weight.t()
+    for start in range(0, N, chunk_size):
+        logits = mm_fp32_out(hidden[start : start + chunk_size], w_t)
+        if bias is not None:
+            logits += bias.float()
+        n = logits.shape[0]
+        g = grad_logits[start : start + n] if rows == N else grad_logits[:n]
+        chunk_loss, _ = _ce(logits, labels[start : start + n], scale, g, ignore_index)
+        del logits
+        loss += chunk_loss.sum()
+    grad_h = (grad_logits @ weight).to(hidden.dtype) if need_h else None
+    grad_w = grad_logits.t() @ hidden.to(weight.dtype) if need_w else None
+    grad_b = grad_logits.float().sum(0) if need_b else None
+    return loss * scale, grad_h, grad_w, grad_b
+
+
+def _scale_grads(grad_loss, grad_h, grad_w, grad_b, b_dtype):
+    # a 0-d FP32 multiplier keeps the gradient's dtype and multiplies in FP32: one rounding
+    out_h = grad_h * grad_loss if grad_h is not None else None
+    out_w = grad_w * grad_loss if grad_w is not None else None
+    out_b = (grad_b * grad_loss).to(b_dtype) if grad_b is not None else None
+    return out_h, out_w, out_b
+
+
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """Loss and all gradients in the forward (the loss ends the graph), scaled in backward."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, scale, chunk_size, ignore_index):
-        N = hidden.shape[0]
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = bias is not None and ctx.needs_input_grad[2]
-        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        # dLoss/dlogits of every token, in the dtype the gradient GEMMs take (without any
-        # gradient to compute, e.g. an eval loss, one chunk's worth is reused instead)
-        rows = N if (need_h or need_w or need_b) else min(N, chunk_size)
-        grad_logits = torch.empty((rows, weight.shape[0]), dtype=weight.dtype, device=hidden.device)
-        w_t = weight.t()
-        for start in range(0, N, chunk_size):
-            logits = mm_fp32_out(hidden[start : start + chunk_size], w_t)
-            if bias is not None:
-                logits += bias.float()
-            n = logits.shape[0]
-            g = grad_logits[start : start + n] if rows == N else grad_logits[:n]
-            chunk_loss, _ = _ce(logits, labels[start : start + n], scale, g, ignore_index)
-            del logits
-            loss += chunk_loss.sum()
-        grad_h = (grad_logits @ weight).to(hidden.dtype) if need_h else None
-        grad_w = grad_logits.t() @ hidden.to(weight.dtype) if need_w else None
-        grad_b = grad_logits.float().sum(0) if need_b else None
-        del grad_logits
+        loss, grad_h, grad_w, grad_b = _loss_and_grads(
+            hidden, weight, bias, labels, scale, chunk_size, ignore_index, need_h, need_w, need_b
+        )
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.b_dtype = bias.dtype if bias is not None else None
-        return loss * scale
+        return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        grad_h, grad_w, grad_b = ctx.saved_tensors
-        b_dtype = ctx.b_dtype
-        # a 0-d FP32 multiplier keeps the gradient's dtype and multiplies in FP32: one rounding
-        out_h = grad_h * grad_loss if grad_h is not None else None
-        out_w = grad_w * grad_loss if grad_w is not None else None
-        out_b = (grad_b * grad_loss).to(b_dtype) if grad_b is not None else None
-        return out_h, out_w, out_b, None, None, None, None
+        return (*_scale_grads(grad_loss, *ctx.saved_tensors, ctx.b_dtype), None, None, None, None)
+
+
+# torch.compile: the chunk loop and the Triton kernel run as one opaque custom op.
+@torch.library.custom_op("hf_fp8::chunked_linear_cross_entropy", mutates_args=())
+def _chunked_ce_op(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    scale: torch.Tensor,
+    chunk_size: int,
+    ignore_index: int,
+    need_h: bool,
+    need_w: bool,
+    need_b: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    out = _loss_and_grads(hidden, weight, bias, labels, scale, chunk_size, ignore_index, need_h, need_w, need_b)
+    return tuple(t if t is not None else hidden.new_empty(0) for t in out)
+
+
+@_chunked_ce_op.register_fake
+def _(hidden, weight, bias, labels, scale, chunk_size, ignore_index, need_h, need_w, need_b):
+    empty = hidden.new_empty(0)
+    return (
+        hidden.new_empty((), dtype=torch.float32),
+        hidden.new_empty(hidden.shape) if need_h else empty,
+        weight.new_empty(weight.shape) if need_w else empty,
+        hidden.new_empty((weight.shape[0],), dtype=torch.float32) if need_b else empty,
+    )
+
+
+def _ce_setup(ctx, inputs, output):
+    need_h, need_w, need_b = inputs[7:10]
+    ctx.need = (need_h, need_w, need_b)
+    ctx.b_dtype = inputs[2].dtype if inputs[2] is not None else None
+    ctx.save_for_backward(*output[1:])
+
+
+def _ce_op_backward(ctx, grad_loss, *_):
+    grads = [g if need else None for g, need in zip(ctx.saved_tensors, ctx.need)]
+    return (*_scale_grads(grad_loss, *grads, ctx.b_dtype), None, None, None, None, None, None, None)
+
+
+_chunked_ce_op.register_autograd(_ce_op_backward, setup_context=_ce_setup)
 
 
 def chunked_linear_cross_entropy(
@@ -156,6 +209,16 @@ def chunked_linear_cross_entropy(
         scale = 1.0 / n.to(device=hidden.device, dtype=torch.float32)
     if chunk_size is None:
         chunk_size = max(16, min(4096, (1 << 26) // max(1, weight.shape[0])))
+        if chunk_size >= 128:  # whole GEMM tiles (523 tokens at vocab 128256 would leave a ragged 11-row tile)
+            chunk_size -= chunk_size % 128
     if chunk_size < 1:
         raise ValueError(f"chunk_size: expected >= 1, got {chunk_size}")
+    if torch.compiler.is_compiling():
+        grad = torch.is_grad_enabled()
+        need_b = bias is not None and grad and bias.requires_grad
+        out = _chunked_ce_op(
+            hidden, weight, bias, flat_labels, scale, chunk_size, ignore_index,
+            grad and hidden.requires_grad, grad and weight.requires_grad, need_b,
+        )  # fmt: skip
+        return out[0]
     return _ChunkedLinearCrossEntropy.apply(hidden, weight, bias, flat_labels, scale, chunk_size, ignore_index)

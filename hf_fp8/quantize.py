@@ -17,6 +17,7 @@ __all__ = [
     "Fp8Quantized",
     "quantize_tensorwise",
     "quantize_delayed",
+    "quantize_with_scale",
     "quantize_rowwise",
     "quantize_colwise_transposed",
     "delayed_scale_update",
@@ -44,6 +45,10 @@ def quantize_delayed(
     **kwargs: Any,
 ) -> Fp8Quantized:
     return _impl("quantize_delayed", x)(x, fp8_dtype, scale, amax_slot, **kwargs)
+
+
+def quantize_with_scale(x: torch.Tensor, fp8_dtype: torch.dtype, scale: torch.Tensor, **kwargs: Any) -> Fp8Quantized:
+    return _impl("quantize_with_scale", x)(x, fp8_dtype, scale, **kwargs)
 
 
 def quantize_rowwise(x: torch.Tensor, fp8_dtype: torch.dtype, **kwargs: Any) -> Fp8Quantized:

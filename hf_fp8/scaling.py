@@ -13,6 +13,12 @@ dY         input-grad GEMM, ``a``       weight-grad GEMM, ``a``
 Tensorwise and delayed scaling share one scale between both copies, so a single fused
 pass writes both. Rowwise scaling reduces along the GEMM's K dimension, which is a
 different axis for the two copies, so each copy has its own scales.
+
+The weight's transposed copy is not made in the forward: it would be saved for backward,
+one byte per weight element per layer for the whole forward (1.4 GB over the 24 MLP layers
+of an 8-layer Llama-3-8B). :func:`transposed_copy` writes it in the backward from the
+weight itself with the scale the forward used, bit-identical to what the forward would have
+written, at the cost of one more read of the weight.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import torch
 from hf_fp8 import quantize as Q
 from hf_fp8.config import AmaxComputeAlgo, Fp8Config, Recipe
 
-__all__ = ["Role", "QuantizedOperand", "DelayedScalingState", "quantize_operand"]
+__all__ = ["Role", "QuantizedOperand", "DelayedScalingState", "quantize_operand", "transposed_copy"]
 
 
 class Role(enum.IntEnum):
@@ -42,6 +48,8 @@ class QuantizedOperand(NamedTuple):
     t: torch.Tensor | None  # (C, pad16(R)) FP8
     t_scale: torch.Tensor | None  # () or (C,)
     amaxes: tuple[torch.Tensor, ...]  # read only by the ``raise`` non-finite policy
+    # per-tensor recipes: the FP32 multiplier the cast used, for :func:`transposed_copy`
+    scale: torch.Tensor | None = None
 
 
 class DelayedScalingState:
@@ -100,6 +108,9 @@ def quantize_operand(
             use_max=config.amax_compute_algo is AmaxComputeAlgo.MAX,
             margin=config.margin,
         )
+        # the scale buffer is updated again by the next cast of this operand (possibly an
+        # activation-checkpoint recompute before this backward): keep the one used here
+        scale = delayed.scale[slot].clone() if want_rows and not want_t else None
         q = Q.quantize_delayed(
             x,
             dtype,
@@ -111,9 +122,30 @@ def quantize_operand(
         )
     else:
         q = Q.quantize_tensorwise(x, dtype, write_y=want_rows, write_t=want_t, nonfinite_flag=flag)
+        scale = q.scale
         if delayed is not None:  # seed the history with the amax just measured
             slot = int(role)
             delayed.history[0, slot] = q.amax
             delayed.scale[slot] = Q.amax_to_scale(q.amax, fmt.max) * (2.0**-config.margin)
             delayed.seeded[slot] = True
-    return QuantizedOperand(q.data, q.scale_inv, q.data_t, q.scale_inv, (q.amax,))
+    return QuantizedOperand(q.data, q.scale_inv, q.data_t, q.scale_inv, (q.amax,), scale)
+
+
+def transposed_copy(
+    x: torch.Tensor, role: Role, config: Fp8Config, scale: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(t, t_scale)`` of ``x`` that an earlier rows-only cast skipped.
+
+    Per-tensor recipes reuse that cast's ``scale`` (:attr:`QuantizedOperand.scale`), so the
+    codes are exactly those it would have written; rowwise scales the transposed copy per
+    column, independently of the rows (as :func:`quantize_operand` does), so it is simply
+    computed now and ``scale`` is ignored.
+    """
+    fmt = config.grad_format if role is Role.GRAD_OUTPUT else config.forward_format
+    if config.recipe is Recipe.ROWWISE:
+        t = Q.quantize_colwise_transposed(x, fmt.dtype)
+        return t.data_t, t.scale_inv
+    if scale is None:
+        raise ValueError("transposed_copy: a per-tensor recipe needs the scale of the earlier cast")
+    t = Q.quantize_with_scale(x, fmt.dtype, scale, write_y=False, write_t=True)
+    return t.data_t, t.scale_inv

@@ -71,6 +71,22 @@ def _recompute_backward(dout, q, k, v, causal, scale):
         return torch.autograd.grad(o, (qq, kk, vv), dout)
 
 
+def _attention_backward(dout, q, k, v, out, lse, causal, scale):
+    dout_bhsd = dout.transpose(1, 2)
+    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
+        for kind in BACKWARD_ORDER:
+            if f"{kind}_error" in _backward_path:
+                continue  # failed once in this process: do not pay for the failure every step
+            try:
+                grads = _bf16_backward(kind, dout_bhsd, q, k, v, out.transpose(1, 2), lse, causal, scale)
+                _backward_path["last"] = kind
+                return grads
+            except (RuntimeError, TypeError) as e:
+                _backward_path[f"{kind}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+    _backward_path["last"] = "recompute"
+    return _recompute_backward(dout_bhsd, q, k, v, causal, scale)
+
+
 class _Fp8AttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, causal: bool, scale: float):
@@ -83,25 +99,56 @@ class _Fp8AttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
-        dout_bhsd = dout.transpose(1, 2)
-        dq = dk = dv = None
-        if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
-            for kind in BACKWARD_ORDER:
-                if f"{kind}_error" in _backward_path:
-                    continue  # failed once in this process: do not pay for the failure every step
-                try:
-                    dq, dk, dv = _bf16_backward(
-                        kind, dout_bhsd, q, k, v, out.transpose(1, 2), lse, ctx.causal, ctx.scale
-                    )
-                    _backward_path["last"] = kind
-                    break
-                except (RuntimeError, TypeError) as e:
-                    _backward_path[f"{kind}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
-        if dq is None:
-            dq, dk, dv = _recompute_backward(dout_bhsd, q, k, v, ctx.causal, ctx.scale)
-            _backward_path["last"] = "recompute"
-        return dq, dk, dv, None, None
+        return (*_attention_backward(dout, *ctx.saved_tensors, ctx.causal, ctx.scale), None, None)
+
+
+# torch.compile: the Triton forward and the backward's backend choice run as opaque custom ops.
+@torch.library.custom_op("hf_fp8::fp8_attention", mutates_args=())
+def _fp8_attention_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    from hf_fp8.kernels.attention import fp8_attention_fwd
+
+    return fp8_attention_fwd(q, k, v, causal=causal, scale=scale)
+
+
+@_fp8_attention_op.register_fake
+def _(q, k, v, causal, scale):
+    B, H, S, D = q.shape
+    return q.new_empty((B, S, H, D)), q.new_empty((B, H, S), dtype=torch.float32)
+
+
+@torch.library.custom_op("hf_fp8::fp8_attention_backward", mutates_args=())
+def _fp8_attention_backward_op(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    causal: bool,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return tuple(g.contiguous() for g in _attention_backward(dout, q, k, v, out, lse, causal, scale))
+
+
+@_fp8_attention_backward_op.register_fake
+def _(dout, q, k, v, out, lse, causal, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _attn_setup(ctx, inputs, output):
+    q, k, v, causal, scale = inputs
+    ctx.save_for_backward(q, k, v, *output)
+    ctx.causal, ctx.scale = causal, scale
+
+
+def _attn_op_backward(ctx, dout, _dlse):
+    dq, dk, dv = _fp8_attention_backward_op(dout, *ctx.saved_tensors, ctx.causal, ctx.scale)
+    return dq, dk, dv, None, None
+
+
+_fp8_attention_op.register_autograd(_attn_op_backward, setup_context=_attn_setup)
 
 
 def fp8_attention(
@@ -113,6 +160,8 @@ def fp8_attention(
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if use_triton_kernels(q):
+        if torch.compiler.is_compiling():
+            return _fp8_attention_op(q, k, v, causal, scale)[0]
         return _Fp8AttentionFunction.apply(q, k, v, causal, scale)
     from hf_fp8.kernels.attention_reference import fp8_attention_reference
 

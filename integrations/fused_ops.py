@@ -2,7 +2,9 @@
 
 ``patch_fused_ops(model)`` gives every ``LlamaRMSNorm`` a forward that runs
 :func:`hf_fp8.kernels.norm_swiglu.rms_norm` and every ``LlamaMLP`` (SiLU activation) a forward
-that runs ``down_proj(swiglu(gate_proj(x), up_proj(x)))``; on CPUs (or without Triton) the
+that runs ``down_proj(swiglu(gate_proj(x), up_proj(x)))`` (gate and up as one FP8 node
+sharing the input's quantization when both are ``Fp8Linear``, see
+:func:`hf_fp8.linear.shared_input_linears`); on CPUs (or without Triton) the
 same functions run as torch (the references). Nothing outside the model changes, and
 ``unpatch_fused_ops`` restores HF's forwards. Model families are listed in one table.
 """
@@ -15,6 +17,7 @@ import torch
 from torch import nn
 
 from hf_fp8._backend import use_triton
+from hf_fp8.linear import shared_input_linears
 
 __all__ = ["patch_fused_ops", "unpatch_fused_ops"]
 
@@ -33,7 +36,7 @@ def _norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
 
 
 def _mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
-    gate, up = self.gate_proj(x), self.up_proj(x)
+    gate, up = shared_input_linears((self.gate_proj, self.up_proj), x)
     if use_triton(gate):
         from hf_fp8.kernels.norm_swiglu import swiglu
 

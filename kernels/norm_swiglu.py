@@ -81,67 +81,160 @@ def _interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _rms_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y with x's shape, rstd (M,) FP32)."""
+    N = x.shape[-1]
+    x2 = x.reshape(-1, N).contiguous()
+    M = x2.shape[0]
+    y = torch.empty((M, N), dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
+    rstd = torch.empty(M, dtype=torch.float32, device=x.device)
+    BLOCK = triton.next_power_of_2(N)
+    _rms_fwd_kernel[(M,)](x2, weight, y, rstd, N, float(eps), BLOCK=BLOCK, num_warps=1 if _interpret() else 8)
+    return y.view(*x.shape[:-1], N), rstd
+
+
+def _rms_bwd(dy, x, weight, rstd, need_dw: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    N = x.shape[-1]
+    x2 = x.reshape(-1, N).contiguous()
+    M = x2.shape[0]
+    dy2 = dy.reshape(M, N).contiguous()
+    dx = torch.empty_like(x2)
+    ROWS = 64 if _interpret() else 16
+    n_prog = triton.cdiv(M, ROWS)
+    dw_part = torch.empty((n_prog, N), dtype=torch.float32, device=x2.device)
+    BLOCK = triton.next_power_of_2(N)
+    _rms_bwd_kernel[(n_prog,)](
+        dy2, x2, weight, rstd, dx, dw_part, M, N, ROWS=ROWS, BLOCK=BLOCK, num_warps=1 if _interpret() else 8
+    )
+    return dx.view(x.shape), dw_part.sum(0).to(weight.dtype) if need_dw else None
+
+
+def _swiglu_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    a, b = gate.contiguous(), up.contiguous()
+    y = torch.empty_like(a)
+    n = a.numel()
+    BLOCK = 4096 if _interpret() else 1024
+    _swiglu_fwd_kernel[(triton.cdiv(n, BLOCK),)](a, b, y, n, BLOCK=BLOCK)
+    return y
+
+
+def _swiglu_bwd(g: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    a, b, g = gate.contiguous(), up.contiguous(), g.contiguous()
+    da, db = torch.empty_like(a), torch.empty_like(b)
+    n = a.numel()
+    BLOCK = 4096 if _interpret() else 1024
+    _swiglu_bwd_kernel[(triton.cdiv(n, BLOCK),)](g, a, b, da, db, n, BLOCK=BLOCK)
+    return da, db
+
+
+# ---- eager: autograd.Functions ---------------------------------------------------------------
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps):
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1]).contiguous()
-        M, N = x2.shape
-        out_dtype = torch.promote_types(weight.dtype, x.dtype)
-        y = torch.empty((M, N), dtype=out_dtype, device=x.device)
-        rstd = torch.empty(M, dtype=torch.float32, device=x.device)
-        BLOCK = triton.next_power_of_2(N)
-        _rms_fwd_kernel[(M,)](x2, weight, y, rstd, N, float(eps), BLOCK=BLOCK, num_warps=1 if _interpret() else 8)
-        ctx.save_for_backward(x2, weight, rstd)
-        ctx.shape = shape
-        return y.view(*shape[:-1], N)
+        y, rstd = _rms_fwd(x, weight, eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return y
 
     @staticmethod
     def backward(ctx, dy):
-        x2, weight, rstd = ctx.saved_tensors
-        M, N = x2.shape
-        dy2 = dy.reshape(M, N).contiguous()
-        dx = torch.empty_like(x2)
-        ROWS = 64 if _interpret() else 16
-        n_prog = triton.cdiv(M, ROWS)
-        dw_part = torch.empty((n_prog, N), dtype=torch.float32, device=x2.device)
-        BLOCK = triton.next_power_of_2(N)
-        _rms_bwd_kernel[(n_prog,)](
-            dy2, x2, weight, rstd, dx, dw_part, M, N, ROWS=ROWS, BLOCK=BLOCK, num_warps=1 if _interpret() else 8
-        )
-        dw = dw_part.sum(0).to(weight.dtype) if weight.requires_grad else None
-        return dx.view(ctx.shape), dw, None
+        x, weight, rstd = ctx.saved_tensors
+        dx, dw = _rms_bwd(dy, x, weight, rstd, weight.requires_grad)
+        return dx, dw, None
 
 
 class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate, up):
-        a, b = gate.contiguous(), up.contiguous()
-        y = torch.empty_like(a)
-        n = a.numel()
-        BLOCK = 4096 if _interpret() else 1024
-        _swiglu_fwd_kernel[(triton.cdiv(n, BLOCK),)](a, b, y, n, BLOCK=BLOCK)
-        ctx.save_for_backward(a, b)
-        return y
+        ctx.save_for_backward(gate, up)
+        return _swiglu_fwd(gate, up)
 
     @staticmethod
     def backward(ctx, g):
-        a, b = ctx.saved_tensors
-        g = g.contiguous()
-        da, db = torch.empty_like(a), torch.empty_like(b)
-        n = a.numel()
-        BLOCK = 4096 if _interpret() else 1024
-        _swiglu_bwd_kernel[(triton.cdiv(n, BLOCK),)](g, a, b, da, db, n, BLOCK=BLOCK)
-        return da, db
+        gate, up = ctx.saved_tensors
+        return _swiglu_bwd(g, gate, up)
+
+
+# ---- torch.compile: custom ops (dynamo cannot trace the Triton launches) ---------------------
+@torch.library.custom_op("hf_fp8::rms_norm", mutates_args=())
+def _rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return _rms_fwd(x, weight, eps)
+
+
+@_rms_norm_op.register_fake
+def _(x, weight, eps):
+    y = x.new_empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype))
+    return y, x.new_empty(x.numel() // x.shape[-1], dtype=torch.float32)
+
+
+@torch.library.custom_op("hf_fp8::rms_norm_backward", mutates_args=())
+def _rms_norm_backward_op(
+    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _rms_bwd(dy, x, weight, rstd, True)
+
+
+@_rms_norm_backward_op.register_fake
+def _(dy, x, weight, rstd):
+    return x.new_empty(x.shape), weight.new_empty(weight.shape)
+
+
+def _rms_setup(ctx, inputs, output):
+    x, weight, _ = inputs
+    ctx.save_for_backward(x, weight, output[1])
+
+
+def _rms_op_backward(ctx, dy, _drstd):
+    x, weight, rstd = ctx.saved_tensors
+    dx, dw = _rms_norm_backward_op(dy, x, weight, rstd)
+    return dx, dw, None
+
+
+_rms_norm_op.register_autograd(_rms_op_backward, setup_context=_rms_setup)
+
+
+@torch.library.custom_op("hf_fp8::swiglu", mutates_args=())
+def _swiglu_op(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return _swiglu_fwd(gate, up)
+
+
+@_swiglu_op.register_fake
+def _(gate, up):
+    return gate.new_empty(gate.shape)
+
+
+@torch.library.custom_op("hf_fp8::swiglu_backward", mutates_args=())
+def _swiglu_backward_op(g: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _swiglu_bwd(g, gate, up)
+
+
+@_swiglu_backward_op.register_fake
+def _(g, gate, up):
+    return gate.new_empty(gate.shape), up.new_empty(up.shape)
+
+
+def _swiglu_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _swiglu_op_backward(ctx, g):
+    gate, up = ctx.saved_tensors
+    return _swiglu_backward_op(g, gate, up)
+
+
+_swiglu_op.register_autograd(_swiglu_op_backward, setup_context=_swiglu_setup)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Fused HF ``LlamaRMSNorm`` (autograd-aware; Triton)."""
+    """Fused HF ``LlamaRMSNorm`` (autograd-aware; Triton; a custom op under torch.compile)."""
+    if torch.compiler.is_compiling():
+        return _rms_norm_op(x, weight, float(eps))[0]
     return _RMSNorm.apply(x, weight, eps)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """Fused ``silu(gate) * up`` (autograd-aware; Triton)."""
+    """Fused ``silu(gate) * up`` (autograd-aware; Triton; a custom op under torch.compile)."""
     if gate.shape != up.shape or gate.dtype != up.dtype:
         raise ValueError(f"swiglu: gate {tuple(gate.shape)} {gate.dtype} and up {tuple(up.shape)} {up.dtype} differ")
+    if torch.compiler.is_compiling():
+        return _swiglu_op(gate, up)
     return _SwiGLU.apply(gate, up)

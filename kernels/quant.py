@@ -58,6 +58,7 @@ from .quant_reference import (
     quantize_delayed_reference,
     quantize_rowwise_reference,
     quantize_tensorwise_reference,
+    quantize_with_scale_reference,
 )
 
 __all__ = [
@@ -67,6 +68,8 @@ __all__ = [
     "quantize_tensorwise_reference",
     "quantize_delayed",
     "quantize_delayed_reference",
+    "quantize_with_scale",
+    "quantize_with_scale_reference",
     "quantize_rowwise",
     "quantize_rowwise_reference",
     "quantize_colwise_transposed",
@@ -153,6 +156,7 @@ def _cast_kernel(
     record_ptr,  # SCALE_FROM_TENSOR with RECORD_AMAX: int32 view of the amax slot to max into
     scale_inv_out_ptr,  # fp32: () or (R,) or (C,)
     amax_out_ptr,  # fp32: () or (R,) or (C,)
+    scale_out_ptr,  # fp32 (): the per-tensor scale computed from the partials (SCALE_FROM_PARTIALS)
     flag_ptr,  # int32 sticky non-finite flag, if HAS_FLAG
     R,
     C,
@@ -195,6 +199,7 @@ def _cast_kernel(
         if pid == 0:
             tl.store(scale_inv_out_ptr, _reciprocal(scale))
             tl.store(amax_out_ptr, amax)
+            tl.store(scale_out_ptr, scale)
             if HAS_FLAG:
                 tl.store(flag_ptr, 1, mask=~(amax < float("inf")))
         y = x * scale
@@ -354,7 +359,7 @@ def _launch_cast(
         )
         rows = _launch_cast(x, fp8_dtype, write_y=True, write_t=False, **kwargs)
         cols = _launch_cast(x, fp8_dtype, write_y=False, write_t=True, **kwargs)
-        return Fp8Quantized(rows.data, cols.data_t, rows.scale_inv, rows.amax)
+        return Fp8Quantized(rows.data, cols.data_t, rows.scale_inv, rows.amax, rows.scale)
     R, C = x.shape
     R_pad = pad_to(R) if write_t else R
     fmax = _check_fp8(fp8_dtype)
@@ -362,6 +367,7 @@ def _launch_cast(
     yt = torch.empty((C, R_pad), dtype=fp8_dtype, device=x.device) if write_t else None
     scale_inv = torch.empty(out_shape, dtype=torch.float32, device=x.device)
     amax = torch.empty(out_shape, dtype=torch.float32, device=x.device)
+    scale_out = torch.empty((), dtype=torch.float32, device=x.device) if scale_mode == _SCALE_FROM_PARTIALS else None
     BLOCK_R, BLOCK_C, num_warps = block or _settings(x, write_t)
     grid = (triton.cdiv(R_pad, BLOCK_R) * triton.cdiv(C, BLOCK_C),)
     dummy = scale_inv
@@ -375,6 +381,7 @@ def _launch_cast(
         record if record is not None else dummy,
         scale_inv,
         amax,
+        scale_out if scale_out is not None else dummy,
         nonfinite_flag if nonfinite_flag is not None else dummy,
         R,
         C,
@@ -396,7 +403,7 @@ def _launch_cast(
         BLOCK_P=max(triton.next_power_of_2(max(n_partials, 1)), 16),
         num_warps=num_warps,
     )
-    return Fp8Quantized(y, yt, scale_inv, amax)
+    return Fp8Quantized(y, yt, scale_inv, amax, scale_out)
 
 
 def _launch_amax(x: torch.Tensor, axis: int, block: tuple[int, int, int] | None = None) -> tuple[torch.Tensor, int]:
@@ -490,6 +497,31 @@ def quantize_delayed(
         block=block,
     )
     return Fp8Quantized(q.data, q.data_t, q.scale_inv, amax_slot)
+
+
+def quantize_with_scale(
+    x: torch.Tensor,
+    fp8_dtype: torch.dtype,
+    scale: torch.Tensor,
+    *,
+    write_y: bool = False,
+    write_t: bool = True,
+    block: tuple[int, int, int] | None = None,
+) -> Fp8Quantized:
+    """Cast with a given per-tensor scale, recording nothing: a copy that an earlier cast with
+    this scale skipped (the backward's transposed weight), bit-identical to what it would have
+    written. ``amax`` of the result is not computed (NaN).
+
+    Args:
+        scale (`torch.Tensor`): fp32 0-d, the multiplier the earlier cast used.
+    """
+    _check_2d(x)
+    if scale.dtype != torch.float32 or scale.numel() != 1:
+        raise ValueError(f"scale: expected a float32 tensor with one element, got {scale.dtype} {tuple(scale.shape)}")
+    q = _launch_cast(
+        x, fp8_dtype, scale_mode=_SCALE_FROM_TENSOR, write_y=write_y, write_t=write_t, scale=scale, block=block
+    )
+    return Fp8Quantized(q.data, q.data_t, q.scale_inv, torch.full_like(q.scale_inv, float("nan")))
 
 
 def quantize_rowwise(

@@ -29,12 +29,15 @@ class Fp8Quantized(NamedTuple):
     ``scale_inv``: FP32, ``()`` per tensor, ``(R,)`` per row, ``(C,)`` per column.
     ``amax``: FP32 with the same shape as ``scale_inv`` (for delayed: the amax just recorded
     is in the caller's history slot, and this is that slot).
+    ``scale``: tensorwise only, the FP32 multiplier the cast used (``1 / scale_inv`` need not
+    round back to it), so that a later cast can reproduce the same codes.
     """
 
     data: torch.Tensor | None
     data_t: torch.Tensor | None
     scale_inv: torch.Tensor
     amax: torch.Tensor
+    scale: torch.Tensor | None = None
 
 
 def _check_2d(x: torch.Tensor, name: str = "x") -> None:
@@ -102,7 +105,7 @@ def quantize_tensorwise_reference(
     scale = amax_to_scale_reference(amax, _check_fp8(fp8_dtype))
     q = _cast_reference(x, scale, fp8_dtype)
     _set_flag(nonfinite_flag, amax)
-    return Fp8Quantized(q if write_y else None, _transpose_padded(q) if write_t else None, 1.0 / scale, amax)
+    return Fp8Quantized(q if write_y else None, _transpose_padded(q) if write_t else None, 1.0 / scale, amax, scale)
 
 
 def quantize_delayed_reference(
@@ -123,6 +126,21 @@ def quantize_delayed_reference(
     amax_slot.copy_(torch.maximum(amax_slot, amax))
     _set_flag(nonfinite_flag, amax)
     return Fp8Quantized(q if write_y else None, _transpose_padded(q) if write_t else None, 1.0 / scale, amax_slot)
+
+
+def quantize_with_scale_reference(
+    x: torch.Tensor,
+    fp8_dtype: torch.dtype,
+    scale: torch.Tensor,
+    *,
+    write_y: bool = False,
+    write_t: bool = True,
+    block: object = None,
+) -> Fp8Quantized:
+    _check_2d(x)
+    q = _cast_reference(x, scale, fp8_dtype)
+    nan = torch.full((), float("nan"), dtype=torch.float32, device=x.device)
+    return Fp8Quantized(q if write_y else None, _transpose_padded(q) if write_t else None, 1.0 / scale, nan)
 
 
 def quantize_rowwise_reference(

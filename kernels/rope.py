@@ -205,8 +205,38 @@ class RopeFunction(torch.autograd.Function):
         return dq, dk, None, None, None
 
 
+# torch.compile: dynamo cannot trace the Triton launch, so the compiled path calls one custom op
+# (both directions, ``backward`` says which); eager keeps RopeFunction, without op dispatch.
+@torch.library.custom_op("hf_fp8::rope", mutates_args=())
+def _rope_op(
+    q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, inv_freq: torch.Tensor, scaling: float, backward: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return (rope_bwd if backward else rope_fwd)(q, k, position_ids, inv_freq, scaling)
+
+
+@_rope_op.register_fake
+def _(q, k, position_ids, inv_freq, scaling, backward):
+    return q.new_empty(q.shape), k.new_empty(k.shape)
+
+
+def _rope_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[2], inputs[3])
+    ctx.scaling = inputs[4]
+
+
+def _rope_op_backward(ctx, dq, dk):
+    position_ids, inv_freq = ctx.saved_tensors
+    gq, gk = _rope_op(dq, dk, position_ids, inv_freq, ctx.scaling, True)
+    return gq, gk, None, None, None, None
+
+
+_rope_op.register_autograd(_rope_op_backward, setup_context=_rope_setup)
+
+
 def apply_rope(
     q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, inv_freq: torch.Tensor, scaling: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Autograd-aware FP32 RoPE on (B, S, H, D) q and k (Triton kernel)."""
+    """Autograd-aware FP32 RoPE on (B, S, H, D) q and k (Triton kernel; a custom op under torch.compile)."""
+    if torch.compiler.is_compiling():
+        return _rope_op(q, k, position_ids, inv_freq, float(scaling), False)
     return RopeFunction.apply(q, k, position_ids, inv_freq, scaling)

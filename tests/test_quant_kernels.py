@@ -30,7 +30,7 @@ def _rand(shape, dtype):
 
 
 def _check_same(a: K.Fp8Quantized, b: K.Fp8Quantized, what: str) -> None:
-    for name in ("data", "data_t", "scale_inv", "amax"):
+    for name in ("data", "data_t", "scale_inv", "amax", "scale"):
         va, vb = getattr(a, name), getattr(b, name)
         assert (va is None) == (vb is None), f"{what}.{name}: one is None"
         if va is not None:
@@ -195,3 +195,24 @@ def test_bad_inputs_raise_clear_errors():
         K.quantize_tensorwise(torch.randn(4, 16), torch.bfloat16)
     with pytest.raises(ValueError, match="amax_slot"):
         K.quantize_delayed(torch.randn(4, 16), E4M3, torch.tensor(1.0), torch.zeros(2))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("f8", [E4M3, E5M2])
+def test_cast_with_given_scale_rewrites_the_skipped_transposed_copy(shape, dtype, f8):
+    """The backward's Wᵀ: a cast with the forward's scale gives exactly the transposed copy a
+    tensorwise cast writing both copies would have given (kernel and reference, bit for bit)."""
+    x = _rand(shape, dtype)
+    both = K.quantize_tensorwise(x, f8, write_y=True, write_t=True)
+    scale = both.scale  # the multiplier the kernel used, which it reports
+    assert_bits_equal(scale, R.amax_to_scale_reference(both.amax, float(torch.finfo(f8).max)), "scale")
+    k = K.quantize_with_scale(x, f8, scale, write_y=False, write_t=True)
+    r = R.quantize_with_scale_reference(x, f8, scale, write_y=False, write_t=True)
+    assert k.data is None and r.data is None
+    assert_bits_equal(k.data_t, both.data_t, "kernel data_t")
+    assert_bits_equal(r.data_t, both.data_t, "reference data_t")
+    assert_bits_equal(k.scale_inv, both.scale_inv, "kernel scale_inv")
+    assert_bits_equal(r.scale_inv, both.scale_inv, "reference scale_inv")
+    with pytest.raises(ValueError, match="scale"):
+        K.quantize_with_scale(x, f8, torch.ones(2))

@@ -1,0 +1,340 @@
+"""The autograd of :class:`hf_fp8.Fp8Linear`: one forward and one backward for a group of FP8
+layers that read the same input, run eagerly by an ``autograd.Function`` and under
+``torch.compile`` by two torch custom ops.
+
+Forward, for layers ``i`` reading ``x``: quantize ``x`` once (its FP8 transposed copy is what
+the weight gradients need, saved once), quantize each weight (rows only), one ``_scaled_mm``
+each. Backward, per layer: quantize ``dY_i``; ``dX += dY_i W_i`` with ``W_iᵀ`` re-cast from the
+weight with the forward's scale (:func:`hf_fp8.scaling.transposed_copy`), ``dW_i = dY_iᵀ X``.
+
+Why custom ops under ``torch.compile``: dynamo cannot trace the quantization (Triton
+launchers, Python-side delayed-scaling state) and failed with an internal error on a model
+with FP8 layers. The ops ``hf_fp8::fp8_linear`` and ``hf_fp8::fp8_linear_backward`` are
+opaque to the compiler (fake implementations give it the shapes), so a compiled model keeps
+one graph around them. The layers' FP8 state (amax histories, scales, non-finite flags) stays
+on the modules, found through a registry keyed by ``id(module)``; only these ops read or
+write it, so the compiled graph has nothing to order against. Eager mode keeps the
+``autograd.Function``: same functions, without the custom-op dispatch on every call.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from hf_fp8._backend import fp8_gemm_supported
+from hf_fp8.config import NonFinitePolicy, Recipe
+from hf_fp8.gemm import scaled_mm
+from hf_fp8.scaling import QuantizedOperand, Role, quantize_operand, transposed_copy
+
+__all__ = ["NonFiniteError", "is_fp8_dtype", "apply_group", "register_module"]
+
+_FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def is_fp8_dtype(dtype: torch.dtype) -> bool:
+    return dtype in _FP8_DTYPES
+
+
+class NonFiniteError(FloatingPointError):
+    """An FP8 cast saw inf or NaN (raised only with ``Fp8Config(nonfinite="raise")``)."""
+
+
+def _check_nonfinite(module, role: Role, q: QuantizedOperand) -> None:
+    if module.fp8_config.nonfinite is not NonFinitePolicy.RAISE:
+        return
+    for amax in q.amaxes:
+        if not bool(torch.isfinite(amax).all()):
+            raise NonFiniteError(
+                f"{module.fp8_name or 'Fp8Linear'}: the {role.name.lower().replace('_', ' ')} contains inf or NaN "
+                f"(amax={amax.max().item()}); FP8 cannot represent it. Look for an overflow upstream of this layer."
+            )
+
+
+def _a_scale(scale: torch.Tensor) -> torch.Tensor:
+    """Scale of a row-major ``a`` operand: scalar, or (M,) -> (M, 1)."""
+    return scale if scale.numel() == 1 and scale.dim() == 0 else scale.view(-1, 1)
+
+
+def _b_scale(scale: torch.Tensor) -> torch.Tensor:
+    """Scale of a column-major ``b`` operand: scalar, or (N,) -> (1, N)."""
+    return scale if scale.numel() == 1 and scale.dim() == 0 else scale.view(1, -1)
+
+
+# ---- the computation, shared by both paths ------------------------------------------------
+def _quantize_weight(module, weight: torch.Tensor) -> QuantizedOperand:
+    """The forward GEMM's weight operand (rows only; the backward makes the transposed copy)."""
+    if is_fp8_dtype(weight.dtype):
+        # FP8-only weight (fp8_weights=True): already quantized with one per-tensor scale.
+        return QuantizedOperand(weight, module.fp8_weight_scale_inv, None, None, ())
+    qw = quantize_operand(
+        weight,
+        Role.WEIGHT,
+        module.fp8_config,
+        want_rows=True,
+        want_t=False,
+        nonfinite_flag=module.fp8_nonfinite,
+        delayed=module._fp8_delayed,
+    )
+    _check_nonfinite(module, Role.WEIGHT, qw)
+    return qw
+
+
+def _forward(modules, x2d, weights, biases, out_dtype, need_dx: bool, need_dw: list[bool]):
+    """(outputs (M, N_i), Xᵀ FP8 or None, its scale or None, per weight the scale that re-casts Wᵀ or None)."""
+    del need_dx  # Wᵀ is made in the backward either way
+    lead = modules[0]
+    cfg = lead.fp8_config
+    emulate = not fp8_gemm_supported(x2d.device)
+    qx = quantize_operand(
+        x2d,
+        Role.INPUT,
+        cfg,
+        want_rows=True,
+        want_t=any(need_dw),
+        nonfinite_flag=lead.fp8_nonfinite,
+        delayed=lead._fp8_delayed,
+    )
+    _check_nonfinite(lead, Role.INPUT, qx)
+    outs, regen = [], []
+    for module, weight, bias in zip(modules, weights, biases):
+        qw = _quantize_weight(module, weight)
+        out = scaled_mm(
+            qx.rows,
+            qw.rows.t(),
+            _a_scale(qx.rows_scale),
+            _b_scale(qw.rows_scale),
+            out_dtype=out_dtype,
+            use_fast_accum=cfg.use_fast_accum,
+            emulate=emulate,
+        )
+        if bias is not None:
+            out = out + bias.to(out_dtype)
+        outs.append(out)
+        regen.append(qw.scale)
+    return outs, qx.t, qx.t_scale, regen
+
+
+def _weight_transposed(module, weight: torch.Tensor, scale: torch.Tensor | None):
+    """(Wᵀ FP8, its scale) for the input-gradient GEMM, made now rather than saved from the forward."""
+    if is_fp8_dtype(weight.dtype):  # N is a multiple of 16: the transpose needs no padding
+        return weight.t().contiguous(), module.fp8_weight_scale_inv
+    return transposed_copy(weight, Role.WEIGHT, module.fp8_config, scale)
+
+
+def _backward(modules, grads2d, x_t, x_t_scale, weights, regen, x_dtype, need_dx, need_dw, need_db):
+    """(dX (M, K) or None, [dW_i or None], [db_i or None])."""
+    emulate = not fp8_gemm_supported(grads2d[0].device)
+    grad_x = None
+    grads_w, grads_b = [], []
+    for i, (module, weight, g2d) in enumerate(zip(modules, weights, grads2d)):
+        grad_w = grad_b = None
+        if need_dx or need_dw[i]:
+            qg = quantize_operand(
+                g2d,
+                Role.GRAD_OUTPUT,
+                module.fp8_config,
+                want_rows=need_dx,
+                want_t=need_dw[i],
+                nonfinite_flag=module.fp8_nonfinite,
+                delayed=module._fp8_delayed,
+            )
+            _check_nonfinite(module, Role.GRAD_OUTPUT, qg)
+            if need_dx:
+                # dX (M, K) = dY (M, N) @ W (N, K); W as column-major b is Wᵀ's row-major copy, transposed.
+                w_t, w_t_scale = _weight_transposed(module, weight, regen[i])
+                gx = scaled_mm(
+                    qg.rows, w_t.t(), _a_scale(qg.rows_scale), _b_scale(w_t_scale), out_dtype=x_dtype, emulate=emulate
+                )
+                del w_t
+                # several layers: their input gradients add up, as autograd would add them
+                grad_x = gx if grad_x is None else grad_x.add_(gx)
+            if need_dw[i]:
+                # dW (N, K) = dYᵀ (N, M) @ X (M, K); both transposed copies are zero-padded along M.
+                grad_w = scaled_mm(
+                    qg.t, x_t.t(), _a_scale(qg.t_scale), _b_scale(x_t_scale), out_dtype=weight.dtype, emulate=emulate
+                )
+        if need_db[i]:
+            grad_b = g2d.sum(0, dtype=torch.float32).to(module.bias.dtype)
+        grads_w.append(grad_w)
+        grads_b.append(grad_b)
+    return grad_x, grads_w, grads_b
+
+
+# ---- eager: autograd.Function ------------------------------------------------------------
+class _Fp8LinearFunction(torch.autograd.Function):
+    """``y_i = x W_iᵀ (+ b_i)`` for one or more FP8 layers reading the same ``x``.
+
+    With several layers the first one's input scaling state (delayed history, non-finite
+    flag) is the group's; everything else is per layer. ``params`` is ``(w_0, b_0, w_1, ...)``.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, modules: tuple, out_dtype: torch.dtype, need_grad: bool, *params):
+        weights, biases = params[0::2], params[1::2]
+        need_dx = need_grad and x.requires_grad
+        need_dw = [need_grad and w.requires_grad for w in weights]
+        x2d = x.reshape(-1, x.shape[-1])
+        outs, x_t, x_t_scale, regen = _forward(modules, x2d, weights, biases, out_dtype, need_dx, need_dw)
+        ctx.modules = modules
+        ctx.need = (need_dx, need_dw, [need_grad and b is not None and b.requires_grad for b in biases])
+        ctx.x_dtype, ctx.x_shape = x.dtype, x.shape
+        ctx.regen = regen
+        # the weights themselves (no copy), so that an in-place change before backward is caught
+        ctx.save_for_backward(x_t, x_t_scale, *weights)
+        return tuple(o.reshape(*x.shape[:-1], o.shape[-1]) for o in outs)
+
+    @staticmethod
+    def backward(ctx, *grad_outs: torch.Tensor):
+        x_t, x_t_scale, *weights = ctx.saved_tensors
+        need_dx, need_dw, need_db = ctx.need
+        grads2d = [g.reshape(-1, g.shape[-1]) for g in grad_outs]
+        grad_x, grads_w, grads_b = _backward(
+            ctx.modules, grads2d, x_t, x_t_scale, weights, ctx.regen, ctx.x_dtype, need_dx, need_dw, need_db
+        )
+        if grad_x is not None:
+            grad_x = grad_x.reshape(ctx.x_shape)
+        return (grad_x, None, None, None, *(g for pair in zip(grads_w, grads_b) for g in pair))
+
+
+# ---- torch.compile: custom ops -----------------------------------------------------------
+_MODULES: dict[int, weakref.ref] = {}
+
+
+def register_module(module) -> None:
+    """Make ``module`` findable by the custom ops (called when an Fp8Linear is built or unpickled/copied)."""
+    _MODULES[id(module)] = weakref.ref(module)
+
+
+def _lookup(keys: list[int]) -> tuple:
+    modules = tuple(_MODULES[k]() for k in keys)
+    if any(m is None for m in modules):
+        raise RuntimeError("hf_fp8::fp8_linear: a compiled graph refers to an Fp8Linear that no longer exists")
+    return modules
+
+
+def _or_empty(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    return t if t is not None else like.new_empty(0)
+
+
+def _or_none(t: torch.Tensor) -> torch.Tensor | None:
+    return None if t.numel() == 0 else t
+
+
+@torch.library.custom_op("hf_fp8::fp8_linear", mutates_args=())
+def _fp8_linear_op(
+    x2d: torch.Tensor,
+    weights: list[torch.Tensor],
+    keys: list[int],
+    out_dtype: torch.dtype,
+    need_dx: bool,
+    need_dw: list[bool],
+) -> list[torch.Tensor]:
+    """[y_0 .. y_n-1, Xᵀ, its scale, regen scale_0 .. regen scale_n-1] without bias (the caller adds
+    it in the graph, where autograd differentiates it); absent ones as empty tensors."""
+    no_bias = [None] * len(weights)
+    outs, x_t, x_t_scale, regen = _forward(_lookup(keys), x2d, weights, no_bias, out_dtype, need_dx, need_dw)
+    return [*outs, _or_empty(x_t, x2d), _or_empty(x_t_scale, x2d), *(_or_empty(r, x2d) for r in regen)]
+
+
+@_fp8_linear_op.register_fake
+def _(x2d, weights, keys, out_dtype, need_dx, need_dw):
+    M, K = x2d.shape
+    outs = [x2d.new_empty((M, w.shape[0]), dtype=out_dtype) for w in weights]
+    f32 = dict(dtype=torch.float32)
+    if any(need_dw):
+        cfg = _lookup(keys)[0].fp8_config
+        rowwise = cfg.recipe is Recipe.ROWWISE
+        x_t = x2d.new_empty((K, (M + 15) // 16 * 16), dtype=cfg.forward_format.dtype)
+        x_t_scale = x2d.new_empty((K,) if rowwise else (), **f32)
+    else:
+        x_t = x_t_scale = x2d.new_empty(0)
+    regen = []
+    for m, w in zip(_lookup(keys), weights):
+        per_tensor = m.fp8_config.recipe is not Recipe.ROWWISE and not is_fp8_dtype(w.dtype)
+        regen.append(x2d.new_empty((), **f32) if per_tensor else x2d.new_empty(0))
+    return [*outs, x_t, x_t_scale, *regen]
+
+
+@torch.library.custom_op("hf_fp8::fp8_linear_backward", mutates_args=())
+def _fp8_linear_backward_op(
+    grads2d: list[torch.Tensor],
+    x_t: torch.Tensor,
+    x_t_scale: torch.Tensor,
+    weights: list[torch.Tensor],
+    regen: list[torch.Tensor],
+    keys: list[int],
+    x_dtype: torch.dtype,
+    need_dx: bool,
+    need_dw: list[bool],
+) -> list[torch.Tensor]:
+    """[dX, dW_0 .. dW_n-1]; absent ones as empty tensors."""
+    n = len(weights)
+    grad_x, grads_w, _ = _backward(
+        _lookup(keys), grads2d, _or_none(x_t), _or_none(x_t_scale), weights, [_or_none(r) for r in regen],
+        x_dtype, need_dx, need_dw, [False] * n,
+    )  # fmt: skip
+    like = grads2d[0]
+    return [_or_empty(grad_x, like), *(_or_empty(g, like) for g in grads_w)]
+
+
+@_fp8_linear_backward_op.register_fake
+def _(grads2d, x_t, x_t_scale, weights, regen, keys, x_dtype, need_dx, need_dw):
+    like = grads2d[0]
+    grad_x = like.new_empty((like.shape[0], weights[0].shape[1]), dtype=x_dtype) if need_dx else like.new_empty(0)
+    grads_w = [like.new_empty(w.shape, dtype=w.dtype) if n else like.new_empty(0) for w, n in zip(weights, need_dw)]
+    return [grad_x, *grads_w]
+
+
+def _setup_context(ctx, inputs, output):
+    x2d, weights, keys, out_dtype, need_dx, need_dw = inputs
+    n = len(weights)
+    x_t, x_t_scale, regen = output[n], output[n + 1], output[n + 2 :]
+    ctx.save_for_backward(x_t, x_t_scale, *weights, *regen)
+    ctx.n = n
+    ctx.keys = keys
+    ctx.x_dtype = x2d.dtype
+    ctx.need = (need_dx, need_dw)
+
+
+def _op_backward(ctx, grad_outputs):
+    n = ctx.n
+    x_t, x_t_scale, *rest = ctx.saved_tensors
+    weights, regen = rest[:n], rest[n:]
+    need_dx, need_dw = ctx.need
+    res = _fp8_linear_backward_op(
+        list(grad_outputs[:n]), x_t, x_t_scale, list(weights), list(regen), ctx.keys, ctx.x_dtype, need_dx, need_dw
+    )
+    grad_x = res[0] if need_dx else None
+    grads_w = [g if need else None for g, need in zip(res[1:], need_dw)]
+    return grad_x, grads_w, None, None, None, None
+
+
+_fp8_linear_op.register_autograd(_op_backward, setup_context=_setup_context)
+
+
+# ---- entry point ---------------------------------------------------------------------------
+def apply_group(modules: tuple, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``tuple(m(x) for m in modules)`` for Fp8Linear modules sharing one config: one input cast."""
+    if x.numel() == 0:
+        return tuple(torch.zeros(*x.shape[:-1], m.out_features, dtype=x.dtype, device=x.device) for m in modules)
+    device_type = x.device.type
+    out_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+    # The emulation's FP32 matmul must not be autocast to BF16.
+    with torch.autocast(device_type=device_type, enabled=False):
+        if torch.compiler.is_compiling():
+            grad = torch.is_grad_enabled()
+            weights = [m.weight for m in modules]
+            outs = _fp8_linear_op(
+                x.reshape(-1, x.shape[-1]),
+                weights,
+                [id(m) for m in modules],
+                out_dtype,
+                grad and x.requires_grad,
+                [grad and w.requires_grad for w in weights],
+            )
+            outs = [o if m.bias is None else o + m.bias.to(out_dtype) for o, m in zip(outs, modules)]
+            return tuple(o.reshape(*x.shape[:-1], o.shape[-1]) for o in outs)
+        params = [p for m in modules for p in (m.weight, m.bias)]
+        return _Fp8LinearFunction.apply(x, modules, out_dtype, torch.is_grad_enabled(), *params)
