@@ -21,6 +21,7 @@ for s in $steps; do
   echo "=== $s ($(date +%T))"
   case $s in
     tests) python3 -m pytest -m gpu tests/test_gpu.py tests/test_monitor.py -q -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.txt" | grep -E "^(FAILED|ERROR|E  )|passed|failed" | cut -c1-300 | tail -30 ;;
+    compiletest) python3 -m pytest -m gpu tests/test_gpu.py -k compile -q -p no:cacheprovider 2>&1 | grep -E "^(FAILED|ERROR|E  )|passed|failed" | cut -c1-600 | tail -30 ;;
     quant) python3 -m benchmarks.bench_quant --sweep-blocks 2>&1 | tail -60 ;;
     linear) python3 -m benchmarks.bench_linear --budget-s 230 2>&1 | grep -v Warning | tail -80 ;;
     sweep) python3 -m benchmarks.bench_linear --sweep --budget-s 150 2>&1 | tail -150 ;;

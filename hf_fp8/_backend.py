@@ -7,7 +7,6 @@ tests use to run the Triton kernels under the CPU interpreter (``TRITON_INTERPRE
 from __future__ import annotations
 
 import contextlib
-import functools
 from collections.abc import Iterator
 from typing import Literal
 
@@ -19,9 +18,26 @@ KernelBackend = Literal["auto", "triton", "torch"]
 _override: KernelBackend = "auto"
 
 
-@functools.lru_cache(maxsize=16)
+def compile_time_constant(fn):
+    """What ``torch.compiler.assume_constant_result`` does (torch.compile calls ``fn`` at trace time
+    and bakes in its result), without importing ``torch._dynamo`` when hf_fp8 is imported: that
+    import is slow, and with it gloo process groups hung at teardown in our 2-process CPU tests."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+# Facts of the process, cached by hand and marked constant for torch.compile: torch 2.11's
+# dynamo traced through an lru_cache wrapper into importlib's find_spec and broke the graph in
+# every layer.
+_CAPABILITY: dict[int, tuple[int, int]] = {}
+_TRITON: list[bool] = []
+
+
+@compile_time_constant
 def _cuda_capability(index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
+    if index not in _CAPABILITY:
+        _CAPABILITY[index] = torch.cuda.get_device_capability(index)
+    return _CAPABILITY[index]
 
 
 def fp8_gemm_supported(device: torch.device) -> bool:
@@ -32,11 +48,13 @@ def fp8_gemm_supported(device: torch.device) -> bool:
     return _cuda_capability(index) >= (8, 9)
 
 
-@functools.lru_cache(maxsize=1)
+@compile_time_constant
 def _triton_available() -> bool:
-    from hf_fp8.kernels import is_triton_available
+    if not _TRITON:
+        from hf_fp8.kernels import is_triton_available
 
-    return is_triton_available()
+        _TRITON.append(is_triton_available())
+    return _TRITON[0]
 
 
 def use_triton(x: torch.Tensor) -> bool:

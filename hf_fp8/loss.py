@@ -21,22 +21,28 @@ accumulation across micro-batches).
 
 from __future__ import annotations
 
-import functools
-
 import torch
+
+from hf_fp8._backend import compile_time_constant
 
 __all__ = ["chunked_linear_cross_entropy", "mm_fp32_out"]
 
 
-@functools.lru_cache(maxsize=1)
+_DTYPE_GEMM: list[bool] = []
+
+
+@compile_time_constant  # a fact of the process, cached by hand (see hf_fp8._backend)
 def _has_dtype_gemm() -> bool:
-    if not torch.cuda.is_available():
-        return False
-    try:
-        a = torch.ones(16, 16, device="cuda", dtype=torch.bfloat16)
-        return torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
-    except (RuntimeError, TypeError):
-        return False
+    if not _DTYPE_GEMM:
+        ok = False
+        if torch.cuda.is_available():
+            try:
+                a = torch.ones(16, 16, device="cuda", dtype=torch.bfloat16)
+                ok = torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
+            except (RuntimeError, TypeError):
+                ok = False
+        _DTYPE_GEMM.append(ok)
+    return _DTYPE_GEMM[0]
 
 
 def mm_fp32_out(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

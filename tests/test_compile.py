@@ -117,3 +117,34 @@ def test_custom_ops_pass_opcheck():
         if not conftest.INTERPRETER_PATCHED:
             pytest.skip("needs TRITON_INTERPRET=1")
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+def test_backend_probes_are_compile_time_constants():
+    """The Triton/capability probes run in every layer's forward on a GPU; dynamo must take them
+    as constants (find_spec inside them broke the graph 16 times on a 2-layer model on the H100)."""
+    from hf_fp8 import _backend
+    from hf_fp8.loss import _has_dtype_gemm
+
+    def probe(x):
+        if _backend._triton_available() and not _has_dtype_gemm():
+            return x + 1
+        return x - 1
+
+    x = torch.randn(4)
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(probe)(x)
+    assert explanation.graph_break_count == 0, [str(b.reason)[:200] for b in explanation.break_reasons]
+    torch.testing.assert_close(torch.compile(probe, backend="eager", fullgraph=True)(x), probe(x))
+    torch._dynamo.reset()
+
+
+def test_importing_hf_fp8_does_not_import_dynamo():
+    """Importing torch._dynamo is slow and made gloo teardown hang in the distributed tests."""
+    import subprocess
+    import sys
+
+    code = "import sys, hf_fp8, hf_fp8.linear, hf_fp8.loss; print('torch._dynamo' in sys.modules)"
+    assert (
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+        == "False"
+    )

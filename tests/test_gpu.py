@@ -298,7 +298,10 @@ def test_torch_compile_of_converted_llama_on_gpu():
     twin = copy.deepcopy(model)
     ids = [torch.randint(0, 2048, (2, 512), device="cuda") for _ in range(3)]
     explanation = torch._dynamo.explain(copy.deepcopy(model))(input_ids=ids[0], labels=ids[0])
-    assert explanation.graph_break_count == 0, [str(b.reason)[:200] for b in explanation.break_reasons]
+    where = {
+        f"{str(b.reason)[:120]} at {[str(f)[-140:] for f in b.user_stack[-2:]]}" for b in explanation.break_reasons
+    }
+    assert explanation.graph_break_count == 0, sorted(where)
     torch._dynamo.reset()
     compiled = torch.compile(twin)
     losses = {}
