@@ -202,7 +202,8 @@ def fp8_attention_forward(
     """HF attention-interface function: q/k/v (B, H|Hk, S, D) -> ((B, S, H, D), None)."""
     reason = _unsupported(module, query, key, attention_mask, dropout, kwargs)
     if reason is not None:
-        if reason not in _warned:
+        # (under torch.compile the warning would break the graph: it is given in eager mode only)
+        if reason not in _warned and not torch.compiler.is_compiling():
             _warned.add(reason)
             warnings.warn(
                 f"hf_fp8 FP8 attention: falling back to BF16 SDPA for {reason} (warned once per reason)",
@@ -225,5 +226,37 @@ def register_attention() -> str:
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     AttentionInterface.register(ATTN_IMPLEMENTATION, fp8_attention_forward)
-    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, _causal_mask_or_none(sdpa_mask))
     return ATTN_IMPLEMENTATION
+
+
+def _causal_mask_or_none(sdpa_mask):
+    """SDPA's mask function, except that a plain causal mask is ``None`` under torch.compile too.
+
+    A plain causal mask: no padding mask given, no sliding window, keys from position 0, as many
+    queries as keys. HF's SDPA path then passes no mask (``is_causal`` does it) in eager mode,
+    but while compiling, transformers 5.17 with torch 2.11 (the H100's) materializes the mask,
+    which sent every compiled FP8-attention call to the BF16 fallback. Deciding this needs no
+    tensor values, so it holds under tracing; anything else goes to ``sdpa_mask`` unchanged.
+    """
+    from transformers.masking_utils import causal_mask_function
+
+    def mask(*args, **kwargs):
+        if not args and kwargs.get("allow_is_causal_skip", True) and kwargs.get("attention_mask") is None:
+            q_length = kwargs.get("q_length")
+            if q_length is None and kwargs.get("cache_position") is not None:
+                q_length = kwargs["cache_position"].shape[0]
+            q_offset = kwargs.get("q_offset", 0)
+            if (
+                kwargs.get("mask_function") is causal_mask_function
+                and kwargs.get("local_size") is None
+                and kwargs.get("kv_offset", 0) == 0
+                and isinstance(q_offset, int)
+                and q_offset == 0
+                and q_length is not None
+                and q_length == kwargs.get("kv_length")
+            ):
+                return None
+        return sdpa_mask(*args, **kwargs)
+
+    return mask

@@ -148,3 +148,43 @@ def test_importing_hf_fp8_does_not_import_dynamo():
         subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
         == "False"
     )
+
+
+def test_compiled_fp8_attention_gets_no_mask_and_no_graph_break():
+    """FP8 attention (head_dim 64, the torch emulation on CPU) under torch.compile: a plain causal
+    mask stays None, so the FP8 path runs, in one graph, as in eager. (The transformers here
+    already skips the mask while compiling; 5.17 on the H100 did not, which test_gpu covers.)"""
+    from hf_fp8.integrations import attention as A
+
+    model = tiny_llama(hidden_size=256, num_attention_heads=4, num_key_value_heads=2)
+    hf_fp8.convert(model, hf_fp8.Fp8Config(recipe="tensorwise", fp8_attention=True, auto_filter=False))
+    twin = copy.deepcopy(model)
+    ids = torch.randint(0, 512, (2, 32))
+    before = set(A.fallback_reasons())
+    explanation = torch._dynamo.explain(copy.deepcopy(model))(input_ids=ids, labels=ids)
+    assert explanation.graph_break_count == 0, [str(b.reason)[:200] for b in explanation.break_reasons]
+    # the FP8 attention emulation's casts are in the graph (FP8 linears are opaque custom ops)
+    assert any("float8_e4m3fn" in g.code for g in explanation.graphs)
+    torch._dynamo.reset()
+    eager = model(input_ids=ids, labels=ids).loss
+    compiled = torch.compile(twin, backend="aot_eager")(input_ids=ids, labels=ids).loss
+    assert_bits_equal(eager.detach(), compiled.detach(), "loss")
+    assert A.fallback_reasons() == before  # nothing fell back
+    torch._dynamo.reset()
+
+
+def test_fp8_attention_mask_function_keeps_padding_masks():
+    from transformers.masking_utils import causal_mask_function, sdpa_mask
+
+    from hf_fp8.integrations.attention import _causal_mask_or_none
+
+    mask = _causal_mask_or_none(sdpa_mask)
+    kw = dict(batch_size=2, q_length=8, kv_length=8, q_offset=0, kv_offset=0, mask_function=causal_mask_function)
+    assert mask(**kw, attention_mask=None) is None
+    padding = torch.ones(2, 8, dtype=torch.bool)
+    padding[0, :3] = False
+    padded = mask(**kw, attention_mask=padding)
+    assert padded is not None and not padded[0, 0, :, :3].any()
+    assert mask(**{**kw, "q_length": 1, "q_offset": 7}, attention_mask=None) is sdpa_mask(
+        **{**kw, "q_length": 1, "q_offset": 7}, attention_mask=None
+    )
