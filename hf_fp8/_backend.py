@@ -29,23 +29,25 @@ def compile_time_constant(fn):
 # Facts of the process, cached by hand and marked constant for torch.compile: torch 2.11's
 # dynamo traced through an lru_cache wrapper into importlib's find_spec and broke the graph in
 # every layer.
-_CAPABILITY: dict[int, tuple[int, int]] = {}
+_FP8_CAPABLE: dict[int, bool] = {}
 _TRITON: list[bool] = []
 
 
 @compile_time_constant
-def _cuda_capability(index: int) -> tuple[int, int]:
-    if index not in _CAPABILITY:
-        _CAPABILITY[index] = torch.cuda.get_device_capability(index)
-    return _CAPABILITY[index]
+def _fp8_capable(index: int) -> bool:
+    """Compute capability >= 8.9 for CUDA device ``index`` (-1: the current device). A bool, not
+    the capability tuple: dynamo 2.11 failed comparing a constant tuple while tracing."""
+    if index not in _FP8_CAPABLE:
+        resolved = torch.cuda.current_device() if index < 0 else index
+        _FP8_CAPABLE[index] = torch.cuda.get_device_capability(resolved) >= (8, 9)
+    return _FP8_CAPABLE[index]
 
 
 def fp8_gemm_supported(device: torch.device) -> bool:
     """True on CUDA GPUs with compute capability >= 8.9 (Ada, Hopper, Blackwell): ``torch._scaled_mm`` runs there."""
     if device.type != "cuda":
         return False
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return _cuda_capability(index) >= (8, 9)
+    return _fp8_capable(device.index if device.index is not None else -1)
 
 
 @compile_time_constant

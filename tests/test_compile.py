@@ -119,7 +119,7 @@ def test_custom_ops_pass_opcheck():
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
-def test_backend_probes_are_compile_time_constants():
+def test_backend_probes_are_compile_time_constants(monkeypatch):
     """The Triton/capability probes run in every layer's forward on a GPU; dynamo must take them
     as constants (find_spec inside them broke the graph 16 times on a 2-layer model on the H100)."""
     from hf_fp8 import _backend
@@ -131,6 +131,20 @@ def test_backend_probes_are_compile_time_constants():
         return x - 1
 
     x = torch.randn(4)
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(probe)(x)
+    assert explanation.graph_break_count == 0, [str(b.reason)[:200] for b in explanation.break_reasons]
+
+    # the FP8-capability probe, as on a GPU machine (capability faked: this one has none)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (9, 0))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(_backend, "_FP8_CAPABLE", {})
+
+    def gpu_probe(x):
+        return x + 1 if _backend.fp8_gemm_supported(torch.device("cuda")) else x - 1
+
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(gpu_probe, backend="eager", fullgraph=True)(x), x + 1)
     torch._dynamo.reset()
     explanation = torch._dynamo.explain(probe)(x)
     assert explanation.graph_break_count == 0, [str(b.reason)[:200] for b in explanation.break_reasons]
