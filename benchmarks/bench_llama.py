@@ -41,6 +41,7 @@ VARIANTS = [
     "stock_bf16",
     "hf_fp8_tensorwise",
     "hf_fp8_delayed",
+    "hf_fp8_delayed_recast",
     "hf_fp8_rowwise",
     "hf_fp8_delayed_fp8attn",
     "hf_fp8_delayed_fp8attn_all",
@@ -76,13 +77,17 @@ def build(name: str, config: dict):
             model.model, config=Float8LinearConfig.from_recipe_name(recipe), module_filter_fn=lambda m, fqn: True
         )
     elif name.startswith("hf_fp8_"):
-        # hf_fp8_<recipe>[_fp8attn][_all][_compile]: _all converts every decoder linear (no auto filter),
-        # as torchao does; _compile compiles each decoder layer, as the other _compile variants do
-        recipe = name.removeprefix("hf_fp8_").removesuffix("_compile").split("_fp8attn")[0].removesuffix("_all")
+        # hf_fp8_<recipe>[_fp8attn][_all][_recast][_compile]: _all converts every decoder linear (no auto
+        # filter), as torchao does; _recast re-casts weight transposes in the backward
+        # (save_weight_transpose=False); _compile compiles each decoder layer, as the other _compile variants do
+        rest = name.removeprefix("hf_fp8_")
+        recipe = "full_bf16" if rest.startswith("full_bf16") else rest.split("_")[0]
+        flags = set(rest.removeprefix(recipe).split("_"))
         fp8_cfg = hf_fp8.Fp8Config(
             recipe=None if recipe == "full_bf16" else recipe,
-            fp8_attention="_fp8attn" in name,
-            auto_filter="_all" not in name,
+            fp8_attention="fp8attn" in flags,
+            auto_filter="all" not in flags,
+            save_weight_transpose="recast" not in flags,
             exclude=("lm_head",),
         )
         report = hf_fp8.convert(model, fp8_cfg)

@@ -63,8 +63,9 @@ def _b_scale(scale: torch.Tensor) -> torch.Tensor:
 
 
 # ---- the computation, shared by both paths ------------------------------------------------
-def _quantize_weight(module, weight: torch.Tensor) -> QuantizedOperand:
-    """The forward GEMM's weight operand (rows only; the backward makes the transposed copy)."""
+def _quantize_weight(module, weight: torch.Tensor, want_t: bool) -> QuantizedOperand:
+    """The forward GEMM's weight operand, with the transposed copy when the backward keeps it
+    (``Fp8Config.save_weight_transpose``); otherwise the backward re-casts it."""
     if is_fp8_dtype(weight.dtype):
         # FP8-only weight (fp8_weights=True): already quantized with one per-tensor scale.
         return QuantizedOperand(weight, module.fp8_weight_scale_inv, None, None, ())
@@ -73,7 +74,7 @@ def _quantize_weight(module, weight: torch.Tensor) -> QuantizedOperand:
         Role.WEIGHT,
         module.fp8_config,
         want_rows=True,
-        want_t=False,
+        want_t=want_t,
         nonfinite_flag=module.fp8_nonfinite,
         delayed=module._fp8_delayed,
     )
@@ -82,8 +83,8 @@ def _quantize_weight(module, weight: torch.Tensor) -> QuantizedOperand:
 
 
 def _forward(modules, x2d, weights, biases, out_dtype, need_dx: bool, need_dw: list[bool]):
-    """(outputs (M, N_i), Xᵀ FP8 or None, its scale or None, per weight the scale that re-casts Wᵀ or None)."""
-    del need_dx  # Wᵀ is made in the backward either way
+    """(outputs (M, N_i), Xᵀ FP8 or None, its scale or None, per weight: (Wᵀ, its scale) kept for
+    the backward or (None, None), and the scale that re-casts Wᵀ or None)."""
     lead = modules[0]
     cfg = lead.fp8_config
     emulate = not fp8_gemm_supported(x2d.device)
@@ -97,9 +98,10 @@ def _forward(modules, x2d, weights, biases, out_dtype, need_dx: bool, need_dw: l
         delayed=lead._fp8_delayed,
     )
     _check_nonfinite(lead, Role.INPUT, qx)
-    outs, regen = [], []
+    outs, w_ts, regen = [], [], []
     for module, weight, bias in zip(modules, weights, biases):
-        qw = _quantize_weight(module, weight)
+        keep_t = need_dx and cfg.save_weight_transpose and not is_fp8_dtype(weight.dtype)
+        qw = _quantize_weight(module, weight, want_t=keep_t)
         out = scaled_mm(
             qx.rows,
             qw.rows.t(),
@@ -112,8 +114,9 @@ def _forward(modules, x2d, weights, biases, out_dtype, need_dx: bool, need_dw: l
         if bias is not None:
             out = out + bias.to(out_dtype)
         outs.append(out)
-        regen.append(qw.scale)
-    return outs, qx.t, qx.t_scale, regen
+        w_ts.append((qw.t, qw.t_scale) if keep_t else (None, None))
+        regen.append(None if keep_t else qw.scale)
+    return outs, qx.t, qx.t_scale, w_ts, regen
 
 
 def _weight_transposed(module, weight: torch.Tensor, scale: torch.Tensor | None):
@@ -123,7 +126,7 @@ def _weight_transposed(module, weight: torch.Tensor, scale: torch.Tensor | None)
     return transposed_copy(weight, Role.WEIGHT, module.fp8_config, scale)
 
 
-def _backward(modules, grads2d, x_t, x_t_scale, weights, regen, x_dtype, need_dx, need_dw, need_db):
+def _backward(modules, grads2d, x_t, x_t_scale, weights, w_ts, regen, x_dtype, need_dx, need_dw, need_db):
     """(dX (M, K) or None, [dW_i or None], [db_i or None])."""
     emulate = not fp8_gemm_supported(grads2d[0].device)
     grad_x = None
@@ -143,7 +146,7 @@ def _backward(modules, grads2d, x_t, x_t_scale, weights, regen, x_dtype, need_dx
             _check_nonfinite(module, Role.GRAD_OUTPUT, qg)
             if need_dx:
                 # dX (M, K) = dY (M, N) @ W (N, K); W as column-major b is Wᵀ's row-major copy, transposed.
-                w_t, w_t_scale = _weight_transposed(module, weight, regen[i])
+                w_t, w_t_scale = w_ts[i] if w_ts[i][0] is not None else _weight_transposed(module, weight, regen[i])
                 gx = scaled_mm(
                     qg.rows, w_t.t(), _a_scale(qg.rows_scale), _b_scale(w_t_scale), out_dtype=x_dtype, emulate=emulate
                 )
@@ -176,22 +179,25 @@ class _Fp8LinearFunction(torch.autograd.Function):
         need_dx = need_grad and x.requires_grad
         need_dw = [need_grad and w.requires_grad for w in weights]
         x2d = x.reshape(-1, x.shape[-1])
-        outs, x_t, x_t_scale, regen = _forward(modules, x2d, weights, biases, out_dtype, need_dx, need_dw)
+        outs, x_t, x_t_scale, w_ts, regen = _forward(modules, x2d, weights, biases, out_dtype, need_dx, need_dw)
         ctx.modules = modules
         ctx.need = (need_dx, need_dw, [need_grad and b is not None and b.requires_grad for b in biases])
         ctx.x_dtype, ctx.x_shape = x.dtype, x.shape
         ctx.regen = regen
+        ctx.w_t_scales = [scale for _, scale in w_ts]
         # the weights themselves (no copy), so that an in-place change before backward is caught
-        ctx.save_for_backward(x_t, x_t_scale, *weights)
+        ctx.save_for_backward(x_t, x_t_scale, *weights, *(t for t, _ in w_ts))
         return tuple(o.reshape(*x.shape[:-1], o.shape[-1]) for o in outs)
 
     @staticmethod
     def backward(ctx, *grad_outs: torch.Tensor):
-        x_t, x_t_scale, *weights = ctx.saved_tensors
+        x_t, x_t_scale, *rest = ctx.saved_tensors
+        n = len(ctx.modules)
+        weights, w_ts = rest[:n], list(zip(rest[n:], ctx.w_t_scales))
         need_dx, need_dw, need_db = ctx.need
         grads2d = [g.reshape(-1, g.shape[-1]) for g in grad_outs]
         grad_x, grads_w, grads_b = _backward(
-            ctx.modules, grads2d, x_t, x_t_scale, weights, ctx.regen, ctx.x_dtype, need_dx, need_dw, need_db
+            ctx.modules, grads2d, x_t, x_t_scale, weights, w_ts, ctx.regen, ctx.x_dtype, need_dx, need_dw, need_db
         )
         if grad_x is not None:
             grad_x = grad_x.reshape(ctx.x_shape)
@@ -231,11 +237,12 @@ def _fp8_linear_op(
     need_dx: bool,
     need_dw: list[bool],
 ) -> list[torch.Tensor]:
-    """[y_0 .. y_n-1, Xᵀ, its scale, regen scale_0 .. regen scale_n-1] without bias (the caller adds
-    it in the graph, where autograd differentiates it); absent ones as empty tensors."""
+    """[y_0 .. y_n-1, Xᵀ, its scale, (Wᵀ_i, its scale, regen scale_i) for each weight] without bias (the
+    caller adds it in the graph, where autograd differentiates it); absent ones as empty tensors."""
     no_bias = [None] * len(weights)
-    outs, x_t, x_t_scale, regen = _forward(_lookup(keys), x2d, weights, no_bias, out_dtype, need_dx, need_dw)
-    return [*outs, _or_empty(x_t, x2d), _or_empty(x_t_scale, x2d), *(_or_empty(r, x2d) for r in regen)]
+    outs, x_t, x_t_scale, w_ts, regen = _forward(_lookup(keys), x2d, weights, no_bias, out_dtype, need_dx, need_dw)
+    per_weight = [_or_empty(t, x2d) for (w_t, w_s), r in zip(w_ts, regen) for t in (w_t, w_s, r)]
+    return [*outs, _or_empty(x_t, x2d), _or_empty(x_t_scale, x2d), *per_weight]
 
 
 @_fp8_linear_op.register_fake
@@ -250,11 +257,19 @@ def _(x2d, weights, keys, out_dtype, need_dx, need_dw):
         x_t_scale = x2d.new_empty((K,) if rowwise else (), **f32)
     else:
         x_t = x_t_scale = x2d.new_empty(0)
-    regen = []
+    per_weight = []
     for m, w in zip(_lookup(keys), weights):
-        per_tensor = m.fp8_config.recipe is not Recipe.ROWWISE and not is_fp8_dtype(w.dtype)
-        regen.append(x2d.new_empty((), **f32) if per_tensor else x2d.new_empty(0))
-    return [*outs, x_t, x_t_scale, *regen]
+        cfg = m.fp8_config
+        rowwise = cfg.recipe is Recipe.ROWWISE
+        keep_t = need_dx and cfg.save_weight_transpose and not is_fp8_dtype(w.dtype)
+        if keep_t:
+            N, K = w.shape
+            w_t = x2d.new_empty((K, N), dtype=cfg.forward_format.dtype)
+            per_weight += [w_t, x2d.new_empty((K,) if rowwise else (), **f32), x2d.new_empty(0)]
+        else:
+            regen = x2d.new_empty((), **f32) if not rowwise and not is_fp8_dtype(w.dtype) else x2d.new_empty(0)
+            per_weight += [x2d.new_empty(0), x2d.new_empty(0), regen]
+    return [*outs, x_t, x_t_scale, *per_weight]
 
 
 @torch.library.custom_op("hf_fp8::fp8_linear_backward", mutates_args=())
@@ -263,16 +278,19 @@ def _fp8_linear_backward_op(
     x_t: torch.Tensor,
     x_t_scale: torch.Tensor,
     weights: list[torch.Tensor],
-    regen: list[torch.Tensor],
+    per_weight: list[torch.Tensor],
     keys: list[int],
     x_dtype: torch.dtype,
     need_dx: bool,
     need_dw: list[bool],
 ) -> list[torch.Tensor]:
-    """[dX, dW_0 .. dW_n-1]; absent ones as empty tensors."""
+    """[dX, dW_0 .. dW_n-1]; absent ones as empty tensors. ``per_weight``: the forward's (Wᵀ, its
+    scale, regen scale) triples, flattened."""
     n = len(weights)
+    w_ts = [(_or_none(per_weight[3 * i]), _or_none(per_weight[3 * i + 1])) for i in range(n)]
+    regen = [_or_none(per_weight[3 * i + 2]) for i in range(n)]
     grad_x, grads_w, _ = _backward(
-        _lookup(keys), grads2d, _or_none(x_t), _or_none(x_t_scale), weights, [_or_none(r) for r in regen],
+        _lookup(keys), grads2d, _or_none(x_t), _or_none(x_t_scale), weights, w_ts, regen,
         x_dtype, need_dx, need_dw, [False] * n,
     )  # fmt: skip
     like = grads2d[0]
@@ -280,7 +298,7 @@ def _fp8_linear_backward_op(
 
 
 @_fp8_linear_backward_op.register_fake
-def _(grads2d, x_t, x_t_scale, weights, regen, keys, x_dtype, need_dx, need_dw):
+def _(grads2d, x_t, x_t_scale, weights, per_weight, keys, x_dtype, need_dx, need_dw):
     like = grads2d[0]
     grad_x = like.new_empty((like.shape[0], weights[0].shape[1]), dtype=x_dtype) if need_dx else like.new_empty(0)
     grads_w = [like.new_empty(w.shape, dtype=w.dtype) if n else like.new_empty(0) for w, n in zip(weights, need_dw)]
@@ -290,8 +308,8 @@ def _(grads2d, x_t, x_t_scale, weights, regen, keys, x_dtype, need_dx, need_dw):
 def _setup_context(ctx, inputs, output):
     x2d, weights, keys, out_dtype, need_dx, need_dw = inputs
     n = len(weights)
-    x_t, x_t_scale, regen = output[n], output[n + 1], output[n + 2 :]
-    ctx.save_for_backward(x_t, x_t_scale, *weights, *regen)
+    x_t, x_t_scale, per_weight = output[n], output[n + 1], output[n + 2 :]
+    ctx.save_for_backward(x_t, x_t_scale, *weights, *per_weight)
     ctx.n = n
     ctx.keys = keys
     ctx.x_dtype = x2d.dtype
@@ -301,10 +319,10 @@ def _setup_context(ctx, inputs, output):
 def _op_backward(ctx, grad_outputs):
     n = ctx.n
     x_t, x_t_scale, *rest = ctx.saved_tensors
-    weights, regen = rest[:n], rest[n:]
+    weights, per_weight = rest[:n], rest[n:]
     need_dx, need_dw = ctx.need
     res = _fp8_linear_backward_op(
-        list(grad_outputs[:n]), x_t, x_t_scale, list(weights), list(regen), ctx.keys, ctx.x_dtype, need_dx, need_dw
+        list(grad_outputs[:n]), x_t, x_t_scale, list(weights), list(per_weight), ctx.keys, ctx.x_dtype, need_dx, need_dw
     )
     grad_x = res[0] if need_dx else None
     grads_w = [g if need else None for g, need in zip(res[1:], need_dw)]

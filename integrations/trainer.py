@@ -74,6 +74,14 @@ class Fp8ArgumentsMixin:
             "memory of BF16 base weights. Needs --fp8 tensorwise or delayed."
         },
     )
+    fp8_save_weight_transpose: bool = dataclasses.field(
+        default=True,
+        metadata={
+            "help": "Keep each FP8 weight's transposed copy from the forward for the backward (faster). "
+            "--fp8_save_weight_transpose false re-casts it in the backward instead: less activation memory "
+            "(one byte per FP8 weight element), same results."
+        },
+    )
     fp8_monitor_interval: int = dataclasses.field(
         default=0,
         metadata={
@@ -130,6 +138,8 @@ class Fp8ArgumentsMixin:
             overrides["fp8_weights"] = True
         if self.fp8_attention:
             overrides["fp8_attention"] = True
+        if not self.fp8_save_weight_transpose:
+            overrides["save_weight_transpose"] = False
         if self.fp8.lower() in {r.value for r in Recipe}:
             return Fp8Config(recipe=self.fp8, **overrides)
         if os.path.isfile(self.fp8):
@@ -324,7 +334,7 @@ class Fp8Callback(transformers.TrainerCallback):
 @dataclasses.dataclass
 class TrainingArguments(Fp8ArgumentsMixin, transformers.TrainingArguments):
     """``transformers.TrainingArguments`` plus ``--fp8``, ``--full_bf16``, ``--fp8_attention``,
-    ``--fp8_auto_filter``, ``--fp8_include``, ``--fp8_exclude``, ``--fp8_weights`` and
+    ``--fp8_auto_filter``, ``--fp8_include``, ``--fp8_exclude``, ``--fp8_weights``, ``--fp8_save_weight_transpose`` and
     ``--fp8_monitor_interval`` (see :class:`Fp8ArgumentsMixin`)."""
 
 

@@ -202,3 +202,23 @@ def test_fp8_attention_mask_function_keeps_padding_masks():
     assert mask(**{**kw, "q_length": 1, "q_offset": 7}, attention_mask=None) is sdpa_mask(
         **{**kw, "q_length": 1, "q_offset": 7}, attention_mask=None
     )
+
+
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise", "delayed"])
+def test_compiled_layer_with_recast_weight_transpose_matches_eager(recipe):
+    torch.manual_seed(1)
+    cfg = hf_fp8.Fp8Config(recipe=recipe, save_weight_transpose=False)
+    layer = hf_fp8.Fp8Linear.from_linear(nn.Linear(64, 48), cfg)
+    twin = copy.deepcopy(layer)
+    compiled = torch.compile(twin, backend="aot_eager", fullgraph=True)
+    for _ in range(2):
+        x = torch.randn(3, 16, 64, requires_grad=True)
+        x2 = x.detach().clone().requires_grad_()
+        y, y2 = layer(x), compiled(x2)
+        assert_bits_equal(y, y2, "output")
+        g = torch.randn_like(y)
+        y.backward(g)
+        y2.backward(g)
+        assert_bits_equal(x.grad, x2.grad, "input grad")
+        assert_bits_equal(layer.weight.grad, twin.weight.grad, "weight grad")
+    torch._dynamo.reset()

@@ -136,7 +136,13 @@ def test_frozen_weight_skips_weight_grad_work(monkeypatch):
     m(x).sum().backward()
     assert m.weight.grad is None and x.grad is not None
     # no transposed X (only the weight gradient needs it), no transposed dY; the transposed W
-    # is made in the backward, not saved from the forward
+    # comes from the forward's cast
+    assert calls == [("INPUT", True, False), ("WEIGHT", True, True), ("GRAD_OUTPUT", True, False)]
+
+    calls.clear()  # save_weight_transpose=False: the forward casts rows only, the backward re-casts Wᵀ
+    low = hf_fp8.Fp8Linear.from_linear(nn.Linear(64, 32, bias=False), hf_fp8.Fp8Config(save_weight_transpose=False))
+    low.weight.requires_grad_(False)
+    low(x).sum().backward()
     assert calls == [
         ("INPUT", True, False),
         ("WEIGHT", True, False),
@@ -345,3 +351,33 @@ def test_shared_input_linears_fall_back_to_separate_calls():
     assert torch.equal(yp, plain(x))
     with pytest.raises(ValueError, match="in_features"):
         shared_input_linears((b, copy.deepcopy(b)), torch.randn(4, 16))
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_recast_weight_transpose_is_bit_identical_and_saves_memory(recipe, backend):
+    """save_weight_transpose=False: the backward re-casts Wᵀ with the forward's scale, so outputs
+    and gradients equal the default's bit for bit over three steps, with less saved for backward."""
+    if backend == "triton" and not conftest.INTERPRETER_PATCHED:
+        pytest.skip("needs TRITON_INTERPRET=1")
+    torch.manual_seed(3)
+    base = nn.Linear(64, 48)
+    saved = hf_fp8.Fp8Linear.from_linear(copy.deepcopy(base), hf_fp8.Fp8Config(recipe=recipe))
+    recast = hf_fp8.Fp8Linear.from_linear(
+        copy.deepcopy(base), hf_fp8.Fp8Config(recipe=recipe, save_weight_transpose=False)
+    )
+    with hf_fp8.kernel_backend(backend):
+        for step in range(3):
+            x = (torch.randn(2, 24, 64) * (1 + step)).requires_grad_()
+            x2 = x.detach().clone().requires_grad_()
+            y, bytes_saved = _saved_bytes(lambda x=x: saved(x))
+            y2, bytes_recast = _saved_bytes(lambda x2=x2: recast(x2))
+            assert_bits_equal(y, y2, "output")
+            g = torch.randn_like(y)
+            y.backward(g)
+            y2.backward(g)
+            assert_bits_equal(x.grad, x2.grad, "input grad")
+            assert_bits_equal(saved.weight.grad, recast.weight.grad, "weight grad")
+            saved.zero_grad()
+            recast.zero_grad()
+            assert bytes_recast < bytes_saved, (bytes_recast, bytes_saved)

@@ -76,7 +76,11 @@ def test_cli_flags_parse_and_serialize(tmp_path):
     (args,) = parser.parse_args_into_dataclasses(
         ["--output_dir", str(tmp_path), "--fp8", "tensorwise", "--fp8_weights"]
     )
-    assert args.fp8_config().fp8_weights
+    assert args.fp8_config().fp8_weights and args.fp8_config().save_weight_transpose
+    (args,) = parser.parse_args_into_dataclasses(
+        ["--output_dir", str(tmp_path), "--fp8", "delayed", "--fp8_save_weight_transpose", "false"]
+    )
+    assert not args.fp8_config().save_weight_transpose
 
 
 @pytest.mark.parametrize(
