@@ -99,6 +99,23 @@ def time_training_steps(model, optimizer, batches, warmup: int) -> dict:
     )
 
 
+def host_us(fn: Callable[[], object], n: int = 200, warmup: int = 10) -> float:
+    """Host (CPU) time per call of ``fn`` in microseconds: ``n`` calls enqueued back to back,
+    timed on the host clock with no synchronization inside the loop (the GPU never the limit
+    when ``fn``'s kernels are small)."""
+    import time
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return (t1 - t0) / n * 1e6
+
+
 def warm_up_gpu(seconds: float = 1.0) -> None:
     """Run large matmuls first so clocks and caches are settled before the first timed shape
     (without it the first shape measured up to 2x slower in one run)."""

@@ -10,24 +10,10 @@ table of our fwd+bwd's host-side ops.
 
 from __future__ import annotations
 
-import time
-
 import torch
 
 from benchmarks.bench_precision_ops import rope_inputs
-from benchmarks.common import bench_ms, environment, warm_up_gpu, write_json
-
-
-def host_us(fn, n: int = 200) -> float:
-    for _ in range(10):
-        fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    t1 = time.perf_counter()
-    torch.cuda.synchronize()
-    return (t1 - t0) / n * 1e6
+from benchmarks.common import bench_ms, environment, host_us, warm_up_gpu, write_json
 
 
 def main() -> None:
