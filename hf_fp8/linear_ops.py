@@ -63,9 +63,9 @@ def _b_scale(scale: torch.Tensor) -> torch.Tensor:
 
 
 # ---- the computation, shared by both paths ------------------------------------------------
-def _quantize_weight(module, weight: torch.Tensor, want_t: bool) -> QuantizedOperand:
+def _quantize_weight(module, weight: torch.Tensor, want_t: bool, keep_scale: bool) -> QuantizedOperand:
     """The forward GEMM's weight operand, with the transposed copy when the backward keeps it
-    (``Fp8Config.save_weight_transpose``); otherwise the backward re-casts it."""
+    (``Fp8Config.save_weight_transpose``), or with the scale the backward re-casts it with."""
     if is_fp8_dtype(weight.dtype):
         # FP8-only weight (fp8_weights=True): already quantized with one per-tensor scale.
         return QuantizedOperand(weight, module.fp8_weight_scale_inv, None, None, ())
@@ -77,6 +77,7 @@ def _quantize_weight(module, weight: torch.Tensor, want_t: bool) -> QuantizedOpe
         want_t=want_t,
         nonfinite_flag=module.fp8_nonfinite,
         delayed=module._fp8_delayed,
+        keep_scale=keep_scale,
     )
     _check_nonfinite(module, Role.WEIGHT, qw)
     return qw
@@ -101,7 +102,7 @@ def _forward(modules, x2d, weights, biases, out_dtype, need_dx: bool, need_dw: l
     outs, w_ts, regen = [], [], []
     for module, weight, bias in zip(modules, weights, biases):
         keep_t = need_dx and cfg.save_weight_transpose and not is_fp8_dtype(weight.dtype)
-        qw = _quantize_weight(module, weight, want_t=keep_t)
+        qw = _quantize_weight(module, weight, want_t=keep_t, keep_scale=need_dx and not keep_t)
         out = scaled_mm(
             qx.rows,
             qw.rows.t(),

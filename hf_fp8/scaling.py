@@ -81,8 +81,13 @@ def quantize_operand(
     want_t: bool,
     nonfinite_flag: torch.Tensor,
     delayed: DelayedScalingState | None = None,
+    keep_scale: bool = False,
 ) -> QuantizedOperand:
-    """Quantize a 2-D operand for ``role`` under ``config``'s recipe."""
+    """Quantize a 2-D operand for ``role`` under ``config``'s recipe.
+
+    ``keep_scale``: the result's ``scale`` must stay valid for a later :func:`transposed_copy`
+    (delayed scaling copies it out of the module's buffer; tensorwise always returns its own).
+    """
     fmt = config.grad_format if role is Role.GRAD_OUTPUT else config.forward_format
     dtype = fmt.dtype
     flag = nonfinite_flag[int(role) : int(role) + 1]
@@ -110,7 +115,7 @@ def quantize_operand(
         )
         # the scale buffer is updated again by the next cast of this operand (possibly an
         # activation-checkpoint recompute before this backward): keep the one used here
-        scale = delayed.scale[slot].clone() if want_rows and not want_t else None
+        scale = delayed.scale[slot].clone() if keep_scale else None
         q = Q.quantize_delayed(
             x,
             dtype,
