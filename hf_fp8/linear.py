@@ -5,9 +5,13 @@ each one ``_scaled_mm`` on FP8 operands (or its exact emulation off Hopper/Ada).
 module is an ``nn.Linear`` subclass sharing the original ``Parameter`` objects, so
 optimizers, PEFT and ``isinstance`` checks keep working; only ``forward`` changes.
 
-What is saved for backward is FP8 (Xᵀ and Wᵀ, one byte per element) instead of the
-BF16 input, and nothing is quantized that no gradient needs: a frozen weight skips Xᵀ and
-the weight-gradient GEMM; an input that needs no gradient skips Wᵀ and the input-gradient GEMM.
+What is saved for backward is FP8 (Xᵀ and Wᵀ, one byte per element; Wᵀ re-cast in the
+backward instead with ``Fp8Config(save_weight_transpose=False)``) instead of the BF16 input,
+and nothing is quantized that no gradient needs: a frozen weight skips Xᵀ and the
+weight-gradient GEMM; an input that needs no gradient skips Wᵀ and the input-gradient GEMM.
+The autograd (eager ``autograd.Function`` and the custom ops ``torch.compile`` sees) lives in
+:mod:`hf_fp8.linear_ops`; :func:`shared_input_linears` runs several layers reading one input
+as one node.
 
 With ``Fp8Config(fp8_weights=True)`` a frozen layer keeps its weight in FP8 only (see
 :meth:`Fp8Linear.store_weight_in_fp8`): the forward GEMM reads it as is, and the
