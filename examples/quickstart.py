@@ -10,7 +10,10 @@ FP8 GEMMs and Triton kernels):
    synthetic next-token task next to an identical unconverted copy; both losses are
    printed side by side.
 
-    python examples/quickstart.py [--recipe rowwise|tensorwise|delayed] [--steps 40]
+    python examples/quickstart.py [--recipe rowwise|tensorwise|delayed] [--steps 40] [--compile inductor]
+
+``--compile`` trains the FP8 model under ``torch.compile`` (the FP8 layers, fused norms, RoPE and
+loss are custom ops the compiler keeps whole; ``aot_eager`` needs no C++ compiler).
 """
 
 from __future__ import annotations
@@ -72,7 +75,9 @@ def show_auto_filter(recipe: str) -> None:
     print()
 
 
-def train(recipe: str, steps: int, seed: int, device: str) -> dict[str, list[float]]:
+def train(
+    recipe: str, steps: int, seed: int, device: str, compile_backend: str | None = None
+) -> dict[str, list[float]]:
     torch.manual_seed(seed)
     reference = LlamaForCausalLM(llama_config()).to(device)
     model = copy.deepcopy(reference)
@@ -80,13 +85,14 @@ def train(recipe: str, steps: int, seed: int, device: str) -> dict[str, list[flo
     print(hf_fp8.convert(model, hf_fp8.Fp8Config(recipe=recipe, auto_filter=False, exclude=("lm_head",))))
     print()
     opts = {name: torch.optim.AdamW(m.parameters(), lr=3e-3) for name, m in (("fp8", model), ("ref", reference))}
+    run_fp8 = torch.compile(model, backend=compile_backend) if compile_backend else model
     losses: dict[str, list[float]] = {"fp8": [], "ref": []}
     data = synthetic_batches(8, 64, seed)
     print(f"{'step':>4}  {'loss fp8':>9}  {'loss fp32':>9}  {'rel. gap':>8}")
     t0 = time.perf_counter()
     for step in range(1, steps + 1):
         ids = next(data).to(device)
-        for name, m in (("fp8", model), ("ref", reference)):
+        for name, m in (("fp8", run_fp8), ("ref", reference)):
             loss = m(input_ids=ids, labels=ids).loss
             loss.backward()
             opts[name].step()
@@ -109,6 +115,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--compile", default=None, choices=["inductor", "aot_eager"], help="torch.compile the FP8 model")
     args = ap.parse_args(argv)
     if args.steps < 1:
         ap.error("--steps must be >= 1")
@@ -116,7 +123,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
     backend = "FP8 tensor cores" if hf_fp8.fp8_gemm_supported(torch.device(args.device)) else "exact FP8 emulation"
     print(f"hf_fp8 {hf_fp8.__version__} on {args.device} ({backend})\n")
     show_auto_filter(args.recipe)
-    return train(args.recipe, args.steps, args.seed, args.device)
+    return train(args.recipe, args.steps, args.seed, args.device, args.compile)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,16 @@ def test_quickstart_runs(capsys, examples_path):
     assert len(losses["fp8"]) == 6 and all(v == v for v in losses["fp8"]), "no NaN"
 
 
+def test_quickstart_compiled_equals_eager(capsys, examples_path):
+    """--compile aot_eager: the FP8 model's losses are those of eager mode, bit for bit."""
+    quickstart = importlib.import_module("quickstart")
+    eager = quickstart.main(["--steps", "3", "--device", "cpu", "--recipe", "delayed"])
+    compiled = quickstart.main(["--steps", "3", "--device", "cpu", "--recipe", "delayed", "--compile", "aot_eager"])
+    capsys.readouterr()
+    assert compiled["fp8"] == eager["fp8"] and compiled["ref"] == eager["ref"]
+    torch._dynamo.reset()
+
+
 def test_finetune_trainer_runs_and_saves_a_stock_checkpoint(tmp_path, capsys, examples_path):
     from transformers import AutoModelForCausalLM
 
