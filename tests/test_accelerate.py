@@ -62,35 +62,9 @@ def test_accelerator_converts_in_prepare_and_replaces_accelerate_fp8(monkeypatch
     opt.step()
 
 
-@pytest.mark.skipif(shutil.which("accelerate") is None, reason="the accelerate CLI is not on PATH")
-def test_accelerate_launch_one_cpu_process():
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "HF_FP8_"))}
-    env["PYTHONPATH"] = str(ROOT / "tests") + os.pathsep + env.get("PYTHONPATH", "")
-    out = subprocess.run(
-        [
-            shutil.which("accelerate"),
-            "launch",
-            "--config_file",
-            str(ROOT / "examples/accelerate/cpu.yaml"),
-            str(ROOT / "examples/finetune_accelerate.py"),
-            "--steps",
-            "8",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-        cwd=ROOT,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "28 of 29 linear layers converted to FP8 (row:e4m3/e4m3)" in out.stdout
-    m = re.search(r"loss: first ([0-9.]+), last ([0-9.]+); FP8 layers: (\d+)", out.stdout)
-    assert m and float(m.group(2)) < float(m.group(1)) and m.group(3) == "28", out.stdout[-2000:]
-
-
-def _launch_two_processes(config: str, steps: int = 4) -> re.Match:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "HF_FP8_", "FSDP_"))}
-    env["OMP_NUM_THREADS"] = "1"  # two processes on a small CPU: no oversubscription
+def _accelerate_launch(config: str, steps: int, env: dict[str, str]) -> str:
+    """``accelerate launch --config_file examples/accelerate/<config>.yaml examples/finetune_accelerate.py``;
+    returns its stdout after checking it exited cleanly."""
     out = subprocess.run(
         [
             shutil.which("accelerate"),
@@ -108,11 +82,28 @@ def _launch_two_processes(config: str, steps: int = 4) -> re.Match:
         cwd=ROOT,
     )
     assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+@pytest.mark.skipif(shutil.which("accelerate") is None, reason="the accelerate CLI is not on PATH")
+def test_accelerate_launch_one_cpu_process():
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "HF_FP8_"))}
+    env["PYTHONPATH"] = str(ROOT / "tests") + os.pathsep + env.get("PYTHONPATH", "")
+    stdout = _accelerate_launch("cpu", 8, env)
+    assert "28 of 29 linear layers converted to FP8 (row:e4m3/e4m3)" in stdout
+    m = re.search(r"loss: first ([0-9.]+), last ([0-9.]+); FP8 layers: (\d+)", stdout)
+    assert m and float(m.group(2)) < float(m.group(1)) and m.group(3) == "28", stdout[-2000:]
+
+
+def _launch_two_processes(config: str, steps: int = 4) -> re.Match:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "HF_FP8_", "FSDP_"))}
+    env["OMP_NUM_THREADS"] = "1"  # two processes on a small CPU: no oversubscription
+    stdout = _accelerate_launch(config, steps, env)
     m = re.search(
         r"loss: first ([0-9.]+), last ([0-9.]+); FP8 layers: (\d+); processes: (\d+) \((\w+), model wrapped as (\w+)\)",
-        out.stdout,
+        stdout,
     )
-    assert m, out.stdout[-2000:]
+    assert m, stdout[-2000:]
     return m
 
 
