@@ -51,6 +51,7 @@ from .quant_reference import (
     Fp8Quantized,
     _check_2d,
     _check_fp8,
+    _check_swiglu_up,
     amax_to_scale_reference,
     delayed_scale_update_reference,
     pad_to,
@@ -112,14 +113,29 @@ def _reciprocal(scale):
 
 
 @triton.jit
+def _load_operand(x_ptr, up_ptr, offs, mask, GATED: tl.constexpr):
+    """The FP32 tile to quantize: ``x``, or with GATED the SwiGLU ``silu(x) * up`` rounded to x's dtype,
+    the same expression and rounding as :mod:`hf_fp8.kernels.norm_swiglu`'s forward, so the codes are
+    those of the unfused SwiGLU followed by a cast. Masked elements load as 0 (and silu(0) * 0 = 0)."""
+    # bf16/fp16 loads must be upcast before any arithmetic (exact for every value).
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if GATED:
+        u = tl.load(up_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        x = (x * tl.sigmoid(x) * u).to(x_ptr.dtype.element_ty).to(tl.float32)
+    return x
+
+
+@triton.jit
 def _amax_kernel(
     x_ptr,
+    up_ptr,  # GATED: the SwiGLU ``up`` input, same shape and strides as x (the gate)
     out_ptr,  # int32 view: (num_programs,) partials, or (R,) / (C,) zero-initialised for atomics
     R,
     C,
     stride_xr,
     stride_xc,
     AXIS: tl.constexpr,  # -1: whole tensor; 0: per row; 1: per column
+    GATED: tl.constexpr,  # the tensor is silu(x) * up, computed here (see _load_operand)
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
@@ -133,8 +149,7 @@ def _amax_kernel(
         cols = (tile % tiles_c) * BLOCK_C + tl.arange(0, BLOCK_C)
         mask = (rows < R)[:, None] & (cols < C)[None, :]
         offs = rows.to(tl.int64)[:, None] * stride_xr + cols.to(tl.int64)[None, :] * stride_xc
-        # bf16/fp16 loads must be upcast before any arithmetic (exact for every value).
-        bits = _abs_bits(tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32))
+        bits = _abs_bits(_load_operand(x_ptr, up_ptr, offs, mask, GATED))
         if AXIS == -1:
             acc = tl.maximum(acc, bits)
         elif AXIS == 0:
@@ -148,6 +163,7 @@ def _amax_kernel(
 @triton.jit
 def _cast_kernel(
     x_ptr,
+    up_ptr,  # GATED: the SwiGLU ``up`` input, same shape and strides as x (the gate)
     y_ptr,  # (R, C) row-major FP8 output, if WRITE_Y
     yt_ptr,  # (C, R_pad) row-major FP8 output, if WRITE_T
     amax_ptr,  # SCALE_FROM_PARTIALS: int32 partials; PER_ROW/PER_COL: int32 amax per row/col
@@ -168,6 +184,7 @@ def _cast_kernel(
     FP8_MAX: tl.constexpr,
     MIN_AMAX_C: tl.constexpr,
     SCALE_MODE: tl.constexpr,
+    GATED: tl.constexpr,
     RECORD_AMAX: tl.constexpr,
     WRITE_Y: tl.constexpr,
     WRITE_T: tl.constexpr,
@@ -189,7 +206,7 @@ def _cast_kernel(
     col_in = cols < C
     mask = row_in[:, None] & col_in[None, :]
     offs = rows.to(tl.int64)[:, None] * stride_xr + cols.to(tl.int64)[None, :] * stride_xc
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    x = _load_operand(x_ptr, up_ptr, offs, mask, GATED)
 
     # ---- the scale (and, for the first program of a row/column, its outputs) ----------
     if SCALE_MODE == 0:
@@ -341,6 +358,7 @@ def _launch_cast(
     nonfinite_flag: torch.Tensor | None = None,
     reverse: bool = False,
     block: tuple[int, int, int] | None = None,
+    up: torch.Tensor | None = None,
 ) -> Fp8Quantized:
     if write_y and write_t and x.is_cuda and x.dtype != torch.bfloat16:
         # Writing both copies from one FP32 tile miscompiled with triton 3.6 on an H100 (wrong
@@ -356,6 +374,7 @@ def _launch_cast(
             nonfinite_flag=nonfinite_flag,
             reverse=reverse,
             block=block,
+            up=up,
         )
         rows = _launch_cast(x, fp8_dtype, write_y=True, write_t=False, **kwargs)
         cols = _launch_cast(x, fp8_dtype, write_y=False, write_t=True, **kwargs)
@@ -373,6 +392,7 @@ def _launch_cast(
     dummy = scale_inv
     _cast_kernel[grid](
         x,
+        up if up is not None else x,
         y if y is not None else yt,
         yt if yt is not None else y,
         amax_src if amax_src is not None else dummy,
@@ -393,6 +413,7 @@ def _launch_cast(
         FP8_MAX=fmax,
         MIN_AMAX_C=MIN_AMAX,
         SCALE_MODE=scale_mode,
+        GATED=up is not None,
         RECORD_AMAX=record is not None,
         WRITE_Y=write_y,
         WRITE_T=write_t,
@@ -406,7 +427,9 @@ def _launch_cast(
     return Fp8Quantized(y, yt, scale_inv, amax, scale_out)
 
 
-def _launch_amax(x: torch.Tensor, axis: int, block: tuple[int, int, int] | None = None) -> tuple[torch.Tensor, int]:
+def _launch_amax(
+    x: torch.Tensor, axis: int, block: tuple[int, int, int] | None = None, up: torch.Tensor | None = None
+) -> tuple[torch.Tensor, int]:
     """Per-tensor partials (axis=-1) or per-row/column amax bits (axis=0/1) as int32."""
     R, C = x.shape
     if _interpreting():
@@ -420,7 +443,18 @@ def _launch_amax(x: torch.Tensor, axis: int, block: tuple[int, int, int] | None 
     else:
         out = torch.zeros(R if axis == 0 else C, dtype=torch.int32, device=x.device)
     _amax_kernel[(n_progs,)](
-        x, out, R, C, x.stride(0), x.stride(1), AXIS=axis, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, num_warps=num_warps
+        x,
+        up if up is not None else x,
+        out,
+        R,
+        C,
+        x.stride(0),
+        x.stride(1),
+        AXIS=axis,
+        GATED=up is not None,
+        BLOCK_R=BLOCK_R,
+        BLOCK_C=BLOCK_C,
+        num_warps=num_warps,
     )
     return out, n_progs
 
@@ -428,6 +462,17 @@ def _launch_amax(x: torch.Tensor, axis: int, block: tuple[int, int, int] | None 
 # ---------------------------------------------------------------------------------------
 # public launchers (GPU or TRITON_INTERPRET=1) and their pure-torch references
 # ---------------------------------------------------------------------------------------
+def _gated_operands(x: torch.Tensor, up: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Validate ``x`` (and the SwiGLU ``up`` input); the kernels index both with x's strides."""
+    _check_2d(x)
+    if up is None:
+        return x, None
+    _check_swiglu_up(x, up)
+    if x.stride() != up.stride():
+        x, up = x.contiguous(), up.contiguous()
+    return x, up
+
+
 def quantize_tensorwise(
     x: torch.Tensor,
     fp8_dtype: torch.dtype,
@@ -436,6 +481,7 @@ def quantize_tensorwise(
     write_t: bool = False,
     nonfinite_flag: torch.Tensor | None = None,
     block: tuple[int, int, int] | None = None,
+    swiglu_up: torch.Tensor | None = None,
 ) -> Fp8Quantized:
     """Dynamic per-tensor scaling: amax pass, then one scale-and-cast pass (no host sync).
 
@@ -445,9 +491,12 @@ def quantize_tensorwise(
         write_y (`bool`): write the (R, C) row-major copy.
         write_t (`bool`): write the (C, pad_to(R)) transposed copy.
         nonfinite_flag (`torch.Tensor`, *optional*): int32 (1,) set to 1 if x has inf/NaN.
+        swiglu_up (`torch.Tensor`, *optional*): quantize ``silu(x) * swiglu_up`` (rounded to x's
+            dtype) instead of ``x``, without writing it: the SwiGLU output feeding an FP8 layer.
+            Every launcher here takes it.
     """
-    _check_2d(x)
-    partials, n = _launch_amax(x, -1)
+    x, swiglu_up = _gated_operands(x, swiglu_up)
+    partials, n = _launch_amax(x, -1, up=swiglu_up)
     return _launch_cast(
         x,
         fp8_dtype,
@@ -459,6 +508,7 @@ def quantize_tensorwise(
         nonfinite_flag=nonfinite_flag,
         reverse=True,
         block=block,
+        up=swiglu_up,
     )
 
 
@@ -472,6 +522,7 @@ def quantize_delayed(
     write_t: bool = False,
     nonfinite_flag: torch.Tensor | None = None,
     block: tuple[int, int, int] | None = None,
+    swiglu_up: torch.Tensor | None = None,
 ) -> Fp8Quantized:
     """Cast with a precomputed scale and record max|x| into ``amax_slot`` in the same pass.
 
@@ -481,7 +532,7 @@ def quantize_delayed(
             a smaller amax) before the call; it is max-reduced into atomically.
         nonfinite_flag (`torch.Tensor`, *optional*): int32 (1,) set to 1 if x has inf/NaN.
     """
-    _check_2d(x)
+    x, swiglu_up = _gated_operands(x, swiglu_up)
     for name, t in (("scale", scale), ("amax_slot", amax_slot)):
         if t.dtype != torch.float32 or t.numel() != 1:
             raise ValueError(f"{name}: expected a float32 tensor with one element, got {t.dtype} {tuple(t.shape)}")
@@ -495,6 +546,7 @@ def quantize_delayed(
         record=amax_slot.view(torch.int32),
         nonfinite_flag=nonfinite_flag,
         block=block,
+        up=swiglu_up,
     )
     return Fp8Quantized(q.data, q.data_t, q.scale_inv, amax_slot)
 
@@ -507,6 +559,7 @@ def quantize_with_scale(
     write_y: bool = False,
     write_t: bool = True,
     block: tuple[int, int, int] | None = None,
+    swiglu_up: torch.Tensor | None = None,
 ) -> Fp8Quantized:
     """Cast with a given per-tensor scale, recording nothing: a copy that an earlier cast with
     this scale skipped (the backward's transposed weight), bit-identical to what it would have
@@ -515,11 +568,18 @@ def quantize_with_scale(
     Args:
         scale (`torch.Tensor`): fp32 0-d, the multiplier the earlier cast used.
     """
-    _check_2d(x)
+    x, swiglu_up = _gated_operands(x, swiglu_up)
     if scale.dtype != torch.float32 or scale.numel() != 1:
         raise ValueError(f"scale: expected a float32 tensor with one element, got {scale.dtype} {tuple(scale.shape)}")
     q = _launch_cast(
-        x, fp8_dtype, scale_mode=_SCALE_FROM_TENSOR, write_y=write_y, write_t=write_t, scale=scale, block=block
+        x,
+        fp8_dtype,
+        scale_mode=_SCALE_FROM_TENSOR,
+        write_y=write_y,
+        write_t=write_t,
+        scale=scale,
+        block=block,
+        up=swiglu_up,
     )
     return Fp8Quantized(q.data, q.data_t, q.scale_inv, torch.full_like(q.scale_inv, float("nan")))
 
@@ -530,10 +590,11 @@ def quantize_rowwise(
     *,
     nonfinite_flag: torch.Tensor | None = None,
     block: tuple[int, int, int] | None = None,
+    swiglu_up: torch.Tensor | None = None,
 ) -> Fp8Quantized:
     """One scale per row of ``x``: data (R, C), scale_inv (R,)."""
-    _check_2d(x)
-    amax_bits, _ = _launch_amax(x, 0)
+    x, swiglu_up = _gated_operands(x, swiglu_up)
+    amax_bits, _ = _launch_amax(x, 0, up=swiglu_up)
     return _launch_cast(
         x,
         fp8_dtype,
@@ -544,6 +605,7 @@ def quantize_rowwise(
         out_shape=(x.shape[0],),
         nonfinite_flag=nonfinite_flag,
         block=block,
+        up=swiglu_up,
     )
 
 
@@ -553,13 +615,14 @@ def quantize_colwise_transposed(
     *,
     nonfinite_flag: torch.Tensor | None = None,
     block: tuple[int, int, int] | None = None,
+    swiglu_up: torch.Tensor | None = None,
 ) -> Fp8Quantized:
     """One scale per column of ``x``, written transposed: data_t (C, pad_to(R)), scale_inv (C,).
 
     This is the rowwise quantization of ``xᵀ`` without materializing ``xᵀ`` in high precision.
     """
-    _check_2d(x)
-    amax_bits, _ = _launch_amax(x, 1)
+    x, swiglu_up = _gated_operands(x, swiglu_up)
+    amax_bits, _ = _launch_amax(x, 1, up=swiglu_up)
     return _launch_cast(
         x,
         fp8_dtype,
@@ -570,6 +633,7 @@ def quantize_colwise_transposed(
         out_shape=(x.shape[1],),
         nonfinite_flag=nonfinite_flag,
         block=block,
+        up=swiglu_up,
     )
 
 

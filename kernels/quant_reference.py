@@ -51,6 +51,28 @@ def _check_2d(x: torch.Tensor, name: str = "x") -> None:
         raise ValueError(f"{name}: cannot quantize an empty tensor of shape {tuple(x.shape)}")
 
 
+def _check_swiglu_up(x: torch.Tensor, up: torch.Tensor) -> None:
+    """``up`` must pair elementwise with the gate ``x`` (the SwiGLU inputs)."""
+    if not isinstance(up, torch.Tensor):
+        raise TypeError(f"swiglu_up: expected a torch.Tensor, got {type(up).__name__}")
+    if up.shape != x.shape or up.dtype != x.dtype or up.device != x.device:
+        raise ValueError(
+            f"swiglu_up: expected the gate's shape, dtype and device {tuple(x.shape)} {x.dtype} {x.device}, "
+            f"got {tuple(up.shape)} {up.dtype} {up.device}"
+        )
+
+
+def _operand(x: torch.Tensor, up: torch.Tensor | None) -> torch.Tensor:
+    """What is quantized: ``x``, or the SwiGLU output ``silu(x) * up`` rounded to x's dtype."""
+    _check_2d(x)
+    if up is None:
+        return x
+    _check_swiglu_up(x, up)
+    from .norm_swiglu_reference import swiglu_reference
+
+    return swiglu_reference(x, up)
+
+
 def _check_fp8(dtype: torch.dtype) -> float:
     if dtype not in (torch.float8_e4m3fn, torch.float8_e5m2):
         raise ValueError(f"fp8_dtype: expected torch.float8_e4m3fn or torch.float8_e5m2, got {dtype}")
@@ -99,8 +121,9 @@ def quantize_tensorwise_reference(
     write_t: bool = False,
     nonfinite_flag: torch.Tensor | None = None,
     block: object = None,
+    swiglu_up: torch.Tensor | None = None,
 ) -> Fp8Quantized:
-    _check_2d(x)
+    x = _operand(x, swiglu_up)
     amax = _amax_reference(x, None)
     scale = amax_to_scale_reference(amax, _check_fp8(fp8_dtype))
     q = _cast_reference(x, scale, fp8_dtype)
@@ -118,8 +141,9 @@ def quantize_delayed_reference(
     write_t: bool = False,
     nonfinite_flag: torch.Tensor | None = None,
     block: object = None,
+    swiglu_up: torch.Tensor | None = None,
 ) -> Fp8Quantized:
-    _check_2d(x)
+    x = _operand(x, swiglu_up)
     q = _cast_reference(x, scale, fp8_dtype)
     amax = _amax_reference(x, None)
     # NaN must win, as in the kernel's integer max: torch.maximum propagates NaN.
@@ -136,8 +160,9 @@ def quantize_with_scale_reference(
     write_y: bool = False,
     write_t: bool = True,
     block: object = None,
+    swiglu_up: torch.Tensor | None = None,
 ) -> Fp8Quantized:
-    _check_2d(x)
+    x = _operand(x, swiglu_up)
     q = _cast_reference(x, scale, fp8_dtype)
     nan = torch.full((), float("nan"), dtype=torch.float32, device=x.device)
     return Fp8Quantized(q if write_y else None, _transpose_padded(q) if write_t else None, 1.0 / scale, nan)
@@ -149,8 +174,9 @@ def quantize_rowwise_reference(
     *,
     nonfinite_flag: torch.Tensor | None = None,
     block: object = None,
+    swiglu_up: torch.Tensor | None = None,
 ) -> Fp8Quantized:
-    _check_2d(x)
+    x = _operand(x, swiglu_up)
     amax = _amax_reference(x, 1)
     scale = amax_to_scale_reference(amax, _check_fp8(fp8_dtype))
     _set_flag(nonfinite_flag, amax)
@@ -163,8 +189,9 @@ def quantize_colwise_transposed_reference(
     *,
     nonfinite_flag: torch.Tensor | None = None,
     block: object = None,
+    swiglu_up: torch.Tensor | None = None,
 ) -> Fp8Quantized:
-    _check_2d(x)
+    x = _operand(x, swiglu_up)
     amax = _amax_reference(x, 0)
     scale = amax_to_scale_reference(amax, _check_fp8(fp8_dtype))
     _set_flag(nonfinite_flag, amax)
