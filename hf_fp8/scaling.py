@@ -82,8 +82,12 @@ def quantize_operand(
     nonfinite_flag: torch.Tensor,
     delayed: DelayedScalingState | None = None,
     keep_scale: bool = False,
+    swiglu_up: torch.Tensor | None = None,
 ) -> QuantizedOperand:
     """Quantize a 2-D operand for ``role`` under ``config``'s recipe.
+
+    ``swiglu_up``: the operand is ``silu(x) * swiglu_up``, computed by the cast itself (the
+    SwiGLU output feeding an FP8 layer, never written in high precision).
 
     ``keep_scale``: the result's ``scale`` must stay valid for a later :func:`transposed_copy`
     (delayed scaling copies it out of the module's buffer; tensorwise always returns its own).
@@ -93,8 +97,8 @@ def quantize_operand(
     flag = nonfinite_flag[int(role) : int(role) + 1]
 
     if config.recipe is Recipe.ROWWISE:
-        rows = Q.quantize_rowwise(x, dtype, nonfinite_flag=flag) if want_rows else None
-        t = Q.quantize_colwise_transposed(x, dtype, nonfinite_flag=flag) if want_t else None
+        rows = Q.quantize_rowwise(x, dtype, nonfinite_flag=flag, swiglu_up=swiglu_up) if want_rows else None
+        t = Q.quantize_colwise_transposed(x, dtype, nonfinite_flag=flag, swiglu_up=swiglu_up) if want_t else None
         return QuantizedOperand(
             rows.data if rows else None,
             rows.scale_inv if rows else None,
@@ -124,9 +128,10 @@ def quantize_operand(
             write_y=want_rows,
             write_t=want_t,
             nonfinite_flag=flag,
+            swiglu_up=swiglu_up,
         )
     else:
-        q = Q.quantize_tensorwise(x, dtype, write_y=want_rows, write_t=want_t, nonfinite_flag=flag)
+        q = Q.quantize_tensorwise(x, dtype, write_y=want_rows, write_t=want_t, nonfinite_flag=flag, swiglu_up=swiglu_up)
         scale = q.scale
         if delayed is not None:  # seed the history with the amax just measured
             slot = int(role)

@@ -4,7 +4,8 @@
 :func:`hf_fp8.kernels.norm_swiglu.rms_norm` and every ``LlamaMLP`` (SiLU activation) a forward
 that runs ``down_proj(swiglu(gate_proj(x), up_proj(x)))`` (gate and up as one FP8 node
 sharing the input's quantization when both are ``Fp8Linear``, see
-:func:`hf_fp8.linear.shared_input_linears`); on CPUs (or without Triton) the
+:func:`hf_fp8.linear.shared_input_linears`; with all three FP8, one node whose SwiGLU runs
+inside down's FP8 cast, see :mod:`hf_fp8.mlp_ops`); on CPUs (or without Triton) the
 same functions run as torch (the references). Nothing outside the model changes, and
 ``unpatch_fused_ops`` restores HF's forwards. Model families are listed in one table.
 """
@@ -18,6 +19,7 @@ from torch import nn
 
 from hf_fp8._backend import use_triton
 from hf_fp8.linear import shared_input_linears
+from hf_fp8.mlp_ops import fused_swiglu_mlp, fused_swiglu_mlp_applies
 
 __all__ = ["patch_fused_ops", "unpatch_fused_ops"]
 
@@ -36,6 +38,8 @@ def _norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
 
 
 def _mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
+    if fused_swiglu_mlp_applies(self.gate_proj, self.up_proj, self.down_proj, x):
+        return fused_swiglu_mlp(self.gate_proj, self.up_proj, self.down_proj, x)
     gate, up = shared_input_linears((self.gate_proj, self.up_proj), x)
     if use_triton(gate):
         from hf_fp8.kernels.norm_swiglu import swiglu

@@ -1,0 +1,142 @@
+"""A Llama MLP of three FP8 layers, ``down(silu(gate(x)) * up(x))``, as one autograd node whose
+SwiGLU runs inside down's input cast.
+
+Unfused, the SwiGLU kernel reads gate and up and writes their product in BF16, then down's
+cast reads that product twice (amax, then scale and cast; once with delayed scaling) and
+writes its FP8 copies. Here the cast kernels compute ``silu(gate) * up`` themselves
+(``swiglu_up=`` in :mod:`hf_fp8.kernels.quant`): the product is never written in BF16. At
+Llama-3-8B shapes (B=2, S=4096) that is 235 MB written and 235-470 MB read less per layer.
+The codes are bit for bit those of the unfused path (the cast rounds the product to BF16 the
+way the SwiGLU kernel does), and so is everything else: the backward is the unfused one's
+(down's backward, SwiGLU's backward, gate/up's backward as one group), in one node.
+
+Eager only: under ``torch.compile`` the MLP keeps the per-layer custom ops of
+:mod:`hf_fp8.linear_ops` (this node has no custom-op form yet), and anything that must see
+the layers one by one (hooks, PEFT wrappers, biases, non-FP8 layers) takes the unfused path.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from hf_fp8._backend import fp8_gemm_supported, use_triton
+from hf_fp8.gemm import scaled_mm
+from hf_fp8.linear_ops import _a_scale, _b_scale, _backward, _check_nonfinite, _forward, _quantize_weight, is_fp8_dtype
+from hf_fp8.scaling import Role, quantize_operand
+
+__all__ = ["fused_swiglu_mlp_applies", "fused_swiglu_mlp"]
+
+# Benchmarks and tests flip this to measure or compare the unfused path; the numbers are the same.
+ENABLED = True
+
+
+def fused_swiglu_mlp_applies(gate: nn.Module, up: nn.Module, down: nn.Module, x: torch.Tensor) -> bool:
+    """Whether :func:`fused_swiglu_mlp` may replace ``down(swiglu(gate(x), up(x)))`` here."""
+    from hf_fp8.linear import Fp8Linear, _has_hooks
+
+    modules = (gate, up, down)
+    return (
+        ENABLED
+        and not torch.compiler.is_compiling()
+        and all(type(m) is Fp8Linear and not _has_hooks(m) and m.bias is None for m in modules)
+        and gate.fp8_config == up.fp8_config
+        and not (nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
+        and x.numel() > 0
+        and x.is_floating_point()
+        and x.shape[-1] == gate.in_features == up.in_features
+        and gate.out_features == up.out_features == down.in_features
+    )
+
+
+def _swiglu_backward(grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The unfused SwiGLU's gradients: its Triton kernel, or autograd through its torch reference."""
+    if use_triton(gate):
+        from hf_fp8.kernels.norm_swiglu import _swiglu_bwd
+
+        return _swiglu_bwd(grad, gate, up)
+    from hf_fp8.kernels.norm_swiglu_reference import swiglu_reference
+
+    with torch.enable_grad():
+        g, u = gate.detach().requires_grad_(), up.detach().requires_grad_()
+        return torch.autograd.grad(swiglu_reference(g, u), (g, u), grad)
+
+
+class _Fp8SwiGLUMLPFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, modules, out_dtype, need_grad, w_gate, w_up, w_down):
+        gate_m, up_m, down_m = modules
+        need_dx = need_grad and x.requires_grad
+        need_dw = [need_grad and w.requires_grad for w in (w_gate, w_up, w_down)]
+        need_dact = need_dx or need_dw[0] or need_dw[1]  # a gradient must flow into gate/up's outputs
+        x2d = x.reshape(-1, x.shape[-1])
+        (g, u), x_t, x_t_scale, w_ts, regen = _forward(
+            (gate_m, up_m), x2d, (w_gate, w_up), (None, None), out_dtype, need_dx, need_dw[:2]
+        )
+        cfg = down_m.fp8_config
+        qa = quantize_operand(
+            g,
+            Role.INPUT,
+            cfg,
+            want_rows=True,
+            want_t=need_dw[2],
+            nonfinite_flag=down_m.fp8_nonfinite,
+            delayed=down_m._fp8_delayed,
+            swiglu_up=u,
+        )
+        _check_nonfinite(down_m, Role.INPUT, qa)
+        keep_t = need_dact and cfg.save_weight_transpose and not is_fp8_dtype(w_down.dtype)
+        qw = _quantize_weight(down_m, w_down, want_t=keep_t, keep_scale=need_dact and not keep_t)
+        y = scaled_mm(
+            qa.rows,
+            qw.rows.t(),
+            _a_scale(qa.rows_scale),
+            _b_scale(qw.rows_scale),
+            out_dtype=out_dtype,
+            use_fast_accum=cfg.use_fast_accum,
+            emulate=not fp8_gemm_supported(x2d.device),
+        )
+        ctx.modules = modules
+        ctx.need = (need_dx, need_dw, need_dact)
+        ctx.x_dtype, ctx.x_shape = x.dtype, x.shape
+        ctx.regen = [*regen, None if keep_t else qw.scale]
+        ctx.w_t_scales = [s for _, s in w_ts] + [qw.t_scale if keep_t else None]
+        w_t_down = qw.t if keep_t else None
+        saved_act = (g, u) if need_dact else (None, None)
+        ctx.save_for_backward(x_t, x_t_scale, qa.t, qa.t_scale, *saved_act, w_gate, w_up, w_down,
+                              *(t for t, _ in w_ts), w_t_down)  # fmt: skip
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x_t, x_t_scale, a_t, a_t_scale, g, u, w_gate, w_up, w_down, wt_gate, wt_up, wt_down = ctx.saved_tensors
+        gate_m, up_m, down_m = ctx.modules
+        need_dx, need_dw, need_dact = ctx.need
+        w_ts = list(zip((wt_gate, wt_up, wt_down), ctx.w_t_scales))
+        grad_a, (grad_down,), _ = _backward(
+            (down_m,), [dy.reshape(-1, dy.shape[-1])], a_t, a_t_scale, [w_down], w_ts[2:], ctx.regen[2:],
+            dy.dtype, need_dact, [need_dw[2]], [False],
+        )  # fmt: skip
+        grad_x = grad_gate = grad_up = None
+        if need_dact:
+            dg, du = _swiglu_backward(grad_a, g, u)
+            del grad_a
+            grad_x, (grad_gate, grad_up), _ = _backward(
+                (gate_m, up_m), [dg, du], x_t, x_t_scale, [w_gate, w_up], w_ts[:2], ctx.regen[:2],
+                ctx.x_dtype, need_dx, need_dw[:2], [False, False],
+            )  # fmt: skip
+            if grad_x is not None:
+                grad_x = grad_x.reshape(ctx.x_shape)
+        return grad_x, None, None, None, grad_gate, grad_up, grad_down
+
+
+def fused_swiglu_mlp(gate: nn.Module, up: nn.Module, down: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``down(silu(gate(x)) * up(x))`` for three bias-free :class:`hf_fp8.Fp8Linear` layers (see
+    :func:`fused_swiglu_mlp_applies`), with gate and up sharing the input's cast and the SwiGLU
+    computed inside down's cast. Same numbers as the unfused layers, bit for bit."""
+    device_type = x.device.type
+    out_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+    with torch.autocast(device_type=device_type, enabled=False):  # the emulation's FP32 matmul stays FP32
+        return _Fp8SwiGLUMLPFunction.apply(
+            x, (gate, up, down), out_dtype, torch.is_grad_enabled(), gate.weight, up.weight, down.weight
+        )

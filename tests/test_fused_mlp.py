@@ -1,0 +1,157 @@
+"""The FP8 SwiGLU MLP as one node (``hf_fp8.mlp_ops``): the SwiGLU inside down's cast gives the
+numbers of the unfused layers bit for bit, over several steps, for every recipe and both
+kernel backends; anything it cannot handle takes the unfused path."""
+
+from __future__ import annotations
+
+import copy
+
+import conftest
+import pytest
+import torch
+from helpers import assert_bits_equal
+from llama_fixtures import tiny_llama, train_losses
+from torch import nn
+
+import hf_fp8
+from hf_fp8 import mlp_ops
+from hf_fp8.kernels.norm_swiglu_reference import swiglu_reference
+from hf_fp8.linear import shared_input_linears
+
+RECIPES = ["tensorwise", "delayed", "rowwise"]
+
+
+def _mlp(recipe, seed=0, **cfg):
+    torch.manual_seed(seed)
+    config = hf_fp8.Fp8Config(recipe=recipe, **cfg)
+    return [
+        hf_fp8.Fp8Linear.from_linear(nn.Linear(i, o, bias=False), config) for i, o in ((64, 96), (64, 96), (96, 64))
+    ]
+
+
+def _unfused(layers, x):
+    gate, up = shared_input_linears(tuple(layers[:2]), x)
+    if hf_fp8._backend.use_triton(gate):
+        from hf_fp8.kernels.norm_swiglu import swiglu
+
+        return layers[2](swiglu(gate, up))
+    return layers[2](swiglu_reference(gate, up))
+
+
+def _backend_ctx(backend):
+    if backend == "triton" and not conftest.INTERPRETER_PATCHED:
+        pytest.skip("needs TRITON_INTERPRET=1")
+    # "triton" runs every kernel (SwiGLU included) under the interpreter; "torch" the references
+    return hf_fp8.kernel_backend(backend)
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fused_mlp_equals_unfused_layers(recipe, backend):
+    """Outputs, input and weight gradients, and delayed amax histories bit-identical over three
+    steps with growing inputs (delayed: the second and third steps use history-derived scales)."""
+    fused = _mlp(recipe)
+    twins = copy.deepcopy(fused)
+    with _backend_ctx(backend):
+        for step in range(3):
+            x = (torch.randn(2, 24, 64) * (1 + step)).to(torch.bfloat16).requires_grad_()
+            x2 = x.detach().clone().requires_grad_()
+            assert mlp_ops.fused_swiglu_mlp_applies(*fused, x)
+            y = mlp_ops.fused_swiglu_mlp(*fused, x)
+            y2 = _unfused(twins, x2)
+            assert_bits_equal(y, y2, f"step {step} output")
+            dy = torch.randn_like(y)
+            y.backward(dy)
+            y2.backward(dy)
+            assert_bits_equal(x.grad, x2.grad, f"step {step} input grad")
+            for name, m, t in zip(("gate", "up", "down"), fused, twins):
+                assert_bits_equal(m.weight.grad, t.weight.grad, f"step {step} {name} weight grad")
+                m.weight.grad = t.weight.grad = None
+                if recipe == "delayed":
+                    assert_bits_equal(m.fp8_amax_history, t.fp8_amax_history, f"{name} history")
+                    assert_bits_equal(m.fp8_scale, t.fp8_scale, f"{name} scale")
+
+
+@pytest.mark.parametrize(
+    "frozen, x_grad",
+    [((0, 1), False), ((2,), True), ((0, 1, 2), True), ((), False)],
+    ids=["gate-up-frozen-no-input-grad", "down-frozen", "all-frozen", "weights-only"],
+)
+def test_fused_mlp_partial_gradients(frozen, x_grad):
+    """Frozen layers and inputs without gradient: the same gradients as the unfused layers, and
+    none where none is needed (re-cast weight transposes, so both saving modes are covered)."""
+    fused = _mlp("tensorwise", save_weight_transpose=False)
+    for i in frozen:
+        fused[i].weight.requires_grad_(False)
+    twins = copy.deepcopy(fused)
+    x = torch.randn(3, 16, 64).requires_grad_(x_grad)
+    x2 = x.detach().clone().requires_grad_(x_grad)
+    y, y2 = mlp_ops.fused_swiglu_mlp(*fused, x), _unfused(twins, x2)
+    assert_bits_equal(y, y2, "output")
+    if not y.requires_grad:
+        assert not y2.requires_grad
+        return
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    y2.backward(dy)
+    assert (x.grad is None) == (not x_grad)
+    if x_grad:
+        assert_bits_equal(x.grad, x2.grad, "input grad")
+    for i, (m, t) in enumerate(zip(fused, twins)):
+        assert (m.weight.grad is None) == (i in frozen)
+        if m.weight.grad is not None:
+            assert_bits_equal(m.weight.grad, t.weight.grad, f"weight grad {i}")
+
+
+def test_no_grad_and_autocast():
+    fused = _mlp("delayed")
+    twins = copy.deepcopy(fused)
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        assert_bits_equal(mlp_ops.fused_swiglu_mlp(*fused, x), _unfused(twins, x), "no_grad")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, y2 = mlp_ops.fused_swiglu_mlp(*fused, x), _unfused(twins, x)
+    assert y.dtype == torch.bfloat16
+    assert_bits_equal(y, y2, "autocast")
+
+
+def test_what_takes_the_unfused_path():
+    """Hooks (monitoring, PEFT's), biases, BF16 layers, mixed gate/up configs, wrong shapes, compile."""
+    gate, up, down = _mlp("tensorwise")
+    x = torch.randn(4, 64)
+    assert mlp_ops.fused_swiglu_mlp_applies(gate, up, down, x)
+    handle = down.register_forward_hook(lambda *a: None)
+    assert not mlp_ops.fused_swiglu_mlp_applies(gate, up, down, x)
+    handle.remove()
+    with_bias = hf_fp8.Fp8Linear.from_linear(nn.Linear(96, 64))
+    assert not mlp_ops.fused_swiglu_mlp_applies(gate, up, with_bias, x)
+    assert not mlp_ops.fused_swiglu_mlp_applies(gate, up, nn.Linear(96, 64, bias=False), x)
+    rowwise_up = hf_fp8.Fp8Linear.from_linear(nn.Linear(64, 96, bias=False), hf_fp8.Fp8Config(recipe="rowwise"))
+    assert not mlp_ops.fused_swiglu_mlp_applies(gate, rowwise_up, down, x)
+    assert not mlp_ops.fused_swiglu_mlp_applies(gate, up, down, torch.randn(4, 32))
+    assert not mlp_ops.fused_swiglu_mlp_applies(gate, up, down, torch.randn(0, 64))
+
+
+@pytest.mark.parametrize("recipe", ["tensorwise", "delayed"])
+def test_converted_llama_trains_identically_with_and_without_the_fused_mlp(recipe, monkeypatch):
+    """A tiny Llama (every MLP layer FP8, fused ops on): the same losses and weights, bit for bit,
+    whether its MLPs run as one node or as three layers, and the fused node did run."""
+    base = tiny_llama(seed=4)
+    runs = []
+    for enabled in (True, False):
+        model = copy.deepcopy(base)
+        hf_fp8.convert(model, hf_fp8.Fp8Config(recipe=recipe, auto_filter=False, exclude=("lm_head",)))
+        calls = []
+        original = mlp_ops.fused_swiglu_mlp
+        monkeypatch.setattr(mlp_ops, "ENABLED", enabled)
+        monkeypatch.setattr(
+            "hf_fp8.integrations.fused_ops.fused_swiglu_mlp",
+            lambda *a, calls=calls, original=original: calls.append(1) or original(*a),
+        )
+        losses = train_losses(model, torch.optim.AdamW(model.parameters(), lr=3e-3), 3, batch=2, seq=16)
+        assert bool(calls) == enabled
+        runs.append((losses, model))
+    (l_fused, m_fused), (l_plain, m_plain) = runs
+    assert l_fused == l_plain
+    for (name, p), q in zip(m_fused.named_parameters(), m_plain.parameters()):
+        assert_bits_equal(p, q, name)
