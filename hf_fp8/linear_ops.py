@@ -127,23 +127,32 @@ def _weight_transposed(module, weight: torch.Tensor, scale: torch.Tensor | None)
     return transposed_copy(weight, Role.WEIGHT, module.fp8_config, scale)
 
 
-def _backward(modules, grads2d, x_t, x_t_scale, weights, w_ts, regen, x_dtype, need_dx, need_dw, need_db):
-    """(dX (M, K) or None, [dW_i or None], [db_i or None])."""
-    emulate = not fp8_gemm_supported(grads2d[0].device)
+def _backward(
+    modules, grads2d, x_t, x_t_scale, weights, w_ts, regen, x_dtype, need_dx, need_dw, need_db, quantized_grads=None
+):
+    """(dX (M, K) or None, [dW_i or None], [db_i or None]).
+
+    ``quantized_grads``: the layers' output gradients already quantized (rows if ``need_dx``,
+    transposed copies if ``need_dw``), e.g. by a fused SwiGLU backward; ``grads2d`` then only
+    serves the bias gradients."""
+    emulate = not fp8_gemm_supported(weights[0].device)
     grad_x = None
     grads_w, grads_b = [], []
     for i, (module, weight, g2d) in enumerate(zip(modules, weights, grads2d)):
         grad_w = grad_b = None
         if need_dx or need_dw[i]:
-            qg = quantize_operand(
-                g2d,
-                Role.GRAD_OUTPUT,
-                module.fp8_config,
-                want_rows=need_dx,
-                want_t=need_dw[i],
-                nonfinite_flag=module.fp8_nonfinite,
-                delayed=module._fp8_delayed,
-            )
+            if quantized_grads is not None:
+                qg = quantized_grads[i]
+            else:
+                qg = quantize_operand(
+                    g2d,
+                    Role.GRAD_OUTPUT,
+                    module.fp8_config,
+                    want_rows=need_dx,
+                    want_t=need_dw[i],
+                    nonfinite_flag=module.fp8_nonfinite,
+                    delayed=module._fp8_delayed,
+                )
             _check_nonfinite(module, Role.GRAD_OUTPUT, qg)
             if need_dx:
                 # dX (M, K) = dY (M, N) @ W (N, K); W as column-major b is Wᵀ's row-major copy, transposed.

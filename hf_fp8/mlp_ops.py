@@ -8,7 +8,10 @@ writes its FP8 copies. Here the cast kernels compute ``silu(gate) * up`` themsel
 Llama-3-8B shapes (B=2, S=4096) that is 235 MB written and 235-470 MB read less per layer.
 The codes are bit for bit those of the unfused path (the cast rounds the product to BF16 the
 way the SwiGLU kernel does), and so is everything else: the backward is the unfused one's
-(down's backward, SwiGLU's backward, gate/up's backward as one group), in one node.
+(down's backward, SwiGLU's backward, gate/up's backward as one group), in one node, except
+that SwiGLU's backward runs inside the casts of the two gradients it produces
+(:mod:`hf_fp8.kernels.swiglu_quant`): those gradients are never written in BF16 either
+(per-tensor recipes; rowwise keeps the unfused backward).
 
 Eager only: under ``torch.compile`` the MLP keeps the per-layer custom ops of
 :mod:`hf_fp8.linear_ops` (this node has no custom-op form yet), and anything that must see
@@ -23,12 +26,13 @@ from torch import nn
 from hf_fp8._backend import fp8_gemm_supported, use_triton
 from hf_fp8.gemm import scaled_mm
 from hf_fp8.linear_ops import _a_scale, _b_scale, _backward, _check_nonfinite, _forward, _quantize_weight, is_fp8_dtype
-from hf_fp8.scaling import Role, quantize_operand
+from hf_fp8.scaling import Role, quantize_operand, quantize_swiglu_grads
 
 __all__ = ["fused_swiglu_mlp_applies", "fused_swiglu_mlp"]
 
-# Benchmarks and tests flip this to measure or compare the unfused path; the numbers are the same.
-ENABLED = True
+# Benchmarks and tests flip these to measure or compare the unfused paths; the numbers are the same.
+ENABLED = True  # the MLP as one node, SwiGLU inside down's input cast
+FUSED_BACKWARD = True  # SwiGLU's backward inside the gate/up gradient casts
 
 
 def fused_swiglu_mlp_applies(gate: nn.Module, up: nn.Module, down: nn.Module, x: torch.Tensor) -> bool:
@@ -119,11 +123,18 @@ class _Fp8SwiGLUMLPFunction(torch.autograd.Function):
         )  # fmt: skip
         grad_x = grad_gate = grad_up = None
         if need_dact:
-            dg, du = _swiglu_backward(grad_a, g, u)
+            quantized = None
+            if FUSED_BACKWARD and need_dw[0] == need_dw[1]:
+                quantized = quantize_swiglu_grads(
+                    grad_a, g, u, gate_m.fp8_config, want_rows=need_dx, want_t=need_dw[0],
+                    nonfinite_flags=(gate_m.fp8_nonfinite, up_m.fp8_nonfinite),
+                    delayed=(gate_m._fp8_delayed, up_m._fp8_delayed),
+                )  # fmt: skip
+            grads = [None, None] if quantized is not None else list(_swiglu_backward(grad_a, g, u))
             del grad_a
             grad_x, (grad_gate, grad_up), _ = _backward(
-                (gate_m, up_m), [dg, du], x_t, x_t_scale, [w_gate, w_up], w_ts[:2], ctx.regen[:2],
-                ctx.x_dtype, need_dx, need_dw[:2], [False, False],
+                (gate_m, up_m), grads, x_t, x_t_scale, [w_gate, w_up], w_ts[:2], ctx.regen[:2],
+                ctx.x_dtype, need_dx, need_dw[:2], [False, False], quantized_grads=quantized,
             )  # fmt: skip
             if grad_x is not None:
                 grad_x = grad_x.reshape(ctx.x_shape)

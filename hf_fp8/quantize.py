@@ -21,6 +21,7 @@ __all__ = [
     "quantize_rowwise",
     "quantize_colwise_transposed",
     "delayed_scale_update",
+    "swiglu_backward_quantize",
     "amax_to_scale",
 ]
 
@@ -67,6 +68,16 @@ def delayed_scale_update(
     **kwargs: Any,
 ) -> None:
     _impl("delayed_scale_update", history)(history, scale, slot, fp8_dtype, **kwargs)
+
+
+def swiglu_backward_quantize(
+    grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, fp8_dtype: torch.dtype, **kwargs: Any
+) -> tuple[Fp8Quantized, Fp8Quantized]:
+    if use_triton_kernels(gate):
+        from hf_fp8.kernels.swiglu_quant import swiglu_backward_quantize as fn
+    else:
+        from hf_fp8.kernels.swiglu_quant_reference import swiglu_backward_quantize_reference as fn
+    return fn(grad, gate, up, fp8_dtype, **kwargs)
 
 
 amax_to_scale = _ref.amax_to_scale_reference

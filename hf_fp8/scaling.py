@@ -31,7 +31,14 @@ import torch
 from hf_fp8 import quantize as Q
 from hf_fp8.config import AmaxComputeAlgo, Fp8Config, Recipe
 
-__all__ = ["Role", "QuantizedOperand", "DelayedScalingState", "quantize_operand", "transposed_copy"]
+__all__ = [
+    "Role",
+    "QuantizedOperand",
+    "DelayedScalingState",
+    "quantize_operand",
+    "quantize_swiglu_grads",
+    "transposed_copy",
+]
 
 
 class Role(enum.IntEnum):
@@ -139,6 +146,56 @@ def quantize_operand(
             delayed.scale[slot] = Q.amax_to_scale(q.amax, fmt.max) * (2.0**-config.margin)
             delayed.seeded[slot] = True
     return QuantizedOperand(q.data, q.scale_inv, q.data_t, q.scale_inv, (q.amax,), scale)
+
+
+def quantize_swiglu_grads(
+    grad: torch.Tensor,
+    gate: torch.Tensor,
+    up: torch.Tensor,
+    config: Fp8Config,
+    *,
+    want_rows: bool,
+    want_t: bool,
+    nonfinite_flags: tuple[torch.Tensor, torch.Tensor],
+    delayed: tuple[DelayedScalingState | None, DelayedScalingState | None],
+) -> tuple[QuantizedOperand, QuantizedOperand] | None:
+    """The GRAD_OUTPUT operands of the gate and up layers, from SwiGLU's backward in one fused pass
+    (:func:`hf_fp8.kernels.swiglu_quant.swiglu_backward_quantize`), exactly as
+    :func:`quantize_operand` would quantize each unfused gradient under ``config`` (shared by
+    both layers) and each layer's delayed state. None where the fused pass does not apply
+    (rowwise; both copies of non-BF16 gradients; delayed states seeded differently): the caller
+    then takes the unfused path.
+    """
+    if config.recipe is Recipe.ROWWISE or (want_rows and want_t and gate.dtype != torch.bfloat16):
+        return None
+    fmt = config.grad_format
+    slot = int(Role.GRAD_OUTPUT)
+    flags = tuple(f[slot : slot + 1] for f in nonfinite_flags)
+    kw = dict(write_y=want_rows, write_t=want_t, nonfinite_flags=flags)
+    if config.recipe is Recipe.DELAYED:
+        if any(d is None for d in delayed) or delayed[0].seeded[slot] != delayed[1].seeded[slot]:
+            return None
+        if delayed[0].seeded[slot]:
+            for d in delayed:
+                Q.delayed_scale_update(
+                    d.history,
+                    d.scale,
+                    slot,
+                    fmt.dtype,
+                    use_max=config.amax_compute_algo is AmaxComputeAlgo.MAX,
+                    margin=config.margin,
+                )
+            scales = tuple(d.scale[slot] for d in delayed)
+            slots = tuple(d.history[0, slot] for d in delayed)
+            pair = Q.swiglu_backward_quantize(grad, gate, up, fmt.dtype, scales=scales, amax_slots=slots, **kw)
+            return tuple(QuantizedOperand(q.data, q.scale_inv, q.data_t, q.scale_inv, (q.amax,)) for q in pair)
+    pair = Q.swiglu_backward_quantize(grad, gate, up, fmt.dtype, **kw)
+    if config.recipe is Recipe.DELAYED:  # first measurement: seed the histories, as quantize_operand does
+        for d, q in zip(delayed, pair):
+            d.history[0, slot] = q.amax
+            d.scale[slot] = Q.amax_to_scale(q.amax, fmt.max) * (2.0**-config.margin)
+            d.seeded[slot] = True
+    return tuple(QuantizedOperand(q.data, q.scale_inv, q.data_t, q.scale_inv, (q.amax,), q.scale) for q in pair)
 
 
 def transposed_copy(

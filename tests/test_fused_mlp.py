@@ -47,11 +47,17 @@ def _backend_ctx(backend):
 
 @pytest.mark.parametrize("recipe", RECIPES)
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_fused_mlp_equals_unfused_layers(recipe, backend):
+def test_fused_mlp_equals_unfused_layers(recipe, backend, monkeypatch):
     """Outputs, input and weight gradients, and delayed amax histories bit-identical over three
-    steps with growing inputs (delayed: the second and third steps use history-derived scales)."""
+    steps with growing inputs (delayed: the second and third steps use history-derived scales).
+    Per-tensor recipes run SwiGLU's backward inside the gradient casts, rowwise the unfused one."""
     fused = _mlp(recipe)
     twins = copy.deepcopy(fused)
+    fused_backward_calls = []
+    original = hf_fp8.quantize.swiglu_backward_quantize
+    monkeypatch.setattr(
+        hf_fp8.quantize, "swiglu_backward_quantize", lambda *a, **k: fused_backward_calls.append(1) or original(*a, **k)
+    )
     with _backend_ctx(backend):
         for step in range(3):
             x = (torch.randn(2, 24, 64) * (1 + step)).to(torch.bfloat16).requires_grad_()
@@ -70,6 +76,7 @@ def test_fused_mlp_equals_unfused_layers(recipe, backend):
                 if recipe == "delayed":
                     assert_bits_equal(m.fp8_amax_history, t.fp8_amax_history, f"{name} history")
                     assert_bits_equal(m.fp8_scale, t.fp8_scale, f"{name} scale")
+    assert len(fused_backward_calls) == (0 if recipe == "rowwise" else 3)
 
 
 @pytest.mark.parametrize(
@@ -133,10 +140,11 @@ def test_what_takes_the_unfused_path():
 
 
 @pytest.mark.parametrize("recipe", ["tensorwise", "delayed"])
-def test_converted_llama_trains_identically_with_and_without_the_fused_mlp(recipe, monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])  # FP32: the backward stays unfused
+def test_converted_llama_trains_identically_with_and_without_the_fused_mlp(recipe, dtype, monkeypatch):
     """A tiny Llama (every MLP layer FP8, fused ops on): the same losses and weights, bit for bit,
     whether its MLPs run as one node or as three layers, and the fused node did run."""
-    base = tiny_llama(seed=4)
+    base = tiny_llama(seed=4).to(dtype)
     runs = []
     for enabled in (True, False):
         model = copy.deepcopy(base)

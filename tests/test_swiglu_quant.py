@@ -113,3 +113,65 @@ def test_non_contiguous_pair_and_bad_up():
             R.quantize_tensorwise_reference(gate, E4M3, swiglu_up=bad)
     with pytest.raises(TypeError, match="swiglu_up"):
         K.quantize_tensorwise(gate, E4M3, swiglu_up=up.tolist())
+
+
+# ---- SwiGLU's backward fused with the casts of both gradients (hf_fp8.kernels.swiglu_quant) ----
+def _triple(shape, seed=7):
+    gate, up = _pair(shape, torch.bfloat16, seed)
+    grad = (torch.randn(shape, generator=torch.Generator().manual_seed(seed + 1)) * 1e-3).to(torch.bfloat16)
+    return grad, gate, up
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("f8", [E5M2, E4M3])
+@pytest.mark.parametrize("delayed", [False, True], ids=["tensorwise", "delayed"])
+@pytest.mark.parametrize("copies", [(True, True), (True, False), (False, True)], ids=["both", "rows", "t"])
+def test_swiglu_backward_quantize_equals_unfused(shape, f8, delayed, copies):
+    """Codes, scales and recorded amaxes of both gradients: those of the SwiGLU backward kernel
+    followed by one cast per gradient; the torch reference likewise against its unfused self."""
+    from hf_fp8.kernels.norm_swiglu import _swiglu_bwd
+    from hf_fp8.kernels.swiglu_quant import swiglu_backward_quantize
+    from hf_fp8.kernels.swiglu_quant_reference import swiglu_backward_quantize_reference, swiglu_backward_reference
+
+    grad, gate, up = _triple(shape)
+    write_y, write_t = copies
+    for fused_fn, unfused_grads, M in (
+        (swiglu_backward_quantize, _swiglu_bwd(grad, gate, up), K),
+        (swiglu_backward_quantize_reference, swiglu_backward_reference(grad, gate, up), R),
+    ):
+        scales = (torch.tensor(3.0e4), torch.tensor(1.5e3)) if delayed else None
+        slots = (torch.tensor(0.0), torch.tensor(0.0)) if delayed else None
+        twin_slots = (torch.tensor(0.0), torch.tensor(0.0))
+        flags = (torch.zeros(1, dtype=torch.int32), torch.zeros(1, dtype=torch.int32))
+        fused = fused_fn(grad, gate, up, f8, scales=scales, amax_slots=slots, write_y=write_y, write_t=write_t,
+                         nonfinite_flags=flags)  # fmt: skip
+        for i, (q, d) in enumerate(zip(fused, unfused_grads)):
+            kw = dict(write_y=write_y, write_t=write_t)
+            if delayed:
+                name = "quantize_delayed" if M is K else "quantize_delayed_reference"
+                twin = getattr(M, name)(d, f8, scales[i], twin_slots[i], **kw)
+            else:
+                name = "quantize_tensorwise" if M is K else "quantize_tensorwise_reference"
+                twin = getattr(M, name)(d, f8, **kw)
+            _same(q, twin, f"{fused_fn.__name__} grad {i}")
+            assert q.amax.item() > 0
+        assert int(flags[0]) == int(flags[1]) == 0
+
+
+def test_swiglu_backward_quantize_flags_nonfinite_and_checks_inputs():
+    from hf_fp8.kernels.swiglu_quant import swiglu_backward_quantize
+
+    grad, gate, up = _triple((40, 64))
+    grad[3, 5] = float("inf")
+    flags = (torch.zeros(1, dtype=torch.int32), torch.zeros(1, dtype=torch.int32))
+    qg, qu = swiglu_backward_quantize(grad, gate, up, E5M2, write_t=True, nonfinite_flags=flags)
+    assert int(flags[0]) == 1 and int(flags[1]) == 1
+    assert qg.data[3, 5].float().isnan() and qg.scale_inv.item() == 1.0  # guarded scale, NaN code
+    with pytest.raises(ValueError, match="grad"):
+        swiglu_backward_quantize(grad[:, :32], gate, up, E5M2)
+    with pytest.raises(ValueError, match="swiglu_up"):
+        swiglu_backward_quantize(grad, gate, up.float(), E5M2)
+    with pytest.raises(ValueError, match="BF16"):
+        swiglu_backward_quantize(grad.float(), gate.float(), up.float(), E5M2, write_y=True, write_t=True)
+    with pytest.raises(ValueError, match="together"):
+        swiglu_backward_quantize(grad, gate, up, E5M2, scales=(torch.tensor(1.0), torch.tensor(1.0)))
