@@ -77,12 +77,16 @@ def build(name: str, config: dict):
             model.model, config=Float8LinearConfig.from_recipe_name(recipe), module_filter_fn=lambda m, fqn: True
         )
     elif name.startswith("hf_fp8_"):
-        # hf_fp8_<recipe>[_fp8attn][_all][_recast][_compile]: _all converts every decoder linear (no auto
-        # filter), as torchao does; _recast re-casts weight transposes in the backward
-        # (save_weight_transpose=False); _compile compiles each decoder layer, as the other _compile variants do
+        # hf_fp8_<recipe>[_fp8attn][_all][_recast][_unfusedmlp][_compile]: _all converts every decoder
+        # linear (no auto filter), as torchao does; _recast re-casts weight transposes in the backward
+        # (save_weight_transpose=False); _unfusedmlp runs the MLP as three FP8 layers and a SwiGLU
+        # kernel (hf_fp8.mlp_ops off); _compile compiles each decoder layer, as the other _compile variants do
+        from hf_fp8 import mlp_ops
+
         rest = name.removeprefix("hf_fp8_")
         recipe = "full_bf16" if rest.startswith("full_bf16") else rest.split("_")[0]
         flags = set(rest.removeprefix(recipe).split("_"))
+        mlp_ops.ENABLED = "unfusedmlp" not in flags  # read at every forward; stays until the next hf_fp8 build
         fp8_cfg = hf_fp8.Fp8Config(
             recipe=None if recipe == "full_bf16" else recipe,
             fp8_attention="fp8attn" in flags,

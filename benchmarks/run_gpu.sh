@@ -34,6 +34,7 @@ for s in $steps; do
     scaling1) torchrun --nproc-per-node 1 -m benchmarks.bench_scaling --layers 2 --steps 3 --warmup 1 2>&1 | grep -v Warning | tail -8 ;;
     llamafused) python3 -m benchmarks.bench_llama --variants stock_bf16 hf_fp8_tensorwise hf_fp8_delayed hf_fp8_delayed_fp8attn_all torchao_tensorwise_compile --budget-s 300 --out llama_fused_h100.json 2>&1 | grep -E "^8b" | cut -c1-330 ;;
     llamae2e) python3 -m benchmarks.bench_llama --budget-s 500 --out llama_e2e_h100.json 2>&1 | grep -E "^8b|skipped|Error" | cut -c1-330 ;;
+    llamamlp) python3 -m benchmarks.bench_llama --variants stock_bf16 hf_fp8_tensorwise hf_fp8_tensorwise_unfusedmlp hf_fp8_delayed hf_fp8_delayed_unfusedmlp hf_fp8_delayed_recast hf_fp8_delayed_fp8attn_all torchao_tensorwise_compile --budget-s 420 --out llama_mlp_h100.json 2>&1 | grep -E "^8b|skipped|Error" | cut -c1-330 ;;
     host) python3 -m benchmarks.profile_host 2>&1 | grep -v Warning | tail -20 ;;
     llamarepeat) python3 -m benchmarks.bench_llama --variants stock_bf16 hf_fp8_tensorwise hf_fp8_delayed hf_fp8_delayed_compile torchao_tensorwise_compile --steps 12 --budget-s 300 --out llama_e2e_repeat_h100.json 2>&1 | grep -E "^8b|skipped|Error" | cut -c1-330 ;;
     llama1b) python3 -m benchmarks.bench_llama --configs 1b --budget-s 400 --out llama_1b_h100.json --variants stock_bf16 hf_fp8_tensorwise hf_fp8_delayed hf_fp8_delayed_compile hf_fp8_full_bf16 bf16_compile torchao_tensorwise_compile torchao_rowwise_compile liger 2>&1 | grep -E "^1b|skipped|Error" | cut -c1-330 ;;

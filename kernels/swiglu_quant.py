@@ -186,7 +186,9 @@ def swiglu_backward_quantize(
         n_progs, partials = 0, meta[0][0]
         for s in (*scales, *amax_slots):
             if s.dtype != torch.float32 or s.numel() != 1:
-                raise ValueError(f"scales and amax_slots: float32 tensors with one element, got {s.dtype} {tuple(s.shape)}")
+                raise ValueError(
+                    f"scales and amax_slots: float32 tensors with one element, got {s.dtype} {tuple(s.shape)}"
+                )
     BLOCK_R, BLOCK_C, num_warps = block or _settings(gate, write_t)
     grid = (triton.cdiv(R_pad, BLOCK_R) * triton.cdiv(C, BLOCK_C),)
     dummy = meta[0][0]
