@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from hf_fp8._backend import use_triton
+from hf_fp8.linear import shared_input_linears
 
 __all__ = ["RopeInputs", "RopePatch", "patch_rope", "unpatch_rope", "fp32_rope"]
 
@@ -127,10 +128,11 @@ def _attention_forward(
         )
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, self.head_dim)
-    # (B, S, H, D) views of the projections go to the kernel as they are: no transpose copy
-    q = self.q_proj(hidden_states).view(hidden_shape)
-    k = self.k_proj(hidden_states).view(hidden_shape)
-    v = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+    # q, k and v read one input: FP8 layers quantize it once (hf_fp8.linear.shared_input_linears;
+    # anything else runs them one by one). (B, S, H, D) views of the projections go to the
+    # kernel as they are: no transpose copy.
+    q, k, v = shared_input_linears((self.q_proj, self.k_proj, self.v_proj), hidden_states)
+    q, k, v = q.view(hidden_shape), k.view(hidden_shape), v.view(hidden_shape).transpose(1, 2)
     q, k = fp32_rope(q, k, position_embeddings.position_ids, position_embeddings.inv_freq, position_embeddings.scaling)
     q, k = q.transpose(1, 2), k.transpose(1, 2)
 
