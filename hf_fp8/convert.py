@@ -163,6 +163,10 @@ def convert(
 
         enable_peft_fp8_weights()
     _hide_fp8_state_from_save_pretrained(model)
+    if any(isinstance(m, Fp8Linear) and m._fp8_delayed is not None for m in model.modules()):
+        from hf_fp8.delayed import install_delayed_update_hook
+
+        install_delayed_update_hook(model)
     report = ConversionReport(
         decisions, config.short_str(), rope=_maybe_patch_rope(model, config), loss=_maybe_patch_loss(model, config)
     )
@@ -261,6 +265,9 @@ def revert(model: nn.Module) -> int:
     unpatch_rope(model)
     unpatch_loss(model)
     unpatch_fused_ops(model)
+    from hf_fp8.delayed import remove_delayed_update_hook
+
+    remove_delayed_update_hook(model)
     previous_attn = model.__dict__.pop("_hf_fp8_previous_attn", None)
     if previous_attn is not None:
         model.set_attn_implementation(previous_attn)

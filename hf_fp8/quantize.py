@@ -22,6 +22,7 @@ __all__ = [
     "quantize_colwise_transposed",
     "delayed_scale_update",
     "swiglu_backward_quantize",
+    "delayed_scale_update_many",
     "amax_to_scale",
 ]
 
@@ -68,6 +69,12 @@ def delayed_scale_update(
     **kwargs: Any,
 ) -> None:
     _impl("delayed_scale_update", history)(history, scale, slot, fp8_dtype, **kwargs)
+
+
+def delayed_scale_update_many(
+    histories: list[torch.Tensor], scales: list[torch.Tensor], slots: list[int], fp8_dtype: torch.dtype, **kwargs: Any
+) -> None:
+    _impl("delayed_scale_update_many", histories[0])(histories, scales, slots, fp8_dtype, **kwargs)
 
 
 def swiglu_backward_quantize(

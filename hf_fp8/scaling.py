@@ -72,11 +72,15 @@ class DelayedScalingState:
         self.history = history
         self.scale = scale
         self.seeded = [False, False, False]
+        # set by hf_fp8.delayed's per-forward update, which did the next cast's update in a
+        # launch shared by every layer; the cast consumes it instead of launching its own
+        self.pending = [False, False, False]
 
     def seed_from_history(self) -> None:
         """After the history was loaded or restored: a column with a recorded amax seeds its
         scale; an all-zero column still needs a first measurement (one host sync)."""
         self.seeded = [bool(v) for v in (self.history != 0).any(dim=0).tolist()]
+        self.pending = [False, False, False]  # an update done on the previous history does not count
 
 
 def quantize_operand(
@@ -116,14 +120,17 @@ def quantize_operand(
 
     if config.recipe is Recipe.DELAYED and delayed is not None and delayed.seeded[role]:
         slot = int(role)
-        Q.delayed_scale_update(
-            delayed.history,
-            delayed.scale,
-            slot,
-            dtype,
-            use_max=config.amax_compute_algo is AmaxComputeAlgo.MAX,
-            margin=config.margin,
-        )
+        if delayed.pending[slot]:
+            delayed.pending[slot] = False
+        else:
+            Q.delayed_scale_update(
+                delayed.history,
+                delayed.scale,
+                slot,
+                dtype,
+                use_max=config.amax_compute_algo is AmaxComputeAlgo.MAX,
+                margin=config.margin,
+            )
         # the scale buffer is updated again by the next cast of this operand (possibly an
         # activation-checkpoint recompute before this backward): keep the one used here
         scale = delayed.scale[slot].clone() if keep_scale else None
@@ -177,6 +184,9 @@ def quantize_swiglu_grads(
             return None
         if delayed[0].seeded[slot]:
             for d in delayed:
+                if d.pending[slot]:
+                    d.pending[slot] = False
+                    continue
                 Q.delayed_scale_update(
                     d.history,
                     d.scale,

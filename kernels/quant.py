@@ -53,6 +53,7 @@ from .quant_reference import (
     _check_fp8,
     _check_swiglu_up,
     amax_to_scale_reference,
+    delayed_scale_update_many_reference,
     delayed_scale_update_reference,
     pad_to,
     quantize_colwise_transposed_reference,
@@ -76,6 +77,8 @@ __all__ = [
     "quantize_colwise_transposed",
     "quantize_colwise_transposed_reference",
     "delayed_scale_update",
+    "delayed_scale_update_many",
+    "delayed_update_addresses",
     "delayed_scale_update_reference",
     "amax_to_scale_reference",
     "pad_to",
@@ -269,20 +272,12 @@ def _cast_kernel(
 
 
 @triton.jit
-def _delayed_update_kernel(
-    hist_ptr,  # (L, S) fp32, row 0 the most recent
-    scale_ptr,  # (S,) fp32
-    flag_ptr,  # int32 sticky non-finite flag, if HAS_FLAG
-    slot,
-    L,
-    stride_h,
-    FP8_MAX: tl.constexpr,
-    MIN_AMAX_C: tl.constexpr,
-    MARGIN_MUL: tl.constexpr,  # 2**-margin, exact
-    USE_MAX: tl.constexpr,
-    HAS_FLAG: tl.constexpr,
-    BLOCK_L: tl.constexpr,
-):
+def _update_and_roll(
+    hist_ptr, scale_ptr, flag_ptr, slot, L, stride_h,
+    FP8_MAX: tl.constexpr, MIN_AMAX_C: tl.constexpr, MARGIN_MUL: tl.constexpr, USE_MAX: tl.constexpr,
+    HAS_FLAG: tl.constexpr, BLOCK_L: tl.constexpr,
+):  # fmt: skip
+    """One history column -> new scale (a non-positive or non-finite amax keeps the old one), then roll."""
     i = tl.arange(0, BLOCK_L)
     h = tl.load(hist_ptr + i * stride_h + slot, mask=i < L, other=0.0)
     if USE_MAX:
@@ -300,6 +295,48 @@ def _delayed_update_kernel(
     shifted = tl.load(hist_ptr + (i - 1) * stride_h + slot, mask=(i >= 1) & (i < L), other=0.0)
     tl.debug_barrier()
     tl.store(hist_ptr + i * stride_h + slot, shifted, mask=i < L)
+
+
+@triton.jit
+def _delayed_update_kernel(
+    hist_ptr,  # (L, S) fp32, row 0 the most recent
+    scale_ptr,  # (S,) fp32
+    flag_ptr,  # int32 sticky non-finite flag, if HAS_FLAG
+    slot,
+    L,
+    stride_h,
+    FP8_MAX: tl.constexpr,
+    MIN_AMAX_C: tl.constexpr,
+    MARGIN_MUL: tl.constexpr,  # 2**-margin, exact
+    USE_MAX: tl.constexpr,
+    HAS_FLAG: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+):
+    _update_and_roll(
+        hist_ptr, scale_ptr, flag_ptr, slot, L, stride_h, FP8_MAX, MIN_AMAX_C, MARGIN_MUL, USE_MAX, HAS_FLAG, BLOCK_L
+    )
+
+
+@triton.jit
+def _delayed_update_many_kernel(
+    hist_addrs,  # int64 (E,): addresses of (L, S) fp32 histories, one entry per program
+    scale_addrs,  # int64 (E,): addresses of (S,) fp32 scales
+    slots,  # int32 (E,)
+    L,
+    stride_h,
+    FP8_MAX: tl.constexpr,
+    MIN_AMAX_C: tl.constexpr,
+    MARGIN_MUL: tl.constexpr,
+    USE_MAX: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+):
+    e = tl.program_id(0)
+    hist_ptr = tl.load(hist_addrs + e).to(tl.pointer_type(tl.float32))
+    scale_ptr = tl.load(scale_addrs + e).to(tl.pointer_type(tl.float32))
+    slot = tl.load(slots + e)
+    _update_and_roll(
+        hist_ptr, scale_ptr, scale_ptr, slot, L, stride_h, FP8_MAX, MIN_AMAX_C, MARGIN_MUL, USE_MAX, False, BLOCK_L
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -675,3 +712,54 @@ def delayed_scale_update(
         HAS_FLAG=nonfinite_flag is not None,
         BLOCK_L=max(triton.next_power_of_2(L), 16),
     )
+
+
+def delayed_scale_update_many(
+    histories: list[torch.Tensor],
+    scales: list[torch.Tensor],
+    slots: list[int],
+    fp8_dtype: torch.dtype,
+    *,
+    use_max: bool = True,
+    margin: int = 0,
+    addresses: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+) -> None:
+    """:func:`delayed_scale_update` for many (history, scale, slot) entries in one launch.
+
+    All histories must share their length and layout (contiguous (L, S) FP32) and one device.
+    ``addresses``: the (E,) device tables of history and scale addresses (int64) and slots
+    (int32), as :func:`delayed_update_addresses` builds them; pass them to skip that host work
+    when the same entries are updated again (the caller keeps them valid).
+    """
+    if not histories:
+        return
+    first = histories[0]
+    for h, sc in zip(histories, scales):
+        if h.shape != first.shape or h.dtype != torch.float32 or not h.is_contiguous() or h.device != first.device:
+            raise ValueError(f"histories: expected contiguous float32 {tuple(first.shape)} tensors on one device")
+        if sc.dtype != torch.float32 or not sc.is_contiguous() or sc.device != first.device:
+            raise ValueError("scales: expected contiguous float32 tensors on the histories' device")
+    if addresses is None:
+        addresses = delayed_update_addresses(histories, scales, slots)
+    L = first.shape[0]
+    _delayed_update_many_kernel[(len(histories),)](
+        *addresses,
+        L,
+        first.stride(0),
+        FP8_MAX=_check_fp8(fp8_dtype),
+        MIN_AMAX_C=MIN_AMAX,
+        MARGIN_MUL=float(2.0**-margin),
+        USE_MAX=use_max,
+        BLOCK_L=max(triton.next_power_of_2(L), 16),
+    )
+
+
+def delayed_update_addresses(
+    histories: list[torch.Tensor], scales: list[torch.Tensor], slots: list[int]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Device tables for :func:`delayed_scale_update_many` (one host-to-device copy)."""
+    device = histories[0].device
+    table = torch.tensor(
+        [[h.data_ptr() for h in histories], [sc.data_ptr() for sc in scales], list(slots)], dtype=torch.int64
+    ).to(device)
+    return table[0], table[1], table[2].to(torch.int32)

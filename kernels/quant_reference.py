@@ -217,3 +217,17 @@ def delayed_scale_update_reference(
     _set_flag(nonfinite_flag, amax)
     history[:, slot] = torch.roll(col, 1)
     history[0, slot] = 0.0
+
+
+def delayed_scale_update_many_reference(
+    histories: list[torch.Tensor],
+    scales: list[torch.Tensor],
+    slots: list[int],
+    fp8_dtype: torch.dtype,
+    *,
+    use_max: bool = True,
+    margin: int = 0,
+    addresses: object = None,
+) -> None:
+    for h, sc, slot in zip(histories, scales, slots):
+        delayed_scale_update_reference(h, sc, slot, fp8_dtype, use_max=use_max, margin=margin)

@@ -1,0 +1,95 @@
+"""Delayed scaling's scale updates for a whole model in one launch per forward.
+
+Each delayed-scaling cast first turns its amax history into a scale and rolls the history (one
+tiny kernel), then casts. In a model that is one extra launch per cast: 3 per FP8 layer per
+step, 72 for the 24 MLP layers of an 8-layer Llama-3-8B, each ~30 us of host time on the lent
+H100's host (``benchmarks/results/host_h100.json``) for ~2 us of GPU work. TransformerEngine
+updates every scale in one fused kernel per step for the same reason.
+
+:class:`DelayedScaleUpdateHook`, a forward pre-hook that :func:`hf_fp8.convert` registers on the
+model it converts, does the update of every layer's every seeded slot in one launch per
+(history length, format) when the model's forward starts, and marks each slot *pending*; the
+slot's next cast consumes the mark instead of launching its own update. Nothing touches a
+history between that update and the cast that consumes it (only casts of that slot record
+into it), so the numbers are exactly those of per-cast updates: the same update, done
+earlier. Gradient slots are left alone in forwards without grad; a slot still pending
+from an earlier forward (a gradient slot after a forward with grad but no backward; its
+history then shows the update before the cast that uses it) is not updated again; slots not yet seeded are left to their first cast;
+casts that are not the first of their slot since the update (an activation-checkpoint
+recompute) update themselves, as before. Under ``torch.compile`` the hook does nothing and
+each cast updates its own scale.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from hf_fp8 import quantize as Q
+from hf_fp8._backend import use_triton_kernels
+from hf_fp8.config import AmaxComputeAlgo
+from hf_fp8.scaling import Role
+
+__all__ = ["DelayedScaleUpdateHook", "install_delayed_update_hook", "remove_delayed_update_hook"]
+
+
+class DelayedScaleUpdateHook:
+    """Forward pre-hook: update every delayed-scaling layer's scales under ``module`` at once."""
+
+    def __init__(self) -> None:
+        # device address tables per set of entries (rebuilt when any buffer moves): building one
+        # costs a host-to-device copy, so the steady state reuses it
+        self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, module: nn.Module, args) -> None:
+        if torch.compiler.is_compiling():
+            return None
+        groups: dict[tuple, list] = {}
+        # no backward follows a forward without grad: its gradient slots stay as they are (a
+        # checkpoint saved after evaluation then holds exactly what per-cast updates would)
+        slots_now = range(3) if torch.is_grad_enabled() else (Role.INPUT, Role.WEIGHT)
+        for m in module.modules():
+            state = getattr(m, "_fp8_delayed", None)
+            if state is None:
+                continue
+            cfg = m.fp8_config
+            use_max = cfg.amax_compute_algo is AmaxComputeAlgo.MAX
+            for slot in slots_now:
+                if state.seeded[slot] and not state.pending[slot]:
+                    fmt = cfg.grad_format if slot == Role.GRAD_OUTPUT else cfg.forward_format
+                    key = (state.history.device, tuple(state.history.shape), fmt.dtype, use_max, cfg.margin)
+                    groups.setdefault(key, []).append((state, slot))
+        for (_, _, dtype, use_max, margin), entries in groups.items():
+            histories = [s.history for s, _ in entries]
+            scales = [s.scale for s, _ in entries]
+            slots = [slot for _, slot in entries]
+            addresses = None
+            if use_triton_kernels(histories[0]):
+                key = tuple((h.data_ptr(), sc.data_ptr(), sl) for h, sc, sl in zip(histories, scales, slots))
+                addresses = self._tables.get(key)
+                if addresses is None:
+                    from hf_fp8.kernels.quant import delayed_update_addresses
+
+                    if len(self._tables) >= 16:
+                        self._tables.clear()
+                    addresses = self._tables[key] = delayed_update_addresses(histories, scales, slots)
+            Q.delayed_scale_update_many(
+                histories, scales, slots, dtype, use_max=use_max, margin=margin, addresses=addresses
+            )
+            for state, slot in entries:
+                state.pending[slot] = True
+        return None
+
+
+def install_delayed_update_hook(model: nn.Module) -> bool:
+    """Register the hook on ``model`` (idempotent); True if it was added."""
+    if any(isinstance(h, DelayedScaleUpdateHook) for h in model._forward_pre_hooks.values()):
+        return False
+    model.register_forward_pre_hook(DelayedScaleUpdateHook())
+    return True
+
+
+def remove_delayed_update_hook(model: nn.Module) -> None:
+    for key, h in list(model._forward_pre_hooks.items()):
+        if isinstance(h, DelayedScaleUpdateHook):
+            del model._forward_pre_hooks[key]
