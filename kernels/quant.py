@@ -80,6 +80,7 @@ __all__ = [
     "delayed_scale_update_many",
     "delayed_update_addresses",
     "delayed_scale_update_reference",
+    "delayed_scale_update_many_reference",
     "amax_to_scale_reference",
     "pad_to",
 ]
