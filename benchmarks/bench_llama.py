@@ -77,10 +77,11 @@ def build(name: str, config: dict):
             model.model, config=Float8LinearConfig.from_recipe_name(recipe), module_filter_fn=lambda m, fqn: True
         )
     elif name.startswith("hf_fp8_"):
-        # hf_fp8_<recipe>[_fp8attn][_all][_recast][_unfusedmlp][_compile]: _all converts every decoder
-        # linear (no auto filter), as torchao does; _recast re-casts weight transposes in the backward
+        # hf_fp8_<recipe>[_fp8attn][_all][_recast][_unfusedmlp][_percast][_compile]: _all converts every
+        # decoder linear (no auto filter), as torchao does; _recast re-casts weight transposes in the backward
         # (save_weight_transpose=False); _unfusedmlp runs the MLP as three FP8 layers and a SwiGLU
-        # kernel (hf_fp8.mlp_ops off); _compile compiles each decoder layer, as the other _compile variants do
+        # kernel (hf_fp8.mlp_ops off); _percast updates delayed scales per cast (hf_fp8.delayed off);
+        # _compile compiles each decoder layer, as the other _compile variants do
         from hf_fp8 import mlp_ops
 
         rest = name.removeprefix("hf_fp8_")
@@ -96,6 +97,10 @@ def build(name: str, config: dict):
         )
         report = hf_fp8.convert(model, fp8_cfg)
         note = f"{len(report.converted)} FP8 layers"
+        if "percast" in flags:  # delayed: each cast updates its own scale (no per-forward update launch)
+            from hf_fp8.delayed import remove_delayed_update_hook
+
+            remove_delayed_update_hook(model)
     if name.endswith("_compile"):
         for layer in model.model.layers:
             layer.compile()

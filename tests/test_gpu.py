@@ -282,6 +282,23 @@ def test_fused_rms_norm_and_swiglu_on_gpu():
     assert rel_err(ad.grad, a.grad) < 8e-3 and rel_err(bd.grad, b.grad) < 8e-3
 
 
+def test_delayed_update_of_many_layers_in_one_launch_on_gpu():
+    """The pointer-table kernel of hf_fp8.delayed against the reference, entry by entry."""
+    import copy as _copy
+
+    torch.manual_seed(0)
+    hists = [torch.rand(16, 3, device="cuda") * 10 ** float(i % 5 - 2) for i in range(40)]
+    hists[7][:, 2] = 0.0
+    scales = [torch.rand(3, device="cuda") + 0.5 for _ in hists]
+    slots = [i % 3 for i in range(40)]
+    h_ref, s_ref = _copy.deepcopy(hists), _copy.deepcopy(scales)
+    K.delayed_scale_update_many(hists, scales, slots, torch.float8_e5m2, use_max=True, margin=0)
+    R.delayed_scale_update_many_reference(h_ref, s_ref, slots, torch.float8_e5m2, use_max=True, margin=0)
+    for i in range(40):
+        assert_bits_equal(hists[i], h_ref[i], f"history {i}")
+        assert_bits_equal(scales[i], s_ref[i], f"scale {i}")
+
+
 @pytest.mark.parametrize("delayed", [False, True], ids=["tensorwise", "delayed"])
 def test_swiglu_fused_casts_bit_exact_on_gpu(delayed):
     """SwiGLU inside the FP8 casts, forward (down's input) and backward (gate/up gradients), both
