@@ -55,7 +55,19 @@ VARIANTS = [
 ]
 
 
+def _fast_launch_default() -> bool:
+    from hf_fp8.kernels import _launch
+
+    return _launch._ENABLED
+
+
+_FAST_LAUNCH_DEFAULT = None
+
+
 def build(name: str, config: dict):
+    global _FAST_LAUNCH_DEFAULT
+    if _FAST_LAUNCH_DEFAULT is None:
+        _FAST_LAUNCH_DEFAULT = _fast_launch_default()
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import hf_fp8
@@ -77,17 +89,20 @@ def build(name: str, config: dict):
             model.model, config=Float8LinearConfig.from_recipe_name(recipe), module_filter_fn=lambda m, fqn: True
         )
     elif name.startswith("hf_fp8_"):
-        # hf_fp8_<recipe>[_fp8attn][_all][_recast][_unfusedmlp][_percast][_compile]: _all converts every
+        # hf_fp8_<recipe>[_fp8attn][_all][_recast][_unfusedmlp][_jitlaunch][_percast][_compile]: _all converts every
         # decoder linear (no auto filter), as torchao does; _recast re-casts weight transposes in the backward
         # (save_weight_transpose=False); _unfusedmlp runs the MLP as three FP8 layers and a SwiGLU
-        # kernel (hf_fp8.mlp_ops off); _percast updates delayed scales per cast (hf_fp8.delayed off);
+        # kernel (hf_fp8.mlp_ops off); _jitlaunch launches Triton kernels through the JIT (hf_fp8.kernels._launch
+        # off); _percast updates delayed scales per cast (hf_fp8.delayed off);
         # _compile compiles each decoder layer, as the other _compile variants do
         from hf_fp8 import mlp_ops
+        from hf_fp8.kernels import _launch
 
         rest = name.removeprefix("hf_fp8_")
         recipe = "full_bf16" if rest.startswith("full_bf16") else rest.split("_")[0]
         flags = set(rest.removeprefix(recipe).split("_"))
         mlp_ops.ENABLED = "unfusedmlp" not in flags  # read at every forward; stays until the next hf_fp8 build
+        _launch._ENABLED = _FAST_LAUNCH_DEFAULT and "jitlaunch" not in flags  # likewise
         fp8_cfg = hf_fp8.Fp8Config(
             recipe=None if recipe == "full_bf16" else recipe,
             fp8_attention="fp8attn" in flags,

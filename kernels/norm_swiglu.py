@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import launch
+
 __all__ = ["rms_norm", "swiglu"]
 
 
@@ -89,7 +91,20 @@ def _rms_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.T
     y = torch.empty((M, N), dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
     rstd = torch.empty(M, dtype=torch.float32, device=x.device)
     BLOCK = triton.next_power_of_2(N)
-    _rms_fwd_kernel[(M,)](x2, weight, y, rstd, N, float(eps), BLOCK=BLOCK, num_warps=1 if _interpret() else 8)
+    launch(
+        _rms_fwd_kernel,
+        (M,),
+        (
+            x2,
+            weight,
+            y,
+            rstd,
+            N,
+            float(eps),
+        ),
+        dict(BLOCK=BLOCK),
+        1 if _interpret() else 8,
+    )
     return y.view(*x.shape[:-1], N), rstd
 
 
@@ -103,8 +118,21 @@ def _rms_bwd(dy, x, weight, rstd, need_dw: bool) -> tuple[torch.Tensor, torch.Te
     n_prog = triton.cdiv(M, ROWS)
     dw_part = torch.empty((n_prog, N), dtype=torch.float32, device=x2.device)
     BLOCK = triton.next_power_of_2(N)
-    _rms_bwd_kernel[(n_prog,)](
-        dy2, x2, weight, rstd, dx, dw_part, M, N, ROWS=ROWS, BLOCK=BLOCK, num_warps=1 if _interpret() else 8
+    launch(
+        _rms_bwd_kernel,
+        (n_prog,),
+        (
+            dy2,
+            x2,
+            weight,
+            rstd,
+            dx,
+            dw_part,
+            M,
+            N,
+        ),
+        dict(ROWS=ROWS, BLOCK=BLOCK),
+        1 if _interpret() else 8,
     )
     return dx.view(x.shape), dw_part.sum(0).to(weight.dtype) if need_dw else None
 
@@ -114,7 +142,18 @@ def _swiglu_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     y = torch.empty_like(a)
     n = a.numel()
     BLOCK = 4096 if _interpret() else 1024
-    _swiglu_fwd_kernel[(triton.cdiv(n, BLOCK),)](a, b, y, n, BLOCK=BLOCK)
+    launch(
+        _swiglu_fwd_kernel,
+        (triton.cdiv(n, BLOCK),),
+        (
+            a,
+            b,
+            y,
+            n,
+        ),
+        dict(BLOCK=BLOCK),
+        4,
+    )
     return y
 
 
@@ -123,7 +162,20 @@ def _swiglu_bwd(g: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[
     da, db = torch.empty_like(a), torch.empty_like(b)
     n = a.numel()
     BLOCK = 4096 if _interpret() else 1024
-    _swiglu_bwd_kernel[(triton.cdiv(n, BLOCK),)](g, a, b, da, db, n, BLOCK=BLOCK)
+    launch(
+        _swiglu_bwd_kernel,
+        (triton.cdiv(n, BLOCK),),
+        (
+            g,
+            a,
+            b,
+            da,
+            db,
+            n,
+        ),
+        dict(BLOCK=BLOCK),
+        4,
+    )
     return da, db
 
 

@@ -46,6 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import launch
 from .quant_reference import (
     MIN_AMAX,
     Fp8Quantized,
@@ -428,39 +429,45 @@ def _launch_cast(
     BLOCK_R, BLOCK_C, num_warps = block or _settings(x, write_t)
     grid = (triton.cdiv(R_pad, BLOCK_R) * triton.cdiv(C, BLOCK_C),)
     dummy = scale_inv
-    _cast_kernel[grid](
-        x,
-        up if up is not None else x,
-        y if y is not None else yt,
-        yt if yt is not None else y,
-        amax_src if amax_src is not None else dummy,
-        n_partials,
-        scale if scale is not None else dummy,
-        record if record is not None else dummy,
-        scale_inv,
-        amax,
-        scale_out if scale_out is not None else dummy,
-        nonfinite_flag if nonfinite_flag is not None else dummy,
-        R,
-        C,
-        R_pad,
-        x.stride(0),
-        x.stride(1),
-        C,
-        R_pad,
-        FP8_MAX=fmax,
-        MIN_AMAX_C=MIN_AMAX,
-        SCALE_MODE=scale_mode,
-        GATED=up is not None,
-        RECORD_AMAX=record is not None,
-        WRITE_Y=write_y,
-        WRITE_T=write_t,
-        HAS_FLAG=nonfinite_flag is not None,
-        REVERSE=reverse,
-        BLOCK_R=BLOCK_R,
-        BLOCK_C=BLOCK_C,
-        BLOCK_P=max(triton.next_power_of_2(max(n_partials, 1)), 16),
-        num_warps=num_warps,
+    launch(
+        _cast_kernel,
+        grid,
+        (
+            x,
+            up if up is not None else x,
+            y if y is not None else yt,
+            yt if yt is not None else y,
+            amax_src if amax_src is not None else dummy,
+            n_partials,
+            scale if scale is not None else dummy,
+            record if record is not None else dummy,
+            scale_inv,
+            amax,
+            scale_out if scale_out is not None else dummy,
+            nonfinite_flag if nonfinite_flag is not None else dummy,
+            R,
+            C,
+            R_pad,
+            x.stride(0),
+            x.stride(1),
+            C,
+            R_pad,
+        ),
+        dict(
+            FP8_MAX=fmax,
+            MIN_AMAX_C=MIN_AMAX,
+            SCALE_MODE=scale_mode,
+            GATED=up is not None,
+            RECORD_AMAX=record is not None,
+            WRITE_Y=write_y,
+            WRITE_T=write_t,
+            HAS_FLAG=nonfinite_flag is not None,
+            REVERSE=reverse,
+            BLOCK_R=BLOCK_R,
+            BLOCK_C=BLOCK_C,
+            BLOCK_P=max(triton.next_power_of_2(max(n_partials, 1)), 16),
+        ),
+        num_warps,
     )
     return Fp8Quantized(y, yt, scale_inv, amax, scale_out)
 
@@ -480,19 +487,20 @@ def _launch_amax(
         out = torch.empty(n_progs, dtype=torch.int32, device=x.device)
     else:
         out = torch.zeros(R if axis == 0 else C, dtype=torch.int32, device=x.device)
-    _amax_kernel[(n_progs,)](
-        x,
-        up if up is not None else x,
-        out,
-        R,
-        C,
-        x.stride(0),
-        x.stride(1),
-        AXIS=axis,
-        GATED=up is not None,
-        BLOCK_R=BLOCK_R,
-        BLOCK_C=BLOCK_C,
-        num_warps=num_warps,
+    launch(
+        _amax_kernel,
+        (n_progs,),
+        (
+            x,
+            up if up is not None else x,
+            out,
+            R,
+            C,
+            x.stride(0),
+            x.stride(1),
+        ),
+        dict(AXIS=axis, GATED=up is not None, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C),
+        num_warps,
     )
     return out, n_progs
 
@@ -699,19 +707,26 @@ def delayed_scale_update(
             f"history: expected a contiguous 2-D float32 tensor, got {history.dtype} {tuple(history.shape)}"
         )
     L = history.shape[0]
-    _delayed_update_kernel[(1,)](
-        history,
-        scale,
-        nonfinite_flag if nonfinite_flag is not None else scale,
-        slot,
-        L,
-        history.stride(0),
-        FP8_MAX=_check_fp8(fp8_dtype),
-        MIN_AMAX_C=MIN_AMAX,
-        MARGIN_MUL=float(2.0**-margin),
-        USE_MAX=use_max,
-        HAS_FLAG=nonfinite_flag is not None,
-        BLOCK_L=max(triton.next_power_of_2(L), 16),
+    launch(
+        _delayed_update_kernel,
+        (1,),
+        (
+            history,
+            scale,
+            nonfinite_flag if nonfinite_flag is not None else scale,
+            slot,
+            L,
+            history.stride(0),
+        ),
+        dict(
+            FP8_MAX=_check_fp8(fp8_dtype),
+            MIN_AMAX_C=MIN_AMAX,
+            MARGIN_MUL=float(2.0**-margin),
+            USE_MAX=use_max,
+            HAS_FLAG=nonfinite_flag is not None,
+            BLOCK_L=max(triton.next_power_of_2(L), 16),
+        ),
+        4,
     )
 
 
@@ -743,15 +758,22 @@ def delayed_scale_update_many(
     if addresses is None:
         addresses = delayed_update_addresses(histories, scales, slots)
     L = first.shape[0]
-    _delayed_update_many_kernel[(len(histories),)](
-        *addresses,
-        L,
-        first.stride(0),
-        FP8_MAX=_check_fp8(fp8_dtype),
-        MIN_AMAX_C=MIN_AMAX,
-        MARGIN_MUL=float(2.0**-margin),
-        USE_MAX=use_max,
-        BLOCK_L=max(triton.next_power_of_2(L), 16),
+    launch(
+        _delayed_update_many_kernel,
+        (len(histories),),
+        (
+            *addresses,
+            L,
+            first.stride(0),
+        ),
+        dict(
+            FP8_MAX=_check_fp8(fp8_dtype),
+            MIN_AMAX_C=MIN_AMAX,
+            MARGIN_MUL=float(2.0**-margin),
+            USE_MAX=use_max,
+            BLOCK_L=max(triton.next_power_of_2(L), 16),
+        ),
+        4,
     )
 
 

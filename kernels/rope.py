@@ -33,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import launch
 from .rope_reference import _check_rope_inputs, rope_reference
 
 __all__ = ["rope_fwd", "rope_bwd", "RopeFunction", "apply_rope", "rope_reference"]
@@ -137,40 +138,46 @@ def _launch(q, k, position_ids, inv_freq, scaling, backward):
     else:
         BLOCK_S, HEADS, num_warps = TUNING["gpu"]
     grid = (triton.cdiv(n_tokens, BLOCK_S), triton.cdiv(Hq + Hk, HEADS))
-    _rope_kernel[grid](
-        q,
-        k,
-        qo,
-        ko,
-        pos,
-        inv_freq,
-        float(scaling),
-        n_tokens,
-        S,
-        Hq,
-        Hk,
-        stride_pb,
-        pos.stride(1),
-        q.stride(0),
-        q.stride(1),
-        q.stride(2),
-        k.stride(0),
-        k.stride(1),
-        k.stride(2),
-        qo.stride(0),
-        qo.stride(1),
-        qo.stride(2),
-        ko.stride(0),
-        ko.stride(1),
-        ko.stride(2),
-        TWO_PI=_TWO_PI,
-        INV_TWO_PI=1.0 / _TWO_PI,
-        HALF=D // 2,
-        BLOCK_HALF=triton.next_power_of_2(D // 2),
-        BLOCK_S=BLOCK_S,
-        HEADS=HEADS,
-        BACKWARD=backward,
-        num_warps=num_warps,
+    launch(
+        _rope_kernel,
+        grid,
+        (
+            q,
+            k,
+            qo,
+            ko,
+            pos,
+            inv_freq,
+            float(scaling),
+            n_tokens,
+            S,
+            Hq,
+            Hk,
+            stride_pb,
+            pos.stride(1),
+            q.stride(0),
+            q.stride(1),
+            q.stride(2),
+            k.stride(0),
+            k.stride(1),
+            k.stride(2),
+            qo.stride(0),
+            qo.stride(1),
+            qo.stride(2),
+            ko.stride(0),
+            ko.stride(1),
+            ko.stride(2),
+        ),
+        dict(
+            TWO_PI=_TWO_PI,
+            INV_TWO_PI=1.0 / _TWO_PI,
+            HALF=D // 2,
+            BLOCK_HALF=triton.next_power_of_2(D // 2),
+            BLOCK_S=BLOCK_S,
+            HEADS=HEADS,
+            BACKWARD=backward,
+        ),
+        num_warps,
     )
     return qo, ko
 

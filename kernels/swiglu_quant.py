@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import launch
 from .quant import _abs_bits, _interpreting, _max_programs, _reciprocal, _scale_from_amax, _settings
 from .quant_reference import MIN_AMAX, Fp8Quantized, _check_fp8, pad_to
 from .swiglu_quant_reference import _check_triple, swiglu_backward_quantize_reference
@@ -181,7 +182,20 @@ def swiglu_backward_quantize(
         BLOCK_R, BLOCK_C, num_warps = (64, 128, 4) if _interpreting() else (16, 512, 8)
         n_progs = min(triton.cdiv(R, BLOCK_R) * triton.cdiv(C, BLOCK_C), _max_programs(gate))
         partials = torch.empty(2 * n_progs, dtype=torch.int32, device=dev)
-        _amax_kernel[(n_progs,)](grad, gate, up, partials, R, C, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, num_warps=num_warps)
+        launch(
+            _amax_kernel,
+            (n_progs,),
+            (
+                grad,
+                gate,
+                up,
+                partials,
+                R,
+                C,
+            ),
+            dict(BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C),
+            num_warps,
+        )
     else:
         n_progs, partials = 0, meta[0][0]
         for s in (*scales, *amax_slots):
@@ -194,22 +208,7 @@ def swiglu_backward_quantize(
     dummy = meta[0][0]
     (yg, ytg), (yu, ytu) = outs
     flag_g, flag_u = nonfinite_flags
-    _cast_kernel[grid](
-        grad, gate, up,
-        yg if yg is not None else ytg, ytg if ytg is not None else yg,
-        yu if yu is not None else ytu, ytu if ytu is not None else yu,
-        partials, n_progs,
-        scales[0] if scales else dummy, scales[1] if scales else dummy,
-        amax_slots[0].view(torch.int32) if amax_slots else dummy, amax_slots[1].view(torch.int32) if amax_slots else dummy,
-        *meta[0], flag_g if flag_g is not None else dummy,
-        *meta[1], flag_u if flag_u is not None else dummy,
-        R, C, R_pad,
-        FP8_MAX=fmax, MIN_AMAX_C=MIN_AMAX, FROM_TENSOR=scales is not None,
-        HAS_FLAG=flag_g is not None and flag_u is not None,
-        WRITE_Y=write_y, WRITE_T=write_t,
-        BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, BLOCK_P=max(triton.next_power_of_2(max(n_progs, 1)), 16),
-        num_warps=num_warps,
-    )  # fmt: skip
+    launch(_cast_kernel, grid, (grad, gate, up, yg if yg is not None else ytg, ytg if ytg is not None else yg, yu if yu is not None else ytu, ytu if ytu is not None else yu, partials, n_progs, scales[0] if scales else dummy, scales[1] if scales else dummy, amax_slots[0].view(torch.int32) if amax_slots else dummy, amax_slots[1].view(torch.int32) if amax_slots else dummy, *meta[0], flag_g if flag_g is not None else dummy, *meta[1], flag_u if flag_u is not None else dummy, R, C, R_pad,), dict(FP8_MAX=fmax, MIN_AMAX_C=MIN_AMAX, FROM_TENSOR=scales is not None, HAS_FLAG=flag_g is not None and flag_u is not None, WRITE_Y=write_y, WRITE_T=write_t, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, BLOCK_P=max(triton.next_power_of_2(max(n_progs, 1)), 16)), num_warps)  # fmt: skip
     result = []
     for i, ((y, yt), (scale_inv, amax, scale)) in enumerate(zip(outs, meta)):
         if scales is None:

@@ -282,6 +282,26 @@ def test_fused_rms_norm_and_swiglu_on_gpu():
     assert rel_err(ad.grad, a.grad) < 8e-3 and rel_err(bd.grad, b.grad) < 8e-3
 
 
+def test_fast_launch_reuses_compiled_kernels_correctly_on_gpu():
+    """Cached compiled kernels (hf_fp8.kernels._launch) must never serve another specialization:
+    16-byte aligned and unaligned inputs, row counts that are 1, multiples of 16 or neither, in
+    an order that reuses every cached entry; each result equals the reference bit for bit."""
+    from hf_fp8.kernels import _launch
+
+    _launch._COMPILED.clear()
+    base = torch.randn(1100 * 1024 + 64, device="cuda").to(torch.bfloat16)
+    cases = [(0, 1024), (1, 1024), (8, 1000), (0, 1), (3, 1000), (0, 1024), (8, 1), (1, 1024)]
+    for off, rows in cases:
+        x = base[off : off + rows * 1024].view(rows, 1024)
+        for write_t in (False, True):
+            for fn, ref in ((K.quantize_tensorwise, R.quantize_tensorwise_reference),):
+                a, b = fn(x, torch.float8_e4m3fn, write_t=write_t), ref(x, torch.float8_e4m3fn, write_t=write_t)
+                for name in ("data", "data_t", "scale_inv", "amax"):
+                    if getattr(b, name) is not None:
+                        assert_bits_equal(getattr(a, name), getattr(b, name), f"off={off} rows={rows} {name}")
+    assert not _launch._ENABLED or len(_launch._COMPILED) >= 4
+
+
 def test_delayed_update_of_many_layers_in_one_launch_on_gpu():
     """The pointer-table kernel of hf_fp8.delayed against the reference, entry by entry."""
     import copy as _copy

@@ -1,0 +1,82 @@
+"""Launching Triton kernels without the JIT's per-launch argument binding.
+
+``kernel[grid](*args, **constexprs)`` binds and specializes every argument in Python before
+each launch: about 40 us of host time for our 30-argument cast kernel on the lent H100's host
+(53 us per launch, 14 us through the compiled kernel's own launcher; ``benchmarks/results/
+host_h100.json``). An FP8 layer launches 6 to 9 such kernels per training step, which is
+most of why its host time was ~1.9 ms against 0.23 ms for ``nn.Linear``, and why a model
+with small FP8 layers left the GPU waiting for the host.
+
+:func:`launch` keeps what the JIT returned for each *specialization* and afterwards calls its
+launcher directly. The key holds everything the JIT specializes on (triton 3.6): each tensor's
+dtype and 16-byte alignment, each integer's ``== 1`` / divisibility by 16 / 32-bit range, the
+constexpr values and launch options, and the device; anything else the key does not recognise
+takes the JIT path. The first launch of each specialization, any launch under the interpreter,
+with launch hooks registered (profilers), or with another triton version goes through the JIT
+as before, so this changes host time only, never which compiled kernel runs.
+``HF_FP8_FAST_LAUNCH=0`` turns it off.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+__all__ = ["launch"]
+
+_I32 = (-(2**31), 2**31 - 1)
+_ENABLED = os.environ.get("HF_FP8_FAST_LAUNCH", "1") != "0" and triton.__version__.startswith("3.6.")
+_COMPILED: dict[tuple, object] = {}
+
+
+def _spec(a) -> object:
+    """What the JIT specializes on for one argument (more is harmless: only more cache entries)."""
+    if isinstance(a, torch.Tensor):
+        return (a.dtype, a.data_ptr() % 16 == 0)
+    if isinstance(a, bool):
+        return ("b", a)
+    if isinstance(a, int):
+        return (a == 1, a % 16 == 0, _I32[0] <= a <= _I32[1])
+    if isinstance(a, float):
+        return "f"
+    raise TypeError  # unknown: the JIT decides
+
+
+def _hooks_registered() -> bool:
+    from triton import knobs
+
+    hooks = (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook)
+    return any(h is not None and getattr(h, "calls", True) for h in hooks)
+
+
+def launch(kernel, grid: tuple[int, ...], args: tuple, constexprs: dict, num_warps: int) -> None:
+    """``kernel[grid](*args, **constexprs, num_warps=num_warps)``, through the cached compiled kernel
+    when one exists for this specialization. ``args``: every non-constexpr argument, positionally,
+    in the kernel's order; ``constexprs``: every constexpr argument, by name."""
+    first = args[0]
+    if not (_ENABLED and isinstance(first, torch.Tensor) and first.is_cuda) or _hooks_registered():
+        kernel[grid](*args, **constexprs, num_warps=num_warps)
+        return
+    from triton.runtime.driver import driver
+
+    device = driver.active.get_current_device()  # what the JIT keys its caches and picks its stream by
+    try:
+        key = (id(kernel), device, num_warps, tuple(constexprs.items()), tuple(_spec(a) for a in args))
+    except TypeError:
+        kernel[grid](*args, **constexprs, num_warps=num_warps)
+        return
+    compiled = _COMPILED.get(key)
+    if compiled is None:
+        compiled = kernel[grid](*args, **constexprs, num_warps=num_warps)
+        names = kernel.arg_names
+        if len(args) + len(constexprs) == len(names) and all(n in constexprs for n in names[len(args) :]):
+            tail = tuple(constexprs[n] for n in names[len(args) :])
+            if all(hasattr(compiled, a) for a in ("run", "function", "packed_metadata")):
+                _COMPILED[key] = (compiled, tail)
+        return
+    compiled, tail = compiled
+    stream = driver.active.get_current_stream(device)
+    g = (*grid, 1, 1)
+    compiled.run(g[0], g[1], g[2], stream, compiled.function, compiled.packed_metadata, None, None, None, *args, *tail)
