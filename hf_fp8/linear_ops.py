@@ -19,6 +19,7 @@ write it, so the compiled graph has nothing to order against. Eager mode keeps t
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 
 import torch
@@ -348,9 +349,10 @@ def apply_group(modules: tuple, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
     if x.numel() == 0:
         return tuple(torch.zeros(*x.shape[:-1], m.out_features, dtype=x.dtype, device=x.device) for m in modules)
     device_type = x.device.type
-    out_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
-    # The emulation's FP32 matmul must not be autocast to BF16.
-    with torch.autocast(device_type=device_type, enabled=False):
+    autocast = torch.is_autocast_enabled(device_type)
+    out_dtype = torch.get_autocast_dtype(device_type) if autocast else x.dtype
+    # the emulation's FP32 matmul must not be autocast to BF16 (no context to enter when autocast is off)
+    with torch.autocast(device_type=device_type, enabled=False) if autocast else contextlib.nullcontext():
         if torch.compiler.is_compiling():
             grad = torch.is_grad_enabled()
             weights = [m.weight for m in modules]

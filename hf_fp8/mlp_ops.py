@@ -20,6 +20,8 @@ the layers one by one (hooks, PEFT wrappers, biases, non-FP8 layers) takes the u
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -146,8 +148,10 @@ def fused_swiglu_mlp(gate: nn.Module, up: nn.Module, down: nn.Module, x: torch.T
     :func:`fused_swiglu_mlp_applies`), with gate and up sharing the input's cast and the SwiGLU
     computed inside down's cast. Same numbers as the unfused layers, bit for bit."""
     device_type = x.device.type
-    out_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
-    with torch.autocast(device_type=device_type, enabled=False):  # the emulation's FP32 matmul stays FP32
+    autocast = torch.is_autocast_enabled(device_type)
+    out_dtype = torch.get_autocast_dtype(device_type) if autocast else x.dtype
+    # the emulation's FP32 matmul must not be autocast to BF16 (no context to enter when autocast is off)
+    with torch.autocast(device_type=device_type, enabled=False) if autocast else contextlib.nullcontext():
         return _Fp8SwiGLUMLPFunction.apply(
             x, (gate, up, down), out_dtype, torch.is_grad_enabled(), gate.weight, up.weight, down.weight
         )

@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import launch
+
 __all__ = ["adamw_step"]
 
 
@@ -95,21 +97,24 @@ def adamw_step(
     n = p.numel()
     interp = os.environ.get("TRITON_INTERPRET", "0") == "1"
     BLOCK = 65536 if interp else 2048
-    _adamw_kernel[(triton.cdiv(n, BLOCK),)](
-        p,
-        g,
-        m,
-        v,
-        n,
-        lr,
-        beta1,
-        beta2,
-        eps,
-        1.0 - lr * weight_decay,
-        bias_correction1,
-        bias_correction2,
-        seed,
-        STOCHASTIC=stochastic_rounding,
-        BLOCK=BLOCK,
-        num_warps=8 if not interp else 1,
+    launch(
+        _adamw_kernel,
+        (triton.cdiv(n, BLOCK),),
+        (
+            p,
+            g,
+            m,
+            v,
+            n,
+            lr,
+            beta1,
+            beta2,
+            eps,
+            1.0 - lr * weight_decay,
+            bias_correction1,
+            bias_correction2,
+            seed,
+        ),
+        dict(STOCHASTIC=stochastic_rounding, BLOCK=BLOCK),
+        8 if not interp else 1,
     )

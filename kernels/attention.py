@@ -38,6 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import launch
 from .attention_reference import E4M3_MAX, P_SCALE, fp8_attention_reference
 
 __all__ = [
@@ -230,8 +231,21 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     y = torch.empty((B, H, S, D), dtype=torch.float8_e4m3fn, device=x.device)
     scale_inv = torch.empty((B, H, S), dtype=torch.float32, device=x.device)
     BLOCK_S = 64
-    _cast_rows_kernel[(triton.cdiv(S, BLOCK_S), B * H)](
-        x, y, scale_inv, S, H, x.stride(0), x.stride(1), x.stride(2), D=D, BLOCK_S=BLOCK_S, FP8_MAX=E4M3_MAX
+    launch(
+        _cast_rows_kernel,
+        (triton.cdiv(S, BLOCK_S), B * H),
+        (
+            x,
+            y,
+            scale_inv,
+            S,
+            H,
+            x.stride(0),
+            x.stride(1),
+            x.stride(2),
+        ),
+        dict(D=D, BLOCK_S=BLOCK_S, FP8_MAX=E4M3_MAX),
+        4,
     )
     return y, scale_inv
 
@@ -251,11 +265,22 @@ def quantize_heads(x: torch.Tensor, *, transpose: bool = False) -> tuple[torch.T
     sy_s, sy_d = (1, S) if transpose else (D, 1)
     BLOCK_S = 64
     grid = (triton.cdiv(S, BLOCK_S), B * H)
-    _head_amax_kernel[grid](x, amax, S, H, x.stride(0), x.stride(1), x.stride(2), D=D, BLOCK_S=BLOCK_S)
-    _cast_heads_kernel[grid](
-        x, y, amax, scale_inv, S, H, x.stride(0), x.stride(1), x.stride(2), y.stride(0), y.stride(1), sy_s, sy_d,
-        D=D, BLOCK_S=BLOCK_S, FP8_MAX=E4M3_MAX,
-    )  # fmt: skip
+    launch(
+        _head_amax_kernel,
+        grid,
+        (
+            x,
+            amax,
+            S,
+            H,
+            x.stride(0),
+            x.stride(1),
+            x.stride(2),
+        ),
+        dict(D=D, BLOCK_S=BLOCK_S),
+        4,
+    )
+    launch(_cast_heads_kernel, grid, (x, y, amax, scale_inv, S, H, x.stride(0), x.stride(1), x.stride(2), y.stride(0), y.stride(1), sy_s, sy_d,), dict(D=D, BLOCK_S=BLOCK_S, FP8_MAX=E4M3_MAX), 4)  # fmt: skip
     return y, scale_inv
 
 

@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import launch
 from .cross_entropy_reference import ce_fwd_bwd_reference
 
 __all__ = ["ce_fwd_bwd", "ce_fwd_bwd_reference"]
@@ -106,17 +107,20 @@ def ce_fwd_bwd(
         grad = grad_out
     interp = os.environ.get("TRITON_INTERPRET", "0") == "1"
     BLOCK_V = min(triton.next_power_of_2(V), 65536 if interp else 4096)
-    _ce_fwd_bwd_kernel[(C,)](
-        logits,
-        labels,
-        scale,
-        loss,
-        grad,
-        V,
-        logits.stride(0),
-        grad.stride(0),
-        IGNORE_INDEX=ignore_index,
-        BLOCK_V=BLOCK_V,
-        num_warps=8 if not interp else 1,
+    launch(
+        _ce_fwd_bwd_kernel,
+        (C,),
+        (
+            logits,
+            labels,
+            scale,
+            loss,
+            grad,
+            V,
+            logits.stride(0),
+            grad.stride(0),
+        ),
+        dict(IGNORE_INDEX=ignore_index, BLOCK_V=BLOCK_V),
+        8 if not interp else 1,
     )
     return loss, grad
