@@ -13,7 +13,7 @@ BF16 ``nn.Linear`` at M=8192 tokens, K and N in {512, 1024, 2048, 4096, 8192, 14
 layer timed alone. ``python -m benchmarks.derive_thresholds`` derives them: the smallest
 measured weight from which every larger measured shape was faster in FP8. Measured
 speedups at the edges: tensorwise 2048x14336 1.17x, 14336x2048 1.08x, but 4096x4096 0.75x;
-rowwise 4096x14336 1.21x, but 8192x4096 0.89x.
+rowwise 4096x8192 1.18x, but 4096x4096 0.55x (sweep of 2026-11-24, with cached Triton launches).
 
 These are H100 numbers with the layer timed in isolation, where the host's launch work
 (about 1.5 ms per FP8 forward+backward, see benchmarks/README.md) is not hidden behind
@@ -42,7 +42,7 @@ class ShapeThreshold:
 THRESHOLDS: dict[Recipe, ShapeThreshold] = {
     Recipe.TENSORWISE: ShapeThreshold(min_weight_numel=29_360_128, min_dim=2048),
     Recipe.DELAYED: ShapeThreshold(min_weight_numel=29_360_128, min_dim=2048),
-    Recipe.ROWWISE: ShapeThreshold(min_weight_numel=58_720_256, min_dim=4096),
+    Recipe.ROWWISE: ShapeThreshold(min_weight_numel=33_554_432, min_dim=4096),
 }
 
 

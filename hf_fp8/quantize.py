@@ -27,11 +27,16 @@ __all__ = [
 ]
 
 
+_KERNELS: list = []  # hf_fp8.kernels.quant, imported on first use (it needs triton)
+
+
 def _impl(name: str, x: torch.Tensor) -> Any:
     if use_triton_kernels(x):
-        from hf_fp8.kernels import quant
+        if not _KERNELS:
+            from hf_fp8.kernels import quant
 
-        return getattr(quant, name)
+            _KERNELS.append(quant)
+        return getattr(_KERNELS[0], name)
     return getattr(_ref, name + "_reference")
 
 

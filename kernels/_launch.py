@@ -31,23 +31,46 @@ _ENABLED = os.environ.get("HF_FP8_FAST_LAUNCH", "1") != "0" and triton.__version
 _COMPILED: dict[tuple, object] = {}
 
 
+def _tensor_spec(a: torch.Tensor) -> object:
+    return (a.dtype, not a.data_ptr() & 15)
+
+
+def _int_spec(a: int) -> object:
+    return (a == 1, not a & 15, _I32[0] <= a <= _I32[1])
+
+
+_SPEC_BY_TYPE = {
+    torch.Tensor: _tensor_spec,
+    torch.nn.Parameter: _tensor_spec,
+    bool: lambda a: ("b", a),
+    int: _int_spec,
+    float: lambda a: "f",
+}
+
+
 def _spec(a) -> object:
-    """What the JIT specializes on for one argument (more is harmless: only more cache entries)."""
-    if isinstance(a, torch.Tensor):
-        return (a.dtype, a.data_ptr() % 16 == 0)
-    if isinstance(a, bool):
-        return ("b", a)
-    if isinstance(a, int):
-        return (a == 1, a % 16 == 0, _I32[0] <= a <= _I32[1])
-    if isinstance(a, float):
-        return "f"
-    raise TypeError  # unknown: the JIT decides
+    """What the JIT specializes on for one argument (more is harmless: only more cache entries).
+    Types not listed (tensor subclasses included) raise ``TypeError``: the JIT decides then."""
+    try:
+        return _SPEC_BY_TYPE[type(a)](a)
+    except KeyError:
+        raise TypeError(type(a).__name__) from None
 
 
-def _hooks_registered() -> bool:
-    from triton import knobs
+_RUNTIME: list = []  # (triton knobs.runtime, get_current_device, get_current_stream), resolved once
 
-    hooks = (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook)
+
+def _runtime() -> tuple:
+    if not _RUNTIME:
+        from triton import knobs
+        from triton.runtime.driver import driver
+
+        _RUNTIME.append((knobs.runtime, driver.active.get_current_device, driver.active.get_current_stream))
+    return _RUNTIME[0]
+
+
+def _hooks_registered(runtime) -> bool:
+    hooks = (runtime.launch_enter_hook, runtime.launch_exit_hook)
     return any(h is not None and getattr(h, "calls", True) for h in hooks)
 
 
@@ -56,12 +79,14 @@ def launch(kernel, grid: tuple[int, ...], args: tuple, constexprs: dict, num_war
     when one exists for this specialization. ``args``: every non-constexpr argument, positionally,
     in the kernel's order; ``constexprs``: every constexpr argument, by name."""
     first = args[0]
-    if not (_ENABLED and isinstance(first, torch.Tensor) and first.is_cuda) or _hooks_registered():
+    if not (_ENABLED and isinstance(first, torch.Tensor) and first.is_cuda):
         kernel[grid](*args, **constexprs, num_warps=num_warps)
         return
-    from triton.runtime.driver import driver
-
-    device = driver.active.get_current_device()  # what the JIT keys its caches and picks its stream by
+    runtime, current_device, current_stream = _runtime()
+    if _hooks_registered(runtime):
+        kernel[grid](*args, **constexprs, num_warps=num_warps)
+        return
+    device = current_device()  # what the JIT keys its caches and picks its stream by
     try:
         key = (id(kernel), device, num_warps, tuple(constexprs.items()), tuple(_spec(a) for a in args))
     except TypeError:
@@ -77,6 +102,6 @@ def launch(kernel, grid: tuple[int, ...], args: tuple, constexprs: dict, num_war
                 _COMPILED[key] = (compiled, tail)
         return
     compiled, tail = compiled
-    stream = driver.active.get_current_stream(device)
+    stream = current_stream(device)
     g = (*grid, 1, 1)
     compiled.run(g[0], g[1], g[2], stream, compiled.function, compiled.packed_metadata, None, None, None, *args, *tail)

@@ -421,11 +421,13 @@ def _launch_cast(
     R, C = x.shape
     R_pad = pad_to(R) if write_t else R
     fmax = _check_fp8(fp8_dtype)
-    y = torch.empty((R, C), dtype=fp8_dtype, device=x.device) if write_y else None
-    yt = torch.empty((C, R_pad), dtype=fp8_dtype, device=x.device) if write_t else None
-    scale_inv = torch.empty(out_shape, dtype=torch.float32, device=x.device)
-    amax = torch.empty(out_shape, dtype=torch.float32, device=x.device)
-    scale_out = torch.empty((), dtype=torch.float32, device=x.device) if scale_mode == _SCALE_FROM_PARTIALS else None
+    dev = x.device
+    y = torch.empty((R, C), dtype=fp8_dtype, device=dev) if write_y else None
+    yt = torch.empty((C, R_pad), dtype=fp8_dtype, device=dev) if write_t else None
+    scale_inv = torch.empty(out_shape, dtype=torch.float32, device=dev)
+    # a given scale (delayed, re-cast) has no amax output: its callers report the history slot or NaN
+    amax = scale_inv if scale_mode == _SCALE_FROM_TENSOR else torch.empty(out_shape, dtype=torch.float32, device=dev)
+    scale_out = torch.empty((), dtype=torch.float32, device=dev) if scale_mode == _SCALE_FROM_PARTIALS else None
     BLOCK_R, BLOCK_C, num_warps = block or _settings(x, write_t)
     grid = (triton.cdiv(R_pad, BLOCK_R) * triton.cdiv(C, BLOCK_C),)
     dummy = scale_inv
