@@ -41,7 +41,7 @@ VARIANTS = [
     "stock_bf16",
     "hf_fp8_tensorwise",
     "hf_fp8_delayed",
-    "hf_fp8_delayed_recast",
+    "hf_fp8_delayed_savedwt",
     "hf_fp8_rowwise",
     "hf_fp8_delayed_fp8attn",
     "hf_fp8_delayed_fp8attn_all",
@@ -89,8 +89,8 @@ def build(name: str, config: dict):
             model.model, config=Float8LinearConfig.from_recipe_name(recipe), module_filter_fn=lambda m, fqn: True
         )
     elif name.startswith("hf_fp8_"):
-        # hf_fp8_<recipe>[_fp8attn][_all][_recast][_unfusedmlp][_jitlaunch][_percast][_compile]: _all converts every
-        # decoder linear (no auto filter), as torchao does; _recast re-casts weight transposes in the backward
+        # hf_fp8_<recipe>[_fp8attn][_all][_recast|_savedwt][_unfusedmlp][_jitlaunch][_percast][_compile]: _all converts every
+        # decoder linear (no auto filter), as torchao does; _recast re-casts weight transposes in the backward, _savedwt keeps them
         # (save_weight_transpose=False); _unfusedmlp runs the MLP as three FP8 layers and a SwiGLU
         # kernel (hf_fp8.mlp_ops off); _jitlaunch launches Triton kernels through the JIT (hf_fp8.kernels._launch
         # off); _percast updates delayed scales per cast (hf_fp8.delayed off);
@@ -103,12 +103,16 @@ def build(name: str, config: dict):
         flags = set(rest.removeprefix(recipe).split("_"))
         mlp_ops.ENABLED = "unfusedmlp" not in flags  # read at every forward; stays until the next hf_fp8 build
         _launch._ENABLED = _FAST_LAUNCH_DEFAULT and "jitlaunch" not in flags  # likewise
+        # weight transposes: the library's default unless a flag says otherwise (the default was True
+        # before 2026-11-24: plain variant names in older results files kept the transposes)
+        wt = {"save_weight_transpose": True} if "savedwt" in flags else {}
+        wt = {"save_weight_transpose": False} if "recast" in flags else wt
         fp8_cfg = hf_fp8.Fp8Config(
             recipe=None if recipe == "full_bf16" else recipe,
             fp8_attention="fp8attn" in flags,
             auto_filter="all" not in flags,
-            save_weight_transpose="recast" not in flags,
             exclude=("lm_head",),
+            **wt,
         )
         report = hf_fp8.convert(model, fp8_cfg)
         note = f"{len(report.converted)} FP8 layers"

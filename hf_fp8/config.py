@@ -151,13 +151,15 @@ class Fp8Config:
             (``"tensorwise"`` or ``"delayed"``): the input-gradient GEMM reads the weight scaled
             along the other axis, which per-row scales cannot give without a high-precision copy.
 
-        save_weight_transpose (`bool`, *optional*, defaults to `True`):
-            Write each weight's transposed FP8 copy (what the input-gradient GEMM reads) in the
-            forward's cast and keep it until the backward. ``False`` re-casts it in the backward
-            from the weight with the forward's scale (bit-identical results): one byte per FP8
-            weight element less alive between forward and backward (1.4 GB at an 8-layer
-            Llama-3-8B's 24 FP8 layers: peak 0.66x instead of 0.69x stock BF16, measured on an
-            H100), for one more cast launch per layer and step (about 0.1 ms of host time each).
+        save_weight_transpose (`bool`, *optional*, defaults to `False`):
+            ``True`` writes each weight's transposed FP8 copy (what the input-gradient GEMM reads)
+            in the forward's cast and keeps it until the backward. ``False`` (the default)
+            re-casts it in the backward from the weight with the forward's scale (bit-identical
+            results): one byte per FP8 weight element less alive between forward and backward
+            (1.4 GB at an 8-layer Llama-3-8B's 24 FP8 layers, 1.75 GB with all 56 decoder
+            layers in FP8: peak 0.66x instead of 0.69-0.70x stock BF16 on an H100) for one more
+            cast launch per layer and step, whose time was within run-to-run noise end to end
+            (``benchmarks/results/llama_e2e_h100.json``).
 
     Example:
         ```python
@@ -186,7 +188,7 @@ class Fp8Config:
     fp8_weights: bool = False
     fp8_attention: bool = False
     fused_ops: bool = True
-    save_weight_transpose: bool = True
+    save_weight_transpose: bool = False
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen: set once, here)
@@ -270,8 +272,8 @@ class Fp8Config:
             s += ",fp8_weights"
         if self.fp8_attention:
             s += ",fp8_attention"
-        if not self.save_weight_transpose:
-            s += ",recast_wt"
+        if self.save_weight_transpose:
+            s += ",saved_wt"
         return s
 
     # ---- serialization ------------------------------------------------------------------

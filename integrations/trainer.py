@@ -74,12 +74,12 @@ class Fp8ArgumentsMixin:
             "memory of BF16 base weights. Needs --fp8 tensorwise or delayed."
         },
     )
-    fp8_save_weight_transpose: bool = dataclasses.field(
-        default=True,
+    fp8_save_weight_transpose: bool | None = dataclasses.field(
+        default=None,
         metadata={
-            "help": "Keep each FP8 weight's transposed copy from the forward for the backward (faster). "
-            "--fp8_save_weight_transpose false re-casts it in the backward instead: less activation memory "
-            "(one byte per FP8 weight element), same results."
+            "help": "true keeps each FP8 weight's transposed copy from the forward for the backward (one more "
+            "byte per FP8 weight element alive, one launch less per layer); false re-casts it in the backward "
+            "(the default of Fp8Config). Same results either way."
         },
     )
     fp8_monitor_interval: int = dataclasses.field(
@@ -138,8 +138,8 @@ class Fp8ArgumentsMixin:
             overrides["fp8_weights"] = True
         if self.fp8_attention:
             overrides["fp8_attention"] = True
-        if not self.fp8_save_weight_transpose:
-            overrides["save_weight_transpose"] = False
+        if self.fp8_save_weight_transpose is not None:
+            overrides["save_weight_transpose"] = self.fp8_save_weight_transpose
         if self.fp8.lower() in {r.value for r in Recipe}:
             return Fp8Config(recipe=self.fp8, **overrides)
         if os.path.isfile(self.fp8):

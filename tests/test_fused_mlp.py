@@ -86,8 +86,8 @@ def test_fused_mlp_equals_unfused_layers(recipe, backend, monkeypatch):
 )
 def test_fused_mlp_partial_gradients(frozen, x_grad):
     """Frozen layers and inputs without gradient: the same gradients as the unfused layers, and
-    none where none is needed (re-cast weight transposes, so both saving modes are covered)."""
-    fused = _mlp("tensorwise", save_weight_transpose=False)
+    none where none is needed (saved weight transposes here, re-cast ones by default elsewhere)."""
+    fused = _mlp("tensorwise", save_weight_transpose=True)
     for i in frozen:
         fused[i].weight.requires_grad_(False)
     twins = copy.deepcopy(fused)

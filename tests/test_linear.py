@@ -130,7 +130,7 @@ def test_frozen_weight_skips_weight_grad_work(monkeypatch):
 
     monkeypatch.setattr("hf_fp8.linear_ops.quantize_operand", spy)
     monkeypatch.setattr("hf_fp8.linear_ops.transposed_copy", spy_t)
-    m = hf_fp8.Fp8Linear.from_linear(nn.Linear(64, 32, bias=False))
+    m = hf_fp8.Fp8Linear.from_linear(nn.Linear(64, 32, bias=False), hf_fp8.Fp8Config(save_weight_transpose=True))
     m.weight.requires_grad_(False)
     x = torch.randn(16, 64, requires_grad=True)
     m(x).sum().backward()
@@ -139,8 +139,8 @@ def test_frozen_weight_skips_weight_grad_work(monkeypatch):
     # comes from the forward's cast
     assert calls == [("INPUT", True, False), ("WEIGHT", True, True), ("GRAD_OUTPUT", True, False)]
 
-    calls.clear()  # save_weight_transpose=False: the forward casts rows only, the backward re-casts Wᵀ
-    low = hf_fp8.Fp8Linear.from_linear(nn.Linear(64, 32, bias=False), hf_fp8.Fp8Config(save_weight_transpose=False))
+    calls.clear()  # the default, save_weight_transpose=False: the forward casts rows only, the backward re-casts Wᵀ
+    low = hf_fp8.Fp8Linear.from_linear(nn.Linear(64, 32, bias=False))
     low.weight.requires_grad_(False)
     low(x).sum().backward()
     assert calls == [
@@ -356,13 +356,16 @@ def test_shared_input_linears_fall_back_to_separate_calls():
 @pytest.mark.parametrize("recipe", RECIPES)
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_recast_weight_transpose_is_bit_identical_and_saves_memory(recipe, backend):
-    """save_weight_transpose=False: the backward re-casts Wᵀ with the forward's scale, so outputs
-    and gradients equal the default's bit for bit over three steps, with less saved for backward."""
+    """save_weight_transpose=False (the default): the backward re-casts Wᵀ with the forward's scale,
+    so outputs and gradients equal those of the saved transpose bit for bit over three steps, with
+    less saved for backward."""
     if backend == "triton" and not conftest.INTERPRETER_PATCHED:
         pytest.skip("needs TRITON_INTERPRET=1")
     torch.manual_seed(3)
     base = nn.Linear(64, 48)
-    saved = hf_fp8.Fp8Linear.from_linear(copy.deepcopy(base), hf_fp8.Fp8Config(recipe=recipe))
+    saved = hf_fp8.Fp8Linear.from_linear(
+        copy.deepcopy(base), hf_fp8.Fp8Config(recipe=recipe, save_weight_transpose=True)
+    )
     recast = hf_fp8.Fp8Linear.from_linear(
         copy.deepcopy(base), hf_fp8.Fp8Config(recipe=recipe, save_weight_transpose=False)
     )

@@ -76,9 +76,17 @@ def test_cli_flags_parse_and_serialize(tmp_path):
     (args,) = parser.parse_args_into_dataclasses(
         ["--output_dir", str(tmp_path), "--fp8", "tensorwise", "--fp8_weights"]
     )
-    assert args.fp8_config().fp8_weights and args.fp8_config().save_weight_transpose
+    assert args.fp8_config().fp8_weights and not args.fp8_config().save_weight_transpose  # Fp8Config's default
     (args,) = parser.parse_args_into_dataclasses(
-        ["--output_dir", str(tmp_path), "--fp8", "delayed", "--fp8_save_weight_transpose", "false"]
+        ["--output_dir", str(tmp_path), "--fp8", "delayed", "--fp8_save_weight_transpose", "true"]
+    )
+    assert args.fp8_config().save_weight_transpose
+    # a JSON config's choice stands unless the flag is given
+    hf_fp8.Fp8Config(recipe="delayed", save_weight_transpose=True).to_json(path)
+    (args,) = parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--fp8", str(path)])
+    assert args.fp8_config().save_weight_transpose
+    (args,) = parser.parse_args_into_dataclasses(
+        ["--output_dir", str(tmp_path), "--fp8", str(path), "--fp8_save_weight_transpose", "false"]
     )
     assert not args.fp8_config().save_weight_transpose
 
