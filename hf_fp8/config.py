@@ -158,7 +158,7 @@ class Fp8Config:
             results): one byte per FP8 weight element less alive between forward and backward
             (1.4 GB at an 8-layer Llama-3-8B's 24 FP8 layers, 1.75 GB with all 56 decoder
             layers in FP8: peak 0.66x instead of 0.69-0.70x stock BF16 on an H100) for one more
-            cast launch per layer and step, whose time was within run-to-run noise end to end
+            cast per layer and step: 0.1-1.1% of the step time across runs
             (``benchmarks/results/llama_e2e_h100.json``).
 
     Example:
