@@ -102,23 +102,31 @@ def _forward(modules, x2d, weights, biases, out_dtype, need_dx: bool, need_dw: l
     _check_nonfinite(lead, Role.INPUT, qx)
     outs, w_ts, regen = [], [], []
     for module, weight, bias in zip(modules, weights, biases):
-        keep_t = need_dx and cfg.save_weight_transpose and not is_fp8_dtype(weight.dtype)
-        qw = _quantize_weight(module, weight, want_t=keep_t, keep_scale=need_dx and not keep_t)
-        out = scaled_mm(
-            qx.rows,
-            qw.rows.t(),
-            _a_scale(qx.rows_scale),
-            _b_scale(qw.rows_scale),
-            out_dtype=out_dtype,
-            use_fast_accum=cfg.use_fast_accum,
-            emulate=emulate,
-        )
+        out, w_t, r = _gemm_with_weight(module, weight, qx.rows, qx.rows_scale, out_dtype, need_dx, emulate)
         if bias is not None:
             out = out + bias.to(out_dtype)
         outs.append(out)
-        w_ts.append((qw.t, qw.t_scale) if keep_t else (None, None))
-        regen.append(None if keep_t else qw.scale)
+        w_ts.append(w_t)
+        regen.append(r)
     return outs, qx.t, qx.t_scale, w_ts, regen
+
+
+def _gemm_with_weight(module, weight, a_rows, a_scale, out_dtype, need_dx: bool, emulate: bool):
+    """``a Wᵀ`` for one layer from an FP8 ``a``: the weight's forward cast and one ``_scaled_mm``.
+    Returns (output, (Wᵀ, its scale) kept for the backward or (None, None), the scale that
+    re-casts Wᵀ in the backward or None)."""
+    keep_t = need_dx and module.fp8_config.save_weight_transpose and not is_fp8_dtype(weight.dtype)
+    qw = _quantize_weight(module, weight, want_t=keep_t, keep_scale=need_dx and not keep_t)
+    out = scaled_mm(
+        a_rows,
+        qw.rows.t(),
+        _a_scale(a_scale),
+        _b_scale(qw.rows_scale),
+        out_dtype=out_dtype,
+        use_fast_accum=module.fp8_config.use_fast_accum,
+        emulate=emulate,
+    )
+    return out, ((qw.t, qw.t_scale) if keep_t else (None, None)), (None if keep_t else qw.scale)
 
 
 def _weight_transposed(module, weight: torch.Tensor, scale: torch.Tensor | None):

@@ -26,8 +26,7 @@ import torch
 from torch import nn
 
 from hf_fp8._backend import fp8_gemm_supported, use_triton
-from hf_fp8.gemm import scaled_mm
-from hf_fp8.linear_ops import _a_scale, _b_scale, _backward, _check_nonfinite, _forward, _quantize_weight, is_fp8_dtype
+from hf_fp8.linear_ops import _backward, _check_nonfinite, _forward, _gemm_with_weight
 from hf_fp8.scaling import Role, quantize_operand, quantize_swiglu_grads
 
 __all__ = ["fused_swiglu_mlp_applies", "fused_swiglu_mlp"]
@@ -91,23 +90,15 @@ class _Fp8SwiGLUMLPFunction(torch.autograd.Function):
             swiglu_up=u,
         )
         _check_nonfinite(down_m, Role.INPUT, qa)
-        keep_t = need_dact and cfg.save_weight_transpose and not is_fp8_dtype(w_down.dtype)
-        qw = _quantize_weight(down_m, w_down, want_t=keep_t, keep_scale=need_dact and not keep_t)
-        y = scaled_mm(
-            qa.rows,
-            qw.rows.t(),
-            _a_scale(qa.rows_scale),
-            _b_scale(qw.rows_scale),
-            out_dtype=out_dtype,
-            use_fast_accum=cfg.use_fast_accum,
-            emulate=not fp8_gemm_supported(x2d.device),
+        emulate = not fp8_gemm_supported(x2d.device)
+        y, (w_t_down, w_t_down_scale), regen_down = _gemm_with_weight(
+            down_m, w_down, qa.rows, qa.rows_scale, out_dtype, need_dact, emulate
         )
         ctx.modules = modules
         ctx.need = (need_dx, need_dw, need_dact)
         ctx.x_dtype, ctx.x_shape = x.dtype, x.shape
-        ctx.regen = [*regen, None if keep_t else qw.scale]
-        ctx.w_t_scales = [s for _, s in w_ts] + [qw.t_scale if keep_t else None]
-        w_t_down = qw.t if keep_t else None
+        ctx.regen = [*regen, regen_down]
+        ctx.w_t_scales = [s for _, s in w_ts] + [w_t_down_scale]
         saved_act = (g, u) if need_dact else (None, None)
         ctx.save_for_backward(x_t, x_t_scale, qa.t, qa.t_scale, *saved_act, w_gate, w_up, w_down,
                               *(t for t, _ in w_ts), w_t_down)  # fmt: skip

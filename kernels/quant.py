@@ -166,6 +166,64 @@ def _amax_kernel(
 
 
 @triton.jit
+def _tensor_scale_from_partials(
+    partials_ptr, n_partials, pid, scale_inv_out_ptr, amax_out_ptr, scale_out_ptr, flag_ptr,
+    FP8_MAX: tl.constexpr, MIN_AMAX_C: tl.constexpr, HAS_FLAG: tl.constexpr, BLOCK_P: tl.constexpr,
+):  # fmt: skip
+    """Tensorwise: the scale from the amax pass's int32 partials; program 0 writes the outputs."""
+    p = tl.arange(0, BLOCK_P)
+    amax = tl.max(tl.load(partials_ptr + p, mask=p < n_partials, other=0), axis=0).to(tl.float32, bitcast=True)
+    scale = _scale_from_amax(amax, FP8_MAX, MIN_AMAX_C)
+    if pid == 0:
+        tl.store(scale_inv_out_ptr, _reciprocal(scale))
+        tl.store(amax_out_ptr, amax)
+        tl.store(scale_out_ptr, scale)
+        if HAS_FLAG:
+            tl.store(flag_ptr, 1, mask=~(amax < float("inf")))
+    return scale
+
+
+@triton.jit
+def _given_scale(
+    x, scale_ptr, record_ptr, pid, scale_inv_out_ptr, flag_ptr, RECORD: tl.constexpr, HAS_FLAG: tl.constexpr
+):
+    """Delayed / re-cast: a precomputed scale; with RECORD, max-reduce this tile's amax into the slot."""
+    scale = tl.load(scale_ptr)
+    if pid == 0:
+        # a fresh 0-d tensor: cuBLASLt rejects scale pointers that are not 16-byte aligned,
+        # which a view into the module's (3,) scale buffer would not be
+        tl.store(scale_inv_out_ptr, _reciprocal(scale))
+    if RECORD:
+        tile_amax = tl.max(tl.max(_abs_bits(x), axis=1), axis=0)
+        tl.atomic_max(record_ptr, tile_amax)
+        if HAS_FLAG:
+            tl.store(flag_ptr, 1, mask=tile_amax >= 0x7F800000)  # inf or NaN bits
+    return scale
+
+
+@triton.jit
+def _saturate_and_store(
+    y, x, y_ptr, yt_ptr, rows, cols, mask, C, R_pad, stride_yr, stride_ytr,
+    FP8_MAX: tl.constexpr, WRITE_Y: tl.constexpr, WRITE_T: tl.constexpr,
+):  # fmt: skip
+    """Saturate the scaled tile ``y`` (NaN where ``x`` is not finite) and store its FP8 copies."""
+    y = tl.minimum(tl.maximum(y, -FP8_MAX), FP8_MAX)
+    y = tl.where(tl.abs(x) < float("inf"), y, float("nan"))
+    if WRITE_Y:
+        y_offs = rows.to(tl.int64)[:, None] * stride_yr + cols[None, :]
+        tl.store(y_ptr + y_offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+    if WRITE_T:
+        # Rows in [R, R_pad) were loaded as 0 and are written as the zero padding. Transpose
+        # the FP32 tile (staged through shared memory by the compiler), then cast and store
+        # rows of the transposed tile, contiguous along the original rows. With triton 3.6 on
+        # an H100, writing both copies from one FP32-loaded tile gave wrong bits (FP16 was not
+        # tried), so the launchers ask for both at once only from BF16 input (see _launch_cast).
+        t_offs = cols.to(tl.int64)[:, None] * stride_ytr + rows[None, :]
+        t_mask = (cols < C)[:, None] & (rows < R_pad)[None, :]
+        tl.store(yt_ptr + t_offs, tl.trans(y).to(yt_ptr.dtype.element_ty), mask=t_mask)
+
+
+@triton.jit
 def _cast_kernel(
     x_ptr,
     up_ptr,  # GATED: the SwiGLU ``up`` input, same shape and strides as x (the gate)
@@ -215,28 +273,14 @@ def _cast_kernel(
 
     # ---- the scale (and, for the first program of a row/column, its outputs) ----------
     if SCALE_MODE == 0:
-        p = tl.arange(0, BLOCK_P)
-        amax = tl.max(tl.load(amax_ptr + p, mask=p < n_partials, other=0), axis=0).to(tl.float32, bitcast=True)
-        scale = _scale_from_amax(amax, FP8_MAX, MIN_AMAX_C)
-        if pid == 0:
-            tl.store(scale_inv_out_ptr, _reciprocal(scale))
-            tl.store(amax_out_ptr, amax)
-            tl.store(scale_out_ptr, scale)
-            if HAS_FLAG:
-                tl.store(flag_ptr, 1, mask=~(amax < float("inf")))
+        scale = _tensor_scale_from_partials(
+            amax_ptr, n_partials, pid, scale_inv_out_ptr, amax_out_ptr, scale_out_ptr, flag_ptr,
+            FP8_MAX, MIN_AMAX_C, HAS_FLAG, BLOCK_P,
+        )  # fmt: skip
         y = x * scale
     elif SCALE_MODE == 1:
-        scale = tl.load(scale_ptr)
-        if pid == 0:
-            # a fresh 0-d tensor: cuBLASLt rejects scale pointers that are not 16-byte aligned,
-            # which a view into the module's (3,) scale buffer would not be
-            tl.store(scale_inv_out_ptr, _reciprocal(scale))
+        scale = _given_scale(x, scale_ptr, record_ptr, pid, scale_inv_out_ptr, flag_ptr, RECORD_AMAX, HAS_FLAG)
         y = x * scale
-        if RECORD_AMAX:
-            tile_amax = tl.max(tl.max(_abs_bits(x), axis=1), axis=0)
-            tl.atomic_max(record_ptr, tile_amax)
-            if HAS_FLAG:
-                tl.store(flag_ptr, 1, mask=tile_amax >= 0x7F800000)  # inf or NaN bits
     elif SCALE_MODE == 2:
         amax = tl.load(amax_ptr + rows, mask=row_in, other=0).to(tl.float32, bitcast=True)
         scale = _scale_from_amax(amax, FP8_MAX, MIN_AMAX_C)
@@ -256,21 +300,9 @@ def _cast_kernel(
                 tl.store(flag_ptr, 1, mask=tl.max((col_in & ~(amax < float("inf"))).to(tl.int32), axis=0) > 0)
         y = x * scale[None, :]
 
-    # ---- cast: saturate finite values, NaN for non-finite input -----------------------
-    y = tl.minimum(tl.maximum(y, -FP8_MAX), FP8_MAX)
-    y = tl.where(tl.abs(x) < float("inf"), y, float("nan"))
-    if WRITE_Y:
-        y_offs = rows.to(tl.int64)[:, None] * stride_yr + cols[None, :]
-        tl.store(y_ptr + y_offs, y.to(y_ptr.dtype.element_ty), mask=mask)
-    if WRITE_T:
-        # Rows in [R, R_pad) were loaded as 0 and are written as the zero padding. Transpose
-        # the FP32 tile (staged through shared memory by the compiler), then cast and store
-        # rows of the transposed tile, contiguous along the original rows. With triton 3.6 on
-        # an H100, writing both copies from one FP32-loaded tile gave wrong bits (FP16 was not
-        # tried), so the launcher asks for both at once only from BF16 input (see _launch_cast).
-        t_offs = cols.to(tl.int64)[:, None] * stride_ytr + rows[None, :]
-        t_mask = col_in[:, None] & (rows < R_pad)[None, :]
-        tl.store(yt_ptr + t_offs, tl.trans(y).to(yt_ptr.dtype.element_ty), mask=t_mask)
+    _saturate_and_store(
+        y, x, y_ptr, yt_ptr, rows, cols, mask, C, R_pad, stride_yr, stride_ytr, FP8_MAX, WRITE_Y, WRITE_T
+    )
 
 
 @triton.jit

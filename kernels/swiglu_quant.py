@@ -22,7 +22,15 @@ import triton
 import triton.language as tl
 
 from ._launch import launch
-from .quant import _abs_bits, _interpreting, _max_programs, _reciprocal, _scale_from_amax, _settings
+from .quant import (
+    _abs_bits,
+    _given_scale,
+    _interpreting,
+    _max_programs,
+    _saturate_and_store,
+    _settings,
+    _tensor_scale_from_partials,
+)
 from .quant_reference import MIN_AMAX, Fp8Quantized, _check_fp8, pad_to
 from .swiglu_quant_reference import _check_triple, swiglu_backward_quantize_reference
 
@@ -71,32 +79,13 @@ def _scale_cast_store(
 ):  # fmt: skip
     """Scale, saturate and store one gradient tile (``which``: 0 gate, 1 up), as quant._cast_kernel does."""
     if FROM_TENSOR:
-        scale = tl.load(scale_ptr)
-        if pid == 0:
-            tl.store(scale_inv_ptr, _reciprocal(scale))
-        tile_amax = tl.max(tl.max(_abs_bits(v), axis=1), axis=0)
-        tl.atomic_max(record_ptr, tile_amax)
-        if HAS_FLAG:
-            tl.store(flag_ptr, 1, mask=tile_amax >= 0x7F800000)
+        scale = _given_scale(v, scale_ptr, record_ptr, pid, scale_inv_ptr, flag_ptr, True, HAS_FLAG)
     else:
-        p = tl.arange(0, BLOCK_P)
-        part = tl.load(partials_ptr + which * n_partials + p, mask=p < n_partials, other=0)
-        amax = tl.max(part, axis=0).to(tl.float32, bitcast=True)
-        scale = _scale_from_amax(amax, FP8_MAX, MIN_AMAX_C)
-        if pid == 0:
-            tl.store(scale_inv_ptr, _reciprocal(scale))
-            tl.store(amax_ptr, amax)
-            tl.store(scale_out_ptr, scale)
-            if HAS_FLAG:
-                tl.store(flag_ptr, 1, mask=~(amax < float("inf")))
-    y = tl.minimum(tl.maximum(v * scale, -FP8_MAX), FP8_MAX)
-    y = tl.where(tl.abs(v) < float("inf"), y, float("nan"))
-    if WRITE_Y:
-        tl.store(y_ptr + rows.to(tl.int64)[:, None] * C + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
-    if WRITE_T:
-        t_offs = cols.to(tl.int64)[:, None] * R_pad + rows[None, :]
-        t_mask = (cols < C)[:, None] & (rows < R_pad)[None, :]
-        tl.store(yt_ptr + t_offs, tl.trans(y).to(yt_ptr.dtype.element_ty), mask=t_mask)
+        scale = _tensor_scale_from_partials(
+            partials_ptr + which * n_partials, n_partials, pid, scale_inv_ptr, amax_ptr, scale_out_ptr, flag_ptr,
+            FP8_MAX, MIN_AMAX_C, HAS_FLAG, BLOCK_P,
+        )  # fmt: skip
+    _saturate_and_store(v * scale, v, y_ptr, yt_ptr, rows, cols, mask, C, R_pad, C, R_pad, FP8_MAX, WRITE_Y, WRITE_T)
 
 
 @triton.jit
