@@ -18,12 +18,13 @@ def test_thresholds_match_the_committed_sweep():
 @pytest.mark.parametrize(
     "k, n, recipe, ok",
     [
-        (4096, 14336, Recipe.TENSORWISE, True),  # Llama-3-8B gate/up: 1.55x measured
-        (14336, 4096, Recipe.TENSORWISE, True),  # down: 1.53x
-        (4096, 4096, Recipe.TENSORWISE, False),  # q/o: 0.75x
+        (4096, 14336, Recipe.TENSORWISE, True),  # Llama-3-8B gate/up: 1.58x measured (sweep of 2026-11-24)
+        (14336, 4096, Recipe.TENSORWISE, True),  # down: 1.47x
+        (4096, 4096, Recipe.TENSORWISE, False),  # q/o: 0.70x alone (in a model they pay: see the README)
         (4096, 1024, Recipe.TENSORWISE, False),  # k/v: 0.20x
-        (8192, 4096, Recipe.ROWWISE, False),  # 0.89x for rowwise
-        (4096, 14336, Recipe.ROWWISE, True),  # 1.21x
+        (4096, 4096, Recipe.ROWWISE, False),  # 0.55x for rowwise
+        (8192, 4096, Recipe.ROWWISE, True),  # 1.15x
+        (4096, 14336, Recipe.ROWWISE, True),  # 1.22x
     ],
 )
 def test_rule_on_llama_shapes(k, n, recipe, ok):
