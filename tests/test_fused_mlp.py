@@ -195,3 +195,21 @@ def test_attention_projections_share_one_input_cast(recipe, monkeypatch):
     # measured: 8e-4 relative after two updates at lr 3e-3 (one BF16 ulp is 4e-3 relative)
     assert l_grouped == pytest.approx(l_separate, rel=4e-3)
     assert n_grouped < n_separate, (n_grouped, n_separate)
+
+
+def test_fused_mlp_with_fp8_only_frozen_weights():
+    """Fp8Config(fp8_weights=True) layers (frozen FP8 codes, no weight cast): the node reads the
+    codes as they are and transposes them for the input gradient, like the unfused layers."""
+    fused = _mlp("tensorwise", fp8_weights=True)
+    for m in fused:
+        m.weight.requires_grad_(False)
+        m.store_weight_in_fp8()
+    twins = copy.deepcopy(fused)
+    x = torch.randn(2, 24, 64).to(torch.bfloat16).requires_grad_()
+    x2 = x.detach().clone().requires_grad_()
+    y, y2 = mlp_ops.fused_swiglu_mlp(*fused, x), _unfused(twins, x2)
+    assert_bits_equal(y, y2, "output")
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    y2.backward(dy)
+    assert_bits_equal(x.grad, x2.grad, "input grad")
