@@ -4,7 +4,7 @@
 each launch: about 40 us of host time for our 30-argument cast kernel on the lent H100's host
 (53 us per launch, 14 us through the compiled kernel's own launcher; ``benchmarks/results/
 host_h100.json``). An FP8 layer launches 6 to 9 such kernels per training step, which is
-most of why its host time was ~1.9 ms against 0.23 ms for ``nn.Linear``, and why a model
+a large part of why its host time was ~1.9 ms against 0.23 ms for ``nn.Linear``, and why a model
 with small FP8 layers left the GPU waiting for the host.
 
 :func:`launch` keeps what the JIT returned for each *specialization* and afterwards calls its
