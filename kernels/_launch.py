@@ -1,11 +1,12 @@
 """Launching Triton kernels without the JIT's per-launch argument binding.
 
 ``kernel[grid](*args, **constexprs)`` binds and specializes every argument in Python before
-each launch: about 40 us of host time for our 30-argument cast kernel on the lent H100's host
-(53 us per launch, 14 us through the compiled kernel's own launcher; ``benchmarks/results/
-host_h100.json``). An FP8 layer launches 6 to 9 such kernels per training step, which is
-a large part of why its host time was ~1.9 ms against 0.23 ms for ``nn.Linear``, and why a model
-with small FP8 layers left the GPU waiting for the host.
+each launch: 20-40 us of host time per launch of our 30-argument cast kernel on the lent
+H100's host (``benchmarks/results/host_h100.json``, each piece with and without this module:
+a one-launch re-cast 62 vs 81 us, a two-launch tensorwise cast 76 vs 112 us). An FP8 layer
+launches 6 to 9 such kernels per training step, a large part of why its host time was ~1.9 ms
+against 0.23 ms for ``nn.Linear``, and why a model with small FP8 layers left the GPU waiting
+for the host.
 
 :func:`launch` keeps what the JIT returned for each *specialization* and afterwards calls its
 launcher directly. The key holds everything the JIT specializes on (triton 3.6): each tensor's
