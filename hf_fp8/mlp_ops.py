@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from hf_fp8._backend import fp8_gemm_supported, use_triton
+from hf_fp8.linear import Fp8Linear, _has_hooks
 from hf_fp8.linear_ops import _backward, _check_nonfinite, _forward, _gemm_with_weight
 from hf_fp8.scaling import Role, quantize_operand, quantize_swiglu_grads
 
@@ -38,8 +39,6 @@ FUSED_BACKWARD = True  # SwiGLU's backward inside the gate/up gradient casts
 
 def fused_swiglu_mlp_applies(gate: nn.Module, up: nn.Module, down: nn.Module, x: torch.Tensor) -> bool:
     """Whether :func:`fused_swiglu_mlp` may replace ``down(swiglu(gate(x), up(x)))`` here."""
-    from hf_fp8.linear import Fp8Linear, _has_hooks
-
     modules = (gate, up, down)
     return (
         ENABLED

@@ -82,6 +82,27 @@ class DelayedScalingState:
         self.seeded = [bool(v) for v in (self.history != 0).any(dim=0).tolist()]
         self.pending = [False, False, False]  # an update done on the previous history does not count
 
+    def update_before_cast(self, slot: int, config: Fp8Config, fp8_dtype: torch.dtype) -> None:
+        """The scale for this slot's next cast: from the history (one tiny launch), unless the
+        model's per-forward update already did it (then only the pending mark is consumed)."""
+        if self.pending[slot]:
+            self.pending[slot] = False
+            return
+        Q.delayed_scale_update(
+            self.history,
+            self.scale,
+            slot,
+            fp8_dtype,
+            use_max=config.amax_compute_algo is AmaxComputeAlgo.MAX,
+            margin=config.margin,
+        )
+
+    def seed(self, slot: int, amax: torch.Tensor, config: Fp8Config, fp8_max: float) -> None:
+        """First cast of a slot (tensorwise, current amax): start the history and scale from it."""
+        self.history[0, slot] = amax
+        self.scale[slot] = Q.amax_to_scale(amax, fp8_max) * (2.0**-config.margin)
+        self.seeded[slot] = True
+
 
 def quantize_operand(
     x: torch.Tensor,
@@ -120,17 +141,7 @@ def quantize_operand(
 
     if config.recipe is Recipe.DELAYED and delayed is not None and delayed.seeded[role]:
         slot = int(role)
-        if delayed.pending[slot]:
-            delayed.pending[slot] = False
-        else:
-            Q.delayed_scale_update(
-                delayed.history,
-                delayed.scale,
-                slot,
-                dtype,
-                use_max=config.amax_compute_algo is AmaxComputeAlgo.MAX,
-                margin=config.margin,
-            )
+        delayed.update_before_cast(slot, config, dtype)
         # the scale buffer is updated again by the next cast of this operand (possibly an
         # activation-checkpoint recompute before this backward): keep the one used here
         scale = delayed.scale[slot].clone() if keep_scale else None
@@ -148,10 +159,7 @@ def quantize_operand(
         q = Q.quantize_tensorwise(x, dtype, write_y=want_rows, write_t=want_t, nonfinite_flag=flag, swiglu_up=swiglu_up)
         scale = q.scale
         if delayed is not None:  # seed the history with the amax just measured
-            slot = int(role)
-            delayed.history[0, slot] = q.amax
-            delayed.scale[slot] = Q.amax_to_scale(q.amax, fmt.max) * (2.0**-config.margin)
-            delayed.seeded[slot] = True
+            delayed.seed(int(role), q.amax, config, fmt.max)
     return QuantizedOperand(q.data, q.scale_inv, q.data_t, q.scale_inv, (q.amax,), scale)
 
 
@@ -184,17 +192,7 @@ def quantize_swiglu_grads(
             return None
         if delayed[0].seeded[slot]:
             for d in delayed:
-                if d.pending[slot]:
-                    d.pending[slot] = False
-                    continue
-                Q.delayed_scale_update(
-                    d.history,
-                    d.scale,
-                    slot,
-                    fmt.dtype,
-                    use_max=config.amax_compute_algo is AmaxComputeAlgo.MAX,
-                    margin=config.margin,
-                )
+                d.update_before_cast(slot, config, fmt.dtype)
             scales = tuple(d.scale[slot] for d in delayed)
             slots = tuple(d.history[0, slot] for d in delayed)
             pair = Q.swiglu_backward_quantize(grad, gate, up, fmt.dtype, scales=scales, amax_slots=slots, **kw)
@@ -202,9 +200,7 @@ def quantize_swiglu_grads(
     pair = Q.swiglu_backward_quantize(grad, gate, up, fmt.dtype, **kw)
     if config.recipe is Recipe.DELAYED:  # first measurement: seed the histories, as quantize_operand does
         for d, q in zip(delayed, pair):
-            d.history[0, slot] = q.amax
-            d.scale[slot] = Q.amax_to_scale(q.amax, fmt.max) * (2.0**-config.margin)
-            d.seeded[slot] = True
+            d.seed(slot, q.amax, config, fmt.max)
     return tuple(QuantizedOperand(q.data, q.scale_inv, q.data_t, q.scale_inv, (q.amax,), q.scale) for q in pair)
 
 

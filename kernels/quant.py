@@ -51,6 +51,7 @@ from .quant_reference import (
     MIN_AMAX,
     Fp8Quantized,
     _check_2d,
+    _check_f32_scalar,
     _check_fp8,
     _check_swiglu_up,
     amax_to_scale_reference,
@@ -613,9 +614,8 @@ def quantize_delayed(
         nonfinite_flag (`torch.Tensor`, *optional*): int32 (1,) set to 1 if x has inf/NaN.
     """
     x, swiglu_up = _gated_operands(x, swiglu_up)
-    for name, t in (("scale", scale), ("amax_slot", amax_slot)):
-        if t.dtype != torch.float32 or t.numel() != 1:
-            raise ValueError(f"{name}: expected a float32 tensor with one element, got {t.dtype} {tuple(t.shape)}")
+    _check_f32_scalar("scale", scale)
+    _check_f32_scalar("amax_slot", amax_slot)
     q = _launch_cast(
         x,
         fp8_dtype,
@@ -649,8 +649,7 @@ def quantize_with_scale(
         scale (`torch.Tensor`): fp32 0-d, the multiplier the earlier cast used.
     """
     x, swiglu_up = _gated_operands(x, swiglu_up)
-    if scale.dtype != torch.float32 or scale.numel() != 1:
-        raise ValueError(f"scale: expected a float32 tensor with one element, got {scale.dtype} {tuple(scale.shape)}")
+    _check_f32_scalar("scale", scale)
     q = _launch_cast(
         x,
         fp8_dtype,

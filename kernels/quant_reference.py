@@ -73,6 +73,12 @@ def _operand(x: torch.Tensor, up: torch.Tensor | None) -> torch.Tensor:
     return swiglu_reference(x, up)
 
 
+def _check_f32_scalar(name: str, t: torch.Tensor) -> None:
+    """Scales and amax slots: FP32 tensors with one element."""
+    if t.dtype != torch.float32 or t.numel() != 1:
+        raise ValueError(f"{name}: expected a float32 tensor with one element, got {t.dtype} {tuple(t.shape)}")
+
+
 _FP8_MAX = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}  # torch.finfo(dtype).max
 
 

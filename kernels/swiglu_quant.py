@@ -31,7 +31,7 @@ from .quant import (
     _settings,
     _tensor_scale_from_partials,
 )
-from .quant_reference import MIN_AMAX, Fp8Quantized, _check_fp8, pad_to
+from .quant_reference import MIN_AMAX, Fp8Quantized, _check_f32_scalar, _check_fp8, pad_to
 from .swiglu_quant_reference import _check_triple, swiglu_backward_quantize_reference
 
 __all__ = ["swiglu_backward_quantize", "swiglu_backward_quantize_reference"]
@@ -187,11 +187,8 @@ def swiglu_backward_quantize(
         )
     else:
         n_progs, partials = 0, meta[0][0]
-        for s in (*scales, *amax_slots):
-            if s.dtype != torch.float32 or s.numel() != 1:
-                raise ValueError(
-                    f"scales and amax_slots: float32 tensors with one element, got {s.dtype} {tuple(s.shape)}"
-                )
+        for name, t in zip(("scales[0]", "scales[1]", "amax_slots[0]", "amax_slots[1]"), (*scales, *amax_slots)):
+            _check_f32_scalar(name, t)
     BLOCK_R, BLOCK_C, num_warps = block or _settings(gate, write_t)
     grid = (triton.cdiv(R_pad, BLOCK_R) * triton.cdiv(C, BLOCK_C),)
     dummy = meta[0][0]
