@@ -3,15 +3,23 @@
 For each chunk of tokens the lm_head GEMM takes the model-dtype (BF16) operands and writes
 FP32 logits (FP32 accumulation, no BF16 rounding of the logits); the loss and the logits
 gradient come out of one fused kernel, which writes the gradient (in the weight's dtype) into
-one (tokens x vocab) buffer. After the last chunk, the gradients of the hidden states and of
-the lm_head weight are each one GEMM over all tokens (FP32 accumulation inside the GEMM, one
-rounding). Peak memory: that BF16 gradient buffer plus one (chunk x vocab) FP32 block, where
-HF keeps the BF16 logits, their FP32 copy and the FP32 softmax for backward.
+a block buffer of several chunks. When a block is full, the hidden states' gradient rows of
+that block are one GEMM (exact: rows are independent) and the lm_head weight's gradient gets
+the block's ``gᵀ h`` added (FP32 accumulation inside the GEMM, rounded once per block into the
+weight-dtype gradient, as gradient accumulation over micro-batches rounds once per
+micro-batch). Everything is computed in the forward; the backward only scales (in place).
 
-Why one weight-gradient GEMM rather than accumulating per chunk: a chunk has ~500 tokens at
-Llama-3 vocab sizes, so accumulating ``dW += gᵀ h`` per chunk reads and writes the whole
-FP32 (vocab x hidden) accumulator for a K=500 GEMM, 16 times per step: measured on the H100
-(B=2, S=4096, vocab 128256) 64.6 ms for the loss against 50.8 ms for HF's BF16 path.
+Memory alive at the end of the forward, when every activation of the model still is: the
+weight gradient (which training needs anyway), one block of logits gradient and one chunk of
+FP32 logits. At Llama-3 sizes (vocab 128256, BF16, 8192 tokens) that is 1.05 GB + 263 MB +
+33 MB, where one whole-batch block held 2.1 GB of logits gradient and then the weight gradient
+beside it (3.2 GB), and HF holds the BF16 logits, their FP32 copy and the FP32 softmax.
+
+Why not accumulate per chunk, or in FP32: a chunk has a few hundred tokens at Llama-3 vocab
+sizes, and accumulating ``dW += gᵀ h`` into an FP32 (vocab x hidden) accumulator reads and
+writes it whole for each K≈500 GEMM: measured on the H100 (B=2, S=4096, vocab 128256) 64.6 ms
+for the loss against 50.8 ms for HF's BF16 path. Blocks of ~1000 tokens accumulate 8 times per
+step into the BF16 gradient.
 
 Semantics are HF's ``ForCausalLMLoss``: labels are shifted left by one (or ``shift_labels``
 is used as given), ``ignore_index`` tokens count for nothing, and the loss is the mean over
@@ -25,7 +33,12 @@ import torch
 
 from hf_fp8._backend import compile_time_constant
 
-__all__ = ["chunked_linear_cross_entropy", "mm_fp32_out"]
+__all__ = ["CHUNK_BYTES", "GRAD_BLOCK_BYTES", "chunked_linear_cross_entropy", "mm_fp32_out"]
+
+# Defaults of chunked_linear_cross_entropy's chunk_size and grad_block_size, in bytes of FP32
+# logits per chunk and of logits gradient per block (module-wide: the patched models use them).
+CHUNK_BYTES = 1 << 25
+GRAD_BLOCK_BYTES = 1 << 28
 
 
 _DTYPE_GEMM: list[bool] = []
@@ -71,55 +84,82 @@ def _ce(logits: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor, grad_ou
     return ce_fwd_bwd_reference(logits, labels, scale, grad_out.dtype, ignore_index, grad_out=grad_out)
 
 
-def _loss_and_grads(hidden, weight, bias, labels, scale, chunk_size, ignore_index, need_h, need_w, need_b):
+def _loss_and_grads(hidden, weight, bias, labels, scale, chunk_size, block_size, ignore_index, need_h, need_w, need_b):
     """(scaled loss, dLoss/dhidden, dLoss/dweight, dLoss/dbias), the gradients None where not needed."""
-    N = hidden.shape[0]
+    N, V = hidden.shape[0], weight.shape[0]
     loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
-    # dLoss/dlogits of every token, in the dtype the gradient GEMMs take (without any
-    # gradient to compute, e.g. an eval loss, one chunk's worth is reused instead)
-    rows = N if (need_h or need_w or need_b) else min(N, chunk_size)
-    grad_logits = torch.empty((rows, weight.shape[0]), dtype=weight.dtype, device=hidden.device)
+    need_any = need_h or need_w or need_b
+    # without any gradient to compute (an eval loss) one chunk's buffer is reused for everything
+    block_size = min(N, block_size) if need_any else min(N, chunk_size)
+    grad_logits = torch.empty((block_size, V), dtype=weight.dtype, device=hidden.device)
+    grad_h = torch.empty(hidden.shape, dtype=weight.dtype, device=hidden.device) if need_h else None
+    grad_w = None
+    grad_b = torch.zeros((V,), dtype=torch.float32, device=hidden.device) if need_b else None
     w_t = weight.t()
-    for start in range(0, N, chunk_size):
-        logits = mm_fp32_out(hidden[start : start + chunk_size], w_t)
-        if bias is not None:
-            logits += bias.float()
-        n = logits.shape[0]
-        g = grad_logits[start : start + n] if rows == N else grad_logits[:n]
-        chunk_loss, _ = _ce(logits, labels[start : start + n], scale, g, ignore_index)
-        del logits
-        loss += chunk_loss.sum()
-    grad_h = (grad_logits @ weight).to(hidden.dtype) if need_h else None
-    grad_w = grad_logits.t() @ hidden.to(weight.dtype) if need_w else None
-    grad_b = grad_logits.float().sum(0) if need_b else None
+    for block in range(0, N, block_size):
+        n_block = min(block_size, N - block)
+        for start in range(block, block + n_block, chunk_size):
+            n = min(chunk_size, block + n_block - start)
+            logits = mm_fp32_out(hidden[start : start + n], w_t)
+            if bias is not None:
+                logits += bias.float()
+            g = grad_logits[start - block : start - block + n]
+            chunk_loss, _ = _ce(logits, labels[start : start + n], scale, g, ignore_index)
+            del logits
+            loss += chunk_loss.sum()
+        if not need_any:
+            continue
+        g = grad_logits[:n_block]
+        if need_h:  # rows are independent: exact per block
+            torch.mm(g, weight, out=grad_h[block : block + n_block])
+        if need_w:  # FP32 accumulation inside each block's GEMM, one rounding per block
+            h = hidden[block : block + n_block].to(weight.dtype)
+            grad_w = g.t() @ h if grad_w is None else grad_w.addmm_(g.t(), h)
+        if need_b:
+            grad_b += g.float().sum(0)
+    if grad_h is not None:
+        grad_h = grad_h.to(hidden.dtype)
     return loss * scale, grad_h, grad_w, grad_b
 
 
-def _scale_grads(grad_loss, grad_h, grad_w, grad_b, b_dtype):
-    # a 0-d FP32 multiplier keeps the gradient's dtype and multiplies in FP32: one rounding
-    out_h = grad_h * grad_loss if grad_h is not None else None
-    out_w = grad_w * grad_loss if grad_w is not None else None
-    out_b = (grad_b * grad_loss).to(b_dtype) if grad_b is not None else None
-    return out_h, out_w, out_b
+def _scale_grads(grad_loss, grad_h, grad_w, grad_b, b_dtype, in_place=False):
+    # a 0-d FP32 multiplier keeps the gradient's dtype and multiplies in FP32: one rounding;
+    # in place where the caller owns the gradients (no second (vocab x hidden) buffer alive
+    # at the start of the backward, when every activation still is)
+    def mul(g):
+        return None if g is None else (g.mul_(grad_loss) if in_place else g * grad_loss)
+
+    out_b = mul(grad_b)
+    return mul(grad_h), mul(grad_w), out_b.to(b_dtype) if out_b is not None else None
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """Loss and all gradients in the forward (the loss ends the graph), scaled in backward."""
+    """Loss and all gradients in the forward (the loss ends the graph), scaled in backward.
+
+    The gradients are held on ``ctx`` (not ``save_for_backward``: they are neither inputs nor
+    outputs) and handed over, scaled in place, by the one backward this node allows."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, scale, chunk_size, ignore_index):
+    def forward(ctx, hidden, weight, bias, labels, scale, chunk_size, block_size, ignore_index):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = bias is not None and ctx.needs_input_grad[2]
-        loss, grad_h, grad_w, grad_b = _loss_and_grads(
-            hidden, weight, bias, labels, scale, chunk_size, ignore_index, need_h, need_w, need_b
+        loss, *grads = _loss_and_grads(
+            hidden, weight, bias, labels, scale, chunk_size, block_size, ignore_index, need_h, need_w, need_b
         )
-        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.grads = grads
         ctx.b_dtype = bias.dtype if bias is not None else None
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        return (*_scale_grads(grad_loss, *ctx.saved_tensors, ctx.b_dtype), None, None, None, None)
+        grads, ctx.grads = ctx.grads, None
+        if grads is None:
+            raise RuntimeError(
+                "chunked_linear_cross_entropy: backward ran twice through the same loss (retain_graph=True?). "
+                "Its gradients are computed in the forward and handed over by the first backward; compute the "
+                "loss again for a second one."
+            )
+        return (*_scale_grads(grad_loss, *grads, ctx.b_dtype, in_place=True), None, None, None, None, None)
 
 
 # torch.compile: the chunk loop and the Triton kernel run as one opaque custom op.
@@ -131,17 +171,20 @@ def _chunked_ce_op(
     labels: torch.Tensor,
     scale: torch.Tensor,
     chunk_size: int,
+    block_size: int,
     ignore_index: int,
     need_h: bool,
     need_w: bool,
     need_b: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    out = _loss_and_grads(hidden, weight, bias, labels, scale, chunk_size, ignore_index, need_h, need_w, need_b)
+    out = _loss_and_grads(
+        hidden, weight, bias, labels, scale, chunk_size, block_size, ignore_index, need_h, need_w, need_b
+    )
     return tuple(t if t is not None else hidden.new_empty(0) for t in out)
 
 
 @_chunked_ce_op.register_fake
-def _(hidden, weight, bias, labels, scale, chunk_size, ignore_index, need_h, need_w, need_b):
+def _(hidden, weight, bias, labels, scale, chunk_size, block_size, ignore_index, need_h, need_w, need_b):
     empty = hidden.new_empty(0)
     return (
         hidden.new_empty((), dtype=torch.float32),
@@ -152,7 +195,7 @@ def _(hidden, weight, bias, labels, scale, chunk_size, ignore_index, need_h, nee
 
 
 def _ce_setup(ctx, inputs, output):
-    need_h, need_w, need_b = inputs[7:10]
+    need_h, need_w, need_b = inputs[8:11]
     ctx.need = (need_h, need_w, need_b)
     ctx.b_dtype = inputs[2].dtype if inputs[2] is not None else None
     ctx.save_for_backward(*output[1:])
@@ -160,7 +203,7 @@ def _ce_setup(ctx, inputs, output):
 
 def _ce_op_backward(ctx, grad_loss, *_):
     grads = [g if need else None for g, need in zip(ctx.saved_tensors, ctx.need)]
-    return (*_scale_grads(grad_loss, *grads, ctx.b_dtype), None, None, None, None, None, None, None)
+    return (*_scale_grads(grad_loss, *grads, ctx.b_dtype), None, None, None, None, None, None, None, None)
 
 
 _chunked_ce_op.register_autograd(_ce_op_backward, setup_context=_ce_setup)
@@ -176,6 +219,7 @@ def chunked_linear_cross_entropy(
     num_items_in_batch: int | torch.Tensor | None = None,
     ignore_index: int = -100,
     chunk_size: int | None = None,
+    grad_block_size: int | None = None,
 ) -> torch.Tensor:
     """HF's causal-LM loss of ``hidden_states @ weight.T (+ bias)``, with FP32 logits, chunked.
 
@@ -187,9 +231,15 @@ def chunked_linear_cross_entropy(
         num_items_in_batch (`int` or `torch.Tensor`, *optional*): divide the summed loss by this
             instead of averaging over counted tokens (what the Trainer passes under gradient
             accumulation).
-        chunk_size (`int`, *optional*): tokens per chunk; default keeps a chunk's FP32 logits
-            near 256 MB. The (tokens x vocab) logits gradient in the weight's dtype is held
-            whole (HF holds the logits at that size too).
+        chunk_size (`int`, *optional*): tokens per chunk of FP32 logits; default keeps a
+            chunk near :data:`CHUNK_BYTES` (32 MiB: 256 tokens at vocab 128256).
+        grad_block_size (`int`, *optional*): tokens whose logits gradient (in the weight's
+            dtype) is held at once; default keeps a block near :data:`GRAD_BLOCK_BYTES`
+            (256 MiB: 1024 tokens at vocab 128256, BF16), rounded to whole chunks. The weight
+            gradient is one GEMM per block, summed in the weight's dtype: one rounding per
+            block, the rounding gradient accumulation over micro-batches of that many tokens
+            has. Give the token count (or more) for one block: one rounding, and a
+            (tokens x vocab) buffer alive until the end of the loss.
 
     Returns:
         `torch.Tensor`: 0-d FP32 loss. NaN if no token is counted and ``num_items_in_batch`` is
@@ -213,18 +263,26 @@ def chunked_linear_cross_entropy(
     else:
         n = num_items_in_batch if isinstance(num_items_in_batch, torch.Tensor) else torch.tensor(num_items_in_batch)
         scale = 1.0 / n.to(device=hidden.device, dtype=torch.float32)
+    V = weight.shape[0]
     if chunk_size is None:
-        chunk_size = max(16, min(4096, (1 << 26) // max(1, weight.shape[0])))
-        if chunk_size >= 128:  # whole GEMM tiles (523 tokens at vocab 128256 would leave a ragged 11-row tile)
+        chunk_size = max(16, min(4096, CHUNK_BYTES // (4 * max(1, V))))
+        if chunk_size >= 128:  # whole GEMM tiles (261 tokens at vocab 128256 would leave a ragged 5-row tile)
             chunk_size -= chunk_size % 128
     if chunk_size < 1:
         raise ValueError(f"chunk_size: expected >= 1, got {chunk_size}")
+    if grad_block_size is None:
+        per_block = GRAD_BLOCK_BYTES // (weight.element_size() * max(1, V))
+        grad_block_size = max(chunk_size, per_block - per_block % chunk_size)
+    if grad_block_size < 1:
+        raise ValueError(f"grad_block_size: expected >= 1, got {grad_block_size}")
     if torch.compiler.is_compiling():
         grad = torch.is_grad_enabled()
         need_b = bias is not None and grad and bias.requires_grad
         out = _chunked_ce_op(
-            hidden, weight, bias, flat_labels, scale, chunk_size, ignore_index,
+            hidden, weight, bias, flat_labels, scale, chunk_size, grad_block_size, ignore_index,
             grad and hidden.requires_grad, grad and weight.requires_grad, need_b,
         )  # fmt: skip
         return out[0]
-    return _ChunkedLinearCrossEntropy.apply(hidden, weight, bias, flat_labels, scale, chunk_size, ignore_index)
+    return _ChunkedLinearCrossEntropy.apply(
+        hidden, weight, bias, flat_labels, scale, chunk_size, grad_block_size, ignore_index
+    )

@@ -28,13 +28,14 @@ from torch import nn
 from hf_fp8._backend import fp8_gemm_supported, use_triton
 from hf_fp8.linear import Fp8Linear, _has_hooks
 from hf_fp8.linear_ops import _backward, _check_nonfinite, _forward, _gemm_with_weight
-from hf_fp8.scaling import Role, quantize_operand, quantize_swiglu_grads
+from hf_fp8.scaling import Role, quantize_operand, quantize_swiglu_grads, transposed_copy
 
 __all__ = ["fused_swiglu_mlp_applies", "fused_swiglu_mlp"]
 
 # Benchmarks and tests flip these to measure or compare the unfused paths; the numbers are the same.
 ENABLED = True  # the MLP as one node, SwiGLU inside down's input cast
 FUSED_BACKWARD = True  # SwiGLU's backward inside the gate/up gradient casts
+RECOMPUTE_DOWN_INPUT_T = True  # down's transposed FP8 input re-cast from gate/up in the backward
 
 
 def fused_swiglu_mlp_applies(gate: nn.Module, up: nn.Module, down: nn.Module, x: torch.Tensor) -> bool:
@@ -78,14 +79,18 @@ class _Fp8SwiGLUMLPFunction(torch.autograd.Function):
             (gate_m, up_m), x2d, (w_gate, w_up), (None, None), out_dtype, need_dx, need_dw[:2]
         )
         cfg = down_m.fp8_config
+        # gate/up stay alive for SwiGLU's backward anyway: down's weight gradient can re-cast
+        # its transposed input from them (same scale, same codes) instead of keeping it
+        recompute = RECOMPUTE_DOWN_INPUT_T and need_dw[2] and need_dact
         qa = quantize_operand(
             g,
             Role.INPUT,
             cfg,
             want_rows=True,
-            want_t=need_dw[2],
+            want_t=need_dw[2] and not recompute,
             nonfinite_flag=down_m.fp8_nonfinite,
             delayed=down_m._fp8_delayed,
+            keep_scale=recompute,
             swiglu_up=u,
         )
         _check_nonfinite(down_m, Role.INPUT, qa)
@@ -98,6 +103,7 @@ class _Fp8SwiGLUMLPFunction(torch.autograd.Function):
         ctx.x_dtype, ctx.x_shape = x.dtype, x.shape
         ctx.regen = [*regen, regen_down]
         ctx.w_t_scales = [s for _, s in w_ts] + [w_t_down_scale]
+        ctx.recompute_down, ctx.down_input_scale = recompute, qa.scale  # (rowwise: no scale, re-derived)
         saved_act = (g, u) if need_dact else (None, None)
         ctx.save_for_backward(x_t, x_t_scale, qa.t, qa.t_scale, *saved_act, w_gate, w_up, w_down,
                               *(t for t, _ in w_ts), w_t_down)  # fmt: skip
@@ -109,6 +115,8 @@ class _Fp8SwiGLUMLPFunction(torch.autograd.Function):
         gate_m, up_m, down_m = ctx.modules
         need_dx, need_dw, need_dact = ctx.need
         w_ts = list(zip((wt_gate, wt_up, wt_down), ctx.w_t_scales))
+        if ctx.recompute_down:
+            a_t, a_t_scale = transposed_copy(g, Role.INPUT, down_m.fp8_config, ctx.down_input_scale, swiglu_up=u)
         grad_a, (grad_down,), _ = _backward(
             (down_m,), [dy.reshape(-1, dy.shape[-1])], a_t, a_t_scale, [w_down], w_ts[2:], ctx.regen[2:],
             dy.dtype, need_dact, [need_dw[2]], [False],

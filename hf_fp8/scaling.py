@@ -205,9 +205,14 @@ def quantize_swiglu_grads(
 
 
 def transposed_copy(
-    x: torch.Tensor, role: Role, config: Fp8Config, scale: torch.Tensor | None
+    x: torch.Tensor,
+    role: Role,
+    config: Fp8Config,
+    scale: torch.Tensor | None,
+    *,
+    swiglu_up: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(t, t_scale)`` of ``x`` that an earlier rows-only cast skipped.
+    """``(t, t_scale)`` of ``x`` (or of ``silu(x) * swiglu_up``) that an earlier rows-only cast skipped.
 
     Per-tensor recipes reuse that cast's ``scale`` (:attr:`QuantizedOperand.scale`), so the
     codes are exactly those it would have written; rowwise scales the transposed copy per
@@ -216,9 +221,9 @@ def transposed_copy(
     """
     fmt = config.grad_format if role is Role.GRAD_OUTPUT else config.forward_format
     if config.recipe is Recipe.ROWWISE:
-        t = Q.quantize_colwise_transposed(x, fmt.dtype)
+        t = Q.quantize_colwise_transposed(x, fmt.dtype, swiglu_up=swiglu_up)
         return t.data_t, t.scale_inv
     if scale is None:
         raise ValueError("transposed_copy: a per-tensor recipe needs the scale of the earlier cast")
-    t = Q.quantize_with_scale(x, fmt.dtype, scale, write_y=False, write_t=True)
+    t = Q.quantize_with_scale(x, fmt.dtype, scale, write_y=False, write_t=True, swiglu_up=swiglu_up)
     return t.data_t, t.scale_inv

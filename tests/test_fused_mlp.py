@@ -47,10 +47,13 @@ def _backend_ctx(backend):
 
 @pytest.mark.parametrize("recipe", RECIPES)
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_fused_mlp_equals_unfused_layers(recipe, backend, monkeypatch):
+@pytest.mark.parametrize("recompute", [True, False], ids=["recast-down-input", "saved-down-input"])
+def test_fused_mlp_equals_unfused_layers(recipe, backend, recompute, monkeypatch):
     """Outputs, input and weight gradients, and delayed amax histories bit-identical over three
     steps with growing inputs (delayed: the second and third steps use history-derived scales).
-    Per-tensor recipes run SwiGLU's backward inside the gradient casts, rowwise the unfused one."""
+    Per-tensor recipes run SwiGLU's backward inside the gradient casts, rowwise the unfused one;
+    down's transposed input re-cast in the backward from gate/up, or kept from the forward."""
+    monkeypatch.setattr(mlp_ops, "RECOMPUTE_DOWN_INPUT_T", recompute)
     fused = _mlp(recipe)
     twins = copy.deepcopy(fused)
     fused_backward_calls = []
@@ -77,6 +80,29 @@ def test_fused_mlp_equals_unfused_layers(recipe, backend, monkeypatch):
                     assert_bits_equal(m.fp8_amax_history, t.fp8_amax_history, f"{name} history")
                     assert_bits_equal(m.fp8_scale, t.fp8_scale, f"{name} scale")
     assert len(fused_backward_calls) == (0 if recipe == "rowwise" else 3)
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_down_input_transpose_not_kept_for_the_backward(recipe, monkeypatch):
+    """By default the only FP8 activation the node keeps is x's transposed copy (gate/up's
+    weight gradients); down's (the SwiGLU output's) is re-cast from gate/up, which SwiGLU's
+    backward keeps anyway. With the flag off, it is kept: one more FP8 (96 x 48) tensor."""
+    x = torch.randn(2, 24, 64).to(torch.bfloat16).requires_grad_()
+    saved = {}
+    for recompute in (True, False):
+        monkeypatch.setattr(mlp_ops, "RECOMPUTE_DOWN_INPUT_T", recompute)
+        shapes = []
+
+        def pack(t, shapes=shapes):
+            if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+                shapes.append(tuple(t.shape))
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            mlp_ops.fused_swiglu_mlp(*_mlp(recipe), x).sum().backward()
+        saved[recompute] = sorted(shapes)
+    assert saved[True] == [(64, 48)]
+    assert saved[False] == [(64, 48), (96, 48)]
 
 
 @pytest.mark.parametrize(
