@@ -62,12 +62,16 @@ def _fast_launch_default() -> bool:
 
 
 _FAST_LAUNCH_DEFAULT = None
+_LOSS_DEFAULTS = None  # hf_fp8.loss.CHUNK_BYTES, GRAD_BLOCK_BYTES as the library sets them
 
 
 def build(name: str, config: dict):
-    global _FAST_LAUNCH_DEFAULT
+    global _FAST_LAUNCH_DEFAULT, _LOSS_DEFAULTS
     if _FAST_LAUNCH_DEFAULT is None:
+        from hf_fp8 import loss as hf_loss
+
         _FAST_LAUNCH_DEFAULT = _fast_launch_default()
+        _LOSS_DEFAULTS = (hf_loss.CHUNK_BYTES, hf_loss.GRAD_BLOCK_BYTES)
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import hf_fp8
@@ -89,12 +93,17 @@ def build(name: str, config: dict):
             model.model, config=Float8LinearConfig.from_recipe_name(recipe), module_filter_fn=lambda m, fqn: True
         )
     elif name.startswith("hf_fp8_"):
-        # hf_fp8_<recipe>[_fp8attn][_all][_recast|_savedwt][_unfusedmlp][_jitlaunch][_percast][_compile]: _all converts every
+        # hf_fp8_<recipe>[_fp8attn][_all][_recast|_savedwt][_unfusedmlp][_jitlaunch][_percast][_wholeloss][_keptact]
+        # [_compile]: _all converts every
         # decoder linear (no auto filter), as torchao does; _recast re-casts weight transposes in the backward, _savedwt keeps them
         # (save_weight_transpose=False); _unfusedmlp runs the MLP as three FP8 layers and a SwiGLU
         # kernel (hf_fp8.mlp_ops off); _jitlaunch launches Triton kernels through the JIT (hf_fp8.kernels._launch
-        # off); _percast updates delayed scales per cast (hf_fp8.delayed off);
+        # off); _percast updates delayed scales per cast (hf_fp8.delayed off); _wholeloss holds the
+        # loss's logits gradient for all tokens at once (one weight-gradient GEMM; 512-token chunks:
+        # the loss before 2026-11-24); _keptact keeps down's transposed FP8 input from the forward
+        # (hf_fp8.mlp_ops.RECOMPUTE_DOWN_INPUT_T off; the default before 2026-11-24);
         # _compile compiles each decoder layer, as the other _compile variants do
+        from hf_fp8 import loss as hf_loss
         from hf_fp8 import mlp_ops
         from hf_fp8.kernels import _launch
 
@@ -102,6 +111,8 @@ def build(name: str, config: dict):
         recipe = "full_bf16" if rest.startswith("full_bf16") else rest.split("_")[0]
         flags = set(rest.removeprefix(recipe).split("_"))
         mlp_ops.ENABLED = "unfusedmlp" not in flags  # read at every forward; stays until the next hf_fp8 build
+        mlp_ops.RECOMPUTE_DOWN_INPUT_T = "keptact" not in flags  # likewise
+        hf_loss.CHUNK_BYTES, hf_loss.GRAD_BLOCK_BYTES = (1 << 26, 1 << 62) if "wholeloss" in flags else _LOSS_DEFAULTS
         _launch._ENABLED = _FAST_LAUNCH_DEFAULT and "jitlaunch" not in flags  # likewise
         # weight transposes: the library's default unless a flag says otherwise (the default was True
         # before 2026-11-24: plain variant names in older results files kept the transposes)
