@@ -100,7 +100,7 @@ def build(name: str, config: dict):
         # kernel (hf_fp8.mlp_ops off); _jitlaunch launches Triton kernels through the JIT (hf_fp8.kernels._launch
         # off); _percast updates delayed scales per cast (hf_fp8.delayed off); _wholeloss holds the
         # loss's logits gradient for all tokens at once (one weight-gradient GEMM; 512-token chunks:
-        # the loss before 2026-11-24); _keptact keeps down's transposed FP8 input from the forward
+        # the loss before 2026-11-24), _chunk<N> / _block<N> set its chunk / gradient block in tokens; _keptact keeps down's transposed FP8 input from the forward
         # (hf_fp8.mlp_ops.RECOMPUTE_DOWN_INPUT_T off; the default before 2026-11-24);
         # _compile compiles each decoder layer, as the other _compile variants do
         from hf_fp8 import loss as hf_loss
@@ -112,7 +112,12 @@ def build(name: str, config: dict):
         flags = set(rest.removeprefix(recipe).split("_"))
         mlp_ops.ENABLED = "unfusedmlp" not in flags  # read at every forward; stays until the next hf_fp8 build
         mlp_ops.RECOMPUTE_DOWN_INPUT_T = "keptact" not in flags  # likewise
-        hf_loss.CHUNK_BYTES, hf_loss.GRAD_BLOCK_BYTES = (1 << 26, 1 << 62) if "wholeloss" in flags else _LOSS_DEFAULTS
+        hf_loss.CHUNK_BYTES, hf_loss.GRAD_BLOCK_BYTES = (1 << 28, 1 << 62) if "wholeloss" in flags else _LOSS_DEFAULTS
+        for f in flags:  # _chunk<tokens>, _block<tokens>: the loss's chunk and gradient block at this vocab
+            if f.startswith("chunk"):
+                hf_loss.CHUNK_BYTES = int(f[5:]) * 4 * config["vocab_size"]
+            elif f.startswith("block"):
+                hf_loss.GRAD_BLOCK_BYTES = int(f[5:]) * 2 * config["vocab_size"]
         _launch._ENABLED = _FAST_LAUNCH_DEFAULT and "jitlaunch" not in flags  # likewise
         # weight transposes: the library's default unless a flag says otherwise (the default was True
         # before 2026-11-24: plain variant names in older results files kept the transposes)

@@ -245,6 +245,65 @@ def bench_loss() -> list[dict]:
     return rows
 
 
+def bench_loss_blocks() -> list[dict]:
+    """hf_fp8's loss at Llama-3-8B's lm_head (B=2, S=4096, vocab 128256) for chunk / gradient-block
+    sizes, and the two weight-gradient GEMM forms it chooses between (one GEMM over all tokens;
+    per-block GEMMs accumulated into the BF16 gradient)."""
+    import hf_fp8
+
+    B, S, H, V = 2, 4096, 4096, 128256
+    N = B * S
+    torch.manual_seed(0)
+    hidden0 = torch.randn(B, S, H, device="cuda", dtype=torch.bfloat16)
+    weight0 = (torch.randn(V, H, device="cuda") * 0.02).to(torch.bfloat16)
+    labels = torch.randint(0, V, (B, S), device="cuda")
+    rows = []
+    for chunk, block in [(512, N), (256, N), (1024, N), (256, 1024), (512, 1024), (512, 2048), (1024, 2048), (2048, 2048)]:
+
+        def step(chunk=chunk, block=block):
+            h = hidden0.detach().requires_grad_()
+            w = weight0.detach().requires_grad_()
+            loss = hf_fp8.chunked_linear_cross_entropy(h, w, labels, chunk_size=chunk, grad_block_size=block)
+            loss.backward()
+            return loss
+
+        step()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base_mem = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base_mem
+        t = bench_ms(step)
+        rows.append(dict(op="loss_blocks", chunk=chunk, block=block, fwd_bwd_ms=t["ms"], peak_mem_gb=peak / 1e9))
+        print(f"loss chunk {chunk:5d} block {block:5d}: {t['ms']:.2f} ms  peak {peak / 1e9:.2f} GB", flush=True)
+    g = (torch.randn(N, V, device="cuda") * 1e-3).to(torch.bfloat16)
+    h = hidden0.reshape(N, H)
+    for block in (N, 2048, 1024):
+
+        def dw(block=block):
+            out = None
+            for s in range(0, N, block):
+                gb, hb = g[s : s + block], h[s : s + block]
+                out = gb.t() @ hb if out is None else out.addmm_(gb.t(), hb)
+            return out
+
+        t = bench_ms(dw)
+        rows.append(dict(op="weight_grad_gemm", block=block, ms=t["ms"], tflops=2 * N * H * V / t["ms"] / 1e9))
+        print(f"dW GEMM in blocks of {block:5d}: {t['ms']:.2f} ms ({rows[-1]['tflops']:.0f} TFLOP/s)", flush=True)
+    for chunk in (128, 256, 512, 1024, 2048):
+        w_t = weight0.t()
+
+        def logits(chunk=chunk):
+            for s in range(0, N, chunk):
+                torch.mm(h[s : s + chunk], w_t, out_dtype=torch.float32)
+
+        t = bench_ms(logits)
+        rows.append(dict(op="logits_gemm_fp32_out", chunk=chunk, ms=t["ms"], tflops=2 * N * H * V / t["ms"] / 1e9))
+        print(f"FP32-out logits GEMM in chunks of {chunk:5d}: {t['ms']:.2f} ms ({rows[-1]['tflops']:.0f} TFLOP/s)", flush=True)
+    return rows
+
+
 def bench_adamw() -> list[dict]:
     import hf_fp8
 
@@ -299,6 +358,7 @@ def main() -> None:
                 "rope": bench_rope,
                 "rope-final": lambda: bench_rope(sweep=False, rep_ms=500),  # no sweep, 5x the repeats
                 "loss": bench_loss,
+                "loss-blocks": bench_loss_blocks,
                 "adamw": bench_adamw,
             }[s]()
         except Exception as e:  # noqa: BLE001  a failed section is a result too
@@ -308,6 +368,7 @@ def main() -> None:
             rows.append(dict(op=s, error=f"{type(e).__name__}: {str(e)[:300]}"))
     # RoPE alone goes to its own file (README's RoPE table), loss/AdamW to precision_ops_h100.json
     name = "rope_h100.json" if all(s.startswith("rope") for s in sections) else "precision_ops_h100.json"
+    name = "loss_blocks_h100.json" if sections == ["loss-blocks"] else name
     print(f"wrote {write_json(name, {'env': environment(), 'rows': rows})}")
 
 

@@ -12,7 +12,7 @@ micro-batch). Everything is computed in the forward; the backward only scales (i
 Memory alive at the end of the forward, when every activation of the model still is: the
 weight gradient (which training needs anyway), one block of logits gradient and one chunk of
 FP32 logits. At Llama-3 sizes (vocab 128256, BF16, 8192 tokens) that is 1.05 GB + 263 MB +
-33 MB, where one whole-batch block held 2.1 GB of logits gradient and then the weight gradient
+131 MB, where one whole-batch block held 2.1 GB of logits gradient and then the weight gradient
 beside it (3.2 GB), and HF holds the BF16 logits, their FP32 copy and the FP32 softmax.
 
 Why not accumulate per chunk, or in FP32: a chunk has a few hundred tokens at Llama-3 vocab
@@ -37,7 +37,7 @@ __all__ = ["CHUNK_BYTES", "GRAD_BLOCK_BYTES", "chunked_linear_cross_entropy", "m
 
 # Defaults of chunked_linear_cross_entropy's chunk_size and grad_block_size, in bytes of FP32
 # logits per chunk and of logits gradient per block (module-wide: the patched models use them).
-CHUNK_BYTES = 1 << 25
+CHUNK_BYTES = 1 << 27
 GRAD_BLOCK_BYTES = 1 << 28
 
 
@@ -232,7 +232,7 @@ def chunked_linear_cross_entropy(
             instead of averaging over counted tokens (what the Trainer passes under gradient
             accumulation).
         chunk_size (`int`, *optional*): tokens per chunk of FP32 logits; default keeps a
-            chunk near :data:`CHUNK_BYTES` (32 MiB: 256 tokens at vocab 128256).
+            chunk near :data:`CHUNK_BYTES` (128 MiB: 256 tokens at vocab 128256).
         grad_block_size (`int`, *optional*): tokens whose logits gradient (in the weight's
             dtype) is held at once; default keeps a block near :data:`GRAD_BLOCK_BYTES`
             (256 MiB: 1024 tokens at vocab 128256, BF16), rounded to whole chunks. The weight
