@@ -258,7 +258,16 @@ def bench_loss_blocks() -> list[dict]:
     weight0 = (torch.randn(V, H, device="cuda") * 0.02).to(torch.bfloat16)
     labels = torch.randint(0, V, (B, S), device="cuda")
     rows = []
-    for chunk, block in [(512, N), (256, N), (1024, N), (256, 1024), (512, 1024), (512, 2048), (1024, 2048), (2048, 2048)]:
+    for chunk, block in [
+        (512, N),
+        (256, N),
+        (1024, N),
+        (256, 1024),
+        (512, 1024),
+        (512, 2048),
+        (1024, 2048),
+        (2048, 2048),
+    ]:
 
         def step(chunk=chunk, block=block):
             h = hidden0.detach().requires_grad_()
@@ -300,7 +309,10 @@ def bench_loss_blocks() -> list[dict]:
 
         t = bench_ms(logits)
         rows.append(dict(op="logits_gemm_fp32_out", chunk=chunk, ms=t["ms"], tflops=2 * N * H * V / t["ms"] / 1e9))
-        print(f"FP32-out logits GEMM in chunks of {chunk:5d}: {t['ms']:.2f} ms ({rows[-1]['tflops']:.0f} TFLOP/s)", flush=True)
+        print(
+            f"FP32-out logits GEMM in chunks of {chunk:5d}: {t['ms']:.2f} ms ({rows[-1]['tflops']:.0f} TFLOP/s)",
+            flush=True,
+        )
     return rows
 
 
