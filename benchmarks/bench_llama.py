@@ -63,12 +63,16 @@ def _fast_launch_default() -> bool:
 
 _FAST_LAUNCH_DEFAULT = None
 _LOSS_DEFAULTS = None  # hf_fp8.loss.CHUNK_BYTES, GRAD_BLOCK_BYTES as the library sets them
+_KEEPS_OUTPUT_DEFAULT = None  # hf_fp8.integrations.rope._KEEPS_OUTPUT as the library sets it
 
 
 def build(name: str, config: dict):
-    global _FAST_LAUNCH_DEFAULT, _LOSS_DEFAULTS
+    global _FAST_LAUNCH_DEFAULT, _LOSS_DEFAULTS, _KEEPS_OUTPUT_DEFAULT
     if _FAST_LAUNCH_DEFAULT is None:
         from hf_fp8 import loss as hf_loss
+        from hf_fp8.integrations import rope as hf_rope
+
+        _KEEPS_OUTPUT_DEFAULT = hf_rope._KEEPS_OUTPUT
 
         _FAST_LAUNCH_DEFAULT = _fast_launch_default()
         _LOSS_DEFAULTS = (hf_loss.CHUNK_BYTES, hf_loss.GRAD_BLOCK_BYTES)
@@ -94,17 +98,19 @@ def build(name: str, config: dict):
         )
     elif name.startswith("hf_fp8_"):
         # hf_fp8_<recipe>[_fp8attn][_all][_recast|_savedwt][_unfusedmlp][_jitlaunch][_percast][_wholeloss][_keptact]
-        # [_compile]: _all converts every
+        # [_savedoproj][_compile]: _all converts every
         # decoder linear (no auto filter), as torchao does; _recast re-casts weight transposes in the backward, _savedwt keeps them
         # (save_weight_transpose=False); _unfusedmlp runs the MLP as three FP8 layers and a SwiGLU
         # kernel (hf_fp8.mlp_ops off); _jitlaunch launches Triton kernels through the JIT (hf_fp8.kernels._launch
         # off); _percast updates delayed scales per cast (hf_fp8.delayed off); _wholeloss holds the
         # loss's logits gradient for all tokens at once (one weight-gradient GEMM; 512-token chunks:
         # the loss before 2026-11-24), _chunk<N> / _block<N> set its chunk / gradient block in tokens; _keptact keeps down's transposed FP8 input from the forward
-        # (hf_fp8.mlp_ops.RECOMPUTE_DOWN_INPUT_T off; the default before 2026-11-24);
+        # (hf_fp8.mlp_ops.RECOMPUTE_DOWN_INPUT_T off; the default before 2026-11-24); _savedoproj keeps
+        # o_proj's FP8 transposed input (no re-cast from the attention output; before 2026-11-24);
         # _compile compiles each decoder layer, as the other _compile variants do
         from hf_fp8 import loss as hf_loss
         from hf_fp8 import mlp_ops
+        from hf_fp8.integrations import rope as hf_rope
         from hf_fp8.kernels import _launch
 
         rest = name.removeprefix("hf_fp8_")
@@ -112,6 +118,7 @@ def build(name: str, config: dict):
         flags = set(rest.removeprefix(recipe).split("_"))
         mlp_ops.ENABLED = "unfusedmlp" not in flags  # read at every forward; stays until the next hf_fp8 build
         mlp_ops.RECOMPUTE_DOWN_INPUT_T = "keptact" not in flags  # likewise
+        hf_rope._KEEPS_OUTPUT = frozenset() if "savedoproj" in flags else _KEEPS_OUTPUT_DEFAULT  # likewise
         hf_loss.CHUNK_BYTES, hf_loss.GRAD_BLOCK_BYTES = (1 << 28, 1 << 62) if "wholeloss" in flags else _LOSS_DEFAULTS
         for f in flags:  # _chunk<tokens>, _block<tokens>: the loss's chunk and gradient block at this vocab
             if f.startswith("chunk"):

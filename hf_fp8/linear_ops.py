@@ -84,9 +84,12 @@ def _quantize_weight(module, weight: torch.Tensor, want_t: bool, keep_scale: boo
     return qw
 
 
-def _forward(modules, x2d, weights, biases, out_dtype, need_dx: bool, need_dw: list[bool]):
+def _forward(modules, x2d, weights, biases, out_dtype, need_dx: bool, need_dw: list[bool], recast_input=False):
     """(outputs (M, N_i), Xᵀ FP8 or None, its scale or None, per weight: (Wᵀ, its scale) kept for
-    the backward or (None, None), and the scale that re-casts Wᵀ or None)."""
+    the backward or (None, None), and the scale that re-casts Wᵀ or None).
+
+    ``recast_input``: no Xᵀ (None); the second value is then the scale that re-casts it from X
+    in the backward (:func:`hf_fp8.scaling.transposed_copy`), for an X the caller keeps."""
     lead = modules[0]
     cfg = lead.fp8_config
     emulate = not fp8_gemm_supported(x2d.device)
@@ -95,9 +98,10 @@ def _forward(modules, x2d, weights, biases, out_dtype, need_dx: bool, need_dw: l
         Role.INPUT,
         cfg,
         want_rows=True,
-        want_t=any(need_dw),
+        want_t=any(need_dw) and not recast_input,
         nonfinite_flag=lead.fp8_nonfinite,
         delayed=lead._fp8_delayed,
+        keep_scale=recast_input,
     )
     _check_nonfinite(lead, Role.INPUT, qx)
     outs, w_ts, regen = [], [], []
@@ -108,6 +112,8 @@ def _forward(modules, x2d, weights, biases, out_dtype, need_dx: bool, need_dw: l
         outs.append(out)
         w_ts.append(w_t)
         regen.append(r)
+    if recast_input:
+        return outs, None, qx.scale, w_ts, regen
     return outs, qx.t, qx.t_scale, w_ts, regen
 
 
@@ -143,7 +149,8 @@ def _backward(
 
     ``quantized_grads``: the layers' output gradients already quantized (rows if ``need_dx``,
     transposed copies if ``need_dw``), e.g. by a fused SwiGLU backward; ``grads2d`` then only
-    serves the bias gradients."""
+    serves the bias gradients. A list is emptied as its entries are used (each layer's FP8
+    gradients freed before the next layer's GEMMs allocate)."""
     emulate = not fp8_gemm_supported(weights[0].device)
     grad_x = None
     grads_w, grads_b = [], []
@@ -152,6 +159,8 @@ def _backward(
         if need_dx or need_dw[i]:
             if quantized_grads is not None:
                 qg = quantized_grads[i]
+                if isinstance(quantized_grads, list):
+                    quantized_grads[i] = None
             else:
                 qg = quantize_operand(
                     g2d,
@@ -190,15 +199,25 @@ class _Fp8LinearFunction(torch.autograd.Function):
 
     With several layers the first one's input scaling state (delayed history, non-finite
     flag) is the group's; everything else is per layer. ``params`` is ``(w_0, b_0, w_1, ...)``.
+
+    ``recast_input``: keep ``x`` itself (not its FP8 transposed copy) and re-cast that copy in
+    the backward with the forward's scale (same codes): less memory when ``x`` stays alive
+    anyway, e.g. an attention output its backward keeps.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, modules: tuple, out_dtype: torch.dtype, need_grad: bool, *params):
+    def forward(ctx, x: torch.Tensor, modules: tuple, out_dtype: torch.dtype, need_grad: bool, recast_input, *params):
         weights, biases = params[0::2], params[1::2]
         need_dx = need_grad and x.requires_grad
         need_dw = [need_grad and w.requires_grad for w in weights]
         x2d = x.reshape(-1, x.shape[-1])
-        outs, x_t, x_t_scale, w_ts, regen = _forward(modules, x2d, weights, biases, out_dtype, need_dx, need_dw)
+        recast_input = recast_input and any(need_dw)
+        outs, x_t, x_t_scale, w_ts, regen = _forward(
+            modules, x2d, weights, biases, out_dtype, need_dx, need_dw, recast_input
+        )
+        ctx.recast_input, ctx.input_scale = recast_input, x_t_scale  # (rowwise: no scale, re-derived)
+        if recast_input:
+            x_t, x_t_scale = x, None
         ctx.modules = modules
         ctx.need = (need_dx, need_dw, [need_grad and b is not None and b.requires_grad for b in biases])
         ctx.x_dtype, ctx.x_shape = x.dtype, x.shape
@@ -211,6 +230,10 @@ class _Fp8LinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grad_outs: torch.Tensor):
         x_t, x_t_scale, *rest = ctx.saved_tensors
+        if ctx.recast_input:  # x_t holds x: re-cast its transposed copy
+            x = x_t.reshape(-1, x_t.shape[-1])
+            x_t, x_t_scale = transposed_copy(x, Role.INPUT, ctx.modules[0].fp8_config, ctx.input_scale)
+            del x
         n = len(ctx.modules)
         weights, w_ts = rest[:n], list(zip(rest[n:], ctx.w_t_scales))
         need_dx, need_dw, need_db = ctx.need
@@ -220,7 +243,7 @@ class _Fp8LinearFunction(torch.autograd.Function):
         )
         if grad_x is not None:
             grad_x = grad_x.reshape(ctx.x_shape)
-        return (grad_x, None, None, None, *(g for pair in zip(grads_w, grads_b) for g in pair))
+        return (grad_x, None, None, None, None, *(g for pair in zip(grads_w, grads_b) for g in pair))
 
 
 # ---- torch.compile: custom ops -----------------------------------------------------------
@@ -352,8 +375,11 @@ _fp8_linear_op.register_autograd(_op_backward, setup_context=_setup_context)
 
 
 # ---- entry point ---------------------------------------------------------------------------
-def apply_group(modules: tuple, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """``tuple(m(x) for m in modules)`` for Fp8Linear modules sharing one config: one input cast."""
+def apply_group(modules: tuple, x: torch.Tensor, recast_input: bool = False) -> tuple[torch.Tensor, ...]:
+    """``tuple(m(x) for m in modules)`` for Fp8Linear modules sharing one config: one input cast.
+
+    ``recast_input`` (eager only): the backward re-casts ``x``'s FP8 transposed copy from ``x``
+    rather than keeping it (see :class:`_Fp8LinearFunction`)."""
     if x.numel() == 0:
         return tuple(torch.zeros(*x.shape[:-1], m.out_features, dtype=x.dtype, device=x.device) for m in modules)
     device_type = x.device.type
@@ -375,4 +401,4 @@ def apply_group(modules: tuple, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
             outs = [o if m.bias is None else o + m.bias.to(out_dtype) for o, m in zip(outs, modules)]
             return tuple(o.reshape(*x.shape[:-1], o.shape[-1]) for o in outs)
         params = [p for m in modules for p in (m.weight, m.bias)]
-        return _Fp8LinearFunction.apply(x, modules, out_dtype, torch.is_grad_enabled(), *params)
+        return _Fp8LinearFunction.apply(x, modules, out_dtype, torch.is_grad_enabled(), recast_input, *params)

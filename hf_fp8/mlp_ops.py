@@ -115,26 +115,49 @@ class _Fp8SwiGLUMLPFunction(torch.autograd.Function):
         gate_m, up_m, down_m = ctx.modules
         need_dx, need_dw, need_dact = ctx.need
         w_ts = list(zip((wt_gate, wt_up, wt_down), ctx.w_t_scales))
-        if ctx.recompute_down:
-            a_t, a_t_scale = transposed_copy(g, Role.INPUT, down_m.fp8_config, ctx.down_input_scale, swiglu_up=u)
-        grad_a, (grad_down,), _ = _backward(
-            (down_m,), [dy.reshape(-1, dy.shape[-1])], a_t, a_t_scale, [w_down], w_ts[2:], ctx.regen[2:],
-            dy.dtype, need_dact, [need_dw[2]], [False],
-        )  # fmt: skip
-        grad_x = grad_gate = grad_up = None
+        dy2d = dy.reshape(-1, dy.shape[-1])
+        # Order for memory (every activation of the earlier layers is alive now): down's input
+        # gradient, SwiGLU's backward, then down's weight gradient (its transposed input re-cast
+        # from gate/up after the BF16 SwiGLU gradient is freed), then gate/up.
+        q_dy = quantize_operand(
+            dy2d,
+            Role.GRAD_OUTPUT,
+            down_m.fp8_config,
+            want_rows=need_dact,
+            want_t=need_dw[2],
+            nonfinite_flag=down_m.fp8_nonfinite,
+            delayed=down_m._fp8_delayed,
+        )
+        grad_x = grad_gate = grad_up = quantized = grads = None
         if need_dact:
-            quantized = None
+            grad_a, _, _ = _backward(
+                (down_m,), [dy2d], None, None, [w_down], w_ts[2:], ctx.regen[2:], dy.dtype, True, [False], [False],
+                quantized_grads=[q_dy],
+            )  # fmt: skip
+            q_dy = q_dy._replace(rows=None, rows_scale=None)
             if FUSED_BACKWARD and need_dw[0] == need_dw[1]:
                 quantized = quantize_swiglu_grads(
                     grad_a, g, u, gate_m.fp8_config, want_rows=need_dx, want_t=need_dw[0],
                     nonfinite_flags=(gate_m.fp8_nonfinite, up_m.fp8_nonfinite),
                     delayed=(gate_m._fp8_delayed, up_m._fp8_delayed),
                 )  # fmt: skip
+                quantized = list(quantized) if quantized is not None else None  # emptied as used
             grads = [None, None] if quantized is not None else list(_swiglu_backward(grad_a, g, u))
             del grad_a
+        grad_down = None
+        if need_dw[2]:
+            if ctx.recompute_down:
+                a_t, a_t_scale = transposed_copy(g, Role.INPUT, down_m.fp8_config, ctx.down_input_scale, swiglu_up=u)
+            _, (grad_down,), _ = _backward(
+                (down_m,), [dy2d], a_t, a_t_scale, [w_down], w_ts[2:], ctx.regen[2:], dy.dtype, False, [True], [False],
+                quantized_grads=[q_dy],
+            )  # fmt: skip
+        del a_t, q_dy
+        if need_dact:
             grad_x, (grad_gate, grad_up), _ = _backward(
                 (gate_m, up_m), grads, x_t, x_t_scale, [w_gate, w_up], w_ts[:2], ctx.regen[:2],
-                ctx.x_dtype, need_dx, need_dw[:2], [False, False], quantized_grads=quantized,
+                ctx.x_dtype, need_dx, need_dw[:2], [False, False],
+                quantized_grads=quantized,
             )  # fmt: skip
             if grad_x is not None:
                 grad_x = grad_x.reshape(ctx.x_shape)

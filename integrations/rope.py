@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from hf_fp8._backend import use_triton
-from hf_fp8.linear import shared_input_linears
+from hf_fp8.linear import linear_on_kept_input, shared_input_linears
 
 __all__ = ["RopeInputs", "RopePatch", "patch_rope", "unpatch_rope", "fp32_rope"]
 
@@ -157,7 +157,13 @@ def _attention_forward(
         **kwargs,
     )
     attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+    if impl in _KEEPS_OUTPUT:  # kept by the attention's backward: o_proj need not keep its FP8 copy
+        return linear_on_kept_input(self.o_proj, attn_output), attn_weights
     return self.o_proj(attn_output), attn_weights
+
+
+# attention implementations whose backward keeps their output (flash-style: out and logsumexp)
+_KEEPS_OUTPUT = frozenset({"sdpa", "flash_attention_2", "flash_attention_3", "hf_fp8"})
 
 
 # ---- patch / unpatch ----------------------------------------------------------------------

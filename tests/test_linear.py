@@ -384,3 +384,58 @@ def test_recast_weight_transpose_is_bit_identical_and_saves_memory(recipe, backe
             saved.zero_grad()
             recast.zero_grad()
             assert bytes_recast < bytes_saved, (bytes_recast, bytes_saved)
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_linear_on_kept_input_is_bit_identical_and_keeps_no_fp8_input_copy(recipe, backend):
+    """An input kept alive anyway (attention output): the layer keeps a reference to it and
+    re-casts its FP8 transposed copy in the backward with the forward's scale, so outputs,
+    gradients and delayed histories equal the plain call's bit for bit over three steps, and
+    nothing FP8 of the input's size is saved (the weight's re-cast scale only)."""
+    if backend == "triton" and not conftest.INTERPRETER_PATCHED:
+        pytest.skip("needs TRITON_INTERPRET=1")
+    from hf_fp8.linear import linear_on_kept_input
+
+    _, kept = _make(recipe, K=64, N=48)
+    plain = copy.deepcopy(kept)
+    with hf_fp8.kernel_backend(backend):
+        for step in range(3):
+            x = (torch.randn(2, 24, 64) * (1 + step)).to(torch.bfloat16).requires_grad_()
+            x2 = x.detach().clone().requires_grad_()
+            fp8_saved = []
+
+            def pack(t, x=x, fp8_saved=fp8_saved):
+                if t.dtype in (E4M3, E5M2) and t.numel() >= x.numel() // 2:
+                    fp8_saved.append(tuple(t.shape))
+                return t
+
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                y = linear_on_kept_input(kept, x)
+            assert fp8_saved == []
+            y2 = plain(x2)
+            assert_bits_equal(y, y2, "output")
+            g = torch.randn_like(y)
+            y.backward(g)
+            y2.backward(g)
+            assert_bits_equal(x.grad, x2.grad, "input grad")
+            assert_bits_equal(kept.weight.grad, plain.weight.grad, "weight grad")
+            assert_bits_equal(kept.bias.grad, plain.bias.grad, "bias grad")
+            kept.zero_grad()
+            plain.zero_grad()
+            if recipe == "delayed":
+                assert_bits_equal(kept.fp8_amax_history, plain.fp8_amax_history, "history")
+
+
+def test_linear_on_kept_input_falls_back_to_the_module():
+    from hf_fp8.linear import linear_on_kept_input
+
+    layer = hf_fp8.Fp8Linear.from_linear(nn.Linear(32, 16))
+    seen = []
+    layer.register_forward_hook(lambda m, i, o: seen.append(1))
+    x = torch.randn(4, 32)
+    assert torch.equal(linear_on_kept_input(layer, x), layer(x)) and seen == [1, 1]
+    plain = nn.Linear(32, 16)
+    assert torch.equal(linear_on_kept_input(plain, x), plain(x))
+    with pytest.raises(ValueError, match="in_features"):
+        linear_on_kept_input(hf_fp8.Fp8Linear.from_linear(nn.Linear(16, 8)), x)
