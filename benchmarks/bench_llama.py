@@ -63,16 +63,12 @@ def _fast_launch_default() -> bool:
 
 _FAST_LAUNCH_DEFAULT = None
 _LOSS_DEFAULTS = None  # hf_fp8.loss.CHUNK_BYTES, GRAD_BLOCK_BYTES as the library sets them
-_KEEPS_OUTPUT_DEFAULT = None  # hf_fp8.integrations.rope._KEEPS_OUTPUT as the library sets it
 
 
 def build(name: str, config: dict):
-    global _FAST_LAUNCH_DEFAULT, _LOSS_DEFAULTS, _KEEPS_OUTPUT_DEFAULT
+    global _FAST_LAUNCH_DEFAULT, _LOSS_DEFAULTS
     if _FAST_LAUNCH_DEFAULT is None:
         from hf_fp8 import loss as hf_loss
-        from hf_fp8.integrations import rope as hf_rope
-
-        _KEEPS_OUTPUT_DEFAULT = hf_rope._KEEPS_OUTPUT
 
         _FAST_LAUNCH_DEFAULT = _fast_launch_default()
         _LOSS_DEFAULTS = (hf_loss.CHUNK_BYTES, hf_loss.GRAD_BLOCK_BYTES)
@@ -118,7 +114,7 @@ def build(name: str, config: dict):
         flags = set(rest.removeprefix(recipe).split("_"))
         mlp_ops.ENABLED = "unfusedmlp" not in flags  # read at every forward; stays until the next hf_fp8 build
         mlp_ops.RECOMPUTE_DOWN_INPUT_T = "keptact" not in flags  # likewise
-        hf_rope._KEEPS_OUTPUT = frozenset() if "savedoproj" in flags else _KEEPS_OUTPUT_DEFAULT  # likewise
+        hf_rope.RECAST_OPROJ_INPUT = "savedoproj" not in flags  # likewise
         hf_loss.CHUNK_BYTES, hf_loss.GRAD_BLOCK_BYTES = (1 << 28, 1 << 62) if "wholeloss" in flags else _LOSS_DEFAULTS
         for f in flags:  # _chunk<tokens>, _block<tokens>: the loss's chunk and gradient block at this vocab
             if f.startswith("chunk"):
