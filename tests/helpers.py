@@ -50,3 +50,46 @@ def assert_close_verbose(actual: torch.Tensor, expected: torch.Tensor, *, rtol: 
             f"{what}: {int(bad.sum())} of {a.numel()} elements beyond rtol={rtol}, atol={atol}; "
             f"worst at {i}: {a[i].item()} vs {e[i].item()}"
         )
+
+
+def check_o_proj_keeps_attention_output(device: str, recipe: str) -> None:
+    """With SDPA (flash-style kernels, on CUDA and on the CPU), o_proj's kept input is the storage
+    SDPA keeps for its own backward: the model saves one FP8 (tokens x hidden) copy less than with
+    the switch off (unique storages counted), and the loss and every gradient are bit-identical."""
+    import copy
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import hf_fp8
+    from hf_fp8.integrations import rope as hf_rope
+
+    cfg = LlamaConfig(hidden_size=512, intermediate_size=1024, num_hidden_layers=1, num_attention_heads=8,
+                      num_key_value_heads=4, vocab_size=512, attn_implementation="sdpa")  # fmt: skip
+    torch.manual_seed(0)
+    with torch.device(device):
+        base = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    hf_fp8.convert(base, hf_fp8.Fp8Config(recipe=recipe, auto_filter=False, exclude=("lm_head",)))
+    ids = torch.randint(0, 512, (2, 256), device=device)
+    results = {}
+    try:
+        for recast in (True, False):
+            hf_rope.RECAST_OPROJ_INPUT = recast
+            model = copy.deepcopy(base)
+            storages = {}
+
+            def pack(t, storages=storages):
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+                return t
+
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+            results[recast] = (sum(storages.values()), loss.detach(), grads)
+    finally:
+        hf_rope.RECAST_OPROJ_INPUT = True
+    (saved_on, loss_on, grads_on), (saved_off, loss_off, grads_off) = results[True], results[False]
+    assert saved_off - saved_on >= 2 * 256 * 512  # at least o_proj's FP8 copy of (tokens x hidden)
+    assert_bits_equal(loss_on, loss_off, "loss")
+    for a, b in zip(grads_on, grads_off):
+        assert_bits_equal(a, b, "gradient")

@@ -191,3 +191,10 @@ def test_rope_types_match_stock_fp32(rope_parameters):
     for S in (40, 300):  # 300 > max_position_embeddings: the dynamic type grows its frequencies
         ids = torch.randint(0, 512, (1, S))
         torch.testing.assert_close(model(input_ids=ids).logits, ref(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_o_proj_keeps_the_attention_output_not_an_fp8_copy():
+    """PyTorch's CPU SDPA is flash-style too (keeps its output): the same check as on the GPU."""
+    from helpers import check_o_proj_keeps_attention_output
+
+    check_o_proj_keeps_attention_output("cpu", "tensorwise")
