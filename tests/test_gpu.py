@@ -396,9 +396,11 @@ def test_o_proj_keeps_the_attention_output_not_an_fp8_copy_on_gpu(recipe):
 
 
 def test_loss_gradient_blocks_on_gpu():
-    """Blocks of the logits gradient on the GPU: the hidden-state gradient bit-identical to one
-    block's, the weight gradient (one BF16 rounding per block, 8 blocks) within 1e-2 relative of
-    float64 and of one block's (measured on the CPU: 3.4e-3 at 6 blocks, 2.2e-3 at one)."""
+    """Blocks of the logits gradient on the GPU: the loss bit-identical to one block's (same
+    chunks); the hidden-state gradient the same rows' GEMMs (cuBLAS may tile M=512 and M=4096
+    differently: measured 2033 of 1M elements one BF16 ulp apart, so within 1e-3 relative);
+    the weight gradient (one BF16 rounding per block, 8 blocks) within 1e-2 relative of float64
+    and of one block's (measured on the CPU: 3.4e-3 at 6 blocks, 2.2e-3 at one)."""
     torch.manual_seed(0)
     hidden = (torch.randn(2, 2048, 512, device="cuda")).to(torch.bfloat16)
     weight = (torch.randn(8192, 512, device="cuda") * 0.05).to(torch.bfloat16)
@@ -410,11 +412,12 @@ def test_loss_gradient_blocks_on_gpu():
         loss.backward()
         out[block] = (loss.detach(), h.grad, w.grad)
     assert_bits_equal(out[512][0], out[4096][0], "loss")
-    assert_bits_equal(out[512][1], out[4096][1], "hidden-state gradient")
+    assert rel_err(out[4096][1], out[512][1]) < 1e-3
     h64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
     shift = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:]
     torch.nn.functional.cross_entropy((h64 @ w64.t()).reshape(-1, 8192), shift.reshape(-1)).backward()
     for block in (512, 4096):
+        assert rel_err(h64.grad, out[block][1]) < 1e-2, block
         assert rel_err(w64.grad, out[block][2]) < 1e-2, block
     assert rel_err(out[4096][2], out[512][2]) < 1e-2
 
