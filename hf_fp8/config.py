@@ -157,8 +157,8 @@ class Fp8Config:
             re-casts it in the backward from the weight with the forward's scale (bit-identical
             results): one byte per FP8 weight element less alive between forward and backward
             (1.4 GB at an 8-layer Llama-3-8B's 24 FP8 layers, 1.75 GB with all 56 decoder
-            layers in FP8: peak 0.66x instead of 0.69-0.70x stock BF16 on an H100) for one more
-            cast per layer and step: 0.1-1.1% of the step time across runs
+            layers in FP8: peak 0.59x instead of 0.63x stock BF16 on an H100) for one more
+            cast per layer and step: 0.1-1.3% of the step time across runs
             (``benchmarks/results/llama_e2e_h100.json``).
 
     Example:
