@@ -187,6 +187,17 @@ def bench_rope(sweep: bool = True, rep_ms: float = 100, layers: int = 8) -> list
     return rows
 
 
+def _peak_bytes_and_time(step) -> tuple[int, dict]:
+    """(memory ``step`` allocates at its peak beyond what was allocated before, its bench_ms);
+    ``step`` has run once already (compiled kernels, cached allocations)."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base_mem = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base_mem, bench_ms(step)
+
+
 def bench_loss() -> list[dict]:
     import hf_fp8
 
@@ -229,13 +240,7 @@ def bench_loss() -> list[dict]:
             return loss
 
         loss = step().item()
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base_mem = torch.cuda.memory_allocated()
-        step()
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - base_mem
-        t = bench_ms(step)
+        peak, t = _peak_bytes_and_time(step)
         rows.append(dict(op="loss", provider=name, fwd_bwd_ms=t["ms"], peak_mem_gb=peak / 1e9, loss=loss))
         print(f"loss {name:9s} fwd+bwd {t['ms']:.2f} ms  peak {peak / 1e9:.2f} GB  loss {loss:.6f}", flush=True)
     ref = next(r for r in rows if r["provider"] == "hf_bf16")
@@ -277,13 +282,7 @@ def bench_loss_blocks() -> list[dict]:
             return loss
 
         step()
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base_mem = torch.cuda.memory_allocated()
-        step()
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - base_mem
-        t = bench_ms(step)
+        peak, t = _peak_bytes_and_time(step)
         rows.append(dict(op="loss_blocks", chunk=chunk, block=block, fwd_bwd_ms=t["ms"], peak_mem_gb=peak / 1e9))
         print(f"loss chunk {chunk:5d} block {block:5d}: {t['ms']:.2f} ms  peak {peak / 1e9:.2f} GB", flush=True)
     g = (torch.randn(N, V, device="cuda") * 1e-3).to(torch.bfloat16)
