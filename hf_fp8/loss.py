@@ -92,7 +92,7 @@ def _loss_and_grads(hidden, weight, bias, labels, scale, chunk_size, block_size,
     loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
     need_any = need_h or need_w or need_b
     # without any gradient to compute (an eval loss) one chunk's buffer is reused for everything
-    block_size = min(N, block_size) if need_any else min(N, chunk_size)
+    block_size = max(1, min(N, block_size if need_any else chunk_size))
     grad_logits = torch.empty((block_size, V), dtype=weight.dtype, device=hidden.device)
     grad_h = torch.empty(hidden.shape, dtype=weight.dtype, device=hidden.device) if need_h else None
     grad_w = None
@@ -119,6 +119,8 @@ def _loss_and_grads(hidden, weight, bias, labels, scale, chunk_size, block_size,
             grad_w = g.t() @ h if grad_w is None else grad_w.addmm_(g.t(), h)
         if need_b:
             grad_b += g.float().sum(0)
+    if need_w and grad_w is None:  # no tokens: a zero gradient, as one GEMM over none gives
+        grad_w = torch.zeros_like(weight)
     if grad_h is not None:
         grad_h = grad_h.to(hidden.dtype)
     return loss * scale, grad_h, grad_w, grad_b

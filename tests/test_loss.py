@@ -275,3 +275,13 @@ def test_bf16_model_loss_closer_to_fp32_than_stock():
         err_stock = abs(stock(input_ids=ids, labels=ids).loss.item() - ref)
         err_ours = abs(ours(input_ids=ids, labels=ids).loss.item() - ref)
     assert err_ours <= err_stock, (err_ours, err_stock)
+
+
+def test_no_tokens_gives_nan_loss_and_zero_gradients():
+    """An empty batch: NaN loss (no token counted, as F.cross_entropy) and zero, not missing, gradients."""
+    hidden = torch.randn(1, 0, 16, requires_grad=True)
+    weight = torch.randn(50, 16, requires_grad=True)
+    loss = hf_fp8.chunked_linear_cross_entropy(hidden, weight, torch.zeros(1, 0, dtype=torch.long))
+    assert torch.isnan(loss)
+    loss.backward()
+    assert weight.grad is not None and not weight.grad.any() and hidden.grad.shape == (1, 0, 16)
