@@ -112,7 +112,7 @@ def _loss_and_grads(hidden, weight, bias, labels, scale, chunk_size, block_size,
         if not need_any:
             continue
         g = grad_logits[:n_block]
-        if need_h:  # rows are independent: exact per block
+        if need_h:  # rows are independent: no sum across blocks
             torch.mm(g, weight, out=grad_h[block : block + n_block])
         if need_w:  # FP32 accumulation inside each block's GEMM, one rounding per block
             h = hidden[block : block + n_block].to(weight.dtype)
