@@ -1,4 +1,5 @@
-"""Turn the K x N sweep into the auto filter's per-recipe rule.
+"""Turn the measurements into the auto filter's per-recipe rule: the K x N sweep of single layers
+(rowwise), and the in-model sweep of layer groups (tensorwise, delayed; :func:`derive_in_model`).
 
 Rule: convert a layer when ``in_features * out_features >= min_weight_numel`` and
 ``min(in_features, out_features) >= min_dim``. For each recipe, ``min_weight_numel`` is the
@@ -38,7 +39,42 @@ def derive(path: Path = DEFAULT) -> dict[str, tuple[int, int]]:
     return out
 
 
+IN_MODEL = Path(__file__).parent / "results" / "llama_groups_h100.json"
+# the layer groups each in-model variant converts (besides the lm_head, never converted)
+_GROUPS_OF = {"all": ("attention", "mlp"), "mlponly": ("mlp",), "attnonly": ("attention",)}
+
+
+def _leaders(config: dict, group: str) -> list[tuple[int, int]]:
+    """(in, out) of the layers of ``group`` that must pass the shape rule on their own: the
+    others (k and v; up) are converted with the layer they share their input with."""
+    h, i = config["hidden_size"], config["intermediate_size"]
+    if group == "attention":
+        return [(h, h), (h, h)]  # q_proj (k, v follow it), o_proj
+    return [(h, i), (i, h)]  # gate_proj (up follows it), down_proj
+
+
+def derive_in_model(path: Path = IN_MODEL) -> tuple[int, int]:
+    """(min_weight_numel, min_dim) from whole-model steps: at each model size, the fastest of
+    ``hf_fp8_delayed_{all,mlponly,attnonly}``; the threshold is the smallest weight any fastest
+    variant converts, and must exceed every weight a fastest variant keeps in BF16."""
+    from benchmarks.bench_llama import CONFIGS
+
+    rows = [r for r in json.loads(Path(path).read_text())["rows"] if "step_ms" in r]
+    converted, kept = [], []
+    for cfg in sorted({r["config"] for r in rows}):
+        timed = {r["variant"].removeprefix("hf_fp8_delayed_"): r["step_ms"] for r in rows if r["config"] == cfg}
+        best = min((v for v in _GROUPS_OF if v in timed), key=timed.__getitem__)
+        for group in ("attention", "mlp"):
+            (converted if group in _GROUPS_OF[best] else kept).extend(_leaders(CONFIGS[cfg], group))
+    numel = min(k * n for k, n in converted)
+    if kept and max(k * n for k, n in kept) >= numel:
+        raise ValueError("no size threshold separates the layers the fastest variants convert from those they keep")
+    return numel, min(min(k, n) for k, n in converted)
+
+
 if __name__ == "__main__":
     path = Path(sys.argv[1]) if len(sys.argv) > 1 else DEFAULT
     for recipe, (numel, dim) in derive(path).items():
-        print(f"{recipe:10s} min_weight_numel={numel:>11,d}  min_dim={dim}")
+        print(f"{recipe:10s} min_weight_numel={numel:>11,d}  min_dim={dim}  (each layer alone, {path.name})")
+    numel, dim = derive_in_model()
+    print(f"in a model min_weight_numel={numel:>11,d}  min_dim={dim}  ({IN_MODEL.name}: tensorwise, delayed)")

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from hf_fp8.config import Fp8Config
-from hf_fp8.filter import passes_shape_rule
+from hf_fp8.filter import input_sharing_siblings, passes_shape_rule
 from hf_fp8.linear import Fp8Linear
 from hf_fp8.report import ConversionReport, ModuleDecision
 
@@ -52,6 +52,7 @@ def _decide(
     output_embeddings: set[int],
     embedding_weights: set[int],
     module_filter_fn: ModuleFilter | None,
+    shape_rule: bool = True,
 ) -> tuple[bool, str]:
     K, N = module.in_features, module.out_features
     for pattern in config.exclude:
@@ -70,13 +71,30 @@ def _decide(
             return False, "weight tied to an embedding"
     if K % 16 or N % 16:
         return False, f"in={K}, out={N}: both must be multiples of 16 for the FP8 GEMM"
-    if config.auto_filter:
+    if config.auto_filter and shape_rule:
         ok, reason = passes_shape_rule(K, N, config.recipe)
         if not ok:
-            return False, reason
+            return False, _SHAPE_RULE_MARK + reason
     if module_filter_fn is not None and not module_filter_fn(module, name):
         return False, "rejected by module_filter_fn"
     return True, ""
+
+
+_SHAPE_RULE_MARK = "\0shape:"  # prefix of a reason that is the shape rule alone (removed before reporting)
+
+
+def _convert_input_sharing_siblings(decisions, modules, decide) -> None:
+    """A layer the shape rule alone kept in BF16 is converted when a layer reading the same input
+    is converted: it then pays only its weight's cast (see :mod:`hf_fp8.filter`)."""
+    converted = {d.name for d in decisions if d.converted}
+    for i, d in enumerate(decisions):
+        if d.converted or not d.reason.startswith(_SHAPE_RULE_MARK):
+            continue
+        ok, reason = False, d.reason.removeprefix(_SHAPE_RULE_MARK)
+        if any(s in converted for s in input_sharing_siblings(d.name)):
+            ok, reason = decide(d.name, modules[d.name])
+            reason = reason or ""
+        decisions[i] = ModuleDecision(d.name, d.in_features, d.out_features, ok, reason)
 
 
 def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -137,7 +155,7 @@ def convert(
     output_embeddings = _output_embedding_ids(model)
     embedding_weights = _embedding_weight_ids(model)
     decisions: list[ModuleDecision] = []
-    swaps: list[tuple[str, nn.Linear]] = []
+    candidates: dict[str, nn.Linear] = {}
     for name, module in model.named_modules():
         if isinstance(module, Fp8Linear):
             decisions.append(ModuleDecision(name, module.in_features, module.out_features, True, "already Fp8Linear"))
@@ -149,8 +167,15 @@ def convert(
         else:
             ok, reason = _decide(name, module, config, output_embeddings, embedding_weights, module_filter_fn)
         decisions.append(ModuleDecision(name, module.in_features, module.out_features, ok, reason))
-        if ok:
-            swaps.append((name, module))
+        candidates[name] = module
+    _convert_input_sharing_siblings(
+        decisions,
+        candidates,
+        lambda name, module: _decide(
+            name, module, config, output_embeddings, embedding_weights, module_filter_fn, shape_rule=False
+        ),
+    )
+    swaps = [(d.name, candidates[d.name]) for d in decisions if d.converted and d.name in candidates]
 
     for name, module in swaps:
         new = Fp8Linear.from_linear(module, config)

@@ -52,23 +52,60 @@ def test_lm_head_kept_even_without_size_filter_unless_disabled():
     assert not report["lm_head"].converted
 
 
-def test_auto_filter_on_llama3_8b_shapes():
-    """Llama-3-8B layer shapes on the meta device: the measured rule keeps q/k/v/o (16M and 4M
-    weights) in BF16 and converts the MLP (59M weights)."""
+@pytest.mark.parametrize("recipe", ["tensorwise", "delayed"])
+def test_auto_filter_on_llama3_8b_shapes(recipe):
+    """Llama-3-8B layer shapes on the meta device: every decoder linear converted (the in-model
+    sweep: q/o at 16.8M pay in this model; k and v, 4.2M, follow q, whose input they share),
+    the lm_head kept. Rowwise (per-layer thresholds) converts the MLPs only."""
     from transformers import LlamaForCausalLM
 
     with torch.device("meta"):
         model = LlamaForCausalLM(llama3_8b_config_on_meta(2))
-    report = hf_fp8.convert(model)
+    report = hf_fp8.convert(model, recipe)
+    projections = ("q_proj", "k_proj", "v_proj", "o_proj")
     conv = set(report.converted)
-    assert conv == {f"model.layers.{i}.mlp.{p}" for i in range(2) for p in ("gate_proj", "up_proj", "down_proj")}
-    assert "too small for FP8" in report["model.layers.0.self_attn.k_proj"].reason
-    table = str(report)
-    assert "model.layers.{0-1}.mlp.gate_proj" in table and "6 of 15 linear layers converted" in table
-    # rowwise needs larger weights: the MLP still qualifies (58.7M)
+    assert conv == {f"model.layers.{i}.mlp.{p}" for i in range(2) for p in ("gate_proj", "up_proj", "down_proj")} | {
+        f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in projections
+    }
+    assert "14 of 15 linear layers converted" in str(report)
     with torch.device("meta"):
         model = LlamaForCausalLM(llama3_8b_config_on_meta(1))
-    assert len(hf_fp8.convert(model, "rowwise").converted) == 3
+    report = hf_fp8.convert(model, "rowwise")
+    assert len(report.converted) == 3
+    assert "too small for FP8" in report["model.layers.0.self_attn.k_proj"].reason
+
+
+def test_auto_filter_on_llama_1b_shapes_converts_the_mlps_only():
+    """Llama-3.2-1B-like shapes (hidden 2048, MLP 8192): the MLPs (16.8M weights) pay in that model,
+    the attention projections (4.2M and 1M) do not, and no sibling rule applies to them."""
+    from llama_fixtures import tiny_llama_config
+    from transformers import LlamaForCausalLM
+
+    cfg = tiny_llama_config(hidden_size=2048, intermediate_size=8192, num_hidden_layers=1, num_attention_heads=32,
+                            num_key_value_heads=8, vocab_size=128256)  # fmt: skip
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    report = hf_fp8.convert(model, "delayed")
+    assert set(report.converted) == {f"model.layers.0.mlp.{p}" for p in ("gate_proj", "up_proj", "down_proj")}
+    reason = report["model.layers.0.self_attn.k_proj"].reason
+    assert "too small for FP8" in reason and not reason.startswith("\0")
+
+
+def test_input_sharing_siblings_follow_only_past_the_other_vetoes():
+    """A k/v kept by a pattern or by module_filter_fn stays kept even when q is converted."""
+    from transformers import LlamaForCausalLM
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(llama3_8b_config_on_meta(1))
+    report = hf_fp8.convert(model, hf_fp8.Fp8Config(exclude=("*.v_proj",)))
+    assert report["model.layers.0.self_attn.k_proj"].converted
+    assert report["model.layers.0.self_attn.v_proj"].reason.startswith("excluded by pattern")
+    with torch.device("meta"):
+        model = LlamaForCausalLM(llama3_8b_config_on_meta(1))
+    report = hf_fp8.convert(model, module_filter_fn=lambda m, name: not name.endswith("k_proj"))
+    assert not report["model.layers.0.self_attn.k_proj"].converted
+    assert report["model.layers.0.self_attn.k_proj"].reason == "rejected by module_filter_fn"
+    assert report["model.layers.0.self_attn.v_proj"].converted
 
 
 def test_filter_rules_and_reasons():
