@@ -128,7 +128,8 @@ class Fp8Config:
         auto_filter (`bool`, *optional*, defaults to `True`):
             Keep in high precision the layers where FP8 does not pay off: the output embedding
             (``lm_head``) and layers below the per-recipe size thresholds measured on an H100
-            (see :mod:`hf_fp8.filter`). Layers with a dimension not divisible by 16 are always
+            (see :mod:`hf_fp8.filter`), unless they share their input with a converted layer
+            (k/v with q, up with gate). Layers with a dimension not divisible by 16 are always
             kept, since the FP8 GEMM cannot take them.
         include (`tuple[str, ...]`, *optional*, defaults to `()`):
             Shell-style patterns (``fnmatch``) of module names to consider; empty means all.
