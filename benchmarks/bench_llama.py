@@ -94,7 +94,7 @@ def build(name: str, config: dict):
         )
     elif name.startswith("hf_fp8_"):
         # hf_fp8_<recipe>[_fp8attn][_all][_recast|_savedwt][_unfusedmlp][_jitlaunch][_percast][_wholeloss][_keptact]
-        # [_savedoproj][_mlponly|_attnonly][_compile]: _all converts every
+        # [_savedoproj][_mlponly|_attnonly|_nofp8][_compile]: _all converts every
         # decoder linear (no auto filter), as torchao does; _recast re-casts weight transposes in the backward, _savedwt keeps them
         # (save_weight_transpose=False); _unfusedmlp runs the MLP as three FP8 layers and a SwiGLU
         # kernel (hf_fp8.mlp_ops off); _jitlaunch launches Triton kernels through the JIT (hf_fp8.kernels._launch
@@ -126,7 +126,8 @@ def build(name: str, config: dict):
         # before 2026-11-24: plain variant names in older results files kept the transposes)
         wt = {"save_weight_transpose": True} if "savedwt" in flags else {}
         wt = {"save_weight_transpose": False} if "recast" in flags else wt
-        # _mlponly / _attnonly: every linear of the MLPs / of the attention blocks in FP8, the rest BF16
+        # _mlponly / _attnonly: every linear of the MLPs / of the attention blocks in FP8, the rest BF16;
+        # _nofp8: no FP8 layer (fused ops, FP32 RoPE and loss only)
         only = {"mlponly": ("*.mlp.*",), "attnonly": ("*.self_attn.*",)}
         include = next((only[f] for f in flags if f in only), ())
         fp8_cfg = hf_fp8.Fp8Config(
@@ -134,7 +135,7 @@ def build(name: str, config: dict):
             fp8_attention="fp8attn" in flags,
             auto_filter="all" not in flags and not include,
             include=include,
-            exclude=("lm_head",),
+            exclude=("*",) if "nofp8" in flags else ("lm_head",),
             **wt,
         )
         report = hf_fp8.convert(model, fp8_cfg)

@@ -41,7 +41,7 @@ def derive(path: Path = DEFAULT) -> dict[str, tuple[int, int]]:
 
 IN_MODEL = Path(__file__).parent / "results" / "llama_groups_h100.json"
 # the layer groups each in-model variant converts (besides the lm_head, never converted)
-_GROUPS_OF = {"all": ("attention", "mlp"), "mlponly": ("mlp",), "attnonly": ("attention",)}
+_GROUPS_OF = {"all": ("attention", "mlp"), "mlponly": ("mlp",), "attnonly": ("attention",), "nofp8": ()}
 
 
 def _leaders(config: dict, group: str) -> list[tuple[int, int]]:
@@ -53,28 +53,33 @@ def _leaders(config: dict, group: str) -> list[tuple[int, int]]:
     return [(h, i), (i, h)]  # gate_proj (up follows it), down_proj
 
 
-def derive_in_model(path: Path = IN_MODEL) -> tuple[int, int]:
+def derive_in_model(path: Path = IN_MODEL, recipe: str = "delayed") -> tuple[int, int]:
     """(min_weight_numel, min_dim) from whole-model steps: at each model size, the fastest of
-    ``hf_fp8_delayed_{all,mlponly,attnonly}``; the threshold is the smallest weight any fastest
-    variant converts, and must exceed every weight a fastest variant keeps in BF16."""
+    ``hf_fp8_<recipe>_{nofp8,all,mlponly,attnonly}``; the smallest weight and the smallest
+    dimension any fastest variant converts, if those keep every layer a fastest variant keeps
+    in BF16 (else a ValueError: no rule of this form fits the measurements)."""
     from benchmarks.bench_llama import CONFIGS
 
     rows = [r for r in json.loads(Path(path).read_text())["rows"] if "step_ms" in r]
+    prefix = f"hf_fp8_{recipe}_"
     converted, kept = [], []
     for cfg in sorted({r["config"] for r in rows}):
-        timed = {r["variant"].removeprefix("hf_fp8_delayed_"): r["step_ms"] for r in rows if r["config"] == cfg}
+        timed = {r["variant"].removeprefix(prefix): r["step_ms"] for r in rows if r["config"] == cfg}
         best = min((v for v in _GROUPS_OF if v in timed), key=timed.__getitem__)
         for group in ("attention", "mlp"):
             (converted if group in _GROUPS_OF[best] else kept).extend(_leaders(CONFIGS[cfg], group))
-    numel = min(k * n for k, n in converted)
-    if kept and max(k * n for k, n in kept) >= numel:
-        raise ValueError("no size threshold separates the layers the fastest variants convert from those they keep")
-    return numel, min(min(k, n) for k, n in converted)
+    if not converted:
+        return 1 << 62, 1 << 31  # nothing paid off: convert nothing
+    numel, dim = min(k * n for k, n in converted), min(min(k, n) for k, n in converted)
+    if any(k * n >= numel and min(k, n) >= dim for k, n in kept):
+        raise ValueError(f"{recipe}: no size rule keeps what the fastest variants keep and converts what they convert")
+    return numel, dim
 
 
 if __name__ == "__main__":
     path = Path(sys.argv[1]) if len(sys.argv) > 1 else DEFAULT
     for recipe, (numel, dim) in derive(path).items():
         print(f"{recipe:10s} min_weight_numel={numel:>11,d}  min_dim={dim}  (each layer alone, {path.name})")
-    numel, dim = derive_in_model()
-    print(f"in a model min_weight_numel={numel:>11,d}  min_dim={dim}  ({IN_MODEL.name}: tensorwise, delayed)")
+    for recipe in ("tensorwise", "delayed"):
+        numel, dim = derive_in_model(recipe=recipe)
+        print(f"{recipe:10s} min_weight_numel={numel:>11,d}  min_dim={dim}  (in a model, {IN_MODEL.name})")
