@@ -53,21 +53,32 @@ def _leaders(config: dict, group: str) -> list[tuple[int, int]]:
     return [(h, i), (i, h)]  # gate_proj (up follows it), down_proj
 
 
+def in_model_choices(path: Path = IN_MODEL, recipe: str = "delayed") -> list[tuple[int, int, bool]]:
+    """(in, out, converted by the fastest variant at its model size) for each group's leading layers."""
+    from benchmarks.bench_llama import CONFIGS
+
+    rows = [r for r in json.loads(Path(path).read_text())["rows"] if "step_ms" in r]
+    prefix = f"hf_fp8_{recipe}_"
+    out = []
+    for cfg in sorted({r["config"] for r in rows}):
+        timed = {r["variant"].removeprefix(prefix): r["step_ms"] for r in rows if r["config"] == cfg}
+        best = min((v for v in _GROUPS_OF if v in timed), key=timed.__getitem__)
+        out += [
+            (k, n, group in _GROUPS_OF[best])
+            for group in ("attention", "mlp")
+            for k, n in _leaders(CONFIGS[cfg], group)
+        ]
+    return out
+
+
 def derive_in_model(path: Path = IN_MODEL, recipe: str = "delayed") -> tuple[int, int]:
     """(min_weight_numel, min_dim) from whole-model steps: at each model size, the fastest of
     ``hf_fp8_<recipe>_{nofp8,all,mlponly,attnonly}``; the smallest weight and the smallest
     dimension any fastest variant converts, if those keep every layer a fastest variant keeps
     in BF16 (else a ValueError: no rule of this form fits the measurements)."""
-    from benchmarks.bench_llama import CONFIGS
-
-    rows = [r for r in json.loads(Path(path).read_text())["rows"] if "step_ms" in r]
-    prefix = f"hf_fp8_{recipe}_"
-    converted, kept = [], []
-    for cfg in sorted({r["config"] for r in rows}):
-        timed = {r["variant"].removeprefix(prefix): r["step_ms"] for r in rows if r["config"] == cfg}
-        best = min((v for v in _GROUPS_OF if v in timed), key=timed.__getitem__)
-        for group in ("attention", "mlp"):
-            (converted if group in _GROUPS_OF[best] else kept).extend(_leaders(CONFIGS[cfg], group))
+    choices = in_model_choices(path, recipe)
+    converted = [(k, n) for k, n, c in choices if c]
+    kept = [(k, n) for k, n, c in choices if not c]
     if not converted:
         return 1 << 62, 1 << 31  # nothing paid off: convert nothing
     numel, dim = min(k * n for k, n in converted), min(min(k, n) for k, n in converted)

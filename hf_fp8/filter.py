@@ -13,18 +13,19 @@ activation cast is shared").
 
 Where the numbers come from (H100):
 
-- tensorwise and delayed: a model, not a layer alone. ``python -m benchmarks.bench_llama
-  --configs 1b 8b --variants ... _all _mlponly _attnonly`` times an HF Llama step with every
-  decoder linear, only the MLPs or only the attention projections in FP8
-  (``benchmarks/results/llama_groups_h100.json``); ``benchmarks.derive_thresholds`` takes the
-  fastest at each size (1B-shaped: the MLPs only, 1.40x stock against 1.33x with none and 1.16x
-  with all; 8B-shaped: all, 1.451x against 1.416x for the MLPs only) and puts the threshold at
-  the smallest weight it converts (2048x8192 and 4096x4096: 16.8M), above the largest it keeps
-  (2048x2048: 4.2M). Timed alone, 4096x4096 was 0.75x: inside a model the host's launch work
-  hides behind other layers' GPU time, which a layer alone cannot show.
-- rowwise: each layer timed alone at M=8192 (``python -m benchmarks.bench_linear --sweep``,
-  ``benchmarks/results/linear_sweep_h100.json``), the smallest measured weight from which every
-  larger measured shape was faster in FP8: 4096x8192 1.18x, 4096x4096 0.55x. No in-model data.
+- delayed: a model, not a layer alone. ``python -m benchmarks.bench_llama --configs 1b 8b``
+  times an HF Llama step with no FP8 layer, every decoder linear, only the MLPs, or only the
+  attention projections in FP8 (variants ``_nofp8 _all _mlponly _attnonly``,
+  ``benchmarks/results/llama_groups_h100.json``); ``benchmarks.derive_thresholds`` takes the
+  fastest at each size and the smallest weight and dimension it converts: 8B-shaped, all
+  (179.0 ms against 185.0 for the MLPs only: the q/o projections, 4096x4096, pay inside this
+  model though 0.75x timed alone); 1B-shaped (hidden 2048), none (140.4 ms; the MLPs only
+  141.9, all 181.4). Hence 16.8M weights with both dimensions >= 4096.
+- tensorwise and rowwise: each layer timed alone at M=8192 (``python -m benchmarks.bench_linear
+  --sweep``, ``benchmarks/results/linear_sweep_h100.json``), the smallest measured weight from
+  which every larger measured shape was faster in FP8. For tensorwise this agrees with the
+  in-model runs (8B: the MLPs only 188.1 ms, all 188.4; 1B: none fastest), which cannot place
+  a threshold below the 8B MLP's 58.7M weights; the per-layer sweep can (4096x8192: 1.49x).
 
 Other GPUs, much smaller M (tokens per micro-batch) or a slow host move these. Override with
 ``auto_filter=False`` plus ``include``/``exclude`` patterns.
@@ -45,14 +46,13 @@ class ShapeThreshold:
     min_dim: int  # min(in_features, out_features)
 
 
-# Derived by benchmarks/derive_thresholds.py: tensorwise and delayed from the in-model group
-# sweep (benchmarks/results/llama_groups_h100.json, measured with delayed scaling; tensorwise
-# casts cost the same, and the per-layer sweep gave both recipes the same thresholds), rowwise
-# from the per-layer sweep (benchmarks/results/linear_sweep_h100.json). tests/test_filter.py
-# checks that these still match those files.
+# Derived by benchmarks/derive_thresholds.py: delayed from the in-model group sweep
+# (benchmarks/results/llama_groups_h100.json), tensorwise and rowwise from the per-layer sweep
+# (benchmarks/results/linear_sweep_h100.json). tests/test_filter.py checks that these still
+# match those files, and that tensorwise's agree with its in-model runs.
 THRESHOLDS: dict[Recipe, ShapeThreshold] = {
-    Recipe.TENSORWISE: ShapeThreshold(min_weight_numel=16_777_216, min_dim=2048),
-    Recipe.DELAYED: ShapeThreshold(min_weight_numel=16_777_216, min_dim=2048),
+    Recipe.TENSORWISE: ShapeThreshold(min_weight_numel=29_360_128, min_dim=2048),
+    Recipe.DELAYED: ShapeThreshold(min_weight_numel=16_777_216, min_dim=4096),
     Recipe.ROWWISE: ShapeThreshold(min_weight_numel=33_554_432, min_dim=4096),
 }
 

@@ -52,43 +52,40 @@ def test_lm_head_kept_even_without_size_filter_unless_disabled():
     assert not report["lm_head"].converted
 
 
-@pytest.mark.parametrize("recipe", ["tensorwise", "delayed"])
-def test_auto_filter_on_llama3_8b_shapes(recipe):
-    """Llama-3-8B layer shapes on the meta device: every decoder linear converted (the in-model
-    sweep: q/o at 16.8M pay in this model; k and v, 4.2M, follow q, whose input they share),
-    the lm_head kept. Rowwise (per-layer thresholds) converts the MLPs only."""
+def test_auto_filter_on_llama3_8b_shapes():
+    """Llama-3-8B layer shapes on the meta device. Delayed (in-model thresholds): every decoder
+    linear (q/o at 16.8M pay in this model; k and v, 4.2M, follow q, whose input they share);
+    tensorwise and rowwise (per-layer thresholds): the MLPs only. The lm_head stays."""
     from transformers import LlamaForCausalLM
 
-    with torch.device("meta"):
-        model = LlamaForCausalLM(llama3_8b_config_on_meta(2))
-    report = hf_fp8.convert(model, recipe)
-    projections = ("q_proj", "k_proj", "v_proj", "o_proj")
-    conv = set(report.converted)
-    assert conv == {f"model.layers.{i}.mlp.{p}" for i in range(2) for p in ("gate_proj", "up_proj", "down_proj")} | {
-        f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in projections
-    }
-    assert "14 of 15 linear layers converted" in str(report)
-    with torch.device("meta"):
-        model = LlamaForCausalLM(llama3_8b_config_on_meta(1))
-    report = hf_fp8.convert(model, "rowwise")
-    assert len(report.converted) == 3
-    assert "too small for FP8" in report["model.layers.0.self_attn.k_proj"].reason
+    mlp = {f"model.layers.{i}.mlp.{p}" for i in range(2) for p in ("gate_proj", "up_proj", "down_proj")}
+    attention = {f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "k_proj", "v_proj", "o_proj")}
+    expected = {"delayed": mlp | attention, "tensorwise": mlp, "rowwise": mlp}
+    for recipe, conv in expected.items():
+        with torch.device("meta"):
+            model = LlamaForCausalLM(llama3_8b_config_on_meta(2))
+        report = hf_fp8.convert(model, recipe)
+        assert set(report.converted) == conv, recipe
+        assert f"{len(conv)} of 15 linear layers converted" in str(report)
+        if recipe != "delayed":
+            assert "too small for FP8" in report["model.layers.0.self_attn.k_proj"].reason
 
 
-def test_auto_filter_on_llama_1b_shapes_converts_the_mlps_only():
-    """Llama-3.2-1B-like shapes (hidden 2048, MLP 8192): the MLPs (16.8M weights) pay in that model,
-    the attention projections (4.2M and 1M) do not, and no sibling rule applies to them."""
+def test_auto_filter_on_llama_1b_shapes_converts_nothing():
+    """Llama-3.2-1B-like shapes (hidden 2048, MLP 8192): no layer pays in that model (its fastest
+    step had no FP8 layer, for both recipes), so nothing is converted, and the reasons are clean."""
     from llama_fixtures import tiny_llama_config
     from transformers import LlamaForCausalLM
 
     cfg = tiny_llama_config(hidden_size=2048, intermediate_size=8192, num_hidden_layers=1, num_attention_heads=32,
                             num_key_value_heads=8, vocab_size=128256)  # fmt: skip
-    with torch.device("meta"):
-        model = LlamaForCausalLM(cfg)
-    report = hf_fp8.convert(model, "delayed")
-    assert set(report.converted) == {f"model.layers.0.mlp.{p}" for p in ("gate_proj", "up_proj", "down_proj")}
-    reason = report["model.layers.0.self_attn.k_proj"].reason
-    assert "too small for FP8" in reason and not reason.startswith("\0")
+    for recipe in ("tensorwise", "delayed"):
+        with torch.device("meta"):
+            model = LlamaForCausalLM(cfg)
+        report = hf_fp8.convert(model, recipe)
+        assert report.converted == []
+        reason = report["model.layers.0.self_attn.k_proj"].reason
+        assert "too small for FP8" in reason and not reason.startswith("\0")
 
 
 def test_input_sharing_siblings_follow_only_past_the_other_vetoes():
@@ -97,12 +94,12 @@ def test_input_sharing_siblings_follow_only_past_the_other_vetoes():
 
     with torch.device("meta"):
         model = LlamaForCausalLM(llama3_8b_config_on_meta(1))
-    report = hf_fp8.convert(model, hf_fp8.Fp8Config(exclude=("*.v_proj",)))
+    report = hf_fp8.convert(model, hf_fp8.Fp8Config(recipe="delayed", exclude=("*.v_proj",)))
     assert report["model.layers.0.self_attn.k_proj"].converted
     assert report["model.layers.0.self_attn.v_proj"].reason.startswith("excluded by pattern")
     with torch.device("meta"):
         model = LlamaForCausalLM(llama3_8b_config_on_meta(1))
-    report = hf_fp8.convert(model, module_filter_fn=lambda m, name: not name.endswith("k_proj"))
+    report = hf_fp8.convert(model, "delayed", module_filter_fn=lambda m, name: not name.endswith("k_proj"))
     assert not report["model.layers.0.self_attn.k_proj"].converted
     assert report["model.layers.0.self_attn.k_proj"].reason == "rejected by module_filter_fn"
     assert report["model.layers.0.self_attn.v_proj"].converted

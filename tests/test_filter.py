@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.derive_thresholds import DEFAULT, derive, derive_in_model
+from benchmarks.derive_thresholds import DEFAULT, derive, derive_in_model, in_model_choices
 from hf_fp8.config import Recipe
 from hf_fp8.filter import THRESHOLDS, passes_shape_rule
 
 
 def test_thresholds_match_the_committed_sweeps():
-    """Rowwise from the per-layer sweep; tensorwise and delayed from the in-model group sweep."""
+    """Tensorwise and rowwise from the per-layer sweep; delayed from the in-model group sweep; and
+    tensorwise's per-layer thresholds make the in-model runs' fastest choice at both sizes."""
     derived = derive(DEFAULT)
-    assert derived["rowwise"] == (THRESHOLDS[Recipe.ROWWISE].min_weight_numel, THRESHOLDS[Recipe.ROWWISE].min_dim)
-    in_model = derive_in_model()
-    for recipe in (Recipe.TENSORWISE, Recipe.DELAYED):
-        assert in_model == (THRESHOLDS[recipe].min_weight_numel, THRESHOLDS[recipe].min_dim), recipe
+    for recipe in (Recipe.TENSORWISE, Recipe.ROWWISE):
+        assert derived[recipe.value] == (THRESHOLDS[recipe].min_weight_numel, THRESHOLDS[recipe].min_dim), recipe
+    th = THRESHOLDS[Recipe.DELAYED]
+    assert derive_in_model(recipe="delayed") == (th.min_weight_numel, th.min_dim)
+    for k, n, converted in in_model_choices(recipe="tensorwise"):
+        assert passes_shape_rule(k, n, Recipe.TENSORWISE)[0] is converted, (k, n)
 
 
 def test_in_model_derivation_picks_the_fastest_variant(tmp_path):
@@ -39,12 +42,12 @@ def test_in_model_derivation_picks_the_fastest_variant(tmp_path):
 @pytest.mark.parametrize(
     "k, n, recipe, ok",
     [
-        (4096, 14336, Recipe.TENSORWISE, True),  # Llama-3-8B gate/up
-        (14336, 4096, Recipe.TENSORWISE, True),  # down
-        (4096, 4096, Recipe.TENSORWISE, True),  # q/o: 0.70x alone, but in the 8B-shaped model they pay
-        (4096, 1024, Recipe.TENSORWISE, False),  # k/v alone (converted with q: see the convert tests)
-        (2048, 8192, Recipe.DELAYED, True),  # Llama-3.2-1B-shaped MLP: pays in the model
-        (2048, 2048, Recipe.DELAYED, False),  # its q/o: slower in the model
+        (4096, 14336, Recipe.TENSORWISE, True),  # Llama-3-8B gate/up: 1.58x alone
+        (14336, 4096, Recipe.TENSORWISE, True),  # down: 1.47x
+        (4096, 4096, Recipe.TENSORWISE, False),  # q/o: 0.70x alone, no gain in the model with tensorwise
+        (4096, 4096, Recipe.DELAYED, True),  # q/o with delayed scaling: pay in the 8B-shaped model
+        (4096, 1024, Recipe.DELAYED, False),  # k/v alone (converted with q: see the convert tests)
+        (2048, 8192, Recipe.DELAYED, False),  # Llama-3.2-1B-shaped MLP: no gain in that model
         (4096, 4096, Recipe.ROWWISE, False),  # 0.55x for rowwise
         (8192, 4096, Recipe.ROWWISE, True),  # 1.15x
         (4096, 14336, Recipe.ROWWISE, True),  # 1.22x
