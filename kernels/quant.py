@@ -751,15 +751,19 @@ def delayed_scale_update(
             L,
             history.stride(0),
         ),
-        dict(
-            FP8_MAX=_check_fp8(fp8_dtype),
-            MIN_AMAX_C=MIN_AMAX,
-            MARGIN_MUL=float(2.0**-margin),
-            USE_MAX=use_max,
-            HAS_FLAG=nonfinite_flag is not None,
-            BLOCK_L=max(triton.next_power_of_2(L), 16),
-        ),
+        dict(_delayed_update_constexprs(fp8_dtype, use_max, margin, L), HAS_FLAG=nonfinite_flag is not None),
         4,
+    )
+
+
+def _delayed_update_constexprs(fp8_dtype: torch.dtype, use_max: bool, margin: int, L: int) -> dict:
+    """The compile-time arguments both delayed-update kernels take (history length L)."""
+    return dict(
+        FP8_MAX=_check_fp8(fp8_dtype),
+        MIN_AMAX_C=MIN_AMAX,
+        MARGIN_MUL=float(2.0**-margin),
+        USE_MAX=use_max,
+        BLOCK_L=max(triton.next_power_of_2(L), 16),
     )
 
 
@@ -799,13 +803,7 @@ def delayed_scale_update_many(
             L,
             first.stride(0),
         ),
-        dict(
-            FP8_MAX=_check_fp8(fp8_dtype),
-            MIN_AMAX_C=MIN_AMAX,
-            MARGIN_MUL=float(2.0**-margin),
-            USE_MAX=use_max,
-            BLOCK_L=max(triton.next_power_of_2(L), 16),
-        ),
+        _delayed_update_constexprs(fp8_dtype, use_max, margin, L),
         4,
     )
 
