@@ -67,10 +67,12 @@ def bench_ms(fn: Callable[[], object], *, warmup_ms: float = 25, rep_ms: float =
     return {"ms": q[0], "ms_p20": q[1], "ms_p80": q[2], "cudagraph": cudagraph}
 
 
-def time_training_steps(model, optimizer, batches, warmup: int) -> dict:
+def time_training_steps(model, optimizer, batches, warmup: int, forward_backward=None) -> dict:
     """Causal-LM training steps (labels = inputs) on each batch of ``batches``; the first
     ``warmup`` are not timed. Returns the median step time, tokens/s, peak memory since the
-    first step, and every step's loss (one host sync per step: the timing needs it anyway)."""
+    first step, and every step's loss (one host sync per step: the timing needs it anyway).
+    ``forward_backward(ids) -> loss`` replaces the eager forward and backward (a
+    :class:`hf_fp8.cuda_graph.CudaGraphStep`: its capture, in the first step, counts in the peak)."""
     import time
 
     cuda = torch.cuda.is_available()
@@ -82,8 +84,11 @@ def time_training_steps(model, optimizer, batches, warmup: int) -> dict:
     for i, ids in enumerate(batches):
         sync()
         t0 = time.perf_counter()
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
+        if forward_backward is None:
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+        else:
+            loss = forward_backward(ids)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         sync()

@@ -1,0 +1,218 @@
+"""A training step's forward and backward captured once as a CUDA graph and replayed.
+
+Why: an eager step of an 8-layer Llama-3-8B-shaped model with FP8 layers launches ~1100
+kernels, and the host needs about as long to launch a decoder layer's forward as the GPU
+needs to run it. The profile (``benchmarks/results/llama_profile_h100.json``) had the GPU
+waiting on the host for 10-12 ms of a 178-180 ms step, more on slower hosts; stock BF16
+waits 41 ms. Replaying one graph launches the whole forward and backward at once, so the GPU
+never waits; the optimizer (a few fused launches) stays eager. Nothing about the numerics
+changes: the graph runs the same kernels on the same data in the same order (delayed scaling's
+history updates included: they are device ops on the layers' own buffers).
+
+What a graph cannot do, and what this class therefore checks (clear errors, nothing silent):
+
+- shapes, dtypes and devices of the batch are fixed at capture (pad or pack to one length);
+  non-tensor arguments too;
+- the graph *writes* each parameter's gradient, it does not add to it: gradients must be
+  ``None`` when a step starts (``optimizer.zero_grad(set_to_none=True)``, the default);
+  gradient accumulation over micro-batches is therefore not supported;
+- Python that runs inside the forward runs once, at capture: hooks that decide something per
+  step (``Fp8Config(nonfinite="raise")``'s host check, which syncs) are refused;
+- the step needs a CUDA GPU.
+
+Capture runs ``warmup_iters`` eager forward+backward passes of the first batch on a side stream
+first (Triton compiles, cuBLAS handles, delayed scaling's first casts), as CUDA graph capture
+requires; their gradients are dropped, and delayed-scaling histories that were already seeded
+are restored afterwards, so the first replay sees exactly the state an eager step would.
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from hf_fp8.config import NonFinitePolicy
+from hf_fp8.linear import Fp8Linear
+
+__all__ = ["CudaGraphStep"]
+
+
+def _loss_of(output: Any) -> torch.Tensor:
+    loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", output)
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        raise ValueError(
+            "CudaGraphStep: the model must return a scalar loss (pass labels, or give loss_fn=); got "
+            f"{type(loss).__name__}"
+        )
+    return loss
+
+
+def _signature(batch: dict[str, Any]) -> dict[str, Any]:
+    """What a replay must match: each tensor's shape, dtype and device; other values as they are."""
+    return {
+        k: (tuple(v.shape), v.dtype, v.device) if isinstance(v, torch.Tensor) else ("value", v)
+        for k, v in batch.items()
+    }
+
+
+class CudaGraphStep:
+    """``loss = step(**batch)`` runs ``model(**batch)``'s forward and backward as one CUDA graph.
+
+    The first call captures (after ``warmup_iters`` eager passes of that batch); every later
+    call copies the batch into the graph's input buffers and replays. Gradients land in each
+    parameter's ``.grad`` as ``loss.backward()`` would leave them; the returned loss is a fresh
+    tensor (the graph's own is overwritten by the next replay). Then step the optimizer and
+    ``zero_grad(set_to_none=True)`` as usual.
+
+    ``loss_fn(output) -> loss`` picks the loss from the model's output (default:
+    ``output.loss``).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        warmup_iters: int = 2,
+        loss_fn: Callable[[Any], torch.Tensor] | None = None,
+    ) -> None:
+        if warmup_iters < 1:
+            raise ValueError(
+                f"warmup_iters must be >= 1 (CUDA graph capture needs an eager pass first), got {warmup_iters}"
+            )
+        for name, m in model.named_modules():
+            if isinstance(m, Fp8Linear) and m.fp8_config.nonfinite is NonFinitePolicy.RAISE:
+                raise ValueError(
+                    f"CudaGraphStep: {name} has Fp8Config(nonfinite='raise'), whose check waits for the GPU "
+                    "inside the forward; a CUDA graph cannot. Use nonfinite='record' and read "
+                    "hf_fp8.nonfinite_modules(model) after steps instead."
+                )
+        self.model = model
+        self.warmup_iters = warmup_iters
+        self.loss_fn = loss_fn or _loss_of
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self._static_batch: dict[str, Any] = {}
+        self._signature: dict[str, Any] = {}
+        self._static_loss: torch.Tensor | None = None
+        self._grads: list[tuple[nn.Parameter, torch.Tensor]] = []
+        self._training: bool | None = None
+
+    # ------------------------------------------------------------------ checks
+    def _trainable(self) -> list[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def _check_device(self, batch: dict[str, Any]) -> None:
+        if not torch.cuda.is_available():
+            raise RuntimeError("CudaGraphStep needs a CUDA GPU; on this machine run the step eagerly.")
+        params = list(self.model.parameters())
+        if params and not params[0].is_cuda:
+            raise RuntimeError(f"CudaGraphStep: the model is on {params[0].device}; move it to the GPU first.")
+        for k, v in batch.items():
+            if isinstance(v, torch.Tensor) and not v.is_cuda:
+                raise ValueError(f"CudaGraphStep: batch[{k!r}] is on {v.device}; move the batch to the GPU.")
+
+    def _check_no_pending_grads(self) -> None:
+        stale = [p for p in self._trainable() if p.grad is not None]
+        if stale:
+            raise RuntimeError(
+                f"CudaGraphStep: {len(stale)} parameters still hold gradients from an earlier step. The graph "
+                "writes gradients (it does not add to them), so they would be lost: call "
+                "optimizer.zero_grad(set_to_none=True) after each optimizer step. Gradient accumulation "
+                "over micro-batches is not supported in a CUDA graph step."
+            )
+
+    def _check_same_step(self, batch: dict[str, Any]) -> None:
+        sig = _signature(batch)
+        if sig != self._signature:
+            changed = sorted(k for k in sig.keys() | self._signature.keys() if sig.get(k) != self._signature.get(k))
+            raise ValueError(
+                f"CudaGraphStep was captured for {self._signature}; this batch differs in {changed}. A CUDA graph "
+                "has fixed shapes: pad or pack every batch to one shape, or build a new CudaGraphStep."
+            )
+        if self.model.training != self._training:
+            raise RuntimeError("CudaGraphStep: the model's train/eval mode changed since capture.")
+        if [p for p, _ in self._grads] != self._trainable():
+            raise RuntimeError("CudaGraphStep: the set of trainable parameters changed since capture.")
+
+    # ----------------------------------------------------------------- capture
+    def _forward_backward(self, batch: dict[str, Any]) -> torch.Tensor:
+        loss = self.loss_fn(self.model(**batch))
+        loss.backward()
+        return loss
+
+    def _capture(self, batch: dict[str, Any]) -> None:
+        self._check_no_pending_grads()
+        self._static_batch = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        self._signature = _signature(batch)
+        self._training = self.model.training
+        delayed = _seeded_delayed_state(self.model)
+
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(self.warmup_iters):
+                self._forward_backward(self._static_batch)
+                for p in self._trainable():
+                    p.grad = None
+        torch.cuda.current_stream().wait_stream(side)
+        _restore_delayed_state(delayed)
+        # the warm-up's activations sit in the allocator's cache; the graph takes its own pool
+        gc.collect()
+        torch.cuda.empty_cache()
+
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            loss = self._forward_backward(self._static_batch)
+        self._static_loss = loss.detach()
+        params = self._trainable()
+        missing = [p for p in params if p.grad is None]
+        if missing:
+            raise RuntimeError(
+                f"CudaGraphStep: {len(missing)} trainable parameters got no gradient in the captured backward; "
+                "freeze them (requires_grad_(False)) so the graph's gradients cover every trainable parameter."
+            )
+        self._grads = [(p, p.grad) for p in params]
+        self.graph = graph
+
+    # -------------------------------------------------------------------- step
+    def __call__(self, **batch: Any) -> torch.Tensor:
+        self._check_device(batch)
+        if self.graph is None:
+            self._capture(batch)
+        else:
+            self._check_no_pending_grads()
+            self._check_same_step(batch)
+            for k, v in batch.items():
+                if isinstance(v, torch.Tensor):
+                    self._static_batch[k].copy_(v)
+        self.graph.replay()
+        for p, g in self._grads:
+            p.grad = g
+        return self._static_loss.clone()
+
+
+def _seeded_delayed_state(model: nn.Module) -> list[tuple[Fp8Linear, list[int], torch.Tensor, torch.Tensor]]:
+    """Copies of the delayed-scaling buffers of every layer with a seeded slot, and which slots.
+
+    Slots not yet seeded keep what the warm-up gave them: their first cast seeds from the
+    current amax, and the warm-up ran on the batch the first replay runs on, so the history
+    holds that batch's amax (repeated, which the max and most-recent rules ignore). Slots a
+    layer never casts itself (k/v and up read q's and gate's input cast) stay unseeded."""
+    saved = []
+    for m in model.modules():
+        state = getattr(m, "_fp8_delayed", None)
+        if isinstance(m, Fp8Linear) and state is not None and any(state.seeded):
+            slots = [i for i, seeded in enumerate(state.seeded) if seeded]
+            saved.append((m, slots, state.history.detach().clone(), state.scale.detach().clone()))
+    return saved
+
+
+def _restore_delayed_state(saved: list[tuple[Fp8Linear, list[int], torch.Tensor, torch.Tensor]]) -> None:
+    for m, slots, history, scale in saved:
+        state = m._fp8_delayed
+        state.history[:, slots] = history[:, slots]
+        state.scale[slots] = scale[slots]
+        state.pending = [False, False, False]
