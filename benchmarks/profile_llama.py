@@ -68,16 +68,40 @@ def profile_variant(name: str, config: dict, batch: int, seq: int, warmup: int, 
     model, opt, note = build(name, config)
     batches = bigram_batches(batch, seq, config["vocab_size"], warmup + steps)
 
-    def step(ids):
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
+    graphed = None
+    if "_graph" in name:  # forward and backward replayed as one CUDA graph (hf_fp8.CudaGraphStep)
+        import hf_fp8
+
+        graphed = hf_fp8.CudaGraphStep(model)
+    events_at = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+
+    def step(ids, timed: bool = False):
+        if timed:
+            events_at[0].record()
+        if graphed is None:
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+        else:
+            loss = graphed(input_ids=ids, labels=ids)
+        if timed:
+            events_at[1].record()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if timed:
+            events_at[2].record()
         return loss
 
     for ids in batches[:warmup]:
         step(ids)
     torch.cuda.synchronize()
+    # GPU time of the forward+backward and of the optimizer (event to event: host gaps included)
+    phases = []
+    for ids in batches[:warmup]:
+        step(ids, timed=True)
+        torch.cuda.synchronize()
+        phases.append((events_at[0].elapsed_time(events_at[1]), events_at[1].elapsed_time(events_at[2])))
+    phases.sort()
+    fwd_bwd_ms, optimizer_ms = phases[len(phases) // 2]
     static_gb = torch.cuda.memory_allocated() / 1e9
     torch.cuda.reset_peak_memory_stats()
     acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
@@ -131,6 +155,8 @@ def profile_variant(name: str, config: dict, batch: int, seq: int, warmup: int, 
         category_ms={k: round(v, 3) for k, v in sorted(by_cat.items(), key=lambda kv: -kv[1])},
         top_kernels=[dict(name=n[:160], ms=round(v[0], 3), calls=v[1] // steps, category=v[2]) for n, v in top],
         host_syncs=syncs,
+        fwd_bwd_event_ms=fwd_bwd_ms,
+        optimizer_event_ms=optimizer_ms,
         static_mem_gb=static_gb,
         peak_mem_gb=peak_gb,
         activation_and_temp_gb=peak_gb - static_gb,
