@@ -100,6 +100,8 @@ def time_training_steps(model, optimizer, batches, warmup: int, forward_backward
         step_ms=ms,
         tokens_per_s=ids.numel() / (ms / 1e3),
         peak_mem_gb=torch.cuda.max_memory_allocated() / 1e9 if cuda else 0.0,
+        # a CUDA graph's replays use its private pool without allocating: only what is reserved shows them
+        peak_reserved_gb=torch.cuda.max_memory_reserved() / 1e9 if cuda else 0.0,
         losses=losses,
     )
 
