@@ -151,9 +151,10 @@ class CudaGraphStep:
         self._training = self.model.training
         delayed = _seeded_delayed_state(self.model)
 
+        masks = _MaskAsInEager(self.model, batch)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
+        with torch.cuda.stream(side), masks.recording():
             for _ in range(self.warmup_iters):
                 self._forward_backward(self._static_batch)
                 for p in self._trainable():
@@ -165,7 +166,7 @@ class CudaGraphStep:
         torch.cuda.empty_cache()
 
         graph = torch.cuda.CUDAGraph()
-        with _unpacked_sequences(batch), torch.cuda.graph(graph):
+        with masks.capturing(), torch.cuda.graph(graph):
             loss = self._forward_backward(self._static_batch)
         self._static_loss = loss.detach()
         params = self._trainable()
@@ -220,27 +221,52 @@ def _restore_delayed_state(saved: list[tuple[Fp8Linear, list[int], torch.Tensor,
         state.pending = [False, False, False]
 
 
-@contextlib.contextmanager
-def _unpacked_sequences(batch: dict[str, Any]):
-    """While capturing: tell transformers' mask builder the batch holds one sequence per row.
+class _MaskAsInEager:
+    """Makes the capture build the attention mask the eager warm-up built: none, when it built none.
 
     Without ``position_ids`` and ``attention_mask`` the model numbers positions 0..S-1 itself, so
-    transformers' packed-sequence check (``find_packed_sequence_indices``) always answers "not
-    packed" in eager mode, and SDPA runs with ``is_causal=True``. The check reads the data, so
-    during a capture transformers skips it and builds an explicit (B, 1, S, S) mask instead:
-    attention measured 3x slower (cuDNN's flash backward 40 vs 12.5 ms per step at S=4096).
-    With either argument given, the mask depends on the data and is built inside the graph."""
-    try:
-        from transformers import masking_utils
-    except ImportError:
-        yield
-        return
-    original = getattr(masking_utils, "find_packed_sequence_indices", None)
-    if original is None or "position_ids" in batch or "attention_mask" in batch:
-        yield
-        return
-    masking_utils.find_packed_sequence_indices = lambda position_ids: None
-    try:
-        yield
-    finally:
-        masking_utils.find_packed_sequence_indices = original
+    transformers' mask builder returns no mask in eager mode and SDPA runs with ``is_causal=True``.
+    Some of its checks read the data (the packed-sequence check), so during a capture transformers
+    skips them and builds an explicit (B, 1, S, S) mask instead: attention measured 3x slower
+    (cuDNN's flash backward 40 vs 12.5 ms per step at S=4096). The warm-up records what the mask
+    function of the model's attention returned; if it was always nothing, the capture gets
+    nothing too. With either argument given, the mask depends on the data and is built inside
+    the graph, as transformers builds it."""
+
+    def __init__(self, model: nn.Module, batch: dict[str, Any]) -> None:
+        self.key = getattr(getattr(model, "config", None), "_attn_implementation", None)
+        self.applies = self.key is not None and "attention_mask" not in batch and "position_ids" not in batch
+        self.eager_results: list[bool] = []  # per call in the warm-up: True when no mask was built
+
+    @contextlib.contextmanager
+    def _wrapped(self, make_wrapper):
+        try:
+            from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+        except ImportError:
+            yield
+            return
+        if not self.applies or self.key not in ALL_MASK_ATTENTION_FUNCTIONS:
+            yield
+            return
+        original = ALL_MASK_ATTENTION_FUNCTIONS[self.key]
+        ALL_MASK_ATTENTION_FUNCTIONS[self.key] = make_wrapper(original)
+        try:
+            yield
+        finally:
+            ALL_MASK_ATTENTION_FUNCTIONS[self.key] = original
+
+    def recording(self):
+        def make(original):
+            def record(*args, **kwargs):
+                mask = original(*args, **kwargs)
+                self.eager_results.append(mask is None)
+                return mask
+
+            return record
+
+        return self._wrapped(make)
+
+    def capturing(self):
+        if not (self.eager_results and all(self.eager_results)):
+            return contextlib.nullcontext()
+        return self._wrapped(lambda original: lambda *args, **kwargs: None)

@@ -6,6 +6,8 @@ checks there that replayed steps equal eager ones (losses, gradients, weights, h
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from helpers import assert_bits_equal
@@ -69,3 +71,31 @@ def test_warm_up_passes_leave_seeded_histories_as_they_were():
     _step(twin, 2)
     for (k, v), w in zip(fp8_state_dict(model).items(), fp8_state_dict(twin).values()):
         assert_bits_equal(v, w, k)
+
+
+def test_capture_builds_no_mask_where_the_eager_warm_up_built_none():
+    """Positions numbered by the model: transformers builds no mask in eager mode (SDPA's
+    is_causal), but would build an explicit one while capturing; the capture is told what the
+    warm-up saw. With an attention mask or position ids the mask depends on the data: left alone."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    from hf_fp8.cuda_graph import _MaskAsInEager
+
+    model = tiny_llama(seed=1, attn_implementation="sdpa")
+    ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
+    original = ALL_MASK_ATTENTION_FUNCTIONS["sdpa"]
+    masks = _MaskAsInEager(model, {"input_ids": ids, "labels": ids})
+    with masks.recording():
+        model(input_ids=ids, labels=ids)
+    assert masks.eager_results and all(masks.eager_results)
+    assert ALL_MASK_ATTENTION_FUNCTIONS["sdpa"] is original
+    with masks.capturing():
+        assert ALL_MASK_ATTENTION_FUNCTIONS["sdpa"] is not original
+        assert ALL_MASK_ATTENTION_FUNCTIONS["sdpa"](batch_size=2, cache_position=torch.arange(16)) is None
+    assert ALL_MASK_ATTENTION_FUNCTIONS["sdpa"] is original
+
+    padded = _MaskAsInEager(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    assert not padded.applies
+    with padded.recording():
+        model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    assert padded.eager_results == [] and isinstance(padded.capturing(), type(contextlib.nullcontext()))
