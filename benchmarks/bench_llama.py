@@ -94,7 +94,7 @@ def build(name: str, config: dict):
         )
     elif name.startswith("hf_fp8_"):
         # hf_fp8_<recipe>[_fp8attn][_all][_recast|_savedwt][_unfusedmlp][_jitlaunch][_percast][_wholeloss][_keptact]
-        # [_savedoproj][_mlponly|_attnonly|_nofp8][_graph][_compile]: _all converts every
+        # [_savedoproj][_mlponly|_attnonly|_nofp8][_fastacc][_graph][_compile]: _all converts every
         # decoder linear (no auto filter), as torchao does; _recast re-casts weight transposes in the backward, _savedwt keeps them
         # (save_weight_transpose=False); _unfusedmlp runs the MLP as three FP8 layers and a SwiGLU
         # kernel (hf_fp8.mlp_ops off); _jitlaunch launches Triton kernels through the JIT (hf_fp8.kernels._launch
@@ -103,7 +103,8 @@ def build(name: str, config: dict):
         # the loss before 2026-11-24), _chunk<N> / _block<N> set its chunk / gradient block in tokens; _keptact keeps down's transposed FP8 input from the forward
         # (hf_fp8.mlp_ops.RECOMPUTE_DOWN_INPUT_T off; the default before 2026-11-24); _savedoproj keeps
         # o_proj's FP8 transposed input (no re-cast from the attention output; before 2026-11-24);
-        # _graph runs each step's forward and backward as one CUDA graph (hf_fp8.CudaGraphStep);
+        # _fastacc: Fp8Config(use_fast_accum=True) (the forward GEMMs accumulate as torchao's do);
+        # _graph runs each step's forward and backward as one CUDA graph (benchmarks.graph_step);
         # _compile compiles each decoder layer, as the other _compile variants do
         from hf_fp8 import loss as hf_loss
         from hf_fp8 import mlp_ops
@@ -137,6 +138,7 @@ def build(name: str, config: dict):
             auto_filter="all" not in flags and not include,
             include=include,
             exclude=("*",) if "nofp8" in flags else ("lm_head",),
+            use_fast_accum="fastacc" in flags,
             **wt,
         )
         report = hf_fp8.convert(model, fp8_cfg)
@@ -180,9 +182,9 @@ def run_variant(name: str, config: dict, batch: int, seq: int, warmup: int, step
 
     forward_backward = None
     if "_graph" in name:
-        import hf_fp8
+        from benchmarks.graph_step import GraphStep
 
-        graphed = hf_fp8.CudaGraphStep(model)
+        graphed = GraphStep(model)
         forward_backward = lambda ids: graphed(input_ids=ids, labels=ids)  # noqa: E731
         note += "; CUDA graph step"
     t_start = time.perf_counter()
