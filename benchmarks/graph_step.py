@@ -178,6 +178,10 @@ class GraphStep:
         self.graph = graph
 
     # -------------------------------------------------------------------- step
+    def forward_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """A causal-LM step on ``ids`` (labels = inputs), as the benchmarks run it."""
+        return self(input_ids=ids, labels=ids)
+
     def __call__(self, **batch: Any) -> torch.Tensor:
         self._check_device(batch)
         if self.graph is None:
