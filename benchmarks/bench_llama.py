@@ -104,7 +104,7 @@ def build(name: str, config: dict):
         # (hf_fp8.mlp_ops.RECOMPUTE_DOWN_INPUT_T off; the default before 2026-11-24); _savedoproj keeps
         # o_proj's FP8 transposed input (no re-cast from the attention output; before 2026-11-24);
         # _fastacc: Fp8Config(use_fast_accum=True) (the forward GEMMs accumulate as torchao's do);
-        # _graph runs each step's forward and backward as one CUDA graph (benchmarks.graph_step);
+        # _graph runs each step's forward and backward as one CUDA graph (hf_fp8.cuda_graph);
         # _compile compiles each decoder layer, as the other _compile variants do
         from hf_fp8 import loss as hf_loss
         from hf_fp8 import mlp_ops
@@ -182,9 +182,9 @@ def run_variant(name: str, config: dict, batch: int, seq: int, warmup: int, step
 
     forward_backward = None
     if "_graph" in name:
-        from benchmarks.graph_step import GraphStep
+        from hf_fp8.cuda_graph import CudaGraphStep
 
-        forward_backward = GraphStep(model).forward_ids
+        forward_backward = CudaGraphStep(model).forward_ids
         note += "; CUDA graph step"
     t_start = time.perf_counter()
     batches = bigram_batches(batch, seq, config["vocab_size"], warmup + steps)

@@ -72,7 +72,7 @@ def time_training_steps(model, optimizer, batches, warmup: int, forward_backward
     ``warmup`` are not timed. Returns the median step time, tokens/s, peak memory since the
     first step, and every step's loss (one host sync per step: the timing needs it anyway).
     ``forward_backward(ids) -> loss`` replaces the eager forward and backward (a
-    :class:`benchmarks.graph_step.GraphStep`: its capture, in the first step, counts in the peak)."""
+    :class:`hf_fp8.CudaGraphStep`: its capture, in the first step, counts in the peak)."""
     import time
 
     cuda = torch.cuda.is_available()

@@ -69,10 +69,10 @@ def profile_variant(name: str, config: dict, batch: int, seq: int, warmup: int, 
     batches = bigram_batches(batch, seq, config["vocab_size"], warmup + steps)
 
     graphed = None
-    if "_graph" in name:  # forward and backward replayed as one CUDA graph (GraphStep)
-        from benchmarks.graph_step import GraphStep
+    if "_graph" in name:  # forward and backward replayed as one CUDA graph (CudaGraphStep)
+        from hf_fp8.cuda_graph import CudaGraphStep
 
-        graphed = GraphStep(model)
+        graphed = CudaGraphStep(model)
     events_at = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
 
     def step(ids, timed: bool = False):

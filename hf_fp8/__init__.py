@@ -15,6 +15,7 @@ from hf_fp8 import monitor, optim
 from hf_fp8._backend import fp8_gemm_supported, kernel_backend
 from hf_fp8.config import AmaxComputeAlgo, Fp8Config, Fp8Format, NonFinitePolicy, Recipe
 from hf_fp8.convert import convert, nonfinite_modules, reset_nonfinite, revert
+from hf_fp8.cuda_graph import CudaGraphStep
 from hf_fp8.dtypes import set_default_dtype
 from hf_fp8.integrations.loss import patch_loss, unpatch_loss
 from hf_fp8.integrations.rope import RopePatch, patch_rope, unpatch_rope
@@ -57,6 +58,7 @@ __all__ = [
     "Trainer",
     "TrainingArguments",
     "ConversionReport",
+    "CudaGraphStep",
     "Fp8Config",
     "Fp8Format",
     "Fp8Linear",

@@ -1,6 +1,6 @@
-"""``benchmarks.graph_step.GraphStep`` (a measurement tool) on the CPU: its refusals and its delayed-scaling bookkeeping.
+"""``hf_fp8.CudaGraphStep`` on the CPU: its refusals and its delayed-scaling bookkeeping.
 
-Capture and replay need a GPU; ``tests/test_gpu.py::test_graph_step_equals_eager_steps_on_gpu``
+Capture and replay need a GPU; ``tests/test_gpu.py::test_cuda_graph_step_equals_eager_steps_on_gpu``
 checks there that replayed steps equal eager ones (losses, gradients, weights, histories).
 """
 
@@ -14,7 +14,7 @@ from helpers import assert_bits_equal
 from llama_fixtures import tiny_llama
 
 import hf_fp8
-from benchmarks.graph_step import GraphStep, _restore_delayed_state, _seeded_delayed_state
+from hf_fp8.cuda_graph import CudaGraphStep, _restore_delayed_state, _seeded_delayed_state
 from hf_fp8.state import fp8_state_dict
 
 
@@ -35,14 +35,14 @@ def test_refuses_to_run_without_a_gpu():
     model = _delayed_llama()
     ids = torch.zeros(1, 16, dtype=torch.long)
     with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
-        GraphStep(model)(input_ids=ids, labels=ids)
+        CudaGraphStep(model)(input_ids=ids, labels=ids)
 
 
 def test_refuses_what_a_graph_cannot_replay():
     with pytest.raises(ValueError, match="nonfinite='raise'"):
-        GraphStep(_delayed_llama(nonfinite="raise"))
+        CudaGraphStep(_delayed_llama(nonfinite="raise"))
     with pytest.raises(ValueError, match="warmup_iters"):
-        GraphStep(_delayed_llama(), warmup_iters=0)
+        CudaGraphStep(_delayed_llama(), warmup_iters=0)
 
 
 def test_warm_up_passes_leave_seeded_histories_as_they_were():
@@ -79,7 +79,7 @@ def test_capture_builds_no_mask_where_the_eager_warm_up_built_none():
     warm-up saw. With an attention mask or position ids the mask depends on the data: left alone."""
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
-    from benchmarks.graph_step import _MaskAsInEager
+    from hf_fp8.cuda_graph import _MaskAsInEager
 
     model = tiny_llama(seed=1, attn_implementation="sdpa")
     ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))

@@ -1,28 +1,42 @@
-"""A training step's forward and backward captured once as a CUDA graph and replayed: a
-measurement tool, not part of the library.
+"""A training step's forward and backward captured once as a CUDA graph and replayed.
 
-    step = GraphStep(model); loss = step(input_ids=ids, labels=ids); optimizer.step(); ...
+    step = hf_fp8.CudaGraphStep(model)
+    for ids in batches:                      # every batch the same shape
+        loss = step(input_ids=ids, labels=ids)   # forward + backward: one graph replay
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
-Why it was built: the profile of an 8-layer Llama-3-8B-shaped model with FP8 layers
-(``benchmarks/results/llama_profile_h100.json``) had the GPU waiting on the host for 10-12 ms of
-a 178-180 ms step (41 ms for stock BF16), which suggested the step was partly launch-bound.
-Replaying the forward and backward as one graph removes every launch from the host. Measured
-(``benchmarks/results/llama_graph_h100.json``): 177.6 ms graphed against 177.8 ms eager (stock BF16
-260.9 against 260.6): the unprofiled eager step is GPU-bound already; the host wait in the
-profile is the profiler's own per-launch overhead. The graph's private memory pool also
-reserves 1.4 GB more than the eager step. So the library does not offer it.
+Why: an eager step launches every kernel from Python, and an FP8 layer launches more of them
+(casts, scale updates) for less GPU time than a BF16 one. Where the layers are small the
+GPU waits for the host: on the lent H100, Llama-3.2-1B shapes (16 layers, B=2, S=4096) with
+every decoder linear in FP8 took 153.8 ms per step eagerly and 121.8 ms replayed as a graph
+(stock BF16 187.1 ms, our eager default with BF16 layers 141.3 ms;
+``benchmarks/results/llama_graph_1b_h100.json``). With Llama-3-8B shapes the eager step is
+already GPU-bound: 178.0 against 181.9 ms (``llama_graph_h100.json``). Nothing about the
+numerics changes: the graph runs the same kernels on the same data in the same order (delayed
+scaling's history updates included: device ops on the layers' own buffers). The optimizer
+stays eager (a few fused launches).
 
-What a graph cannot do, and what this class checks (clear errors): shapes, dtypes and devices
-of the batch are fixed at capture, non-tensor arguments too; the graph *writes* each
-parameter's gradient, so gradients must be ``None`` when a step starts (no gradient
-accumulation); Python inside the forward runs once, at capture (``Fp8Config(nonfinite="raise")``
-is refused: its check syncs); the step needs a CUDA GPU. Capture runs ``warmup_iters`` eager
-passes of the first batch on a side stream first; their gradients are dropped, and delayed
-scaling's already seeded histories are restored, so the first replay starts where an eager step
-would. Known failure, not investigated further: capturing a model that already ran an eager
-backward in the same process (on the default stream) fails in the captured backward with
-``cudaErrorStreamCaptureImplicit`` (seen with the delayed recipe,
-``tests/test_gpu.py::test_graph_step_equals_eager_steps_on_gpu``); build the step first.
+What a graph cannot do, and what this class checks (clear errors, nothing silent):
+
+- shapes, dtypes and devices of the batch are fixed at capture (pad or pack to one length);
+  non-tensor arguments too;
+- the graph *writes* each parameter's gradient, it does not add to it: gradients must be
+  ``None`` when a step starts (``optimizer.zero_grad(set_to_none=True)``, the default);
+  gradient accumulation over micro-batches is therefore not supported;
+- Python inside the forward runs once, at capture: ``Fp8Config(nonfinite="raise")``, whose
+  check syncs, is refused;
+- a batch with ``attention_mask`` or ``position_ids`` gets the explicit mask transformers builds
+  while capturing (correct, but attention measured 3x slower than SDPA's causal path): leave
+  them out when every row is one unpadded sequence;
+- the step needs a CUDA GPU.
+
+Capture runs ``warmup_iters`` eager forward+backward passes of the first batch on a side stream
+first (Triton compiles, cuBLAS handles, delayed scaling's first casts), as CUDA graph capture
+requires; their gradients are dropped, and delayed-scaling histories that were already seeded
+are restored afterwards, so the first replay starts where an eager step would. The graph keeps
+its own memory pool: the lent H100 reserved 27.4 GB for the 8B-shaped model against 26.1 GB
+eagerly.
 """
 
 from __future__ import annotations
@@ -38,14 +52,14 @@ from torch import nn
 from hf_fp8.config import NonFinitePolicy
 from hf_fp8.linear import Fp8Linear
 
-__all__ = ["GraphStep"]
+__all__ = ["CudaGraphStep"]
 
 
 def _loss_of(output: Any) -> torch.Tensor:
     loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", output)
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
         raise ValueError(
-            f"GraphStep: the model must return a scalar loss (pass labels, or give loss_fn=); got {type(loss).__name__}"
+            f"CudaGraphStep: the model must return a scalar loss (pass labels, or give loss_fn=); got {type(loss).__name__}"
         )
     return loss
 
@@ -58,7 +72,7 @@ def _signature(batch: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-class GraphStep:
+class CudaGraphStep:
     """``loss = step(**batch)`` runs ``model(**batch)``'s forward and backward as one CUDA graph.
 
     The first call captures (after ``warmup_iters`` eager passes of that batch); every later
@@ -85,7 +99,7 @@ class GraphStep:
         for name, m in model.named_modules():
             if isinstance(m, Fp8Linear) and m.fp8_config.nonfinite is NonFinitePolicy.RAISE:
                 raise ValueError(
-                    f"GraphStep: {name} has Fp8Config(nonfinite='raise'), whose check waits for the GPU "
+                    f"CudaGraphStep: {name} has Fp8Config(nonfinite='raise'), whose check waits for the GPU "
                     "inside the forward; a CUDA graph cannot. Use nonfinite='record' and read "
                     "hf_fp8.nonfinite_modules(model) after steps instead."
                 )
@@ -105,19 +119,19 @@ class GraphStep:
 
     def _check_device(self, batch: dict[str, Any]) -> None:
         if not torch.cuda.is_available():
-            raise RuntimeError("GraphStep needs a CUDA GPU; on this machine run the step eagerly.")
+            raise RuntimeError("CudaGraphStep needs a CUDA GPU; on this machine run the step eagerly.")
         params = list(self.model.parameters())
         if params and not params[0].is_cuda:
-            raise RuntimeError(f"GraphStep: the model is on {params[0].device}; move it to the GPU first.")
+            raise RuntimeError(f"CudaGraphStep: the model is on {params[0].device}; move it to the GPU first.")
         for k, v in batch.items():
             if isinstance(v, torch.Tensor) and not v.is_cuda:
-                raise ValueError(f"GraphStep: batch[{k!r}] is on {v.device}; move the batch to the GPU.")
+                raise ValueError(f"CudaGraphStep: batch[{k!r}] is on {v.device}; move the batch to the GPU.")
 
     def _check_no_pending_grads(self) -> None:
         stale = [p for p in self._trainable() if p.grad is not None]
         if stale:
             raise RuntimeError(
-                f"GraphStep: {len(stale)} parameters still hold gradients from an earlier step. The graph "
+                f"CudaGraphStep: {len(stale)} parameters still hold gradients from an earlier step. The graph "
                 "writes gradients (it does not add to them), so they would be lost: call "
                 "optimizer.zero_grad(set_to_none=True) after each optimizer step. Gradient accumulation "
                 "over micro-batches is not supported in a CUDA graph step."
@@ -128,13 +142,13 @@ class GraphStep:
         if sig != self._signature:
             changed = sorted(k for k in sig.keys() | self._signature.keys() if sig.get(k) != self._signature.get(k))
             raise ValueError(
-                f"GraphStep was captured for {self._signature}; this batch differs in {changed}. A CUDA graph "
-                "has fixed shapes: pad or pack every batch to one shape, or build a new GraphStep."
+                f"CudaGraphStep was captured for {self._signature}; this batch differs in {changed}. A CUDA graph "
+                "has fixed shapes: pad or pack every batch to one shape, or build a new CudaGraphStep."
             )
         if self.model.training != self._training:
-            raise RuntimeError("GraphStep: the model's train/eval mode changed since capture.")
+            raise RuntimeError("CudaGraphStep: the model's train/eval mode changed since capture.")
         if [p for p, _ in self._grads] != self._trainable():
-            raise RuntimeError("GraphStep: the set of trainable parameters changed since capture.")
+            raise RuntimeError("CudaGraphStep: the set of trainable parameters changed since capture.")
 
     # ----------------------------------------------------------------- capture
     def _forward_backward(self, batch: dict[str, Any]) -> torch.Tensor:
@@ -164,14 +178,25 @@ class GraphStep:
         torch.cuda.empty_cache()
 
         graph = torch.cuda.CUDAGraph()
-        with masks.capturing(), torch.cuda.graph(graph):
-            loss = self._forward_backward(self._static_batch)
+        try:
+            with masks.capturing(), torch.cuda.graph(graph):
+                loss = self._forward_backward(self._static_batch)
+        except RuntimeError as e:  # torch.AcceleratorError is a RuntimeError
+            if "captur" not in str(e):
+                raise
+            raise RuntimeError(
+                f"CudaGraphStep: CUDA graph capture failed ({str(e).splitlines()[0]}). Something in the "
+                "forward or backward synchronizes with the host or uses the default stream. A common cause: "
+                "an output or loss of an earlier eager step of this model still alive (a `loss` variable): "
+                "it keeps each parameter's gradient accumulator bound to the default stream. Delete such "
+                "references (or build the step before any eager step) and call again."
+            ) from e
         self._static_loss = loss.detach()
         params = self._trainable()
         missing = [p for p in params if p.grad is None]
         if missing:
             raise RuntimeError(
-                f"GraphStep: {len(missing)} trainable parameters got no gradient in the captured backward; "
+                f"CudaGraphStep: {len(missing)} trainable parameters got no gradient in the captured backward; "
                 "freeze them (requires_grad_(False)) so the graph's gradients cover every trainable parameter."
             )
         self._grads = [(p, p.grad) for p in params]
