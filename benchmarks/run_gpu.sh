@@ -20,7 +20,7 @@ steps=${*:-tests quant linear sweep}
 for s in $steps; do
   echo "=== $s ($(date +%T))"
   case $s in
-    tests) python3 -m pytest -m gpu tests/test_gpu.py tests/test_monitor.py tests/test_examples.py -q -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.txt" | grep -E "^(FAILED|ERROR|E  )|passed|failed" | cut -c1-300 | tail -30 ;;
+    tests) python3 -m pytest -m gpu tests/test_gpu.py tests/test_monitor.py tests/test_examples.py tests/test_trainer.py -q -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.txt" | grep -E "^(FAILED|ERROR|E  )|passed|failed" | cut -c1-300 | tail -30 ;;
     compiletest) python3 -m pytest -m gpu tests/test_gpu.py -k compile -q -p no:cacheprovider 2>&1 | grep -E "^(FAILED|ERROR|E  )|passed|failed" | cut -c1-600 | tail -30 ;;
     quant) python3 -m benchmarks.bench_quant --sweep-blocks 2>&1 | tail -60 ;;
     linear) python3 -m benchmarks.bench_linear --budget-s 230 2>&1 | grep -v Warning | tail -80 ;;
@@ -49,9 +49,11 @@ for s in $steps; do
     llamalast) python3 -m benchmarks.bench_llama --variants stock_bf16 hf_fp8_tensorwise hf_fp8_tensorwise_all hf_fp8_delayed hf_fp8_delayed_all hf_fp8_delayed_all_savedwt hf_fp8_delayed_all_wholeloss_keptact_savedoproj hf_fp8_delayed_fp8attn_all hf_fp8_full_bf16 bf16_compile torchao_tensorwise_compile liger --budget-s 540 --out llama_e2e_h100.json 2>&1 | grep -E "^8b|skipped|Error" | cut -c1-330 ;;
     llamagroups) python3 -m benchmarks.bench_llama --configs 1b 8b --variants stock_bf16 hf_fp8_delayed hf_fp8_delayed_all hf_fp8_delayed_mlponly hf_fp8_delayed_attnonly --budget-s 400 --out llama_groups_h100.json 2>&1 | grep -E "^(1b|8b)|skipped|Error" | cut -c1-300 ;;
     llamagroups2) python3 -m benchmarks.bench_llama --configs 1b 8b --variants stock_bf16 hf_fp8_delayed_nofp8 hf_fp8_delayed_all hf_fp8_delayed_mlponly hf_fp8_delayed_attnonly hf_fp8_tensorwise_nofp8 hf_fp8_tensorwise_all hf_fp8_tensorwise_mlponly hf_fp8_tensorwise_attnonly --budget-s 480 --out llama_groups_h100.json 2>&1 | grep -E "^(1b|8b)|skipped|Error" | cut -c1-200 ;;
-    graphtest) python3 -m pytest -m gpu tests/test_gpu.py tests/test_examples.py -k cuda_graph -q -p no:cacheprovider 2>&1 | grep -E "^(FAILED|ERROR|E  )|passed|failed" | cut -c1-400 | tail -30 ;;
+    graphtest) python3 -m pytest -m gpu tests/test_gpu.py tests/test_examples.py tests/test_trainer.py -k cuda_graph -q -p no:cacheprovider 2>&1 | grep -E "^(FAILED|ERROR|E  )|passed|failed" | cut -c1-400 | tail -30 ;;
     llamagraph) python3 -m benchmarks.bench_llama --variants stock_bf16 hf_fp8_delayed hf_fp8_delayed_graph hf_fp8_delayed_fastacc hf_fp8_tensorwise hf_fp8_tensorwise_graph torchao_tensorwise_compile stock_bf16_graph --budget-s 330 --out llama_graph_h100.json 2>&1 | grep -E "^8b|skipped|Error|error" | cut -c1-330 ;;
     llamagraph1b) python3 -m benchmarks.bench_llama --configs 1b --variants stock_bf16 hf_fp8_delayed hf_fp8_delayed_graph hf_fp8_delayed_all hf_fp8_delayed_all_graph stock_bf16_graph --budget-s 200 --out llama_graph_1b_h100.json 2>&1 | grep -E "^1b|skipped|Error|error" | cut -c1-330 ;;
+    graphtrainer) python3 examples/finetune_trainer.py --fp8 delayed --fp8_cuda_graph --dataloader_drop_last --bf16 --max_steps 30 --output_dir /tmp/graphtrainer 2>&1 | grep -v Warning | tail -8 ;;
+    graphexample) python3 examples/cuda_graph_step.py --steps 30 2>&1 | tail -6 ;;
     graphprofile) python3 -m benchmarks.profile_llama --variants stock_bf16_graph hf_fp8_delayed hf_fp8_delayed_graph --out llama_profile_graph_h100.json 2>&1 | grep -v Warning | cut -c1-600 | tail -60 ;;
     host) python3 -m benchmarks.profile_host 2>&1 | grep -v Warning | tail -20 ;;
     llamarepeat) python3 -m benchmarks.bench_llama --variants stock_bf16 hf_fp8_tensorwise hf_fp8_delayed hf_fp8_delayed_compile torchao_tensorwise_compile --steps 12 --budget-s 300 --out llama_e2e_repeat_h100.json 2>&1 | grep -E "^8b|skipped|Error" | cut -c1-330 ;;

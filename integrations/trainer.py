@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from typing import Any
 
 import transformers
@@ -37,6 +38,7 @@ __all__ = [
 
 _APPLIED = "_hf_fp8_applied"
 _MONITORED = "_hf_fp8_monitored"  # a Trainer already runs the FP8 monitor: Fp8Callback must not add another
+_GRAPHED = "_hf_fp8_graphed"  # a Trainer replaces its training step with hf_fp8.CudaGraphStep
 
 
 @dataclasses.dataclass
@@ -91,6 +93,17 @@ class Fp8ArgumentsMixin:
         },
     )
 
+    fp8_cuda_graph: bool = dataclasses.field(
+        default=False,
+        metadata={
+            "help": "Replay each training step's forward and backward as one CUDA graph (hf_fp8.CudaGraphStep): no "
+            "kernel launched from Python during the step. Needs hf_fp8.Trainer (or Fp8TrainerMixin), a CUDA GPU, one "
+            "process, batches of one shape (--dataloader_drop_last and a fixed sequence length) and "
+            "--gradient_accumulation_steps 1; the model's own loss (no compute_loss override, no label smoothing); "
+            "excludes --fp8_monitor_interval."
+        },
+    )
+
     def __post_init__(self) -> None:
         parent = super()
         if hasattr(parent, "__post_init__"):
@@ -121,6 +134,8 @@ class Fp8ArgumentsMixin:
                 "--fp8 was given while ACCELERATE_MIXED_PRECISION=fp8 selects accelerate's own FP8 backend: two FP8 "
                 "implementations would wrap the same layers. Unset ACCELERATE_MIXED_PRECISION (or set it to bf16)."
             )
+        if self.fp8_cuda_graph:
+            _validate_cuda_graph_arguments(self)
         self.fp8_config()  # a bad recipe name or JSON path fails here, at parse time
 
     def fp8_config(self) -> Fp8Config | None:
@@ -151,6 +166,12 @@ class Fp8ArgumentsMixin:
     def get_warmup_steps(self, num_training_steps: int) -> int:
         # The Trainer asks this while building the scheduler, before the first step: the last
         # moment to stop a run whose FP8 arguments were never applied to the model.
+        if self.fp8_cuda_graph and not getattr(self, _GRAPHED, False):
+            raise RuntimeError(
+                "--fp8_cuda_graph reached a Trainer that does not replace its training step, so training would "
+                "silently run eagerly. Use hf_fp8.Trainer or mix hf_fp8.Fp8TrainerMixin into your Trainer class "
+                "(hf_fp8.Fp8Callback cannot replace the step)."
+            )
         if self.fp8_config() is not None and not getattr(self, _APPLIED, False):
             raise RuntimeError(
                 f"hf_fp8 arguments (fp8={self.fp8!r}, full_bf16={self.full_bf16}) reached a Trainer that did not apply "
@@ -158,6 +179,27 @@ class Fp8ArgumentsMixin:
                 "into your Trainer class, or pass callbacks=[hf_fp8.Fp8Callback()] to transformers.Trainer."
             )
         return super().get_warmup_steps(num_training_steps)
+
+
+def _validate_cuda_graph_arguments(args: Any) -> None:
+    """What a replayed step cannot honour, refused at parse time (hf_fp8.cuda_graph says why)."""
+    if getattr(args, "gradient_accumulation_steps", 1) != 1:
+        raise ValueError(
+            "--fp8_cuda_graph needs --gradient_accumulation_steps 1: the graph writes each step's gradients, it "
+            "cannot add micro-batches together; raise --per_device_train_batch_size instead"
+        )
+    if not getattr(args, "dataloader_drop_last", True):
+        raise ValueError(
+            "--fp8_cuda_graph needs --dataloader_drop_last: a graph replays one batch shape, and the last batch "
+            "of an epoch is usually shorter"
+        )
+    if args.fp8_monitor_interval:
+        raise ValueError(
+            "--fp8_cuda_graph excludes --fp8_monitor_interval: the monitor decides in Python, at each step, whether "
+            "to sample, and Python inside a captured forward runs only once"
+        )
+    if getattr(args, "label_smoothing_factor", 0.0):
+        raise ValueError("--fp8_cuda_graph replays the model's own loss: --label_smoothing_factor is not applied there")
 
 
 def make_training_arguments_class(base: type) -> type:
@@ -173,6 +215,12 @@ def apply_to_model(model: nn.Module, config: Fp8Config, args: Any = None):
     if args is not None:
         object.__setattr__(args, _APPLIED, True)
     return report
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _args_config(args: Any) -> Fp8Config | None:
@@ -191,12 +239,52 @@ class Fp8TrainerMixin:
         interval = args.fp8_monitor_interval if isinstance(args, Fp8ArgumentsMixin) else 0
         if interval:
             object.__setattr__(args, _MONITORED, True)  # before Fp8Callback.on_init_end can see args
+        self._fp8_graph_step = None
         super().__init__(model, args, *pargs, **kwargs)
         if interval:
             from hf_fp8.monitor.callback import Fp8MonitorCallback
 
             # first in the callback list, so that the report_to integrations receive its metrics
             self.fp8_monitor = Fp8MonitorCallback(interval).attach(self)
+        if getattr(self.args, "fp8_cuda_graph", False):
+            self._check_cuda_graph_trainer()
+            object.__setattr__(self.args, _GRAPHED, True)
+
+    def _check_cuda_graph_trainer(self) -> None:
+        if not _cuda_available():
+            raise RuntimeError("--fp8_cuda_graph needs a CUDA GPU: CUDA graphs do not exist on this machine")
+        if self.args.world_size > 1 or getattr(self.args, "deepspeed", None) or getattr(self.args, "fsdp", None):
+            raise ValueError(
+                "--fp8_cuda_graph runs in one process without DeepSpeed or FSDP: capturing their collectives "
+                "is not supported here"
+            )
+        if type(self).compute_loss is not transformers.Trainer.compute_loss:
+            raise ValueError(
+                f"--fp8_cuda_graph replays the model's own forward and loss, but {type(self).__name__} overrides "
+                "compute_loss, which the graph would skip; drop the flag for this Trainer"
+            )
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """With ``--fp8_cuda_graph``: the forward and backward of ``model(**inputs)`` replayed as one
+        CUDA graph (captured at the first step). ``num_items_in_batch`` is not passed: with one
+        process and no gradient accumulation the model's mean loss is the same number."""
+        if not getattr(self.args, "fp8_cuda_graph", False):
+            return super().training_step(model, inputs, num_items_in_batch)
+        from hf_fp8.cuda_graph import CudaGraphStep
+
+        model.train()
+        inputs = self._prepare_inputs(inputs)
+        if self._fp8_graph_step is None or self._fp8_graph_step.model is not model:
+            if "attention_mask" in inputs or "position_ids" in inputs:
+                warnings.warn(
+                    "--fp8_cuda_graph: the batches carry attention_mask/position_ids, so transformers builds an explicit "
+                    "attention mask inside the graph (correct, but attention ran 3x slower on the H100 than SDPA's "
+                    "causal path); leave them out of the batches when every row is one unpadded sequence",
+                    stacklevel=2,
+                )
+            self._fp8_graph_step = CudaGraphStep(model)
+        with self.compute_loss_context_manager():
+            return self._fp8_graph_step(**inputs)
 
     def call_model_init(self, trial=None):
         model = super().call_model_init(trial)
@@ -334,8 +422,8 @@ class Fp8Callback(transformers.TrainerCallback):
 @dataclasses.dataclass
 class TrainingArguments(Fp8ArgumentsMixin, transformers.TrainingArguments):
     """``transformers.TrainingArguments`` plus ``--fp8``, ``--full_bf16``, ``--fp8_attention``,
-    ``--fp8_auto_filter``, ``--fp8_include``, ``--fp8_exclude``, ``--fp8_weights``, ``--fp8_save_weight_transpose`` and
-    ``--fp8_monitor_interval`` (see :class:`Fp8ArgumentsMixin`)."""
+    ``--fp8_auto_filter``, ``--fp8_include``, ``--fp8_exclude``, ``--fp8_weights``, ``--fp8_save_weight_transpose``,
+    ``--fp8_monitor_interval`` and ``--fp8_cuda_graph`` (see :class:`Fp8ArgumentsMixin`)."""
 
 
 class Trainer(Fp8TrainerMixin, transformers.Trainer):

@@ -511,8 +511,8 @@ def test_cuda_graph_step_equals_eager_steps_on_gpu(recipe, eager_first):
         s0, s1 = fp8_state_dict(models[0]), fp8_state_dict(models[1])
         assert s0.keys() == s1.keys() and s0
         for k in s0:
-            if eager_first or k.endswith("fp8_scale"):
-                assert rel_err(s0[k], s1[k]) < 1e-2, k
+            if eager_first or k.endswith("fp8_scale"):  # lm_head's stays zero in both: the loss reads its weight
+                assert torch.equal(s0[k], s1[k]) or rel_err(s0[k], s1[k]) < 1e-2, k
     with pytest.raises(ValueError, match="fixed shapes"):
         step(input_ids=ids[:, :128], labels=ids[:, :128])
     step(input_ids=ids, labels=ids)

@@ -176,3 +176,93 @@ def test_mixin_for_other_argument_classes():
     Args = make_training_arguments_class(transformers.Seq2SeqTrainingArguments)
     a = Args(output_dir="/tmp/x", fp8="rowwise", report_to="none")
     assert a.fp8_config().recipe is hf_fp8.Recipe.ROWWISE and hasattr(a, "predict_with_generate")
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(), "--dataloader_drop_last"),
+        (dict(dataloader_drop_last=True, gradient_accumulation_steps=2), "--gradient_accumulation_steps 1"),
+        (dict(dataloader_drop_last=True, fp8="delayed", fp8_monitor_interval=5), "excludes --fp8_monitor_interval"),
+        (dict(dataloader_drop_last=True, label_smoothing_factor=0.1), "label_smoothing_factor"),
+    ],
+)
+def test_cuda_graph_flag_refuses_what_a_graph_cannot_replay(tmp_path, kw, match):
+    with pytest.raises(ValueError, match=match):
+        _args(tmp_path, fp8_cuda_graph=True, **kw)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
+def test_cuda_graph_flag_needs_a_gpu(tmp_path):
+    args = _args(tmp_path, fp8="delayed", fp8_cuda_graph=True, dataloader_drop_last=True)
+    with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
+        hf_fp8.Trainer(model=tiny_llama(), args=args, train_dataset=_Data())
+
+
+def test_cuda_graph_flag_on_a_trainer_that_cannot_honour_it(tmp_path, monkeypatch):
+    from hf_fp8.integrations import trainer as T
+
+    args = _args(tmp_path, fp8="delayed", fp8_cuda_graph=True, dataloader_drop_last=True)
+    stock = transformers.Trainer(model=tiny_llama(), args=args, train_dataset=_Data(), callbacks=[hf_fp8.Fp8Callback()])
+    with pytest.raises(RuntimeError, match="does not replace its training step"):
+        stock.train()
+
+    class OwnLoss(hf_fp8.Trainer):
+        def compute_loss(self, model, inputs, **kwargs):
+            return super().compute_loss(model, inputs, **kwargs)
+
+    monkeypatch.setattr(T, "_cuda_available", lambda: True)
+    args = _args(tmp_path, fp8="delayed", fp8_cuda_graph=True, dataloader_drop_last=True)
+    with pytest.raises(ValueError, match="overrides compute_loss"):
+        OwnLoss(model=tiny_llama(), args=args, train_dataset=_Data())
+
+
+def test_cuda_graph_flag_routes_every_step_through_the_graph_step(tmp_path, monkeypatch):
+    """The Trainer's step with --fp8_cuda_graph calls hf_fp8.CudaGraphStep once per step and trains
+    exactly as its own step does (CPU: a stand-in that runs the same forward and backward eagerly;
+    the real capture is tested on the GPU, test_gpu.py)."""
+    import hf_fp8.cuda_graph
+    from hf_fp8.integrations import trainer as T
+
+    calls = []
+
+    class EagerStandIn:
+        def __init__(self, model):
+            self.model = model
+
+        def __call__(self, **batch):
+            calls.append(sorted(batch))
+            loss = self.model(**batch).loss
+            loss.backward()
+            return loss.detach()
+
+    monkeypatch.setattr(T, "_cuda_available", lambda: True)
+    monkeypatch.setattr(hf_fp8.cuda_graph, "CudaGraphStep", EagerStandIn)
+    runs = {}
+    for graph in (False, True):
+        args = _args(tmp_path, fp8="delayed", fp8_auto_filter=False, dataloader_drop_last=True, fp8_cuda_graph=graph)
+        trainer = hf_fp8.Trainer(model=tiny_llama(), args=args, train_dataset=_Data())
+        trainer.train()
+        runs[graph] = _losses(trainer)
+    assert len(calls) == 12 and calls[0] == ["input_ids", "labels"]
+    assert runs[True] == runs[False]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_flag_trains_as_the_eager_trainer_on_gpu(tmp_path):
+    """hf_fp8.Trainer with --fp8_cuda_graph on the GPU: losses of the replayed steps within 1e-3 of
+    the eager Trainer's (the same kernels; cuDNN attention's backward may sum in another order)."""
+    runs = {}
+    for graph in (False, True):
+        with hf_fp8.set_default_dtype(torch.bfloat16):
+            model = tiny_llama(attn_implementation="sdpa")
+        args = _args(tmp_path, fp8="delayed", fp8_auto_filter=False, dataloader_drop_last=True, fp8_cuda_graph=graph,
+                     use_cpu=False, max_steps=8)  # fmt: skip
+        trainer = hf_fp8.Trainer(model=model, args=args, train_dataset=_Data())
+        trainer.train()
+        runs[graph] = _losses(trainer)
+        if graph:
+            assert trainer._fp8_graph_step is not None and trainer._fp8_graph_step.graph is not None
+    for a, b in zip(runs[False], runs[True], strict=True):
+        assert abs(a - b) / abs(a) < 1e-3, runs
