@@ -87,7 +87,19 @@ def _ce(logits: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor, grad_ou
 
 
 def _loss_and_grads(hidden, weight, bias, labels, scale, chunk_size, block_size, ignore_index, need_h, need_w, need_b):
-    """(scaled loss, dLoss/dhidden, dLoss/dweight, dLoss/dbias), the gradients None where not needed."""
+    """(scaled loss, dLoss/dhidden, dLoss/dweight, dLoss/dbias), the gradients None where not needed.
+
+    Autocast (the Trainer's ``--bf16``) is off in here: the loss keeps its own precisions (FP32
+    logits, gradients in the weight's dtype); under it the logits GEMM would run in BF16."""
+    with torch.autocast(hidden.device.type, enabled=False):
+        return _loss_and_grads_exact(
+            hidden, weight, bias, labels, scale, chunk_size, block_size, ignore_index, need_h, need_w, need_b
+        )
+
+
+def _loss_and_grads_exact(
+    hidden, weight, bias, labels, scale, chunk_size, block_size, ignore_index, need_h, need_w, need_b
+):
     N, V = hidden.shape[0], weight.shape[0]
     loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
     need_any = need_h or need_w or need_b

@@ -285,3 +285,24 @@ def test_no_tokens_gives_nan_loss_and_zero_gradients():
     assert torch.isnan(loss)
     loss.backward()
     assert weight.grad is not None and not weight.grad.any() and hidden.grad.shape == (1, 0, 16)
+
+
+def test_autocast_does_not_reach_the_loss():
+    """Under BF16 autocast (the Trainer's --bf16, with --fp8 or not) the loss keeps its own
+    precisions: FP32 logits, gradients in the weight's dtype. Autocast would otherwise run the
+    logits GEMM in BF16 (the GPU cross-entropy kernel refused those logits; the CPU one took
+    them). Same bits with and without autocast."""
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 24, 64).to(torch.bfloat16).requires_grad_()
+    weight = (torch.randn(96, 64) * 0.1).requires_grad_()  # FP32 master weight, as with --bf16
+    labels = torch.randint(0, 96, (2, 24))
+    results = []
+    for autocast in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = hf_fp8.chunked_linear_cross_entropy(hidden, weight, labels, chunk_size=8, grad_block_size=16)
+        loss.backward()
+        results.append((loss.detach(), hidden.grad, weight.grad))
+        hidden.grad, weight.grad = None, None
+    assert results[1][0].dtype == torch.float32
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)

@@ -266,3 +266,14 @@ def test_cuda_graph_flag_trains_as_the_eager_trainer_on_gpu(tmp_path):
             assert trainer._fp8_graph_step is not None and trainer._fp8_graph_step.graph is not None
     for a, b in zip(runs[False], runs[True], strict=True):
         assert abs(a - b) / abs(a) < 1e-3, runs
+
+
+def test_fp8_with_bf16_autocast_trains(tmp_path):
+    """--fp8 with --bf16: BF16 autocast around everything that is not an FP8 layer, the loss
+    included in its region but keeping FP32 logits (it used to fail there)."""
+    trainer = hf_fp8.Trainer(
+        model=tiny_llama(), args=_args(tmp_path, fp8="delayed", fp8_auto_filter=False, bf16=True), train_dataset=_Data()
+    )
+    trainer.train()
+    losses = _losses(trainer)
+    assert losses[-1] < losses[0] * 0.9, losses
