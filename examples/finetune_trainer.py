@@ -76,6 +76,8 @@ def main(argv: list[str] | None = None) -> str:
     text = Path(script.text_file).read_text()
     dtype = torch.bfloat16 if args.full_bf16 else None
     model, tokenizer = load(script.model_name_or_path, text, dtype)
+    if torch.cuda.is_available() and not args.use_cpu:
+        model.set_attn_implementation("sdpa")  # the tiny model's default, eager, is for CPUs (and cannot be graphed)
     trainer = hf_fp8.Trainer(model=model, args=args, train_dataset=TextBlocks(text, tokenizer, script.seq_len))
     if trainer.fp8_report is not None:
         print(trainer.fp8_report, flush=True)

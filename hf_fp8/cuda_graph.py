@@ -184,12 +184,19 @@ class CudaGraphStep:
         except RuntimeError as e:  # torch.AcceleratorError is a RuntimeError
             if "captur" not in str(e):
                 raise
+            attention = getattr(getattr(self.model, "config", None), "_attn_implementation", None)
+            hint = (
+                " This model uses attn_implementation='eager', whose mask transformers builds from host values: "
+                "use 'sdpa' (model.set_attn_implementation('sdpa'))."
+                if attention == "eager"
+                else ""
+            )
             raise RuntimeError(
                 f"CudaGraphStep: CUDA graph capture failed ({str(e).splitlines()[0]}). Something in the "
-                "forward or backward synchronizes with the host or uses the default stream. A common cause: "
-                "an output or loss of an earlier eager step of this model still alive (a `loss` variable): "
-                "it keeps each parameter's gradient accumulator bound to the default stream. Delete such "
-                "references (or build the step before any eager step) and call again."
+                "forward or backward synchronizes with the host, copies from host memory or uses the default "
+                f"stream.{hint} Another cause: an output or loss of an earlier eager step of this model still "
+                "alive (a `loss` variable) keeps each parameter's gradient accumulator bound to the default "
+                "stream; delete such references (or build the step before any eager step) and call again."
             ) from e
         self._static_loss = loss.detach()
         params = self._trainable()
