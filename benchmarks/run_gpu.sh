@@ -55,6 +55,7 @@ for s in $steps; do
     graphtrainer) python3 examples/finetune_trainer.py --fp8 delayed --fp8_cuda_graph --dataloader_drop_last --bf16 --max_steps 30 --output_dir /tmp/graphtrainer 2>&1 | grep -v Warning | tail -8 ;;
     graphexample) python3 examples/cuda_graph_step.py --steps 30 2>&1 | tail -6 ;;
     bf16trainer) python3 examples/finetune_trainer.py --fp8 delayed --dataloader_drop_last --bf16 --max_steps 30 --output_dir /tmp/bf16trainer 2>&1 | grep -v Warning | tail -4 ;;
+    llamagroupsgraph) python3 -m benchmarks.bench_llama --configs 1b 8b --variants stock_bf16 hf_fp8_delayed_nofp8_graph hf_fp8_delayed_all_graph hf_fp8_delayed_mlponly_graph hf_fp8_delayed_attnonly_graph hf_fp8_tensorwise_nofp8_graph hf_fp8_tensorwise_all_graph hf_fp8_tensorwise_mlponly_graph hf_fp8_tensorwise_attnonly_graph --budget-s 480 --out llama_groups_graph_h100.json 2>&1 | grep -E "^(1b|8b)|skipped|Error" | cut -c1-200 ;;
     graphprofile) python3 -m benchmarks.profile_llama --variants stock_bf16_graph hf_fp8_delayed hf_fp8_delayed_graph --out llama_profile_graph_h100.json 2>&1 | grep -v Warning | cut -c1-600 | tail -60 ;;
     host) python3 -m benchmarks.profile_host 2>&1 | grep -v Warning | tail -20 ;;
     llamarepeat) python3 -m benchmarks.bench_llama --variants stock_bf16 hf_fp8_tensorwise hf_fp8_delayed hf_fp8_delayed_compile torchao_tensorwise_compile --steps 12 --budget-s 300 --out llama_e2e_repeat_h100.json 2>&1 | grep -E "^8b|skipped|Error" | cut -c1-330 ;;
