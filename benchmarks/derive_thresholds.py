@@ -40,6 +40,7 @@ def derive(path: Path = DEFAULT) -> dict[str, tuple[int, int]]:
 
 
 IN_MODEL = Path(__file__).parent / "results" / "llama_groups_h100.json"
+IN_MODEL_GRAPH = Path(__file__).parent / "results" / "llama_groups_graph_h100.json"  # the same, steps as CUDA graphs
 # the layer groups each in-model variant converts (besides the lm_head, never converted)
 _GROUPS_OF = {"all": ("attention", "mlp"), "mlponly": ("mlp",), "attnonly": ("attention",), "nofp8": ()}
 
@@ -53,15 +54,20 @@ def _leaders(config: dict, group: str) -> list[tuple[int, int]]:
     return [(h, i), (i, h)]  # gate_proj (up follows it), down_proj
 
 
-def in_model_choices(path: Path = IN_MODEL, recipe: str = "delayed") -> list[tuple[int, int, bool]]:
-    """(in, out, converted by the fastest variant at its model size) for each group's leading layers."""
+def in_model_choices(path: Path = IN_MODEL, recipe: str = "delayed", suffix: str = "") -> list[tuple[int, int, bool]]:
+    """(in, out, converted by the fastest variant at its model size) for each group's leading layers.
+    ``suffix``: only variants ending with it (``"_graph"``: steps replayed as CUDA graphs)."""
     from benchmarks.bench_llama import CONFIGS
 
     rows = [r for r in json.loads(Path(path).read_text())["rows"] if "step_ms" in r]
     prefix = f"hf_fp8_{recipe}_"
     out = []
     for cfg in sorted({r["config"] for r in rows}):
-        timed = {r["variant"].removeprefix(prefix): r["step_ms"] for r in rows if r["config"] == cfg}
+        timed = {
+            r["variant"].removeprefix(prefix).removesuffix(suffix): r["step_ms"]
+            for r in rows
+            if r["config"] == cfg and r["variant"].endswith(suffix)
+        }
         best = min((v for v in _GROUPS_OF if v in timed), key=timed.__getitem__)
         out += [
             (k, n, group in _GROUPS_OF[best])
@@ -71,12 +77,12 @@ def in_model_choices(path: Path = IN_MODEL, recipe: str = "delayed") -> list[tup
     return out
 
 
-def derive_in_model(path: Path = IN_MODEL, recipe: str = "delayed") -> tuple[int, int]:
+def derive_in_model(path: Path = IN_MODEL, recipe: str = "delayed", suffix: str = "") -> tuple[int, int]:
     """(min_weight_numel, min_dim) from whole-model steps: at each model size, the fastest of
     ``hf_fp8_<recipe>_{nofp8,all,mlponly,attnonly}``; the smallest weight and the smallest
     dimension any fastest variant converts, if those keep every layer a fastest variant keeps
     in BF16 (else a ValueError: no rule of this form fits the measurements)."""
-    choices = in_model_choices(path, recipe)
+    choices = in_model_choices(path, recipe, suffix)
     converted = [(k, n) for k, n, c in choices if c]
     kept = [(k, n) for k, n, c in choices if not c]
     if not converted:
@@ -94,3 +100,5 @@ if __name__ == "__main__":
     for recipe in ("tensorwise", "delayed"):
         numel, dim = derive_in_model(recipe=recipe)
         print(f"{recipe:10s} min_weight_numel={numel:>11,d}  min_dim={dim}  (in a model, {IN_MODEL.name})")
+        numel, dim = derive_in_model(IN_MODEL_GRAPH, recipe, "_graph")
+        print(f"{recipe:10s} min_weight_numel={numel:>11,d}  min_dim={dim}  (graph steps, {IN_MODEL_GRAPH.name})")

@@ -45,7 +45,9 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
     model.cuda()
     embedded = args.model_name_or_path is None
     # the embedded model is too small for FP8 to pay off: convert all its layers anyway, to show the path
-    print(hf_fp8.convert(model, hf_fp8.Fp8Config(recipe=args.recipe, auto_filter=not embedded, exclude=("lm_head",))))
+    # cuda_graph=True: the auto filter's thresholds measured with graph-replayed steps
+    config = hf_fp8.Fp8Config(recipe=args.recipe, auto_filter=not embedded, exclude=("lm_head",), cuda_graph=True)
+    print(hf_fp8.convert(model, config))
     eager_model = copy.deepcopy(model)
     data = torch.utils.data.DataLoader(
         TextBlocks(text, tokenizer, args.seq_len),

@@ -161,6 +161,13 @@ class Fp8Config:
             layers in FP8: peak 0.59x instead of 0.63x stock BF16 on an H100) for one more
             cast per layer and step: 0.1-1.3% of the step time across runs
             (``benchmarks/results/llama_e2e_h100.json``).
+        cuda_graph (`bool`, *optional*, defaults to `False`):
+            The training steps will be replayed as CUDA graphs (:class:`hf_fp8.CudaGraphStep`,
+            the Trainer's ``--fp8_cuda_graph``, which sets it): the auto filter then uses the
+            thresholds measured that way (:data:`hf_fp8.filter.GRAPH_THRESHOLDS`). Without host
+            launch overhead smaller layers pay in FP8: every decoder linear of a Llama-3.2-1B
+            shape, where eager steps keep them all in BF16. Changes which layers are converted,
+            nothing else.
 
     Example:
         ```python
@@ -190,6 +197,7 @@ class Fp8Config:
     fp8_attention: bool = False
     fused_ops: bool = True
     save_weight_transpose: bool = False
+    cuda_graph: bool = False
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen: set once, here)
@@ -224,6 +232,7 @@ class Fp8Config:
             "fp8_attention",
             "fused_ops",
             "save_weight_transpose",
+            "cuda_graph",
         ):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"Fp8Config.{name}: got {getattr(self, name)!r}; expected True or False")
@@ -275,6 +284,8 @@ class Fp8Config:
             s += ",fp8_attention"
         if self.save_weight_transpose:
             s += ",saved_wt"
+        if self.cuda_graph:
+            s += ",cuda_graph"
         return s
 
     # ---- serialization ------------------------------------------------------------------

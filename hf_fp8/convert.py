@@ -72,7 +72,7 @@ def _decide(
     if K % 16 or N % 16:
         return False, f"in={K}, out={N}: both must be multiples of 16 for the FP8 GEMM"
     if config.auto_filter and shape_rule:
-        ok, reason = passes_shape_rule(K, N, config.recipe)
+        ok, reason = passes_shape_rule(K, N, config.recipe, config.cuda_graph)
         if not ok:
             return False, _SHAPE_RULE_MARK + reason
     if module_filter_fn is not None and not module_filter_fn(module, name):

@@ -1,5 +1,6 @@
 """A training step's forward and backward captured once as a CUDA graph and replayed.
 
+    hf_fp8.convert(model, hf_fp8.Fp8Config(recipe="delayed", cuda_graph=True))  # the filter for graphed steps
     step = hf_fp8.CudaGraphStep(model)
     for ids in batches:                      # every batch the same shape
         loss = step(input_ids=ids, labels=ids)   # forward + backward: one graph replay
@@ -12,7 +13,9 @@ GPU waits for the host: on the lent H100, Llama-3.2-1B shapes (16 layers, B=2, S
 every decoder linear in FP8 took 153.8 ms per step eagerly and 121.8 ms replayed as a graph
 (stock BF16 187.1 ms, our eager default with BF16 layers 141.3 ms;
 ``benchmarks/results/llama_graph_1b_h100.json``). With Llama-3-8B shapes the eager step is
-already GPU-bound: 178.0 against 181.9 ms (``llama_graph_h100.json``). Nothing about the
+already GPU-bound: 178.0 against 181.9 ms (``llama_graph_h100.json``). Converting with
+``Fp8Config(cuda_graph=True)`` gives the auto filter the thresholds measured with graphed steps
+(every decoder linear of both shapes in FP8). Nothing about the
 numerics changes: the graph runs the same kernels on the same data in the same order (delayed
 scaling's history updates included: device ops on the layers' own buffers). The optimizer
 stays eager (a few fused launches).

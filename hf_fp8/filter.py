@@ -27,6 +27,15 @@ Where the numbers come from (H100):
   in-model runs (8B: the MLPs only 188.1 ms, all 188.4; 1B: none fastest), which cannot place
   a threshold below the 8B MLP's 58.7M weights; the per-layer sweep can (4096x8192: 1.49x).
 
+- steps replayed as CUDA graphs (``Fp8Config(cuda_graph=True)``, which ``--fp8_cuda_graph``
+  sets; :class:`hf_fp8.CudaGraphStep`): the same in-model groups, graphed
+  (``benchmarks/results/llama_groups_graph_h100.json``). With no host launch overhead every
+  decoder linear pays at both sizes and for both per-tensor recipes (1B-shaped, delayed: all
+  120.5 ms, the MLPs only 122.9, none 139.7; tensorwise: 125.4, 126.8, 138.7; 8B-shaped,
+  tensorwise: all 181.0 ms against 188.0 for the MLPs only), hence 4.2M weights (the 1B q/o
+  projections, 2048x2048) and dimensions >= 2048. Rowwise was not measured graphed: its
+  eager thresholds apply.
+
 Other GPUs, much smaller M (tokens per micro-batch) or a slow host move these. Override with
 ``auto_filter=False`` plus ``include``/``exclude`` patterns.
 """
@@ -37,7 +46,14 @@ import dataclasses
 
 from hf_fp8.config import Recipe
 
-__all__ = ["ShapeThreshold", "THRESHOLDS", "SHARED_INPUT_GROUPS", "input_sharing_siblings", "passes_shape_rule"]
+__all__ = [
+    "GRAPH_THRESHOLDS",
+    "SHARED_INPUT_GROUPS",
+    "THRESHOLDS",
+    "ShapeThreshold",
+    "input_sharing_siblings",
+    "passes_shape_rule",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +70,14 @@ THRESHOLDS: dict[Recipe, ShapeThreshold] = {
     Recipe.TENSORWISE: ShapeThreshold(min_weight_numel=29_360_128, min_dim=2048),
     Recipe.DELAYED: ShapeThreshold(min_weight_numel=16_777_216, min_dim=4096),
     Recipe.ROWWISE: ShapeThreshold(min_weight_numel=33_554_432, min_dim=4096),
+}
+
+# Steps replayed as CUDA graphs (Fp8Config(cuda_graph=True)): derived by derive_thresholds.py
+# from benchmarks/results/llama_groups_graph_h100.json (tests/test_filter.py checks it); recipes
+# not listed (rowwise: not measured graphed) use THRESHOLDS.
+GRAPH_THRESHOLDS: dict[Recipe, ShapeThreshold] = {
+    Recipe.TENSORWISE: ShapeThreshold(min_weight_numel=4_194_304, min_dim=2048),
+    Recipe.DELAYED: ShapeThreshold(min_weight_numel=4_194_304, min_dim=2048),
 }
 
 # Sibling layers (by their last name component, under one parent module) that read the same
@@ -73,12 +97,16 @@ def input_sharing_siblings(name: str) -> tuple[str, ...]:
     return ()
 
 
-def passes_shape_rule(in_features: int, out_features: int, recipe: Recipe) -> tuple[bool, str]:
-    """(convert?, reason) for a layer of this shape under ``recipe``'s measured thresholds."""
-    th = THRESHOLDS[recipe]
+def passes_shape_rule(
+    in_features: int, out_features: int, recipe: Recipe, cuda_graph: bool = False
+) -> tuple[bool, str]:
+    """(convert?, reason) for a layer of this shape under ``recipe``'s measured thresholds (those
+    measured with graph-replayed steps when ``cuda_graph``)."""
+    th = GRAPH_THRESHOLDS.get(recipe, THRESHOLDS[recipe]) if cuda_graph else THRESHOLDS[recipe]
     if in_features * out_features >= th.min_weight_numel and min(in_features, out_features) >= th.min_dim:
         return True, ""
+    steps = "CUDA-graph steps" if cuda_graph and recipe in GRAPH_THRESHOLDS else "eager steps"
     return False, (
         f"too small for FP8 to pay off ({recipe.value} needs in*out >= {th.min_weight_numel / 2**20:.0f}Mi "
-        f"and both dims >= {th.min_dim}, measured on H100; no input-sharing sibling converted)"
+        f"and both dims >= {th.min_dim}, measured on H100 with {steps}; no input-sharing sibling converted)"
     )

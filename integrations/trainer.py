@@ -155,6 +155,8 @@ class Fp8ArgumentsMixin:
             overrides["fp8_attention"] = True
         if self.fp8_save_weight_transpose is not None:
             overrides["save_weight_transpose"] = self.fp8_save_weight_transpose
+        if self.fp8_cuda_graph:  # the auto filter's thresholds for graph-replayed steps
+            overrides["cuda_graph"] = True
         if self.fp8.lower() in {r.value for r in Recipe}:
             return Fp8Config(recipe=self.fp8, **overrides)
         if os.path.isfile(self.fp8):

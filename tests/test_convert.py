@@ -88,6 +88,24 @@ def test_auto_filter_on_llama_1b_shapes_converts_nothing():
         assert "too small for FP8" in reason and not reason.startswith("\0")
 
 
+def test_auto_filter_for_graph_replayed_steps_on_llama_1b_shapes_converts_every_decoder_linear():
+    """With steps replayed as CUDA graphs (Fp8Config(cuda_graph=True)) every decoder linear of the
+    1B shapes was fastest in FP8 for both per-tensor recipes: all seven per layer, lm_head kept.
+    Rowwise was not measured graphed and keeps its eager thresholds (here: nothing)."""
+    from llama_fixtures import tiny_llama_config
+    from transformers import LlamaForCausalLM
+
+    cfg = tiny_llama_config(hidden_size=2048, intermediate_size=8192, num_hidden_layers=1, num_attention_heads=32,
+                            num_key_value_heads=8, vocab_size=128256)  # fmt: skip
+    for recipe, n in (("tensorwise", 7), ("delayed", 7), ("rowwise", 0)):
+        with torch.device("meta"):
+            model = LlamaForCausalLM(cfg)
+        report = hf_fp8.convert(model, hf_fp8.Fp8Config(recipe=recipe, cuda_graph=True))
+        assert len(report.converted) == n, (recipe, report.converted)
+        assert "lm_head" not in report.converted
+    assert "CUDA-graph" not in report["model.layers.0.mlp.down_proj"].reason  # rowwise: eager thresholds
+
+
 def test_input_sharing_siblings_follow_only_past_the_other_vetoes():
     """A k/v kept by a pattern or by module_filter_fn stays kept even when q is converted."""
     from transformers import LlamaForCausalLM

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.derive_thresholds import DEFAULT, derive, derive_in_model, in_model_choices
+from benchmarks.derive_thresholds import DEFAULT, IN_MODEL_GRAPH, derive, derive_in_model, in_model_choices
 from hf_fp8.config import Recipe
-from hf_fp8.filter import THRESHOLDS, passes_shape_rule
+from hf_fp8.filter import GRAPH_THRESHOLDS, THRESHOLDS, passes_shape_rule
 
 
 def test_thresholds_match_the_committed_sweeps():
@@ -19,6 +19,19 @@ def test_thresholds_match_the_committed_sweeps():
     assert derive_in_model(recipe="delayed") == (th.min_weight_numel, th.min_dim)
     for k, n, converted in in_model_choices(recipe="tensorwise"):
         assert passes_shape_rule(k, n, Recipe.TENSORWISE)[0] is converted, (k, n)
+
+
+def test_graph_step_thresholds_match_the_committed_graphed_group_sweep():
+    """Fp8Config(cuda_graph=True)'s thresholds: derived from the in-model groups with graph-replayed
+    steps (benchmarks/results/llama_groups_graph_h100.json), for each recipe measured there."""
+    assert set(GRAPH_THRESHOLDS) == {Recipe.TENSORWISE, Recipe.DELAYED}
+    for recipe, th in GRAPH_THRESHOLDS.items():
+        assert derive_in_model(IN_MODEL_GRAPH, recipe.value, "_graph") == (th.min_weight_numel, th.min_dim), recipe
+        for k, n, converted in in_model_choices(IN_MODEL_GRAPH, recipe.value, "_graph"):
+            assert passes_shape_rule(k, n, recipe, cuda_graph=True)[0] is converted, (recipe, k, n)
+    assert passes_shape_rule(2048, 8192, Recipe.ROWWISE, cuda_graph=True) == passes_shape_rule(
+        2048, 8192, Recipe.ROWWISE
+    )
 
 
 def test_in_model_derivation_picks_the_fastest_variant(tmp_path):

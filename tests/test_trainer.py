@@ -178,6 +178,12 @@ def test_mixin_for_other_argument_classes():
     assert a.fp8_config().recipe is hf_fp8.Recipe.ROWWISE and hasattr(a, "predict_with_generate")
 
 
+def test_cuda_graph_flag_sets_the_filter_for_graphed_steps(tmp_path):
+    args = _args(tmp_path, fp8="delayed", fp8_cuda_graph=True, dataloader_drop_last=True)
+    assert args.fp8_config().cuda_graph is True
+    assert _args(tmp_path, fp8="delayed").fp8_config().cuda_graph is False
+
+
 @pytest.mark.parametrize(
     "kw, match",
     [
