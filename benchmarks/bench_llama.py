@@ -104,7 +104,8 @@ def build(name: str, config: dict):
         # (hf_fp8.mlp_ops.RECOMPUTE_DOWN_INPUT_T off; the default before 2026-11-24); _savedoproj keeps
         # o_proj's FP8 transposed input (no re-cast from the attention output; before 2026-11-24);
         # _fastacc: Fp8Config(use_fast_accum=True) (the forward GEMMs accumulate as torchao's do);
-        # _graph runs each step's forward and backward as one CUDA graph (hf_fp8.cuda_graph);
+        # _graph runs each step's forward and backward as one CUDA graph (hf_fp8.CudaGraphStep) and
+        # converts with Fp8Config(cuda_graph=True) (since 2026-11-24 06:05; before, the eager filter);
         # _compile compiles each decoder layer, as the other _compile variants do
         from hf_fp8 import loss as hf_loss
         from hf_fp8 import mlp_ops
@@ -139,6 +140,7 @@ def build(name: str, config: dict):
             include=include,
             exclude=("*",) if "nofp8" in flags else ("lm_head",),
             use_fast_accum="fastacc" in flags,
+            cuda_graph="graph" in flags,  # the auto filter's thresholds for graph-replayed steps
             **wt,
         )
         report = hf_fp8.convert(model, fp8_cfg)
