@@ -151,7 +151,8 @@ class CudaGraphStep:
             )
         if self.model.training != self._training:
             raise RuntimeError("CudaGraphStep: the model's train/eval mode changed since capture.")
-        if [p for p, _ in self._grads] != self._trainable():
+        now = self._trainable()  # by identity: == on Parameters would compare their values
+        if len(now) != len(self._grads) or any(p is not q for (p, _), q in zip(self._grads, now, strict=True)):
             raise RuntimeError("CudaGraphStep: the set of trainable parameters changed since capture.")
 
     # ----------------------------------------------------------------- capture
