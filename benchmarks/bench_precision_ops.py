@@ -299,19 +299,32 @@ def bench_loss_blocks() -> list[dict]:
         t = bench_ms(dw)
         rows.append(dict(op="weight_grad_gemm", block=block, ms=t["ms"], tflops=2 * N * H * V / t["ms"] / 1e9))
         print(f"dW GEMM in blocks of {block:5d}: {t['ms']:.2f} ms ({rows[-1]['tflops']:.0f} TFLOP/s)", flush=True)
-    for chunk in (128, 256, 512, 1024, 2048):
-        w_t = weight0.t()
-
+    w_t = weight0.t()
+    for chunk in (128, 256, 512, 640, 768, 1024, 2048):
+        # token-major (chunk, V), what the CE kernel reads now; vocab-major (V, chunk) = W @ h_chunkᵀ
         def logits(chunk=chunk):
             for s in range(0, N, chunk):
                 torch.mm(h[s : s + chunk], w_t, out_dtype=torch.float32)
 
-        t = bench_ms(logits)
-        rows.append(dict(op="logits_gemm_fp32_out", chunk=chunk, ms=t["ms"], tflops=2 * N * H * V / t["ms"] / 1e9))
-        print(
-            f"FP32-out logits GEMM in chunks of {chunk:5d}: {t['ms']:.2f} ms ({rows[-1]['tflops']:.0f} TFLOP/s)",
-            flush=True,
-        )
+        def logits_vmajor(chunk=chunk):
+            for s in range(0, N, chunk):
+                torch.mm(weight0, h[s : s + chunk].t(), out_dtype=torch.float32)
+
+        for op, fn in (("logits_gemm_fp32_out", logits), ("logits_gemm_fp32_out_vocab_major", logits_vmajor)):
+            t = bench_ms(fn)
+            rows.append(dict(op=op, chunk=chunk, ms=t["ms"], tflops=2 * N * H * V / t["ms"] / 1e9))
+            print(f"{op} in chunks of {chunk:5d}: {t['ms']:.2f} ms ({rows[-1]['tflops']:.0f} TFLOP/s)", flush=True)
+    t = bench_ms(lambda: h @ w_t)
+    rows.append(dict(op="logits_gemm_bf16_out_whole", chunk=N, ms=t["ms"], tflops=2 * N * H * V / t["ms"] / 1e9))
+    for block in (1024, 2048, N):
+
+        def dh(block=block):
+            for s in range(0, N, block):
+                g[s : s + block] @ weight0
+
+        t = bench_ms(dh)
+        rows.append(dict(op="hidden_grad_gemm", block=block, ms=t["ms"], tflops=2 * N * H * V / t["ms"] / 1e9))
+        print(f"dh GEMM in blocks of {block:5d}: {t['ms']:.2f} ms ({rows[-1]['tflops']:.0f} TFLOP/s)", flush=True)
     return rows
 
 

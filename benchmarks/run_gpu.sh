@@ -41,6 +41,7 @@ for s in $steps; do
     llamaprofilebest) python3 -m benchmarks.profile_llama --variants stock_bf16 hf_fp8_delayed hf_fp8_delayed_all torchao_tensorwise_compile 2>&1 | grep -v Warning | cut -c1-400 | grep -v "^ " | tail -20 ;;
     llama1bnow) python3 -m benchmarks.bench_llama --configs 1b --budget-s 300 --out llama_1b_now_h100.json --variants stock_bf16 hf_fp8_delayed hf_fp8_delayed_all hf_fp8_tensorwise_all liger 2>&1 | grep -E "^1b|skipped|Error" | cut -c1-330 ;;
     llamacheck) python3 -m benchmarks.bench_llama --variants stock_bf16 hf_fp8_delayed hf_fp8_delayed_all hf_fp8_tensorwise_all hf_fp8_delayed_all_savedwt torchao_tensorwise_compile --budget-s 300 --out llama_final_check_h100.json 2>&1 | grep -E "^8b|skipped|Error" | cut -c1-330 ;;
+    casttranspose) python3 -m benchmarks.bench_cast_transpose 2>&1 | grep -v Warning | tail -150 ;;
     lossblocks) python3 -m benchmarks.bench_precision_ops loss-blocks 2>&1 | grep -v Warning | tail -20 ;;
     llamalean) python3 -m benchmarks.bench_llama --variants stock_bf16 hf_fp8_delayed_all hf_fp8_delayed_all_wholeloss hf_fp8_delayed_all_wholeloss_keptact hf_fp8_delayed_all_chunk512_block2048 hf_fp8_delayed_all_chunk512_block1024 hf_fp8_delayed hf_fp8_tensorwise_all torchao_tensorwise_compile --budget-s 440 --out llama_lean_h100.json 2>&1 | grep -E "^8b|skipped|Error" | cut -c1-330 ;;
     memprofile) python3 -m benchmarks.profile_memory --variants stock_bf16 hf_fp8_delayed_all hf_fp8_delayed_all_wholeloss_keptact 2>&1 | grep -v Warning | tail -40 ;;

@@ -203,25 +203,44 @@ def _given_scale(
 
 
 @triton.jit
-def _saturate_and_store(
-    y, x, y_ptr, yt_ptr, rows, cols, mask, C, R_pad, stride_yr, stride_ytr,
-    FP8_MAX: tl.constexpr, WRITE_Y: tl.constexpr, WRITE_T: tl.constexpr,
-):  # fmt: skip
-    """Saturate the scaled tile ``y`` (NaN where ``x`` is not finite) and store its FP8 copies."""
+def _saturate(y, x, FP8_MAX: tl.constexpr):
+    """Clamp to the format's range; NaN wherever ``x`` is not finite (E4M3 has no inf)."""
     y = tl.minimum(tl.maximum(y, -FP8_MAX), FP8_MAX)
-    y = tl.where(tl.abs(x) < float("inf"), y, float("nan"))
+    return tl.where(tl.abs(x) < float("inf"), y, float("nan"))
+
+
+@triton.jit
+def _saturate_and_store(
+    y, x, scale, src_ptr, y_ptr, yt_ptr, rows, cols, mask, C, R_pad, stride_yr, stride_ytr,
+    FP8_MAX: tl.constexpr, WRITE_Y: tl.constexpr, WRITE_T: tl.constexpr, TRANS_MODE: tl.constexpr,
+):  # fmt: skip
+    """Saturate the scaled tile ``y = x * scale`` and store its FP8 copies.
+
+    ``TRANS_MODE`` picks what crosses shared memory for the transposed copy (same codes
+    whichever): 0, the scaled FP32 tile; 1, the operand ``x`` in ``src_ptr``'s 16-bit dtype
+    (exact: ``x`` holds values of that dtype), scaled and cast after the transpose (half the
+    shared-memory traffic; a scalar ``scale`` only); 2, the FP8 codes as int8 (a quarter).
+    """
     if WRITE_Y:
         y_offs = rows.to(tl.int64)[:, None] * stride_yr + cols[None, :]
-        tl.store(y_ptr + y_offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(y_ptr + y_offs, _saturate(y, x, FP8_MAX).to(y_ptr.dtype.element_ty), mask=mask)
     if WRITE_T:
-        # Rows in [R, R_pad) were loaded as 0 and are written as the zero padding. Transpose
-        # the FP32 tile (staged through shared memory by the compiler), then cast and store
-        # rows of the transposed tile, contiguous along the original rows. With triton 3.6 on
-        # an H100, writing both copies from one FP32-loaded tile gave wrong bits (FP16 was not
-        # tried), so the launchers ask for both at once only from BF16 input (see _launch_cast).
+        # Rows in [R, R_pad) were loaded as 0 and are written as the zero padding; the stored
+        # rows of the transposed tile are contiguous along the original rows. With triton 3.6
+        # on an H100, writing both copies from one FP32-loaded tile gave wrong bits (FP16 was
+        # not tried), so the launchers ask for both at once only from BF16 input (see _launch_cast).
         t_offs = cols.to(tl.int64)[:, None] * stride_ytr + rows[None, :]
         t_mask = (cols < C)[:, None] & (rows < R_pad)[None, :]
-        tl.store(yt_ptr + t_offs, tl.trans(y).to(yt_ptr.dtype.element_ty), mask=t_mask)
+        if TRANS_MODE == 0:
+            yt = tl.trans(_saturate(y, x, FP8_MAX)).to(yt_ptr.dtype.element_ty)
+            tl.store(yt_ptr + t_offs, yt, mask=t_mask)
+        elif TRANS_MODE == 1:
+            xt = tl.trans(x.to(src_ptr.dtype.element_ty)).to(tl.float32)
+            yt = _saturate(xt * scale, xt, FP8_MAX).to(yt_ptr.dtype.element_ty)
+            tl.store(yt_ptr + t_offs, yt, mask=t_mask)
+        else:
+            codes = _saturate(y, x, FP8_MAX).to(yt_ptr.dtype.element_ty).to(tl.int8, bitcast=True)
+            tl.store(yt_ptr.to(tl.pointer_type(tl.int8)) + t_offs, tl.trans(codes), mask=t_mask)
 
 
 @triton.jit
@@ -254,6 +273,7 @@ def _cast_kernel(
     WRITE_T: tl.constexpr,
     HAS_FLAG: tl.constexpr,
     REVERSE: tl.constexpr,  # walk tiles backwards: the amax pass just left the tail in L2
+    TRANS_MODE: tl.constexpr,  # see _saturate_and_store
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_P: tl.constexpr,
@@ -302,8 +322,9 @@ def _cast_kernel(
         y = x * scale[None, :]
 
     _saturate_and_store(
-        y, x, y_ptr, yt_ptr, rows, cols, mask, C, R_pad, stride_yr, stride_ytr, FP8_MAX, WRITE_Y, WRITE_T
-    )
+        y, x, scale, x_ptr, y_ptr, yt_ptr, rows, cols, mask, C, R_pad, stride_yr, stride_ytr,
+        FP8_MAX, WRITE_Y, WRITE_T, TRANS_MODE,
+    )  # fmt: skip
 
 
 @triton.jit
@@ -395,6 +416,7 @@ TUNING: dict[str, tuple[int, ...]] = {
     "programs_per_sm": (4,),  # persistent amax grid: enough loads in flight to cover HBM latency
     "cast": (32, 256, 4),
     "cast_t": (128, 64, 4),  # tall tiles: the transposed store writes 128-byte rows of FP8
+    "cast_t_mode": (0,),  # what the transposed copy moves through shared memory (_saturate_and_store)
 }
 
 
@@ -413,6 +435,14 @@ def _settings(x: torch.Tensor, transposed_io: bool) -> tuple[int, int, int]:
     if _interpreting():
         return 64, 128, 4
     return TUNING["cast_t" if transposed_io else "cast"]
+
+
+def _trans_mode(x: torch.Tensor, scalar_scale: bool) -> int:
+    """The transposed copy's TRANS_MODE: 1 (16-bit operand) needs a 16-bit input and one scale."""
+    mode = TUNING["cast_t_mode"][0]
+    if mode == 1 and not (scalar_scale and x.dtype in (torch.bfloat16, torch.float16)):
+        return 0
+    return mode
 
 
 def _launch_cast(
@@ -498,6 +528,7 @@ def _launch_cast(
             WRITE_T=write_t,
             HAS_FLAG=nonfinite_flag is not None,
             REVERSE=reverse,
+            TRANS_MODE=_trans_mode(x, scale_mode in (_SCALE_FROM_PARTIALS, _SCALE_FROM_TENSOR)) if write_t else 0,
             BLOCK_R=BLOCK_R,
             BLOCK_C=BLOCK_C,
             BLOCK_P=max(triton.next_power_of_2(max(n_partials, 1)), 16),

@@ -30,6 +30,7 @@ from .quant import (
     _saturate_and_store,
     _settings,
     _tensor_scale_from_partials,
+    _trans_mode,
 )
 from .quant_reference import MIN_AMAX, Fp8Quantized, _check_f32_scalar, _check_fp8, pad_to
 from .swiglu_quant_reference import _check_triple, swiglu_backward_quantize_reference
@@ -72,10 +73,10 @@ def _amax_kernel(dy_ptr, g_ptr, u_ptr, out_ptr, R, C, BLOCK_R: tl.constexpr, BLO
 
 @triton.jit
 def _scale_cast_store(
-    v, which, pid, rows, cols, mask, R, C, R_pad, y_ptr, yt_ptr, partials_ptr, n_partials, scale_ptr, record_ptr,
-    scale_inv_ptr, amax_ptr, scale_out_ptr, flag_ptr,
+    v, which, pid, rows, cols, mask, R, C, R_pad, src_ptr, y_ptr, yt_ptr, partials_ptr, n_partials, scale_ptr,
+    record_ptr, scale_inv_ptr, amax_ptr, scale_out_ptr, flag_ptr,
     FP8_MAX: tl.constexpr, MIN_AMAX_C: tl.constexpr, FROM_TENSOR: tl.constexpr, HAS_FLAG: tl.constexpr,
-    WRITE_Y: tl.constexpr, WRITE_T: tl.constexpr, BLOCK_P: tl.constexpr,
+    WRITE_Y: tl.constexpr, WRITE_T: tl.constexpr, TRANS_MODE: tl.constexpr, BLOCK_P: tl.constexpr,
 ):  # fmt: skip
     """Scale, saturate and store one gradient tile (``which``: 0 gate, 1 up), as quant._cast_kernel does."""
     if FROM_TENSOR:
@@ -85,7 +86,10 @@ def _scale_cast_store(
             partials_ptr + which * n_partials, n_partials, pid, scale_inv_ptr, amax_ptr, scale_out_ptr, flag_ptr,
             FP8_MAX, MIN_AMAX_C, HAS_FLAG, BLOCK_P,
         )  # fmt: skip
-    _saturate_and_store(v * scale, v, y_ptr, yt_ptr, rows, cols, mask, C, R_pad, C, R_pad, FP8_MAX, WRITE_Y, WRITE_T)
+    _saturate_and_store(
+        v * scale, v, scale, src_ptr, y_ptr, yt_ptr, rows, cols, mask, C, R_pad, C, R_pad,
+        FP8_MAX, WRITE_Y, WRITE_T, TRANS_MODE,
+    )  # fmt: skip
 
 
 @triton.jit
@@ -98,7 +102,7 @@ def _cast_kernel(
     scale_inv_u_ptr, amax_u_ptr, scale_out_u_ptr, flag_u_ptr,
     R, C, R_pad,
     FP8_MAX: tl.constexpr, MIN_AMAX_C: tl.constexpr, FROM_TENSOR: tl.constexpr, HAS_FLAG: tl.constexpr,
-    WRITE_Y: tl.constexpr, WRITE_T: tl.constexpr,
+    WRITE_Y: tl.constexpr, WRITE_T: tl.constexpr, TRANS_MODE: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
@@ -108,14 +112,14 @@ def _cast_kernel(
     mask = (rows < R)[:, None] & (cols < C)[None, :]
     dg, du = _swiglu_grads(dy_ptr, g_ptr, u_ptr, rows.to(tl.int64)[:, None] * C + cols[None, :], mask)
     _scale_cast_store(
-        dg, 0, pid, rows, cols, mask, R, C, R_pad, yg_ptr, ytg_ptr, partials_ptr, n_partials, scale_g_ptr,
+        dg, 0, pid, rows, cols, mask, R, C, R_pad, g_ptr, yg_ptr, ytg_ptr, partials_ptr, n_partials, scale_g_ptr,
         record_g_ptr, scale_inv_g_ptr, amax_g_ptr, scale_out_g_ptr, flag_g_ptr,
-        FP8_MAX, MIN_AMAX_C, FROM_TENSOR, HAS_FLAG, WRITE_Y, WRITE_T, BLOCK_P,
+        FP8_MAX, MIN_AMAX_C, FROM_TENSOR, HAS_FLAG, WRITE_Y, WRITE_T, TRANS_MODE, BLOCK_P,
     )  # fmt: skip
     _scale_cast_store(
-        du, 1, pid, rows, cols, mask, R, C, R_pad, yu_ptr, ytu_ptr, partials_ptr, n_partials, scale_u_ptr,
+        du, 1, pid, rows, cols, mask, R, C, R_pad, g_ptr, yu_ptr, ytu_ptr, partials_ptr, n_partials, scale_u_ptr,
         record_u_ptr, scale_inv_u_ptr, amax_u_ptr, scale_out_u_ptr, flag_u_ptr,
-        FP8_MAX, MIN_AMAX_C, FROM_TENSOR, HAS_FLAG, WRITE_Y, WRITE_T, BLOCK_P,
+        FP8_MAX, MIN_AMAX_C, FROM_TENSOR, HAS_FLAG, WRITE_Y, WRITE_T, TRANS_MODE, BLOCK_P,
     )  # fmt: skip
 
 
@@ -194,7 +198,7 @@ def swiglu_backward_quantize(
     dummy = meta[0][0]
     (yg, ytg), (yu, ytu) = outs
     flag_g, flag_u = nonfinite_flags
-    launch(_cast_kernel, grid, (grad, gate, up, yg if yg is not None else ytg, ytg if ytg is not None else yg, yu if yu is not None else ytu, ytu if ytu is not None else yu, partials, n_progs, scales[0] if scales else dummy, scales[1] if scales else dummy, amax_slots[0].view(torch.int32) if amax_slots else dummy, amax_slots[1].view(torch.int32) if amax_slots else dummy, *meta[0], flag_g if flag_g is not None else dummy, *meta[1], flag_u if flag_u is not None else dummy, R, C, R_pad,), dict(FP8_MAX=fmax, MIN_AMAX_C=MIN_AMAX, FROM_TENSOR=scales is not None, HAS_FLAG=flag_g is not None and flag_u is not None, WRITE_Y=write_y, WRITE_T=write_t, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, BLOCK_P=max(triton.next_power_of_2(max(n_progs, 1)), 16)), num_warps)  # fmt: skip
+    launch(_cast_kernel, grid, (grad, gate, up, yg if yg is not None else ytg, ytg if ytg is not None else yg, yu if yu is not None else ytu, ytu if ytu is not None else yu, partials, n_progs, scales[0] if scales else dummy, scales[1] if scales else dummy, amax_slots[0].view(torch.int32) if amax_slots else dummy, amax_slots[1].view(torch.int32) if amax_slots else dummy, *meta[0], flag_g if flag_g is not None else dummy, *meta[1], flag_u if flag_u is not None else dummy, R, C, R_pad,), dict(FP8_MAX=fmax, MIN_AMAX_C=MIN_AMAX, FROM_TENSOR=scales is not None, HAS_FLAG=flag_g is not None and flag_u is not None, WRITE_Y=write_y, WRITE_T=write_t, TRANS_MODE=_trans_mode(gate, True), BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, BLOCK_P=max(triton.next_power_of_2(max(n_progs, 1)), 16)), num_warps)  # fmt: skip
     result = []
     for i, ((y, yt), (scale_inv, amax, scale)) in enumerate(zip(outs, meta)):
         if scales is None:

@@ -216,3 +216,27 @@ def test_cast_with_given_scale_rewrites_the_skipped_transposed_copy(shape, dtype
     assert_bits_equal(r.scale_inv, both.scale_inv, "reference scale_inv")
     with pytest.raises(ValueError, match="scale"):
         K.quantize_with_scale(x, f8, torch.ones(2))
+
+
+@pytest.mark.parametrize("mode", [0, 1, 2], ids=["fp32-tile", "16bit-operand", "int8-codes"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_every_transpose_mode_writes_the_same_codes(monkeypatch, mode, dtype):
+    """The transposed copy's codes do not depend on what crosses shared memory (TUNING['cast_t_mode']):
+    plain, SwiGLU-gated and delayed casts against their references, both copies and the transposed alone."""
+    monkeypatch.setitem(K.TUNING, "cast_t_mode", (mode,))
+    x = _rand((130, 300), dtype)
+    up = (torch.randn(130, 300) * 2).to(dtype)
+    for write_y, write_t in [(False, True), (True, True)]:
+        kw = dict(write_y=write_y, write_t=write_t)
+        _check_same(K.quantize_tensorwise(x, E4M3, **kw), R.quantize_tensorwise_reference(x, E4M3, **kw), "tensorwise")
+        _check_same(
+            K.quantize_tensorwise(x, E5M2, swiglu_up=up, **kw),
+            R.quantize_tensorwise_reference(x, E5M2, swiglu_up=up, **kw),
+            "gated",
+        )
+        slot_k, slot_r = torch.tensor(0.0), torch.tensor(0.0)
+        _check_same(
+            K.quantize_delayed(x, E4M3, torch.tensor(21.0), slot_k, **kw),
+            R.quantize_delayed_reference(x, E4M3, torch.tensor(21.0), slot_r, **kw),
+            "delayed",
+        )

@@ -175,3 +175,20 @@ def test_swiglu_backward_quantize_flags_nonfinite_and_checks_inputs():
         swiglu_backward_quantize(grad.float(), gate.float(), up.float(), E5M2, write_y=True, write_t=True)
     with pytest.raises(ValueError, match="together"):
         swiglu_backward_quantize(grad, gate, up, E5M2, scales=(torch.tensor(1.0), torch.tensor(1.0)))
+
+
+@pytest.mark.parametrize("mode", [1, 2], ids=["16bit-operand", "int8-codes"])
+def test_swiglu_backward_quantize_transpose_modes(monkeypatch, mode):
+    """The gradients' transposed copies are the same codes whichever TUNING['cast_t_mode'] moves them."""
+    from hf_fp8.kernels.swiglu_quant import swiglu_backward_quantize
+    from hf_fp8.kernels.swiglu_quant_reference import swiglu_backward_quantize_reference
+
+    grad, gate, up = _triple((130, 300))
+    monkeypatch.setitem(K.TUNING, "cast_t_mode", (mode,))
+    for delayed in (False, True):
+        kw = dict(scales=(torch.tensor(3.0e4), torch.tensor(1.5e3)), amax_slots=(torch.tensor(0.0), torch.tensor(0.0)))
+        kw_r = dict(scales=kw["scales"], amax_slots=(torch.tensor(0.0), torch.tensor(0.0)))
+        got = swiglu_backward_quantize(grad, gate, up, E5M2, **(kw if delayed else {}))
+        want = swiglu_backward_quantize_reference(grad, gate, up, E5M2, **(kw_r if delayed else {}))
+        for i, (q, r) in enumerate(zip(got, want)):
+            _same(q, r, f"mode {mode} grad {i}")
