@@ -79,7 +79,7 @@ def _cases() -> dict:
 
 
 def _codes(out) -> list[torch.Tensor]:
-    outs = out if isinstance(out, (tuple, list)) else [out]
+    outs = [out] if isinstance(out, K.Fp8Quantized) else out
     return [t for q in outs for t in (q.data, q.data_t) if t is not None]
 
 
