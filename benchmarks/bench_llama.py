@@ -63,15 +63,19 @@ def _fast_launch_default() -> bool:
 
 _FAST_LAUNCH_DEFAULT = None
 _LOSS_DEFAULTS = None  # hf_fp8.loss.CHUNK_BYTES, GRAD_BLOCK_BYTES as the library sets them
+_CAST_T_DEFAULTS = None  # the transposed cast's tile and mode (hf_fp8.kernels.quant.TUNING)
 
 
 def build(name: str, config: dict):
-    global _FAST_LAUNCH_DEFAULT, _LOSS_DEFAULTS
+    global _FAST_LAUNCH_DEFAULT, _LOSS_DEFAULTS, _CAST_T_DEFAULTS
+    from hf_fp8.kernels import quant as hf_quant
+
     if _FAST_LAUNCH_DEFAULT is None:
         from hf_fp8 import loss as hf_loss
 
         _FAST_LAUNCH_DEFAULT = _fast_launch_default()
         _LOSS_DEFAULTS = (hf_loss.CHUNK_BYTES, hf_loss.GRAD_BLOCK_BYTES)
+        _CAST_T_DEFAULTS = (hf_quant.TUNING["cast_t"], hf_quant.TUNING["cast_t_mode"])
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import hf_fp8
@@ -119,12 +123,15 @@ def build(name: str, config: dict):
         mlp_ops.RECOMPUTE_DOWN_INPUT_T = "keptact" not in flags  # likewise
         hf_rope.RECAST_OPROJ_INPUT = "savedoproj" not in flags  # likewise
         hf_loss.CHUNK_BYTES, hf_loss.GRAD_BLOCK_BYTES = (1 << 28, 1 << 62) if "wholeloss" in flags else _LOSS_DEFAULTS
-        for f in flags:  # _chunk<tokens>, _block<tokens>: the loss's chunk and gradient block at this vocab
+        for f in flags:  # _chunk<tokens>, _block<tokens>: tokens per logits GEMM and per FP32 logits buffer
             if f.startswith("chunk"):
                 hf_loss.CHUNK_BYTES = int(f[5:]) * 4 * config["vocab_size"]
             elif f.startswith("block"):
-                hf_loss.GRAD_BLOCK_BYTES = int(f[5:]) * 2 * config["vocab_size"]
+                hf_loss.GRAD_BLOCK_BYTES = int(f[5:]) * 4 * config["vocab_size"]
         _launch._ENABLED = _FAST_LAUNCH_DEFAULT and "jitlaunch" not in flags  # likewise
+        # _oldcast: the transposed casts as before 2026-11-24 (128x64 tiles, FP32 through shared memory)
+        old_cast = ((128, 64, 4), (0,))
+        hf_quant.TUNING["cast_t"], hf_quant.TUNING["cast_t_mode"] = old_cast if "oldcast" in flags else _CAST_T_DEFAULTS
         # weight transposes: the library's default unless a flag says otherwise (the default was True
         # before 2026-11-24: plain variant names in older results files kept the transposes)
         wt = {"save_weight_transpose": True} if "savedwt" in flags else {}

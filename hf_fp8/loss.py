@@ -1,27 +1,30 @@
 """FP32 logits and loss without the full FP32 logits tensor: chunked linear + cross-entropy.
 
-For each chunk of tokens the lm_head GEMM takes the model-dtype (BF16) operands and writes
-FP32 logits (FP32 accumulation, no BF16 rounding of the logits); the loss and the logits
-gradient come out of one fused kernel, which writes the gradient (in the weight's dtype) into
-a block buffer of several chunks. When a block is full, the hidden states' gradient rows of
-that block are one GEMM (exact: rows are independent) and the lm_head weight's gradient gets
-the block's ``gᵀ h`` added (FP32 accumulation inside the GEMM, rounded once per block into the
-weight-dtype gradient, as gradient accumulation over micro-batches rounds once per
-micro-batch). Everything is computed in the forward; the backward only scales (in place).
+For each block of tokens (1024 at Llama-3's vocabulary) the lm_head GEMM takes the model-dtype
+(BF16) operands and writes FP32 logits into one block buffer (FP32 accumulation, no BF16
+rounding of the logits); the loss and the logits gradient come out of one fused kernel, which
+writes each row's gradient (in the weight's dtype) over the start of that row's FP32 logits,
+after reading them. The hidden states' gradient rows of the block are then one GEMM (exact:
+rows are independent) and the lm_head weight's gradient gets the block's ``gᵀ h`` added (FP32
+accumulation inside the GEMM, rounded once per block into the weight-dtype gradient, as
+gradient accumulation over micro-batches rounds once per micro-batch); both GEMMs read the
+gradient where the kernel left it (row stride: one FP32 row). Everything is computed in the
+forward; the backward only scales (in place).
 
 Memory alive at the end of the forward, when every activation of the model still is: the
-weight gradient (which training needs anyway), one block of logits gradient and one chunk of
-FP32 logits. At Llama-3 sizes (vocab 128256, BF16, 8192 tokens) that is 1.05 GB + 263 MB +
-263 MB, where one whole-batch block held 2.1 GB of logits gradient and then the weight gradient
-beside it (3.2 GB), and HF holds the BF16 logits, their FP32 copy and the FP32 softmax.
+weight gradient (which training needs anyway) and one block of FP32 logits. At Llama-3 sizes
+(vocab 128256, BF16, 8192 tokens) that is 1.05 GB + 525 MB, as much as the 512-token logits
+chunk plus the separate 1024-token BF16 gradient block it replaces, whose logits GEMM ran in
+two halves: 14.7 ms against 13.5 ms for 1024-token GEMMs on the H100. One whole-batch block
+would hold 4.2 GB of logits; HF holds the BF16 logits, their FP32 copy and the FP32 softmax.
 
 Why not accumulate per chunk, or in FP32: a chunk has a few hundred tokens at Llama-3 vocab
 sizes, and accumulating ``dW += gᵀ h`` into an FP32 (vocab x hidden) accumulator reads and
 writes it whole for each K≈500 GEMM: measured on the H100 (B=2, S=4096, vocab 128256) 64.6 ms
 for the loss against 50.8 ms for HF's BF16 path. Blocks of ~1000 tokens accumulate 8 times per
-step into the BF16 gradient: the loss alone (fwd+bwd, B=2, S=4096, vocab 128256) takes 44.9 ms
-and 1.64 GB at 512-token chunks and 1024-token blocks, against 42.1 ms and 3.22 GB with one
-block; 256-token chunks cost 50.6 ms (``benchmarks/results/loss_blocks_h100.json``).
+step into the BF16 gradient: the loss alone (fwd+bwd, B=2, S=4096, vocab 128256) took 44.9 ms
+and 1.64 GB at 512-token chunks and 1024-token blocks (two buffers), against 42.1 ms and
+3.22 GB with one block; 256-token chunks cost 50.6 ms (``benchmarks/results/loss_blocks_h100.json``).
 
 Semantics are HF's ``ForCausalLMLoss``: labels are shifted left by one (or ``shift_labels``
 is used as given), ``ignore_index`` tokens count for nothing, and the loss is the mean over
@@ -38,9 +41,10 @@ from hf_fp8._backend import compile_time_constant
 __all__ = ["CHUNK_BYTES", "GRAD_BLOCK_BYTES", "chunked_linear_cross_entropy", "mm_fp32_out"]
 
 # Defaults of chunked_linear_cross_entropy's chunk_size and grad_block_size, in bytes of FP32
-# logits per chunk and of logits gradient per block (module-wide: the patched models use them).
-CHUNK_BYTES = 1 << 28
-GRAD_BLOCK_BYTES = 1 << 28
+# logits per chunk and per block (module-wide: the patched models use them). One chunk per
+# block: 1024 tokens at vocab 128256, whose logits GEMM ran 7% faster than two of 512 (H100).
+CHUNK_BYTES = 1 << 29
+GRAD_BLOCK_BYTES = 1 << 29
 
 
 _DTYPE_GEMM: list[bool] = []
@@ -60,17 +64,20 @@ def _has_dtype_gemm() -> bool:
     return _DTYPE_GEMM[0]
 
 
-def mm_fp32_out(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` with FP32 accumulation and an FP32 result, for BF16/FP16/FP32 operands.
+def mm_fp32_out(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``a @ b`` with FP32 accumulation and an FP32 result, for BF16/FP16/FP32 operands
+    (written into ``out``, FP32 of the result's shape, when given).
 
     On CUDA the low-precision operands go straight to the tensor cores (``out_dtype``); on CPU
     they are upcast first, which computes the same products (exact in FP32) and sums.
     """
     if a.dtype == torch.float32 and b.dtype == torch.float32:
-        return a @ b
+        return a @ b if out is None else torch.mm(a, b, out=out)
     if a.is_cuda and a.dtype == b.dtype and _has_dtype_gemm():
-        return torch.mm(a, b, out_dtype=torch.float32)
-    return a.float() @ b.float()
+        if out is None:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        return torch.mm(a, b, out_dtype=torch.float32, out=out)
+    return a.float() @ b.float() if out is None else torch.mm(a.float(), b.float(), out=out)
 
 
 def _ce(logits: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor, grad_out: torch.Tensor, ignore_index: int):
@@ -105,7 +112,11 @@ def _loss_and_grads_exact(
     need_any = need_h or need_w or need_b
     # without any gradient to compute (an eval loss) one chunk's buffer is reused for everything
     block_size = max(1, min(N, block_size if need_any else chunk_size))
-    grad_logits = torch.empty((block_size, V), dtype=weight.dtype, device=hidden.device)
+    # One block's FP32 logits; each row's gradient (in the weight's dtype) overwrites the start
+    # of that row's logits (the CE kernel reads a row before writing it), so the GEMMs read the
+    # gradient rows with a stride of a whole FP32 row.
+    logits_buf = torch.empty((block_size, V), dtype=torch.float32, device=hidden.device)
+    grad_logits = logits_buf.view(weight.dtype)[:, :V]
     grad_h = torch.empty(hidden.shape, dtype=weight.dtype, device=hidden.device) if need_h else None
     grad_w = None
     grad_b = torch.zeros((V,), dtype=torch.float32, device=hidden.device) if need_b else None
@@ -114,11 +125,11 @@ def _loss_and_grads_exact(
         n_block = min(block_size, N - block)
         for start in range(block, block + n_block, chunk_size):
             n = min(chunk_size, block + n_block - start)
-            logits = mm_fp32_out(hidden[start : start + n], w_t)
+            rows = slice(start - block, start - block + n)
+            logits = mm_fp32_out(hidden[start : start + n], w_t, out=logits_buf[rows])
             if bias is not None:
                 logits += bias.float()
-            g = grad_logits[start - block : start - block + n]
-            chunk_loss, _ = _ce(logits, labels[start : start + n], scale, g, ignore_index)
+            chunk_loss, _ = _ce(logits, labels[start : start + n], scale, grad_logits[rows], ignore_index)
             del logits
             loss += chunk_loss.sum()
         if not need_any:
@@ -247,11 +258,12 @@ def chunked_linear_cross_entropy(
         num_items_in_batch (`int` or `torch.Tensor`, *optional*): divide the summed loss by this
             instead of averaging over counted tokens (what the Trainer passes under gradient
             accumulation).
-        chunk_size (`int`, *optional*): tokens per chunk of FP32 logits; default keeps a
-            chunk near :data:`CHUNK_BYTES` (256 MiB: 512 tokens at vocab 128256).
-        grad_block_size (`int`, *optional*): tokens whose logits gradient (in the weight's
-            dtype) is held at once; default keeps a block near :data:`GRAD_BLOCK_BYTES`
-            (256 MiB: 1024 tokens at vocab 128256, BF16), rounded to whole chunks. The weight
+        chunk_size (`int`, *optional*): tokens per logits GEMM; default keeps a chunk's FP32
+            logits near :data:`CHUNK_BYTES` (512 MiB: 1024 tokens at vocab 128256).
+        grad_block_size (`int`, *optional*): tokens whose FP32 logits, then logits gradient (in
+            the weight's dtype, written over them), are held at once; default keeps a block near
+            :data:`GRAD_BLOCK_BYTES` (512 MiB: 1024 tokens at vocab 128256), rounded to whole
+            chunks. The weight
             gradient is one GEMM per block, summed in the weight's dtype: one rounding per
             block, the rounding gradient accumulation over micro-batches of that many tokens
             has. Give the token count (or more) for one block: one rounding, and a
@@ -264,6 +276,8 @@ def chunked_linear_cross_entropy(
     if (labels is None) == (shift_labels is None):
         raise ValueError("chunked_linear_cross_entropy: give exactly one of labels and shift_labels")
     H = hidden_states.shape[-1]
+    if weight.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise TypeError(f"weight: expected a BF16, FP16 or FP32 lm_head weight, got {weight.dtype}")
     if weight.dim() != 2 or weight.shape[1] != H:
         raise ValueError(f"weight: expected (vocab, {H}), got {tuple(weight.shape)}")
     if shift_labels is None:
@@ -287,7 +301,7 @@ def chunked_linear_cross_entropy(
     if chunk_size < 1:
         raise ValueError(f"chunk_size: expected >= 1, got {chunk_size}")
     if grad_block_size is None:
-        per_block = GRAD_BLOCK_BYTES // (weight.element_size() * max(1, V))
+        per_block = GRAD_BLOCK_BYTES // (4 * max(1, V))
         grad_block_size = max(chunk_size, per_block - per_block % chunk_size)
     if grad_block_size < 1:
         raise ValueError(f"grad_block_size: expected >= 1, got {grad_block_size}")

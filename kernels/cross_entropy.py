@@ -41,6 +41,7 @@ def _ce_fwd_bwd_kernel(
     stride_x,
     stride_g,
     IGNORE_INDEX: tl.constexpr,
+    IN_PLACE: tl.constexpr,  # grad overwrites x's memory (see ce_fwd_bwd)
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -69,8 +70,24 @@ def _ce_fwd_bwd_kernel(
     for start in range(0, V, BLOCK_V):
         mask = start + cols < V
         x = tl.load(x_row + start + cols, mask=mask, other=0.0)
+        if IN_PLACE:
+            # every warp has read columns < start + BLOCK_V before any writes this block's
+            # gradient, whose bytes lie over FP32 columns < (start + BLOCK_V) / 2 (narrower
+            # dtype) or over its own columns (FP32): nothing is overwritten before it is read
+            tl.debug_barrier()
         g = tl.exp(x - lse) - tl.where(start + cols == label, 1.0, 0.0)
         tl.store(g_row + start + cols, (g * row_scale).to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the byte ranges that two tensors span intersect."""
+
+    def span(t):
+        start = t.data_ptr()
+        return start, start + ((t.shape[0] - 1) * t.stride(0) + t.shape[1]) * t.element_size()
+
+    (a0, a1), (b0, b1) = span(a), span(b)
+    return a.numel() > 0 and b.numel() > 0 and a0 < b1 and b0 < a1
 
 
 def ce_fwd_bwd(
@@ -83,6 +100,10 @@ def ce_fwd_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row losses (C,) FP32 and the scaled logits gradient (C, V) in ``grad_dtype``
     (written into ``grad_out``, (C, V) with unit column stride, when given).
+
+    ``grad_out`` may overwrite ``logits`` in place: starting at the same address, each gradient
+    row over the start of its own logits row (``logits.view(grad_dtype)[:, :V]``); the chunked
+    loss does so to hold one buffer instead of two.
 
     Args:
         logits (`torch.Tensor`): (C, V) float32, unit stride along V.
@@ -105,6 +126,13 @@ def ce_fwd_bwd(
         )
     else:
         grad = grad_out
+    in_place = _overlaps(grad, logits)
+    if in_place and not (
+        grad.data_ptr() == logits.data_ptr() and grad.stride(0) * grad.element_size() == 4 * logits.stride(0)
+    ):
+        raise ValueError(
+            "grad_out: may share memory with logits only as their in-place gradient (same start, same row stride in bytes)"
+        )
     interp = os.environ.get("TRITON_INTERPRET", "0") == "1"
     BLOCK_V = min(triton.next_power_of_2(V), 65536 if interp else 4096)
     launch(
@@ -120,7 +148,7 @@ def ce_fwd_bwd(
             logits.stride(0),
             grad.stride(0),
         ),
-        dict(IGNORE_INDEX=ignore_index, BLOCK_V=BLOCK_V),
+        dict(IGNORE_INDEX=ignore_index, IN_PLACE=in_place, BLOCK_V=BLOCK_V),
         8 if not interp else 1,
     )
     return loss, grad

@@ -8,6 +8,7 @@ import copy
 import conftest
 import pytest
 import torch
+from helpers import assert_bits_equal
 from llama_fixtures import tiny_llama
 
 import hf_fp8
@@ -103,8 +104,8 @@ def test_never_materializes_full_logits(monkeypatch):
     seen = []
     original = L.mm_fp32_out
 
-    def spy(a, b):
-        out = original(a, b)
+    def spy(a, b, out=None):
+        out = original(a, b, out=out)
         seen.append(out.numel())
         return out
 
@@ -221,6 +222,49 @@ def test_triton_kernel_matches_reference():
         assert (buf[:2] == 7).all() and (buf[11:] == 7).all()
     with pytest.raises(ValueError, match="grad_out"):
         ce_fwd_bwd(logits, labels, scale, torch.bfloat16, grad_out=torch.empty(9, 700))
+
+
+@pytest.mark.skipif(not conftest.INTERPRETER_PATCHED, reason="needs TRITON_INTERPRET=1")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_triton_kernel_in_place_over_the_logits(dtype):
+    """The gradient written over its own logits rows (what the chunked loss does) is the gradient
+    written elsewhere, bit for bit, and so is the loss; other overlaps are refused."""
+    from hf_fp8.kernels.cross_entropy import ce_fwd_bwd
+
+    torch.manual_seed(3)
+    logits = torch.randn(9, 700) * 4
+    labels = torch.randint(0, 700, (9,))
+    labels[4] = -100
+    scale = torch.tensor(1 / 8)
+    l_ref, g_ref = ce_fwd_bwd(logits.clone(), labels, scale, dtype)
+    buf = logits.clone()
+    l_in, g_in = ce_fwd_bwd(buf, labels, scale, dtype, grad_out=buf.view(dtype)[:, :700])
+    assert g_in.data_ptr() == buf.data_ptr()
+    assert_bits_equal(l_in, l_ref, "loss")
+    assert_bits_equal(g_in, g_ref, "gradient")
+    big = torch.empty(10, 700)
+    big[:9] = logits
+    with pytest.raises(ValueError, match="share memory"):  # one row off: would overwrite unread logits
+        ce_fwd_bwd(big[:9], labels, scale, dtype, grad_out=big.view(dtype)[1:10, :700])
+
+
+def test_loss_holds_one_fp32_block_that_the_gradient_overwrites(monkeypatch):
+    """BF16 weights: the CE writes the gradient over the block's FP32 logits (one buffer, not
+    two), and the gradient GEMMs read it there."""
+    seen = []
+    original = L._ce
+
+    def spy(logits, labels, scale, grad_out, ignore_index):
+        seen.append((logits.untyped_storage().data_ptr(), grad_out.untyped_storage().data_ptr(), grad_out.stride(0)))
+        return original(logits, labels, scale, grad_out, ignore_index)
+
+    monkeypatch.setattr(L, "_ce", spy)
+    hidden = torch.randn(2, 32, 16).bfloat16().requires_grad_()
+    weight = torch.randn(300, 16).bfloat16().requires_grad_()
+    hf_fp8.chunked_linear_cross_entropy(
+        hidden, weight, torch.randint(0, 300, (2, 32)), chunk_size=8, grad_block_size=16
+    ).backward()
+    assert len(seen) == 8 and all(lg == gr and stride == 600 for lg, gr, stride in seen)
 
 
 def test_patched_llama_fp32_equals_stock():
