@@ -272,6 +272,8 @@ def bench_loss_blocks() -> list[dict]:
         (512, 2048),
         (1024, 2048),
         (2048, 2048),
+        (1024, 1024),  # the default since 2026-11-24: one GEMM per buffer
+        (768, 768),
     ]:
 
         def step(chunk=chunk, block=block):
