@@ -330,6 +330,49 @@ def bench_loss_blocks() -> list[dict]:
     return rows
 
 
+def bench_loss_in_place() -> list[dict]:
+    """What writing the logits gradient over the logits costs, per 1024-token block at vocab 128256:
+    the CE kernel out of place and in place (barriers after every block of columns, or after
+    blocks 0, 1, 2, 4, ...), and the two gradient GEMMs reading a contiguous or a strided gradient."""
+    import hf_fp8.kernels.cross_entropy as CE
+
+    n, H, V = 1024, 4096, 128256
+    torch.manual_seed(0)
+    logits = torch.randn(n, V, device="cuda") * 4
+    labels = torch.randint(0, V, (n,), device="cuda")
+    scale = torch.tensor(1 / 8192, device="cuda")
+    weight = (torch.randn(V, H, device="cuda") * 0.02).to(torch.bfloat16)
+    h = torch.randn(n, H, device="cuda").to(torch.bfloat16)
+    rows, default = [], CE.IN_PLACE_BARRIERS
+    out = torch.empty(n, V, device="cuda", dtype=torch.bfloat16)
+    t = bench_ms(lambda: CE.ce_fwd_bwd(logits, labels, scale, torch.bfloat16, grad_out=out))
+    rows.append(dict(op="ce_out_of_place", ms=t["ms"]))
+    buf = logits.clone()
+    for barriers in (1, 2):
+        CE.IN_PLACE_BARRIERS = barriers
+        # the buffer is overwritten by each call: re-fill it inside the timed call, and time the copy alone
+        t = bench_ms(
+            lambda: (
+                buf.copy_(logits),
+                CE.ce_fwd_bwd(buf, labels, scale, torch.bfloat16, grad_out=buf.view(torch.bfloat16)[:, :V]),
+            )
+        )
+        rows.append(dict(op="ce_in_place_plus_refill", barriers=barriers, ms=t["ms"]))
+    CE.IN_PLACE_BARRIERS = default
+    t = bench_ms(lambda: buf.copy_(logits))
+    rows.append(dict(op="refill_copy", ms=t["ms"]))
+    strided = buf.view(torch.bfloat16)[:, :V]
+    strided.copy_(out)
+    for name, g in (("contiguous", out), ("strided", strided)):
+        t = bench_ms(lambda g=g: g @ weight)
+        rows.append(dict(op="hidden_grad_gemm_1024", layout=name, ms=t["ms"]))
+        t = bench_ms(lambda g=g: g.t() @ h)
+        rows.append(dict(op="weight_grad_gemm_1024", layout=name, ms=t["ms"]))
+    for r in rows:
+        print(r, flush=True)
+    return rows
+
+
 def bench_adamw() -> list[dict]:
     import hf_fp8
 
@@ -385,6 +428,7 @@ def main() -> None:
                 "rope-final": lambda: bench_rope(sweep=False, rep_ms=500),  # no sweep, 5x the repeats
                 "loss": bench_loss,
                 "loss-blocks": bench_loss_blocks,
+                "loss-in-place": bench_loss_in_place,
                 "adamw": bench_adamw,
             }[s]()
         except Exception as e:  # noqa: BLE001  a failed section is a result too
@@ -395,6 +439,7 @@ def main() -> None:
     # RoPE alone goes to its own file (README's RoPE table), loss/AdamW to precision_ops_h100.json
     name = "rope_h100.json" if all(s.startswith("rope") for s in sections) else "precision_ops_h100.json"
     name = "loss_blocks_h100.json" if sections == ["loss-blocks"] else name
+    name = "loss_in_place_h100.json" if sections == ["loss-in-place"] else name
     print(f"wrote {write_json(name, {'env': environment(), 'rows': rows})}")
 
 

@@ -41,7 +41,7 @@ def _ce_fwd_bwd_kernel(
     stride_x,
     stride_g,
     IGNORE_INDEX: tl.constexpr,
-    IN_PLACE: tl.constexpr,  # grad overwrites x's memory (see ce_fwd_bwd)
+    BARRIERS: tl.constexpr,  # grad overwrites x's memory: 1 a barrier per block, 2 at blocks 0, 1, 2, 4, ...
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -70,13 +70,31 @@ def _ce_fwd_bwd_kernel(
     for start in range(0, V, BLOCK_V):
         mask = start + cols < V
         x = tl.load(x_row + start + cols, mask=mask, other=0.0)
-        if IN_PLACE:
-            # every warp has read columns < start + BLOCK_V before any writes this block's
-            # gradient, whose bytes lie over FP32 columns < (start + BLOCK_V) / 2 (narrower
-            # dtype) or over its own columns (FP32): nothing is overwritten before it is read
+        if BARRIERS == 1:
             tl.debug_barrier()
+        elif BARRIERS == 2:
+            # Block k's gradient lies over FP32 columns < (k + 1) * BLOCK_V / 2 (a narrower
+            # dtype; over its own columns in FP32), which blocks <= k / 2 read (rounded up).
+            # A barrier after block j's loads means every warp has read blocks <= j; with
+            # barriers at j = 0 and the powers of two, block k in [2^m, 2^(m+1)) follows the
+            # one at 2^m >= (k + 1) / 2: nothing is overwritten before every warp read it.
+            k = start // BLOCK_V
+            if (k & (k - 1)) == 0:
+                tl.debug_barrier()
         g = tl.exp(x - lse) - tl.where(start + cols == label, 1.0, 0.0)
         tl.store(g_row + start + cols, (g * row_scale).to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+# In place, the barriers that keep a warp from overwriting logits another warp has not read:
+# 1 after every block's loads, 2 after blocks 0, 1, 2, 4, 8, ... (enough for a narrower
+# gradient, see the kernel; an FP32 gradient lands on the block just read and takes 1)
+IN_PLACE_BARRIERS = 2
+
+
+def _barriers(in_place: bool, grad: torch.Tensor) -> int:
+    if not in_place:
+        return 0
+    return IN_PLACE_BARRIERS if grad.element_size() < 4 else 1
 
 
 def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -148,7 +166,7 @@ def ce_fwd_bwd(
             logits.stride(0),
             grad.stride(0),
         ),
-        dict(IGNORE_INDEX=ignore_index, IN_PLACE=in_place, BLOCK_V=BLOCK_V),
+        dict(IGNORE_INDEX=ignore_index, BARRIERS=_barriers(in_place, grad), BLOCK_V=BLOCK_V),
         8 if not interp else 1,
     )
     return loss, grad

@@ -395,12 +395,15 @@ def test_o_proj_keeps_the_attention_output_not_an_fp8_copy_on_gpu(recipe):
     check_o_proj_keeps_attention_output("cuda", recipe)
 
 
-def test_cross_entropy_in_place_on_gpu():
+@pytest.mark.parametrize("barriers", [1, 2], ids=["every-block", "powers-of-two"])
+def test_cross_entropy_in_place_on_gpu(monkeypatch, barriers):
     """The CE kernel's gradient written over its own FP32 logits rows (the chunked loss's one
     buffer) equals the gradient written elsewhere bit for bit, at Llama-3's vocabulary: a race
     between warps (a gradient stored over logits another warp has not read) would show here."""
+    from hf_fp8.kernels import cross_entropy
     from hf_fp8.kernels.cross_entropy import ce_fwd_bwd
 
+    monkeypatch.setattr(cross_entropy, "IN_PLACE_BARRIERS", barriers)
     torch.manual_seed(0)
     V = 128256
     logits = torch.randn(512, V, device="cuda") * 4
