@@ -368,6 +368,11 @@ def bench_loss_in_place() -> list[dict]:
         rows.append(dict(op="hidden_grad_gemm_1024", layout=name, ms=t["ms"]))
         t = bench_ms(lambda g=g: g.t() @ h)
         rows.append(dict(op="weight_grad_gemm_1024", layout=name, ms=t["ms"]))
+    # the hidden-state gradient transposed (dhᵀ = Wᵀ gᵀ) into columns of an (H, tokens) buffer
+    dh_t = torch.empty(H, 8192, device="cuda", dtype=torch.bfloat16)
+    for name, g in (("contiguous", out), ("strided", strided)):
+        t = bench_ms(lambda g=g: torch.mm(weight.t(), g.t(), out=dh_t[:, :n]))
+        rows.append(dict(op="hidden_grad_gemm_1024_transposed_out", layout=name, ms=t["ms"]))
     for r in rows:
         print(r, flush=True)
     return rows
