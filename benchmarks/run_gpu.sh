@@ -45,6 +45,7 @@ for s in $steps; do
     llamacastloss) python3 -m benchmarks.bench_llama --variants stock_bf16 hf_fp8_delayed hf_fp8_delayed_oldcast_chunk512 hf_fp8_tensorwise torchao_tensorwise_compile --budget-s 330 --out llama_cast_loss_h100.json 2>&1 | grep -E "^8b|skipped|Error|error" | cut -c1-330 ;;
     lossinplace) python3 -m benchmarks.bench_precision_ops loss-in-place 2>&1 | grep -v Warning | tail -12 ;;
     llamaall) python3 -m benchmarks.bench_llama --budget-s 450 --out llama_e2e_h100.json 2>&1 | grep -E "^8b|skipped|Error|error" | cut -c1-200 ;;
+    llamapeers) python3 -m benchmarks.bench_llama --variants stock_bf16 hf_fp8_delayed hf_fp8_tensorwise torchao_tensorwise_compile torchao_rowwise_compile liger --budget-s 400 --out llama_peers_h100.json 2>&1 | grep -v Warning | grep -E "^8b|skipped|Error|error|Traceback|Killed|fault|memory" | cut -c1-200 ;;
     quantnow) python3 -m benchmarks.bench_quant 2>&1 | tail -40 ;;
     lossblocks) python3 -m benchmarks.bench_precision_ops loss-blocks 2>&1 | grep -v Warning | tail -20 ;;
     llamalean) python3 -m benchmarks.bench_llama --variants stock_bf16 hf_fp8_delayed_all hf_fp8_delayed_all_wholeloss hf_fp8_delayed_all_wholeloss_keptact hf_fp8_delayed_all_chunk512_block2048 hf_fp8_delayed_all_chunk512_block1024 hf_fp8_delayed hf_fp8_tensorwise_all torchao_tensorwise_compile --budget-s 440 --out llama_lean_h100.json 2>&1 | grep -E "^8b|skipped|Error" | cut -c1-330 ;;
