@@ -44,7 +44,7 @@ for s in $steps; do
     casttranspose) python3 -m benchmarks.bench_cast_transpose 2>&1 | grep -v Warning | tail -150 ;;
     llamacastloss) python3 -m benchmarks.bench_llama --variants stock_bf16 hf_fp8_delayed hf_fp8_delayed_oldcast_chunk512 hf_fp8_tensorwise torchao_tensorwise_compile --budget-s 330 --out llama_cast_loss_h100.json 2>&1 | grep -E "^8b|skipped|Error|error" | cut -c1-330 ;;
     lossinplace) python3 -m benchmarks.bench_precision_ops loss-in-place 2>&1 | grep -v Warning | tail -12 ;;
-    llamaall) python3 -m benchmarks.bench_llama --budget-s 450 --out llama_e2e_h100.json 2>&1 | grep -E "^8b|skipped|Error|error" | cut -c1-200 ;;
+    llamaall) python3 -m benchmarks.bench_llama --variants stock_bf16 torchao_tensorwise_compile torchao_rowwise_compile liger hf_fp8_tensorwise hf_fp8_delayed hf_fp8_delayed_savedwt hf_fp8_rowwise hf_fp8_delayed_fp8attn hf_fp8_delayed_fp8attn_all hf_fp8_full_bf16 torchao_tensorwise hf_fp8_delayed_compile bf16_compile --budget-s 450 --out llama_e2e_h100.json 2>&1 | grep -v Warning | grep -E "^8b|skipped|Error|error|Traceback|fault" | cut -c1-200 ;;
     llamapeers) python3 -m benchmarks.bench_llama --variants stock_bf16 hf_fp8_delayed hf_fp8_tensorwise torchao_tensorwise_compile torchao_rowwise_compile liger --budget-s 400 --out llama_peers_h100.json 2>&1 | grep -v Warning | grep -E "^8b|skipped|Error|error|Traceback|Killed|fault|memory" | cut -c1-200 ;;
     quantnow) python3 -m benchmarks.bench_quant 2>&1 | tail -40 ;;
     lossblocks) python3 -m benchmarks.bench_precision_ops loss-blocks 2>&1 | grep -v Warning | tail -20 ;;
