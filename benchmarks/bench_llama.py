@@ -232,6 +232,12 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=520)
     ap.add_argument("--out", default="llama_h100.json", help="results file name (in benchmarks/results/)")
     ap.add_argument("--plot", default=None, help="write a PNG bar chart from this JSON instead of running")
+    ap.add_argument(
+        "--isolate",
+        action="store_true",
+        help="run each variant in its own process: Liger patches HF's classes for the whole process and "
+        "compiled variants leave dynamo state, so a shared process changes what later variants measure",
+    )
     args = ap.parse_args()
     if args.plot:
         print(f"wrote {plot(Path(args.plot))}")
@@ -248,7 +254,10 @@ def main() -> None:
                 print(f"{cfg_name} {name}: skipped (time budget)", flush=True)
                 continue
             try:
-                row = run_variant(name, CONFIGS[cfg_name], args.batch, args.seq, args.warmup, args.steps)
+                if args.isolate:
+                    row = _run_isolated(name, cfg_name, args)
+                else:
+                    row = run_variant(name, CONFIGS[cfg_name], args.batch, args.seq, args.warmup, args.steps)
             except Exception as e:  # noqa: BLE001  a failed variant is a result too
                 import traceback
 
@@ -270,6 +279,39 @@ def main() -> None:
             payload = {"env": environment(), "batch": args.batch, "seq": args.seq, "warmup": args.warmup,
                        "steps": args.steps, "configs": {k: CONFIGS[k] for k in args.configs}, "rows": rows}  # fmt: skip
             write_json(args.out, payload)  # after every variant: a cut-off run keeps what it measured
+
+
+def _run_isolated(name: str, cfg_name: str, args) -> dict:
+    """One variant in a fresh ``python -m benchmarks.bench_llama`` process; its row, or the error
+    (a crash shows as its exit status, e.g. -11 for a segfault)."""
+    import os
+    import subprocess
+
+    from benchmarks.common import RESULTS
+
+    tmp = f".isolated_{cfg_name}_{name}.json"
+    cmd = [sys.executable, "-m", "benchmarks.bench_llama", "--configs", cfg_name, "--variants", name, "--out", tmp]
+    cmd += [
+        "--batch",
+        str(args.batch),
+        "--seq",
+        str(args.seq),
+        "--warmup",
+        str(args.warmup),
+        "--steps",
+        str(args.steps),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    path = RESULTS / tmp
+    rows = json.loads(path.read_text())["rows"] if path.exists() else []
+    for d in (RESULTS, Path(os.environ.get("OUT", RESULTS))):  # write_json also copies results to $OUT
+        (d / tmp).unlink(missing_ok=True)
+    if proc.returncode != 0 or not rows:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        return dict(variant=name, error=f"exit status {proc.returncode}: {' | '.join(tail)[:300]}")
+    return {
+        k: v for k, v in rows[0].items() if k not in ("config", "speedup_vs_stock", "mem_vs_stock", "loss_vs_stock")
+    }
 
 
 def plot(path: Path) -> Path:
