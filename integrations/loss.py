@@ -6,10 +6,7 @@ The patched ``LlamaForCausalLM.forward`` runs the decoder as HF does, then
   :func:`hf_fp8.loss.chunked_linear_cross_entropy` (FP32 logits per chunk, never the full
   batch x seq x vocab tensor) and, in training mode, returns no logits unless the call
   passes ``return_logits=True``;
-- without labels, or in eval mode: returns FP32 logits (FP32 accumulation of the lm_head GEMM);
-- in training mode with labels, builds no KV cache unless the call asks (``use_cache=True``):
-  HF's default (``config.use_cache``) would copy every layer's keys and values into a cache
-  that a training step never reads.
+- without labels, or in eval mode: returns FP32 logits (FP32 accumulation of the lm_head GEMM).
 
 Model families are listed in one table (``_CAUSAL_LM_CLASSES``).
 """
@@ -54,17 +51,6 @@ def _causal_lm_forward(
 
     return_logits = kwargs.pop("return_logits", False)
     return_dict = kwargs.pop("return_dict", None)
-    shift_labels = kwargs.get("shift_labels")
-    if (
-        use_cache is None
-        and past_key_values is None
-        and self.training
-        and (labels is not None or shift_labels is not None)
-    ):
-        # HF builds a KV cache by default (config.use_cache), which a training step never reads:
-        # its first update copies every layer's k and v (16 kernels, ~0.85 ms and 268 MB at the
-        # 8B-shaped bench's B=2, S=4096). Asking for it (use_cache=True) still returns it.
-        use_cache = False
     outputs = self.model(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -81,6 +67,7 @@ def _causal_lm_forward(
         hidden = hidden[:, logits_to_keep, :]
 
     loss = None
+    shift_labels = kwargs.get("shift_labels")
     if labels is not None or shift_labels is not None:
         loss = chunked_linear_cross_entropy(
             hidden,

@@ -286,24 +286,6 @@ def test_patched_llama_fp32_equals_stock():
         assert _rel(grads[1], grads[0]) < 1e-5
 
 
-def test_training_step_builds_no_kv_cache_unless_asked():
-    """Training with labels: no KV cache by default (HF's would copy every layer's k and v); an
-    explicit use_cache=True, eval mode, or no labels keep HF's behaviour; the loss is unchanged."""
-    model = tiny_llama()
-    assert model.config.use_cache  # HF's default: a cache even in training
-    hf_fp8.patch_loss(model)
-    ids = torch.randint(0, 512, (2, 10))
-    model.train()
-    out = model(input_ids=ids, labels=ids)
-    assert out.past_key_values is None
-    asked = model(input_ids=ids, labels=ids, use_cache=True)
-    assert asked.past_key_values is not None
-    assert torch.equal(asked.loss, out.loss)
-    assert model(input_ids=ids).past_key_values is not None  # no labels: not a training step
-    model.eval()
-    assert model(input_ids=ids, labels=ids).past_key_values is not None
-
-
 def test_patched_llama_outputs():
     model = tiny_llama()
     hf_fp8.patch_loss(model)
