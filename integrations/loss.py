@@ -6,13 +6,22 @@ The patched ``LlamaForCausalLM.forward`` runs the decoder as HF does, then
   :func:`hf_fp8.loss.chunked_linear_cross_entropy` (FP32 logits per chunk, never the full
   batch x seq x vocab tensor) and, in training mode, returns no logits unless the call
   passes ``return_logits=True``;
-- without labels, or in eval mode: returns FP32 logits (FP32 accumulation of the lm_head GEMM).
+- without labels, or in eval mode: returns FP32 logits (FP32 accumulation of the lm_head GEMM);
+- in training mode with labels, and unless the call asks for a cache (``use_cache=True`` or
+  ``past_key_values``): hands the decoder a cache that stores nothing (``_TrainingStepCache``)
+  and returns no cache. HF's default (``config.use_cache``) copies every layer's keys and
+  values into a cache that a training step never reads (16 copies, ~0.85 ms and 268 MB at an
+  8-layer 8B-shaped model, B=2, S=4096). Passing ``use_cache=False`` instead would change
+  HF's path: without a cache, transformers checks ``position_ids`` for packed sequences, a
+  host sync in eager mode and an explicit 4-D mask under tracing. With a cache present, as in
+  HF's default, that check is skipped, and the stand-in keeps that path.
 
 Model families are listed in one table (``_CAUSAL_LM_CLASSES``).
 """
 
 from __future__ import annotations
 
+import functools
 import types
 
 import torch
@@ -21,6 +30,10 @@ from torch import nn
 __all__ = ["patch_loss", "unpatch_loss"]
 
 _CAUSAL_LM_CLASSES = ("LlamaForCausalLM",)
+
+# Whether training steps with labels get the cache stand-in (read at every forward; the
+# benchmarks turn it off to measure HF's default cache).
+STORELESS_TRAINING_CACHE = True
 
 
 def _lm_head_logits_fp32(lm_head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
@@ -31,6 +44,26 @@ def _lm_head_logits_fp32(lm_head: nn.Module, hidden: torch.Tensor) -> torch.Tens
     if getattr(lm_head, "bias", None) is not None:
         out = out + lm_head.bias.float()
     return out.view(*hidden.shape[:-1], weight.shape[0])
+
+
+@functools.cache
+def _training_step_cache_class() -> type:
+    """HF's ``DynamicCache`` whose ``update`` stores nothing: built once, on first use, so that
+    importing hf_fp8 does not import transformers."""
+    from transformers.cache_utils import DynamicCache
+
+    class _TrainingStepCache(DynamicCache):
+        """Stands in for the cache HF builds by default in a training step.
+
+        Masks and positions are computed before any layer's first update, from a cache of
+        length 0, which this one reports for ever: the step takes HF's default path exactly.
+        ``update`` returns the new keys and values, which is what a fresh cache's first update
+        returns, without copying them."""
+
+        def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+            return key_states, value_states
+
+    return _TrainingStepCache
 
 
 def _causal_lm_forward(
@@ -51,6 +84,17 @@ def _causal_lm_forward(
 
     return_logits = kwargs.pop("return_logits", False)
     return_dict = kwargs.pop("return_dict", None)
+    shift_labels = kwargs.get("shift_labels")
+    training_step = self.training and (labels is not None or shift_labels is not None)
+    no_store = (
+        STORELESS_TRAINING_CACHE
+        and training_step
+        and use_cache is None
+        and past_key_values is None
+        and getattr(self.config, "use_cache", False)
+    )
+    if no_store:
+        past_key_values = _training_step_cache_class()(config=self.config)
     outputs = self.model(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -67,7 +111,6 @@ def _causal_lm_forward(
         hidden = hidden[:, logits_to_keep, :]
 
     loss = None
-    shift_labels = kwargs.get("shift_labels")
     if labels is not None or shift_labels is not None:
         loss = chunked_linear_cross_entropy(
             hidden,
@@ -84,7 +127,7 @@ def _causal_lm_forward(
     out = CausalLMOutputWithPast(
         loss=loss,
         logits=logits,
-        past_key_values=outputs.past_key_values,
+        past_key_values=None if no_store else outputs.past_key_values,
         hidden_states=outputs.hidden_states,
         attentions=outputs.attentions,
     )

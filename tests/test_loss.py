@@ -286,6 +286,51 @@ def test_patched_llama_fp32_equals_stock():
         assert _rel(grads[1], grads[0]) < 1e-5
 
 
+def test_training_step_cache_stores_nothing_and_keeps_hf_path(monkeypatch):
+    """Training with labels: the decoder gets a cache that stores nothing (no k/v copies) and the
+    step returns none; masks take HF's default path (a cache is present, so no packed-sequence
+    check on position_ids); loss and gradients are bit-identical to the patched model with
+    HF's own cache. An explicit use_cache=True, eval mode, or no labels keep HF's cache."""
+    import transformers.cache_utils as cu
+    import transformers.masking_utils as mu
+
+    model = tiny_llama()
+    assert model.config.use_cache  # HF's default: a cache even in training
+    hf_fp8.patch_loss(model)
+    ids = torch.randint(0, 512, (2, 10))
+    pos = torch.arange(10).expand(2, -1)
+    model.train()
+
+    def loss_and_grads(**kw):
+        model.zero_grad()
+        out = model(input_ids=ids, labels=ids, position_ids=pos, **kw)
+        out.loss.backward()
+        return out, [p.grad.clone() for p in model.parameters()]
+
+    stored = []
+    real_update = cu.DynamicLayer.update
+    monkeypatch.setattr(cu.DynamicLayer, "update", lambda self, *a, **k: stored.append(1) or real_update(self, *a, **k))
+    packed_checks = []
+    real_find = mu.find_packed_sequence_indices
+    monkeypatch.setattr(mu, "find_packed_sequence_indices", lambda *a, **k: packed_checks.append(1) or real_find(*a, **k))
+
+    out, grads = loss_and_grads()
+    assert out.past_key_values is None and not stored and not packed_checks
+    asked, asked_grads = loss_and_grads(use_cache=True)  # HF's cache, as stock builds it
+    assert asked.past_key_values is not None and len(stored) == model.config.num_hidden_layers
+    assert not packed_checks
+    assert_bits_equal(out.loss, asked.loss)
+    for g, h in zip(grads, asked_grads):
+        assert_bits_equal(g, h)
+    stored.clear()
+    assert model(input_ids=ids).past_key_values is not None and stored  # no labels: not a training step
+    model.eval()
+    assert model(input_ids=ids, labels=ids).past_key_values is not None
+    model.train()
+    model(input_ids=ids, labels=ids, use_cache=False)  # asked for no cache: HF's own path, with its check
+    assert packed_checks
+
+
 def test_patched_llama_outputs():
     model = tiny_llama()
     hf_fp8.patch_loss(model)
