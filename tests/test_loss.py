@@ -312,7 +312,9 @@ def test_training_step_cache_stores_nothing_and_keeps_hf_path(monkeypatch):
     monkeypatch.setattr(cu.DynamicLayer, "update", lambda self, *a, **k: stored.append(1) or real_update(self, *a, **k))
     packed_checks = []
     real_find = mu.find_packed_sequence_indices
-    monkeypatch.setattr(mu, "find_packed_sequence_indices", lambda *a, **k: packed_checks.append(1) or real_find(*a, **k))
+    monkeypatch.setattr(
+        mu, "find_packed_sequence_indices", lambda *a, **k: packed_checks.append(1) or real_find(*a, **k)
+    )
 
     out, grads = loss_and_grads()
     assert out.past_key_values is None and not stored and not packed_checks
