@@ -10,6 +10,10 @@ step (one at the end), and from the trace:
   waited for the host (launch overhead, syncs).
 - kernel time per category (GEMM FP8 / GEMM BF16 / FP8 casts / attention / norm+SwiGLU /
   RoPE / loss / optimizer / other), per step, and the 25 most expensive kernels.
+- ``idle_gaps``: where the GPU waits inside the profiled steps: every gap of more than 5 us
+  between kernels, attributed to the host code that launched the kernel after it (the
+  innermost op around the launch, and the autograd node or phase: forward, backward,
+  optimizer), summed per step; the 20 largest sums.
 - host-to-device synchronizations inside the profiled steps (``cudaStreamSynchronize``,
   ``cudaDeviceSynchronize``, device-to-host copies), not counting the harness's synchronize
   after the last step.
@@ -60,6 +64,54 @@ def union_ms(intervals: list[tuple[float, float]]) -> float:
             total += e - end
             end = e
     return total / 1e3  # us -> ms
+
+
+_LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC", "cudaMemcpyAsync",
+             "cudaMemsetAsync", "cudaGraphLaunch")  # fmt: skip
+
+
+def _launch_context(launch) -> tuple[str, str]:
+    """(innermost op around a launch, its autograd node or phase) from the CPU parent chain."""
+    chain, e = [], launch.cpu_parent
+    while e is not None:
+        chain.append(e.name)
+        e = e.cpu_parent
+    inner = chain[0] if chain else launch.name
+    node = next((n for n in chain if n.startswith("autograd::engine::evaluate_function")), None)
+    if node is not None:
+        return inner, "bwd " + node.removeprefix("autograd::engine::evaluate_function: ")
+    if any("Optimizer" in n for n in chain):
+        return inner, "optimizer"
+    return inner, "forward"
+
+
+def idle_gaps(events, kernels, steps: int, min_us: float = 5.0) -> dict:
+    """GPU idle time between kernels, by the host code that launched the kernel after each gap."""
+    import bisect
+
+    launches = sorted((e for e in events if e.name in _LAUNCHES), key=lambda e: e.time_range.start)
+    starts = [e.time_range.start for e in launches]
+    by_key: dict[tuple[str, str], list] = {}
+    by_phase: dict[str, float] = {}
+    ks = sorted(kernels, key=lambda k: k.time_range.start)
+    end = ks[0].time_range.end if ks else 0.0
+    for k in ks[1:]:
+        gap = k.time_range.start - end
+        if gap > min_us:
+            i = bisect.bisect_right(starts, k.time_range.start) - 1
+            inner, where = _launch_context(launches[i]) if i >= 0 else ("?", "?")
+            slot = by_key.setdefault((where, inner), [0.0, 0])
+            slot[0] += gap / 1e3 / steps
+            slot[1] += 1
+            phase = where.split(" ")[0]
+            by_phase[phase] = by_phase.get(phase, 0.0) + gap / 1e3 / steps
+        end = max(end, k.time_range.end)
+    top = sorted(by_key.items(), key=lambda kv: -kv[1][0])[:20]
+    return dict(
+        total_ms=round(sum(by_phase.values()), 3),
+        by_phase_ms={k: round(v, 3) for k, v in by_phase.items()},
+        top=[dict(where=w[:90], op=o[:90], ms=round(v[0], 3), gaps=v[1] // steps) for (w, o), v in top],
+    )
 
 
 def profile_variant(name: str, config: dict, batch: int, seq: int, warmup: int, steps: int) -> dict:
@@ -155,6 +207,7 @@ def profile_variant(name: str, config: dict, batch: int, seq: int, warmup: int, 
         category_ms={k: round(v, 3) for k, v in sorted(by_cat.items(), key=lambda kv: -kv[1])},
         top_kernels=[dict(name=n[:160], ms=round(v[0], 3), calls=v[1] // steps, category=v[2]) for n, v in top],
         host_syncs=syncs,
+        idle_gaps=idle_gaps(events, kernels, steps),
         fwd_bwd_event_ms=fwd_bwd_ms,
         optimizer_event_ms=optimizer_ms,
         static_mem_gb=static_gb,
@@ -196,9 +249,13 @@ def main() -> None:
         torch.cuda.empty_cache()
         torch._dynamo.reset()
         rows.append(row)
-        print(name, {k: v for k, v in row.items() if k != "top_kernels"}, flush=True)
+        print(name, {k: v for k, v in row.items() if k not in ("top_kernels", "idle_gaps")}, flush=True)
         for t in row.get("top_kernels", [])[:12]:
             print(f"   {t['ms']:8.3f} ms x{t['calls']:<4} {t['category']:<12} {t['name'][:100]}", flush=True)
+        gaps = row.get("idle_gaps", {})
+        print("   idle gaps:", gaps.get("total_ms"), gaps.get("by_phase_ms"), flush=True)
+        for t in gaps.get("top", [])[:12]:
+            print(f"   gap {t['ms']:7.3f} ms x{t['gaps']:<4} {t['where'][:60]:<60} {t['op'][:60]}", flush=True)
         write_json(args.out, dict(env=environment(), config=args.config, batch=args.batch, seq=args.seq,
                                   steps=args.steps, rows=rows))  # fmt: skip
 

@@ -50,6 +50,9 @@ for s in $steps; do
     cachetests) python3 -m pytest tests/test_loss.py tests/test_compile.py tests/test_hf_llama.py -q -p no:cacheprovider 2>&1 | grep -E "^(FAILED|ERROR|E  )|passed|failed" | cut -c1-300 | tail -20
       python3 -m pytest -m gpu tests/test_gpu.py -k "loss or compile or llama or graph" -q -p no:cacheprovider 2>&1 | grep -E "^(FAILED|ERROR|E  )|passed|failed" | cut -c1-300 | tail -20 ;;
     llamacache) python3 -m benchmarks.bench_llama --isolate --variants stock_bf16 hf_fp8_delayed hf_fp8_delayed_hfcache hf_fp8_delayed_chunk2048_block2048 torchao_tensorwise_compile --budget-s 330 --out llama_cache_h100.json 2>&1 | grep -v Warning | grep -E "^8b|skipped|Error|error|Traceback|fault" | cut -c1-300 ;;
+    gapprofile) python3 -m benchmarks.profile_llama --variants hf_fp8_delayed torchao_tensorwise_compile --out llama_gaps_h100.json 2>&1 | grep -v Warning | cut -c1-300 | tail -40 ;;
+    cpucheck) for off in 1 0; do  # two CPU tests on this machine's torch/transformers, with and without the cache stand-in
+        python3 -c "import sys, pytest; import hf_fp8.integrations.loss as L; L.STORELESS_TRAINING_CACHE = bool($off); sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', 'tests/test_loss.py::test_bf16_model_loss_closer_to_fp32_than_stock', 'tests/test_hf_llama.py::test_rowwise_training_tracks_fp32']))" 2>&1 | grep -E "passed|failed" ; done ;;
     quantnow) python3 -m benchmarks.bench_quant 2>&1 | tail -40 ;;
     lossblocks) python3 -m benchmarks.bench_precision_ops loss-blocks 2>&1 | grep -v Warning | tail -20 ;;
     llamalean) python3 -m benchmarks.bench_llama --variants stock_bf16 hf_fp8_delayed_all hf_fp8_delayed_all_wholeloss hf_fp8_delayed_all_wholeloss_keptact hf_fp8_delayed_all_chunk512_block2048 hf_fp8_delayed_all_chunk512_block1024 hf_fp8_delayed hf_fp8_tensorwise_all torchao_tensorwise_compile --budget-s 440 --out llama_lean_h100.json 2>&1 | grep -E "^8b|skipped|Error" | cut -c1-330 ;;
