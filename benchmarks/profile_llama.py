@@ -93,6 +93,8 @@ def idle_gaps(events, kernels, steps: int, min_us: float = 5.0) -> dict:
     starts = [e.time_range.start for e in launches]
     by_key: dict[tuple[str, str], list] = {}
     by_phase: dict[str, float] = {}
+    big = []  # gaps over 200 us: the longest host events overlapping each (what the host was doing)
+    cpu = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU]
     ks = sorted(kernels, key=lambda k: k.time_range.start)
     end = ks[0].time_range.end if ks else 0.0
     for k in ks[1:]:
@@ -103,11 +105,18 @@ def idle_gaps(events, kernels, steps: int, min_us: float = 5.0) -> dict:
             slot = by_key.setdefault((where, inner), [0.0, 0])
             slot[0] += gap / 1e3 / steps
             slot[1] += 1
+            if gap > 200:
+                t0, t1 = end, k.time_range.start
+                over = [e for e in cpu if e.time_range.start < t1 and e.time_range.end > t0]
+                over.sort(key=lambda e: -(min(e.time_range.end, t1) - max(e.time_range.start, t0)))
+                big.append(dict(ms=round(gap / 1e3, 3), where=where[:80], op=inner[:80],
+                                host=[(e.name[:60], round(e.time_range.elapsed_us() / 1e3, 3)) for e in over[:8]]))  # fmt: skip
             phase = where.split(" ")[0]
             by_phase[phase] = by_phase.get(phase, 0.0) + gap / 1e3 / steps
         end = max(end, k.time_range.end)
     top = sorted(by_key.items(), key=lambda kv: -kv[1][0])[:20]
     return dict(
+        big=big,
         total_ms=round(sum(by_phase.values()), 3),
         by_phase_ms={k: round(v, 3) for k, v in by_phase.items()},
         top=[dict(where=w[:90], op=o[:90], ms=round(v[0], 3), gaps=v[1] // steps) for (w, o), v in top],
@@ -157,6 +166,16 @@ def profile_variant(name: str, config: dict, batch: int, seq: int, warmup: int, 
     static_gb = torch.cuda.memory_allocated() / 1e9
     torch.cuda.reset_peak_memory_stats()
     acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    gc_ms: list[float] = []
+    gc_t0: list[float] = []
+
+    def gc_timer(phase, info):  # Python's garbage collections during the profiled steps
+        if phase == "start":
+            gc_t0.append(time.perf_counter())
+        elif gc_t0:
+            gc_ms.append((time.perf_counter() - gc_t0.pop()) * 1e3)
+
+    gc.callbacks.append(gc_timer)
     with torch.profiler.profile(activities=acts) as prof:
         t0 = time.perf_counter()
         for ids in batches[warmup:]:
@@ -164,6 +183,7 @@ def profile_variant(name: str, config: dict, batch: int, seq: int, warmup: int, 
         with torch.profiler.record_function("harness_sync"):
             torch.cuda.synchronize()
         wall_ms = (time.perf_counter() - t0) * 1e3 / steps
+    gc.callbacks.remove(gc_timer)
     peak_gb = torch.cuda.max_memory_allocated() / 1e9
 
     events = prof.events()
@@ -208,6 +228,10 @@ def profile_variant(name: str, config: dict, batch: int, seq: int, warmup: int, 
         top_kernels=[dict(name=n[:160], ms=round(v[0], 3), calls=v[1] // steps, category=v[2]) for n, v in top],
         host_syncs=syncs,
         idle_gaps=idle_gaps(events, kernels, steps),
+        gc_pauses_per_step=dict(
+            n=len(gc_ms) / steps, ms=round(sum(gc_ms) / steps, 3), max_ms=round(max(gc_ms, default=0), 3)
+        ),
+        allocator_calls_per_step={n: sum(1 for e in events if e.name == n) / steps for n in ("cudaMalloc", "cudaFree")},
         fwd_bwd_event_ms=fwd_bwd_ms,
         optimizer_event_ms=optimizer_ms,
         static_mem_gb=static_gb,
@@ -254,6 +278,9 @@ def main() -> None:
             print(f"   {t['ms']:8.3f} ms x{t['calls']:<4} {t['category']:<12} {t['name'][:100]}", flush=True)
         gaps = row.get("idle_gaps", {})
         print("   idle gaps:", gaps.get("total_ms"), gaps.get("by_phase_ms"), flush=True)
+        print("   gc:", row.get("gc_pauses_per_step"), "allocator:", row.get("allocator_calls_per_step"), flush=True)
+        for b in gaps.get("big", [])[:6]:
+            print("   big gap", b, flush=True)
         for t in gaps.get("top", [])[:12]:
             print(f"   gap {t['ms']:7.3f} ms x{t['gaps']:<4} {t['where'][:60]:<60} {t['op'][:60]}", flush=True)
         write_json(args.out, dict(env=environment(), config=args.config, batch=args.batch, seq=args.seq,
