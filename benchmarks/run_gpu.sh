@@ -54,6 +54,7 @@ for s in $steps; do
     cpucheck) for off in 1 0; do  # two CPU tests on this machine's torch/transformers, with and without the cache stand-in
         python3 -c "import sys, pytest; import hf_fp8.integrations.loss as L; L.STORELESS_TRAINING_CACHE = bool($off); sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', 'tests/test_loss.py::test_bf16_model_loss_closer_to_fp32_than_stock', 'tests/test_hf_llama.py::test_rowwise_training_tracks_fp32']))" 2>&1 | grep -E "passed|failed" ; done ;;
     gapprofile2) python3 -m benchmarks.profile_llama --variants hf_fp8_delayed --steps 3 --out llama_gaps2_h100.json 2>&1 | grep -v Warning | cut -c1-900 | tail -30 ;;
+    llamaaccept) python3 -m benchmarks.bench_llama --isolate --variants stock_bf16 hf_fp8_delayed torchao_tensorwise_compile hf_fp8_tensorwise hf_fp8_delayed torchao_tensorwise_compile liger --budget-s 300 --out llama_accept_h100.json 2>&1 | grep -v Warning | grep -E "^8b|skipped|Error|error|Traceback|fault" | cut -c1-260 ;;
     quantnow) python3 -m benchmarks.bench_quant 2>&1 | tail -40 ;;
     lossblocks) python3 -m benchmarks.bench_precision_ops loss-blocks 2>&1 | grep -v Warning | tail -20 ;;
     llamalean) python3 -m benchmarks.bench_llama --variants stock_bf16 hf_fp8_delayed_all hf_fp8_delayed_all_wholeloss hf_fp8_delayed_all_wholeloss_keptact hf_fp8_delayed_all_chunk512_block2048 hf_fp8_delayed_all_chunk512_block1024 hf_fp8_delayed hf_fp8_tensorwise_all torchao_tensorwise_compile --budget-s 440 --out llama_lean_h100.json 2>&1 | grep -E "^8b|skipped|Error" | cut -c1-330 ;;
