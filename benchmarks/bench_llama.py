@@ -112,9 +112,11 @@ def build(name: str, config: dict):
         # converts with Fp8Config(cuda_graph=True) (since 2026-11-24 06:05; before, the eager filter);
         # _compile compiles each decoder layer, as the other _compile variants do; _hfcache: training
         # steps keep HF's default KV cache (integrations.loss.STORELESS_TRAINING_CACHE off; the
-        # default before 2026-11-24 09:00)
+        # default before 2026-11-24 09:00); _unfusednorm: each RMSNorm writes its output and the FP8
+        # layers cast it (hf_fp8.norm_ops off; the default before 2026-11-24 10:00)
         from hf_fp8 import loss as hf_loss
         from hf_fp8 import mlp_ops
+        from hf_fp8 import norm_ops as hf_norm_ops
         from hf_fp8.integrations import loss as hf_integ_loss
         from hf_fp8.integrations import rope as hf_rope
         from hf_fp8.kernels import _launch
@@ -126,6 +128,7 @@ def build(name: str, config: dict):
         mlp_ops.RECOMPUTE_DOWN_INPUT_T = "keptact" not in flags  # likewise
         hf_rope.RECAST_OPROJ_INPUT = "savedoproj" not in flags  # likewise
         hf_integ_loss.STORELESS_TRAINING_CACHE = "hfcache" not in flags  # likewise
+        hf_norm_ops.ENABLED = "unfusednorm" not in flags  # likewise
         hf_loss.CHUNK_BYTES, hf_loss.GRAD_BLOCK_BYTES = (1 << 28, 1 << 62) if "wholeloss" in flags else _LOSS_DEFAULTS
         for f in flags:  # _chunk<tokens>, _block<tokens>: tokens per logits GEMM and per FP32 logits buffer
             if f.startswith("chunk"):

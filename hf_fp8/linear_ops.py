@@ -84,12 +84,16 @@ def _quantize_weight(module, weight: torch.Tensor, want_t: bool, keep_scale: boo
     return qw
 
 
-def _forward(modules, x2d, weights, biases, out_dtype, need_dx: bool, need_dw: list[bool], recast_input=False):
+def _forward(
+    modules, x2d, weights, biases, out_dtype, need_dx: bool, need_dw: list[bool], recast_input=False, rms=None
+):
     """(outputs (M, N_i), Xᵀ FP8 or None, its scale or None, per weight: (Wᵀ, its scale) kept for
     the backward or (None, None), and the scale that re-casts Wᵀ or None).
 
     ``recast_input``: no Xᵀ (None); the second value is then the scale that re-casts it from X
-    in the backward (:func:`hf_fp8.scaling.transposed_copy`), for an X the caller keeps."""
+    in the backward (:func:`hf_fp8.scaling.transposed_copy`), for an X the caller keeps.
+    ``rms=(rstd, weight)``: the layers' input is the RMSNorm output of ``x2d``, computed inside
+    its cast (:mod:`hf_fp8.norm_ops`)."""
     lead = modules[0]
     cfg = lead.fp8_config
     emulate = not fp8_gemm_supported(x2d.device)
@@ -102,6 +106,7 @@ def _forward(modules, x2d, weights, biases, out_dtype, need_dx: bool, need_dw: l
         nonfinite_flag=lead.fp8_nonfinite,
         delayed=lead._fp8_delayed,
         keep_scale=recast_input,
+        rms_norm=rms,
     )
     _check_nonfinite(lead, Role.INPUT, qx)
     outs, w_ts, regen = [], [], []
@@ -143,16 +148,20 @@ def _weight_transposed(module, weight: torch.Tensor, scale: torch.Tensor | None)
 
 
 def _backward(
-    modules, grads2d, x_t, x_t_scale, weights, w_ts, regen, x_dtype, need_dx, need_dw, need_db, quantized_grads=None
-):
+    modules, grads2d, x_t, x_t_scale, weights, w_ts, regen, x_dtype, need_dx, need_dw, need_db, quantized_grads=None,
+    sum_dx=True,
+):  # fmt: skip
     """(dX (M, K) or None, [dW_i or None], [db_i or None]).
+
+    ``sum_dx=False``: dX is the list of the layers' input gradients, not summed (a fused
+    RMSNorm backward sums them, :mod:`hf_fp8.norm_ops`).
 
     ``quantized_grads``: the layers' output gradients already quantized (rows if ``need_dx``,
     transposed copies if ``need_dw``), e.g. by a fused SwiGLU backward; ``grads2d`` then only
     serves the bias gradients. A list is emptied as its entries are used (each layer's FP8
     gradients freed before the next layer's GEMMs allocate)."""
     emulate = not fp8_gemm_supported(weights[0].device)
-    grad_x = None
+    grad_x = None if sum_dx else []
     grads_w, grads_b = [], []
     for i, (module, weight, g2d) in enumerate(zip(modules, weights, grads2d)):
         grad_w = grad_b = None
@@ -180,7 +189,10 @@ def _backward(
                 )
                 del w_t
                 # several layers: their input gradients add up, as autograd would add them
-                grad_x = gx if grad_x is None else grad_x.add_(gx)
+                if not sum_dx:
+                    grad_x.append(gx)
+                else:
+                    grad_x = gx if grad_x is None else grad_x.add_(gx)
             if need_dw[i]:
                 # dW (N, K) = dYᵀ (N, M) @ X (M, K); both transposed copies are zero-padded along M.
                 grad_w = scaled_mm(

@@ -77,15 +77,27 @@ def _swiglu_backward(grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -
 
 class _Fp8SwiGLUMLPFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, modules, out_dtype, need_grad, w_gate, w_up, w_down):
+    def forward(ctx, x, modules, out_dtype, need_grad, w_gate, w_up, w_down, norm_w=None, eps=0.0):
+        # norm_w: x is the input of an RMSNorm (that weight, eps) whose output gate/up read; the
+        # norm runs inside their input cast and its backward sums their input gradients
+        # (hf_fp8.norm_ops)
         gate_m, up_m, down_m = modules
-        need_dx = need_grad and x.requires_grad
+        need_dnw = norm_w is not None and need_grad and norm_w.requires_grad
+        need_dx = need_grad and x.requires_grad or need_dnw  # (the norm's output gradient, if normed)
         need_dw = [need_grad and w.requires_grad for w in (w_gate, w_up, w_down)]
         need_dact = need_dx or need_dw[0] or need_dw[1]  # a gradient must flow into gate/up's outputs
         x2d = x.reshape(-1, x.shape[-1])
+        rms = None
+        if norm_w is not None:
+            from hf_fp8.norm_ops import rms_rstd
+
+            x2d = x2d.contiguous()
+            rms = (rms_rstd(x2d, norm_w, eps), norm_w)
         (g, u), x_t, x_t_scale, w_ts, regen = _forward(
-            (gate_m, up_m), x2d, (w_gate, w_up), (None, None), out_dtype, need_dx, need_dw[:2]
+            (gate_m, up_m), x2d, (w_gate, w_up), (None, None), out_dtype, need_dx, need_dw[:2], rms=rms
         )
+        ctx.norm = (need_grad and x.requires_grad, need_dnw) if rms is not None else None
+        ctx.norm_saved = (x2d, *rms) if rms is not None and need_dx else (None, None, None)
         cfg = down_m.fp8_config
         # gate/up stay alive for SwiGLU's backward anyway: down's weight gradient can re-cast
         # its transposed input from them (same scale, same codes) instead of keeping it
@@ -114,12 +126,14 @@ class _Fp8SwiGLUMLPFunction(torch.autograd.Function):
         ctx.recompute_down, ctx.down_input_scale = recompute, qa.scale  # (rowwise: no scale, re-derived)
         saved_act = (g, u) if need_dact else (None, None)
         ctx.save_for_backward(x_t, x_t_scale, qa.t, qa.t_scale, *saved_act, w_gate, w_up, w_down,
-                              *(t for t, _ in w_ts), w_t_down)  # fmt: skip
+                              *(t for t, _ in w_ts), w_t_down, *ctx.norm_saved)  # fmt: skip
+        del ctx.norm_saved
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy):
-        x_t, x_t_scale, a_t, a_t_scale, g, u, w_gate, w_up, w_down, wt_gate, wt_up, wt_down = ctx.saved_tensors
+        (x_t, x_t_scale, a_t, a_t_scale, g, u, w_gate, w_up, w_down, wt_gate, wt_up, wt_down,
+         x_normed_in, rstd, norm_w) = ctx.saved_tensors  # fmt: skip
         gate_m, up_m, down_m = ctx.modules
         need_dx, need_dw, need_dact = ctx.need
         w_ts = list(zip((wt_gate, wt_up, wt_down), ctx.w_t_scales))
@@ -165,22 +179,46 @@ class _Fp8SwiGLUMLPFunction(torch.autograd.Function):
             grad_x, (grad_gate, grad_up), _ = _backward(
                 (gate_m, up_m), grads, x_t, x_t_scale, [w_gate, w_up], w_ts[:2], ctx.regen[:2],
                 ctx.x_dtype, need_dx, need_dw[:2], [False, False],
-                quantized_grads=quantized,
+                quantized_grads=quantized, sum_dx=ctx.norm is None,
             )  # fmt: skip
-            if grad_x is not None:
-                grad_x = grad_x.reshape(ctx.x_shape)
-        return grad_x, None, None, None, grad_gate, grad_up, grad_down
+        grad_nw = None
+        if ctx.norm is not None and need_dx:  # grad_x: gate's and up's input gradients, unsummed
+            from hf_fp8.norm_ops import rms_backward
+
+            need_x, need_dnw = ctx.norm
+            grad_x, grad_nw = rms_backward(grad_x, x_normed_in, norm_w, rstd, need_dnw)
+            grad_x = grad_x if need_x else None
+        if grad_x is not None:
+            grad_x = grad_x.reshape(ctx.x_shape)
+        return grad_x, None, None, None, grad_gate, grad_up, grad_down, grad_nw, None
 
 
-def fused_swiglu_mlp(gate: nn.Module, up: nn.Module, down: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def fused_swiglu_mlp(
+    gate: nn.Module, up: nn.Module, down: nn.Module, x: torch.Tensor, norm: nn.Module | None = None
+) -> torch.Tensor:
     """``down(silu(gate(x)) * up(x))`` for three bias-free :class:`hf_fp8.Fp8Linear` layers (see
     :func:`fused_swiglu_mlp_applies`), with gate and up sharing the input's cast and the SwiGLU
-    computed inside down's cast. Same numbers as the unfused layers, bit for bit."""
+    computed inside down's cast. Same numbers as the unfused layers, bit for bit.
+
+    ``norm``: ``x`` is the input of this RMSNorm, whose output the MLP reads: the norm runs
+    inside gate/up's input cast when :func:`hf_fp8.norm_ops.norm_input_fusable` (else first,
+    on its own). Same numbers in the forward; its backward sums gate's and up's input
+    gradients in FP32 (one rounding, not two)."""
+    if norm is not None:
+        from hf_fp8.norm_ops import norm_input_fusable
+
+        if not norm_input_fusable(norm, (gate, up), x):
+            x, norm = norm(x), None
     device_type = x.device.type
     autocast = torch.is_autocast_enabled(device_type)
     out_dtype = torch.get_autocast_dtype(device_type) if autocast else x.dtype
     # the emulation's FP32 matmul must not be autocast to BF16 (no context to enter when autocast is off)
     with torch.autocast(device_type=device_type, enabled=False) if autocast else contextlib.nullcontext():
+        if norm is None:
+            return _Fp8SwiGLUMLPFunction.apply(
+                x, (gate, up, down), out_dtype, torch.is_grad_enabled(), gate.weight, up.weight, down.weight
+            )
         return _Fp8SwiGLUMLPFunction.apply(
-            x, (gate, up, down), out_dtype, torch.is_grad_enabled(), gate.weight, up.weight, down.weight
-        )
+            x, (gate, up, down), out_dtype, torch.is_grad_enabled(), gate.weight, up.weight, down.weight,
+            norm.weight, float(norm.variance_epsilon),
+        )  # fmt: skip

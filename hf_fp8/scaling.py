@@ -115,11 +115,15 @@ def quantize_operand(
     delayed: DelayedScalingState | None = None,
     keep_scale: bool = False,
     swiglu_up: torch.Tensor | None = None,
+    rms_norm: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> QuantizedOperand:
     """Quantize a 2-D operand for ``role`` under ``config``'s recipe.
 
     ``swiglu_up``: the operand is ``silu(x) * swiglu_up``, computed by the cast itself (the
     SwiGLU output feeding an FP8 layer, never written in high precision).
+
+    ``rms_norm=(rstd, weight)``: the operand is the RMSNorm output of ``x``, computed by the
+    cast itself (per-tensor recipes only; see :mod:`hf_fp8.norm_ops`).
 
     ``keep_scale``: the result's ``scale`` must stay valid for a later :func:`transposed_copy`
     (delayed scaling copies it out of the module's buffer; tensorwise always returns its own).
@@ -128,7 +132,10 @@ def quantize_operand(
     dtype = fmt.dtype
     flag = nonfinite_flag[int(role) : int(role) + 1]
 
+    extra = {} if rms_norm is None else {"rms_norm": rms_norm}
     if config.recipe is Recipe.ROWWISE:
+        if rms_norm is not None:
+            raise ValueError("quantize_operand: rms_norm is for per-tensor recipes (delayed, tensorwise)")
         rows = Q.quantize_rowwise(x, dtype, nonfinite_flag=flag, swiglu_up=swiglu_up) if want_rows else None
         t = Q.quantize_colwise_transposed(x, dtype, nonfinite_flag=flag, swiglu_up=swiglu_up) if want_t else None
         return QuantizedOperand(
@@ -154,9 +161,12 @@ def quantize_operand(
             write_t=want_t,
             nonfinite_flag=flag,
             swiglu_up=swiglu_up,
+            **extra,
         )
     else:
-        q = Q.quantize_tensorwise(x, dtype, write_y=want_rows, write_t=want_t, nonfinite_flag=flag, swiglu_up=swiglu_up)
+        q = Q.quantize_tensorwise(
+            x, dtype, write_y=want_rows, write_t=want_t, nonfinite_flag=flag, swiglu_up=swiglu_up, **extra
+        )
         scale = q.scale
         if delayed is not None:  # seed the history with the amax just measured
             delayed.seed(int(role), q.amax, config, fmt.max)

@@ -6,8 +6,12 @@ that runs ``down_proj(swiglu(gate_proj(x), up_proj(x)))`` (gate and up as one FP
 sharing the input's quantization when both are ``Fp8Linear``, see
 :func:`hf_fp8.linear.shared_input_linears`; with all three FP8, one node whose SwiGLU runs
 inside down's FP8 cast, see :mod:`hf_fp8.mlp_ops`); on CPUs (or without Triton) the
-same functions run as torch (the references). Nothing outside the model changes, and
-``unpatch_fused_ops`` restores HF's forwards. Model families are listed in one table.
+same functions run as torch (the references). Every ``LlamaDecoderLayer`` gets HF's forward
+with each norm handed to the attention / MLP forward that reads its output, which runs it
+inside its FP8 layers' input cast when it can (:mod:`hf_fp8.norm_ops`: the norm's output is
+never written in BF16, and its backward sums the layers' input gradients). Nothing outside
+the model changes, and ``unpatch_fused_ops`` restores HF's forwards. Model families are
+listed in one table.
 """
 
 from __future__ import annotations
@@ -20,10 +24,11 @@ from torch import nn
 from hf_fp8._backend import use_triton
 from hf_fp8.linear import shared_input_linears
 from hf_fp8.mlp_ops import fused_swiglu_mlp, fused_swiglu_mlp_applies
+from hf_fp8.norm_ops import norm_input_fusable, norm_shared_input_linears
 
 __all__ = ["patch_fused_ops", "unpatch_fused_ops"]
 
-_CLASSES = {"llama": {"norm": ("LlamaRMSNorm",), "mlp": ("LlamaMLP",)}}
+_CLASSES = {"llama": {"norm": ("LlamaRMSNorm",), "mlp": ("LlamaMLP",), "decoder": ("LlamaDecoderLayer",)}}
 _MARK = "_hf_fp8_fused"
 
 
@@ -37,10 +42,16 @@ def _norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     return rms_norm_reference(hidden_states, self.weight, self.variance_epsilon)
 
 
-def _mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
+def _mlp_forward(self, x: torch.Tensor, _hf_fp8_norm: nn.Module | None = None) -> torch.Tensor:
+    # _hf_fp8_norm: x is the input of this RMSNorm, whose output the MLP reads (see _decoder_forward)
     if fused_swiglu_mlp_applies(self.gate_proj, self.up_proj, self.down_proj, x):
-        return fused_swiglu_mlp(self.gate_proj, self.up_proj, self.down_proj, x)
-    gate, up = shared_input_linears((self.gate_proj, self.up_proj), x)
+        return fused_swiglu_mlp(self.gate_proj, self.up_proj, self.down_proj, x, norm=_hf_fp8_norm)
+    if _hf_fp8_norm is not None and norm_input_fusable(_hf_fp8_norm, (self.gate_proj, self.up_proj), x):
+        gate, up = norm_shared_input_linears(_hf_fp8_norm, (self.gate_proj, self.up_proj), x)
+    else:
+        if _hf_fp8_norm is not None:
+            x = _hf_fp8_norm(x)
+        gate, up = shared_input_linears((self.gate_proj, self.up_proj), x)
     if use_triton(gate):
         from hf_fp8.kernels.norm_swiglu import swiglu
 
@@ -48,6 +59,51 @@ def _mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
     from hf_fp8.kernels.norm_swiglu_reference import swiglu_reference
 
     return self.down_proj(swiglu_reference(gate, up))
+
+
+def _takes_norm(module: nn.Module, forward) -> bool:
+    """Whether ``module`` runs hf_fp8's ``forward`` (which accepts ``_hf_fp8_norm``)."""
+    bound = module.__dict__.get("forward")
+    return getattr(bound, "__func__", None) is forward
+
+
+def _decoder_forward(
+    self,
+    hidden_states: torch.Tensor,
+    attention_mask=None,
+    position_ids=None,
+    past_key_values=None,
+    use_cache=False,
+    position_embeddings=None,
+    **kwargs,
+) -> torch.Tensor:
+    """HF's ``LlamaDecoderLayer.forward``, with each norm handed to the layers reading its output
+    (hf_fp8's attention and MLP forwards), which run it inside their FP8 input cast when they
+    can (:mod:`hf_fp8.norm_ops`) and first otherwise. Gradient checkpointing takes HF's forward
+    (HF checkpoints it)."""
+    from hf_fp8.integrations.rope import _attention_forward
+
+    if self.training and getattr(self, "gradient_checkpointing", False):
+        return type(self).forward(
+            self, hidden_states, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=past_key_values, use_cache=use_cache, position_embeddings=position_embeddings, **kwargs,
+        )  # fmt: skip
+    residual = hidden_states
+    attn_kwargs = dict(
+        attention_mask=attention_mask, position_ids=position_ids, past_key_values=past_key_values,
+        use_cache=use_cache, position_embeddings=position_embeddings, **kwargs,
+    )  # fmt: skip
+    if _takes_norm(self.self_attn, _attention_forward):
+        hidden_states, _ = self.self_attn(hidden_states=hidden_states, _hf_fp8_norm=self.input_layernorm, **attn_kwargs)
+    else:
+        hidden_states, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **attn_kwargs)
+    hidden_states = residual + hidden_states
+    residual = hidden_states
+    if _takes_norm(self.mlp, _mlp_forward):
+        hidden_states = self.mlp(hidden_states, _hf_fp8_norm=self.post_attention_layernorm)
+    else:
+        hidden_states = self.mlp(self.post_attention_layernorm(hidden_states))
+    return residual + hidden_states
 
 
 def _is_silu(mlp: nn.Module) -> bool:
@@ -72,6 +128,10 @@ def patch_fused_ops(model: nn.Module) -> int:
             m.forward = types.MethodType(_norm_forward, m)
         elif name in table["mlp"] and _is_silu(m):
             m.forward = types.MethodType(_mlp_forward, m)
+        elif name in table["decoder"] and all(
+            hasattr(m, a) for a in ("input_layernorm", "post_attention_layernorm", "self_attn", "mlp")
+        ):
+            m.forward = types.MethodType(_decoder_forward, m)
         else:
             continue
         setattr(m, _MARK, True)

@@ -29,6 +29,7 @@ from torch import nn
 
 from hf_fp8._backend import use_triton
 from hf_fp8.linear import linear_on_kept_input, shared_input_linears
+from hf_fp8.norm_ops import norm_input_fusable, norm_shared_input_linears
 
 __all__ = ["RopeInputs", "RopePatch", "patch_rope", "unpatch_rope", "fp32_rope"]
 
@@ -119,9 +120,15 @@ def _attention_forward(
     position_embeddings=None,
     attention_mask: torch.Tensor | None = None,
     past_key_values=None,
+    _hf_fp8_norm: nn.Module | None = None,
     **kwargs,
 ):
+    # _hf_fp8_norm: hidden_states is the input of this RMSNorm, whose output q/k/v read (passed by
+    # the decoder layer of hf_fp8.integrations.fused_ops): it runs inside their input cast
+    # (hf_fp8.norm_ops) when it can, else first
     if not isinstance(position_embeddings, RopeInputs):
+        if _hf_fp8_norm is not None:
+            hidden_states = _hf_fp8_norm(hidden_states)
         # called with HF's (cos, sin): behave exactly like the class's own forward
         return type(self).forward(
             self, hidden_states, position_embeddings, attention_mask, past_key_values=past_key_values, **kwargs
@@ -131,7 +138,13 @@ def _attention_forward(
     # q, k and v read one input: FP8 layers quantize it once (hf_fp8.linear.shared_input_linears;
     # anything else runs them one by one). (B, S, H, D) views of the projections go to the
     # kernel as they are: no transpose copy.
-    q, k, v = shared_input_linears((self.q_proj, self.k_proj, self.v_proj), hidden_states)
+    projections = (self.q_proj, self.k_proj, self.v_proj)
+    if _hf_fp8_norm is not None and norm_input_fusable(_hf_fp8_norm, projections, hidden_states):
+        q, k, v = norm_shared_input_linears(_hf_fp8_norm, projections, hidden_states)
+    else:
+        if _hf_fp8_norm is not None:
+            hidden_states = _hf_fp8_norm(hidden_states)
+        q, k, v = shared_input_linears(projections, hidden_states)
     q, k, v = q.view(hidden_shape), k.view(hidden_shape), v.view(hidden_shape).transpose(1, 2)
     q, k = fp32_rope(q, k, position_embeddings.position_ids, position_embeddings.inv_freq, position_embeddings.scaling)
     q, k = q.transpose(1, 2), k.transpose(1, 2)

@@ -18,27 +18,34 @@ import triton.language as tl
 
 from ._launch import launch
 
-__all__ = ["rms_norm", "swiglu"]
+__all__ = ["rms_norm", "rms_norm_backward", "rms_rstd", "swiglu"]
 
 
 @triton.jit
-def _rms_fwd_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, N, eps, BLOCK: tl.constexpr):
+def _rms_fwd_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, N, eps, WRITE_Y: tl.constexpr, BLOCK: tl.constexpr):
+    # WRITE_Y=False: 1/rms only, for a consumer that normalizes inside its own kernel (the FP8
+    # cast of hf_fp8.kernels.quant with rms_norm=...): the same rstd, so the same normed values
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < N
     x = tl.load(x_ptr + row * N + cols, mask=mask, other=0.0).to(tl.float32)
     rstd = 1.0 / tl.sqrt_rn(tl.sum(x * x, 0) / N + eps)
-    normed = (x * rstd).to(x_ptr.dtype.element_ty)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
-    tl.store(y_ptr + row * N + cols, (w.to(tl.float32) * normed.to(tl.float32)).to(y_ptr.dtype.element_ty), mask=mask)
+    if WRITE_Y:
+        normed = (x * rstd).to(x_ptr.dtype.element_ty)
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+        y = (w.to(tl.float32) * normed.to(tl.float32)).to(y_ptr.dtype.element_ty)
+        tl.store(y_ptr + row * N + cols, y, mask=mask)
     tl.store(rstd_ptr + row, rstd)
 
 
 @triton.jit
 def _rms_bwd_kernel(
-    dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_part_ptr, M, N, ROWS: tl.constexpr, BLOCK: tl.constexpr
+    dy_ptr, dy1_ptr, dy2_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_part_ptr, M, N,
+    N_DY: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    # ROWS rows per program; the weight gradient is summed per program (partials reduced by torch)
+    # ROWS rows per program; the weight gradient is summed per program (partials reduced by torch).
+    # N_DY > 1: the output's gradient is the FP32 sum of N_DY partial gradients (one per layer
+    # reading the norm's output, e.g. q, k and v), summed here instead of by separate adds.
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < N
@@ -49,6 +56,10 @@ def _rms_bwd_kernel(
         if row < M:
             x = tl.load(x_ptr + row * N + cols, mask=mask, other=0.0).to(tl.float32)
             dy = tl.load(dy_ptr + row * N + cols, mask=mask, other=0.0).to(tl.float32)
+            if N_DY > 1:
+                dy += tl.load(dy1_ptr + row * N + cols, mask=mask, other=0.0).to(tl.float32)
+            if N_DY > 2:
+                dy += tl.load(dy2_ptr + row * N + cols, mask=mask, other=0.0).to(tl.float32)
             rstd = tl.load(rstd_ptr + row)
             xn = x * rstd
             dw += dy * xn.to(x_ptr.dtype.element_ty).to(tl.float32)
@@ -83,13 +94,15 @@ def _interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _rms_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(y with x's shape, rstd (M,) FP32)."""
+def _rms_fwd(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, write_y: bool = True
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(y with x's shape, or None without ``write_y``; rstd (M,) FP32)."""
     N = x.shape[-1]
     x2 = x.reshape(-1, N).contiguous()
     M = x2.shape[0]
-    y = torch.empty((M, N), dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
     rstd = torch.empty(M, dtype=torch.float32, device=x.device)
+    y = torch.empty((M, N), dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device) if write_y else None
     BLOCK = triton.next_power_of_2(N)
     launch(
         _rms_fwd_kernel,
@@ -97,22 +110,30 @@ def _rms_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.T
         (
             x2,
             weight,
-            y,
+            y if write_y else rstd,
             rstd,
             N,
             float(eps),
         ),
-        dict(BLOCK=BLOCK),
+        dict(WRITE_Y=write_y, BLOCK=BLOCK),
         1 if _interpret() else 8,
     )
-    return y.view(*x.shape[:-1], N), rstd
+    return (y.view(*x.shape[:-1], N) if write_y else None), rstd
+
+
+def rms_rstd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """1/rms per row of ``x`` (M,) FP32, exactly as :func:`rms_norm`'s kernel computes it."""
+    return _rms_fwd(x, weight, eps, write_y=False)[1]
 
 
 def _rms_bwd(dy, x, weight, rstd, need_dw: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``dy``: the output's gradient, or a list of up to 3 partial gradients summed in FP32."""
     N = x.shape[-1]
     x2 = x.reshape(-1, N).contiguous()
     M = x2.shape[0]
-    dy2 = dy.reshape(M, N).contiguous()
+    dys = [g.reshape(M, N).contiguous() for g in (dy if isinstance(dy, (list, tuple)) else [dy])]
+    if not 1 <= len(dys) <= 3:
+        raise ValueError(f"rms_norm backward: 1 to 3 partial gradients, got {len(dys)}")
     dx = torch.empty_like(x2)
     ROWS = 64 if _interpret() else 16
     n_prog = triton.cdiv(M, ROWS)
@@ -122,7 +143,9 @@ def _rms_bwd(dy, x, weight, rstd, need_dw: bool) -> tuple[torch.Tensor, torch.Te
         _rms_bwd_kernel,
         (n_prog,),
         (
-            dy2,
+            dys[0],
+            dys[min(1, len(dys) - 1)],
+            dys[-1],
             x2,
             weight,
             rstd,
@@ -131,10 +154,18 @@ def _rms_bwd(dy, x, weight, rstd, need_dw: bool) -> tuple[torch.Tensor, torch.Te
             M,
             N,
         ),
-        dict(ROWS=ROWS, BLOCK=BLOCK),
+        dict(N_DY=len(dys), ROWS=ROWS, BLOCK=BLOCK),
         1 if _interpret() else 8,
     )
     return dx.view(x.shape), dw_part.sum(0).to(weight.dtype) if need_dw else None
+
+
+def rms_norm_backward(
+    partial_grads: list[torch.Tensor], x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, need_dw: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(dx, dweight or None) of :func:`rms_norm` for an output gradient given as 1 to 3 partial
+    gradients (one per layer reading the output), summed in FP32 inside the kernel."""
+    return _rms_bwd(list(partial_grads), x, weight, rstd, need_dw)
 
 
 def _swiglu_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

@@ -119,15 +119,25 @@ def _reciprocal(scale):
 
 
 @triton.jit
-def _load_operand(x_ptr, up_ptr, offs, mask, GATED: tl.constexpr):
-    """The FP32 tile to quantize: ``x``, or with GATED the SwiGLU ``silu(x) * up`` rounded to x's dtype,
-    the same expression and rounding as :mod:`hf_fp8.kernels.norm_swiglu`'s forward, so the codes are
-    those of the unfused SwiGLU followed by a cast. Masked elements load as 0 (and silu(0) * 0 = 0)."""
+def _load_operand(
+    x_ptr, up_ptr, rstd_ptr, nw_ptr, offs, rows, cols, mask, R, C, GATED: tl.constexpr, NORMED: tl.constexpr
+):  # fmt: skip
+    """The FP32 tile to quantize: ``x``; with GATED the SwiGLU ``silu(x) * up`` rounded to x's dtype;
+    with NORMED the RMSNorm output ``w * (x * rstd)`` (``rstd`` per row, ``w`` per column), rounded
+    where :mod:`hf_fp8.kernels.norm_swiglu`'s forward rounds (the normalized value to x's dtype, the
+    product to x's dtype). The same expressions and roundings as those kernels, so the codes are
+    those of the unfused op followed by a cast. Masked elements load as 0 (and silu(0) * 0 = 0)."""
     # bf16/fp16 loads must be upcast before any arithmetic (exact for every value).
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if GATED:
         u = tl.load(up_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         x = (x * tl.sigmoid(x) * u).to(x_ptr.dtype.element_ty).to(tl.float32)
+    if NORMED:
+        rstd = tl.load(rstd_ptr + rows, mask=rows < R, other=0.0)
+        w = tl.load(nw_ptr + cols, mask=cols < C, other=0.0).to(tl.float32)
+        normed = (x * rstd[:, None]).to(x_ptr.dtype.element_ty).to(tl.float32)
+        x = (w[None, :] * normed).to(x_ptr.dtype.element_ty).to(tl.float32)
+        x = tl.where(mask, x, 0.0)  # padding: +0 (a negative weight times 0 would give -0)
     return x
 
 
@@ -135,6 +145,8 @@ def _load_operand(x_ptr, up_ptr, offs, mask, GATED: tl.constexpr):
 def _amax_kernel(
     x_ptr,
     up_ptr,  # GATED: the SwiGLU ``up`` input, same shape and strides as x (the gate)
+    rstd_ptr,  # NORMED: (R,) fp32 1/rms per row
+    nw_ptr,  # NORMED: (C,) the RMSNorm weight, in x's dtype
     out_ptr,  # int32 view: (num_programs,) partials, or (R,) / (C,) zero-initialised for atomics
     R,
     C,
@@ -142,6 +154,7 @@ def _amax_kernel(
     stride_xc,
     AXIS: tl.constexpr,  # -1: whole tensor; 0: per row; 1: per column
     GATED: tl.constexpr,  # the tensor is silu(x) * up, computed here (see _load_operand)
+    NORMED: tl.constexpr,  # the tensor is RMSNorm(x), computed here (see _load_operand)
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
@@ -155,7 +168,7 @@ def _amax_kernel(
         cols = (tile % tiles_c) * BLOCK_C + tl.arange(0, BLOCK_C)
         mask = (rows < R)[:, None] & (cols < C)[None, :]
         offs = rows.to(tl.int64)[:, None] * stride_xr + cols.to(tl.int64)[None, :] * stride_xc
-        bits = _abs_bits(_load_operand(x_ptr, up_ptr, offs, mask, GATED))
+        bits = _abs_bits(_load_operand(x_ptr, up_ptr, rstd_ptr, nw_ptr, offs, rows, cols, mask, R, C, GATED, NORMED))
         if AXIS == -1:
             acc = tl.maximum(acc, bits)
         elif AXIS == 0:
@@ -247,6 +260,8 @@ def _saturate_and_store(
 def _cast_kernel(
     x_ptr,
     up_ptr,  # GATED: the SwiGLU ``up`` input, same shape and strides as x (the gate)
+    rstd_ptr,  # NORMED: (R,) fp32 1/rms per row
+    nw_ptr,  # NORMED: (C,) the RMSNorm weight, in x's dtype
     y_ptr,  # (R, C) row-major FP8 output, if WRITE_Y
     yt_ptr,  # (C, R_pad) row-major FP8 output, if WRITE_T
     amax_ptr,  # SCALE_FROM_PARTIALS: int32 partials; PER_ROW/PER_COL: int32 amax per row/col
@@ -268,6 +283,7 @@ def _cast_kernel(
     MIN_AMAX_C: tl.constexpr,
     SCALE_MODE: tl.constexpr,
     GATED: tl.constexpr,
+    NORMED: tl.constexpr,
     RECORD_AMAX: tl.constexpr,
     WRITE_Y: tl.constexpr,
     WRITE_T: tl.constexpr,
@@ -290,7 +306,7 @@ def _cast_kernel(
     col_in = cols < C
     mask = row_in[:, None] & col_in[None, :]
     offs = rows.to(tl.int64)[:, None] * stride_xr + cols.to(tl.int64)[None, :] * stride_xc
-    x = _load_operand(x_ptr, up_ptr, offs, mask, GATED)
+    x = _load_operand(x_ptr, up_ptr, rstd_ptr, nw_ptr, offs, rows, cols, mask, R, C, GATED, NORMED)
 
     # ---- the scale (and, for the first program of a row/column, its outputs) ----------
     if SCALE_MODE == 0:
@@ -464,6 +480,7 @@ def _launch_cast(
     reverse: bool = False,
     block: tuple[int, int, int] | None = None,
     up: torch.Tensor | None = None,
+    rms: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> Fp8Quantized:
     if write_y and write_t and x.is_cuda and x.dtype != torch.bfloat16:
         # Writing both copies from one FP32 tile miscompiled with triton 3.6 on an H100 (wrong
@@ -480,6 +497,7 @@ def _launch_cast(
             reverse=reverse,
             block=block,
             up=up,
+            rms=rms,
         )
         rows = _launch_cast(x, fp8_dtype, write_y=True, write_t=False, **kwargs)
         cols = _launch_cast(x, fp8_dtype, write_y=False, write_t=True, **kwargs)
@@ -503,6 +521,8 @@ def _launch_cast(
         (
             x,
             up if up is not None else x,
+            rms[0] if rms is not None else dummy,
+            rms[1] if rms is not None else x,
             y if y is not None else yt,
             yt if yt is not None else y,
             amax_src if amax_src is not None else dummy,
@@ -526,6 +546,7 @@ def _launch_cast(
             MIN_AMAX_C=MIN_AMAX,
             SCALE_MODE=scale_mode,
             GATED=up is not None,
+            NORMED=rms is not None,
             RECORD_AMAX=record is not None,
             WRITE_Y=write_y,
             WRITE_T=write_t,
@@ -542,7 +563,11 @@ def _launch_cast(
 
 
 def _launch_amax(
-    x: torch.Tensor, axis: int, block: tuple[int, int, int] | None = None, up: torch.Tensor | None = None
+    x: torch.Tensor,
+    axis: int,
+    block: tuple[int, int, int] | None = None,
+    up: torch.Tensor | None = None,
+    rms: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Per-tensor partials (axis=-1) or per-row/column amax bits (axis=0/1) as int32."""
     R, C = x.shape
@@ -562,13 +587,15 @@ def _launch_amax(
         (
             x,
             up if up is not None else x,
+            rms[0] if rms is not None else out,
+            rms[1] if rms is not None else x,
             out,
             R,
             C,
             x.stride(0),
             x.stride(1),
         ),
-        dict(AXIS=axis, GATED=up is not None, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C),
+        dict(AXIS=axis, GATED=up is not None, NORMED=rms is not None, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C),
         num_warps,
     )
     return out, n_progs
@@ -588,6 +615,27 @@ def _gated_operands(x: torch.Tensor, up: torch.Tensor | None) -> tuple[torch.Ten
     return x, up
 
 
+def _rms_operand(
+    x: torch.Tensor, rms_norm: tuple[torch.Tensor, torch.Tensor] | None, up: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Validate ``rms_norm=(rstd, weight)``: the operand is RMSNorm(x) (see _load_operand)."""
+    if rms_norm is None:
+        return None
+    if up is not None:
+        raise ValueError("rms_norm and swiglu_up: give at most one")
+    rstd, weight = rms_norm
+    R, C = x.shape
+    if rstd.shape != (R,) or rstd.dtype != torch.float32 or rstd.device != x.device:
+        raise ValueError(
+            f"rms_norm: rstd must be float32 of shape ({R},) on {x.device}, got {rstd.dtype} {tuple(rstd.shape)}"
+        )
+    if weight.shape != (C,) or weight.dtype != x.dtype or weight.device != x.device:
+        raise ValueError(
+            f"rms_norm: weight must be {x.dtype} of shape ({C},) on {x.device}, got {weight.dtype} {tuple(weight.shape)}"
+        )
+    return rstd.contiguous(), weight.contiguous()
+
+
 def quantize_tensorwise(
     x: torch.Tensor,
     fp8_dtype: torch.dtype,
@@ -597,6 +645,7 @@ def quantize_tensorwise(
     nonfinite_flag: torch.Tensor | None = None,
     block: tuple[int, int, int] | None = None,
     swiglu_up: torch.Tensor | None = None,
+    rms_norm: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> Fp8Quantized:
     """Dynamic per-tensor scaling: amax pass, then one scale-and-cast pass (no host sync).
 
@@ -609,9 +658,15 @@ def quantize_tensorwise(
         swiglu_up (`torch.Tensor`, *optional*): quantize ``silu(x) * swiglu_up`` (rounded to x's
             dtype) instead of ``x``, without writing it: the SwiGLU output feeding an FP8 layer.
             Every launcher here takes it.
+        rms_norm (`(torch.Tensor, torch.Tensor)`, *optional*): ``(rstd, weight)``: quantize the
+            RMSNorm output ``weight * (x * rstd)`` (rstd (R,) FP32 from
+            :func:`hf_fp8.kernels.norm_swiglu.rms_rstd`, weight (C,) in x's dtype; rounded as
+            the norm kernel rounds) instead of ``x``, without writing it: the norm output
+            feeding FP8 layers. The per-tensor launchers take it.
     """
     x, swiglu_up = _gated_operands(x, swiglu_up)
-    partials, n = _launch_amax(x, -1, up=swiglu_up)
+    rms = _rms_operand(x, rms_norm, swiglu_up)
+    partials, n = _launch_amax(x, -1, up=swiglu_up, rms=rms)
     return _launch_cast(
         x,
         fp8_dtype,
@@ -624,6 +679,7 @@ def quantize_tensorwise(
         reverse=True,
         block=block,
         up=swiglu_up,
+        rms=rms,
     )
 
 
@@ -638,6 +694,7 @@ def quantize_delayed(
     nonfinite_flag: torch.Tensor | None = None,
     block: tuple[int, int, int] | None = None,
     swiglu_up: torch.Tensor | None = None,
+    rms_norm: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> Fp8Quantized:
     """Cast with a precomputed scale and record max|x| into ``amax_slot`` in the same pass.
 
@@ -648,6 +705,7 @@ def quantize_delayed(
         nonfinite_flag (`torch.Tensor`, *optional*): int32 (1,) set to 1 if x has inf/NaN.
     """
     x, swiglu_up = _gated_operands(x, swiglu_up)
+    rms = _rms_operand(x, rms_norm, swiglu_up)
     _check_f32_scalar("scale", scale)
     _check_f32_scalar("amax_slot", amax_slot)
     q = _launch_cast(
@@ -661,6 +719,7 @@ def quantize_delayed(
         nonfinite_flag=nonfinite_flag,
         block=block,
         up=swiglu_up,
+        rms=rms,
     )
     return Fp8Quantized(q.data, q.data_t, q.scale_inv, amax_slot)
 
@@ -674,6 +733,7 @@ def quantize_with_scale(
     write_t: bool = True,
     block: tuple[int, int, int] | None = None,
     swiglu_up: torch.Tensor | None = None,
+    rms_norm: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> Fp8Quantized:
     """Cast with a given per-tensor scale, recording nothing: a copy that an earlier cast with
     this scale skipped (the backward's transposed weight), bit-identical to what it would have
@@ -683,6 +743,7 @@ def quantize_with_scale(
         scale (`torch.Tensor`): fp32 0-d, the multiplier the earlier cast used.
     """
     x, swiglu_up = _gated_operands(x, swiglu_up)
+    rms = _rms_operand(x, rms_norm, swiglu_up)
     _check_f32_scalar("scale", scale)
     q = _launch_cast(
         x,
@@ -693,6 +754,7 @@ def quantize_with_scale(
         scale=scale,
         block=block,
         up=swiglu_up,
+        rms=rms,
     )
     return Fp8Quantized(q.data, q.data_t, q.scale_inv, torch.full_like(q.scale_inv, float("nan")))
 

@@ -62,9 +62,22 @@ def _check_swiglu_up(x: torch.Tensor, up: torch.Tensor) -> None:
         )
 
 
-def _operand(x: torch.Tensor, up: torch.Tensor | None) -> torch.Tensor:
-    """What is quantized: ``x``, or the SwiGLU output ``silu(x) * up`` rounded to x's dtype."""
+def _operand(x: torch.Tensor, up: torch.Tensor | None, rms_norm=None) -> torch.Tensor:
+    """What is quantized: ``x``, the SwiGLU output ``silu(x) * up`` rounded to x's dtype, or the
+    RMSNorm output of ``x`` from ``rms_norm=(rstd, weight)``."""
     _check_2d(x)
+    if rms_norm is not None:
+        if up is not None:
+            raise ValueError("rms_norm and swiglu_up: give at most one")
+        rstd, weight = rms_norm
+        if rstd.shape != (x.shape[0],) or weight.shape != (x.shape[1],) or weight.dtype != x.dtype:
+            raise ValueError(
+                f"rms_norm: expected rstd ({x.shape[0]},) and a {x.dtype} weight ({x.shape[1]},), "
+                f"got {tuple(rstd.shape)} and {weight.dtype} {tuple(weight.shape)}"
+            )
+        from .norm_swiglu_reference import rms_norm_with_rstd_reference
+
+        return rms_norm_with_rstd_reference(x, weight, rstd)
     if up is None:
         return x
     _check_swiglu_up(x, up)
@@ -132,8 +145,9 @@ def quantize_tensorwise_reference(
     nonfinite_flag: torch.Tensor | None = None,
     block: object = None,
     swiglu_up: torch.Tensor | None = None,
+    rms_norm: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> Fp8Quantized:
-    x = _operand(x, swiglu_up)
+    x = _operand(x, swiglu_up, rms_norm)
     amax = _amax_reference(x, None)
     scale = amax_to_scale_reference(amax, _check_fp8(fp8_dtype))
     q = _cast_reference(x, scale, fp8_dtype)
@@ -152,8 +166,9 @@ def quantize_delayed_reference(
     nonfinite_flag: torch.Tensor | None = None,
     block: object = None,
     swiglu_up: torch.Tensor | None = None,
+    rms_norm: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> Fp8Quantized:
-    x = _operand(x, swiglu_up)
+    x = _operand(x, swiglu_up, rms_norm)
     q = _cast_reference(x, scale, fp8_dtype)
     amax = _amax_reference(x, None)
     # NaN must win, as in the kernel's integer max: torch.maximum propagates NaN.
@@ -171,8 +186,9 @@ def quantize_with_scale_reference(
     write_t: bool = True,
     block: object = None,
     swiglu_up: torch.Tensor | None = None,
+    rms_norm: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> Fp8Quantized:
-    x = _operand(x, swiglu_up)
+    x = _operand(x, swiglu_up, rms_norm)
     q = _cast_reference(x, scale, fp8_dtype)
     nan = torch.full((), float("nan"), dtype=torch.float32, device=x.device)
     return Fp8Quantized(q if write_y else None, _transpose_padded(q) if write_t else None, 1.0 / scale, nan)
