@@ -13,7 +13,7 @@ import conftest
 import pytest
 import torch
 from helpers import assert_bits_equal
-from llama_fixtures import tiny_llama
+from llama_fixtures import losses_with_norms_fused_and_not, tiny_llama
 from torch import nn
 
 import hf_fp8
@@ -227,21 +227,9 @@ def test_llama_with_norms_in_casts_trains_like_unfused(recipe, monkeypatch):
     calls = []
     real = norm_ops.rms_rstd
     monkeypatch.setattr(norm_ops, "rms_rstd", lambda *a: calls.append(1) or real(*a))
-    opts = [torch.optim.AdamW(m.parameters(), lr=1e-3) for m in (model, twin)]
     g = torch.Generator().manual_seed(0)
-    losses = [[], []]
-    for _ in range(3):
-        ids = torch.randint(0, 512, (2, 24), generator=g)
-        for i, (m, opt) in enumerate(zip((model, twin), opts)):
-            norm_ops.ENABLED = i == 0
-            try:
-                loss = m(input_ids=ids, labels=ids).loss
-                loss.backward()
-            finally:
-                norm_ops.ENABLED = True
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            losses[i].append(loss.detach())
+    batches = [torch.randint(0, 512, (2, 24), generator=g) for _ in range(3)]
+    losses = losses_with_norms_fused_and_not(model, twin, batches)
     assert len(calls) == 3 * 2 * model.config.num_hidden_layers
     assert_bits_equal(losses[0][0], losses[1][0], "first loss")
     for a, b in zip(*losses):
