@@ -21,6 +21,10 @@ backward runs down's input gradient, SwiGLU's backward, down's weight gradient, 
 freeing each FP8 gradient once used, so that fewer of its temporaries are alive at once (its
 peak is the step's peak when every earlier layer's activations are still alive).
 
+Given the RMSNorm that precedes it (``fused_swiglu_mlp(..., norm=...)``), the node also owns
+that norm: it runs inside gate/up's input cast and its backward sums their input gradients
+(:mod:`hf_fp8.norm_ops`).
+
 Eager only: under ``torch.compile`` the MLP keeps the per-layer custom ops of
 :mod:`hf_fp8.linear_ops` (this node has no custom-op form yet), and anything that must see
 the layers one by one (hooks, PEFT wrappers, biases, non-FP8 layers) takes the unfused path.
@@ -97,7 +101,7 @@ class _Fp8SwiGLUMLPFunction(torch.autograd.Function):
             (gate_m, up_m), x2d, (w_gate, w_up), (None, None), out_dtype, need_dx, need_dw[:2], rms=rms
         )
         ctx.norm = (need_grad and x.requires_grad, need_dnw) if rms is not None else None
-        ctx.norm_saved = (x2d, *rms) if rms is not None and need_dx else (None, None, None)
+        norm_saved = (x2d, *rms) if rms is not None and need_dx else (None, None, None)
         cfg = down_m.fp8_config
         # gate/up stay alive for SwiGLU's backward anyway: down's weight gradient can re-cast
         # its transposed input from them (same scale, same codes) instead of keeping it
@@ -126,8 +130,7 @@ class _Fp8SwiGLUMLPFunction(torch.autograd.Function):
         ctx.recompute_down, ctx.down_input_scale = recompute, qa.scale  # (rowwise: no scale, re-derived)
         saved_act = (g, u) if need_dact else (None, None)
         ctx.save_for_backward(x_t, x_t_scale, qa.t, qa.t_scale, *saved_act, w_gate, w_up, w_down,
-                              *(t for t, _ in w_ts), w_t_down, *ctx.norm_saved)  # fmt: skip
-        del ctx.norm_saved
+                              *(t for t, _ in w_ts), w_t_down, *norm_saved)  # fmt: skip
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
