@@ -53,6 +53,7 @@ from .quant_reference import (
     _check_2d,
     _check_f32_scalar,
     _check_fp8,
+    _check_rms_norm,
     _check_swiglu_up,
     amax_to_scale_reference,
     delayed_scale_update_many_reference,
@@ -621,18 +622,8 @@ def _rms_operand(
     """Validate ``rms_norm=(rstd, weight)``: the operand is RMSNorm(x) (see _load_operand)."""
     if rms_norm is None:
         return None
-    if up is not None:
-        raise ValueError("rms_norm and swiglu_up: give at most one")
+    _check_rms_norm(x, rms_norm, up)
     rstd, weight = rms_norm
-    R, C = x.shape
-    if rstd.shape != (R,) or rstd.dtype != torch.float32 or rstd.device != x.device:
-        raise ValueError(
-            f"rms_norm: rstd must be float32 of shape ({R},) on {x.device}, got {rstd.dtype} {tuple(rstd.shape)}"
-        )
-    if weight.shape != (C,) or weight.dtype != x.dtype or weight.device != x.device:
-        raise ValueError(
-            f"rms_norm: weight must be {x.dtype} of shape ({C},) on {x.device}, got {weight.dtype} {tuple(weight.shape)}"
-        )
     return rstd.contiguous(), weight.contiguous()
 
 

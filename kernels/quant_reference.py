@@ -62,19 +62,30 @@ def _check_swiglu_up(x: torch.Tensor, up: torch.Tensor) -> None:
         )
 
 
+def _check_rms_norm(x: torch.Tensor, rms_norm, up: torch.Tensor | None) -> None:
+    """``rms_norm=(rstd, weight)`` must describe RMSNorm(x): rstd (R,) FP32 and a (C,) weight in
+    x's dtype, on x's device, and not together with ``swiglu_up``."""
+    if up is not None:
+        raise ValueError("rms_norm and swiglu_up: give at most one")
+    rstd, weight = rms_norm
+    R, C = x.shape
+    if rstd.shape != (R,) or rstd.dtype != torch.float32 or rstd.device != x.device:
+        raise ValueError(
+            f"rms_norm: rstd must be float32 of shape ({R},) on {x.device}, got {rstd.dtype} {tuple(rstd.shape)}"
+        )
+    if weight.shape != (C,) or weight.dtype != x.dtype or weight.device != x.device:
+        raise ValueError(
+            f"rms_norm: weight must be {x.dtype} of shape ({C},) on {x.device}, got {weight.dtype} {tuple(weight.shape)}"
+        )
+
+
 def _operand(x: torch.Tensor, up: torch.Tensor | None, rms_norm=None) -> torch.Tensor:
     """What is quantized: ``x``, the SwiGLU output ``silu(x) * up`` rounded to x's dtype, or the
     RMSNorm output of ``x`` from ``rms_norm=(rstd, weight)``."""
     _check_2d(x)
     if rms_norm is not None:
-        if up is not None:
-            raise ValueError("rms_norm and swiglu_up: give at most one")
+        _check_rms_norm(x, rms_norm, up)
         rstd, weight = rms_norm
-        if rstd.shape != (x.shape[0],) or weight.shape != (x.shape[1],) or weight.dtype != x.dtype:
-            raise ValueError(
-                f"rms_norm: expected rstd ({x.shape[0]},) and a {x.dtype} weight ({x.shape[1]},), "
-                f"got {tuple(rstd.shape)} and {weight.dtype} {tuple(weight.shape)}"
-            )
         from .norm_swiglu_reference import rms_norm_with_rstd_reference
 
         return rms_norm_with_rstd_reference(x, weight, rstd)
