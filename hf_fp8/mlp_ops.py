@@ -37,6 +37,7 @@ import contextlib
 import torch
 from torch import nn
 
+from hf_fp8 import norm_ops
 from hf_fp8._backend import fp8_gemm_supported, use_triton
 from hf_fp8.linear import Fp8Linear, _has_hooks
 from hf_fp8.linear_ops import _backward, _check_nonfinite, _forward, _gemm_with_weight
@@ -93,10 +94,8 @@ class _Fp8SwiGLUMLPFunction(torch.autograd.Function):
         x2d = x.reshape(-1, x.shape[-1])
         rms = None
         if norm_w is not None:
-            from hf_fp8.norm_ops import rms_rstd
-
             x2d = x2d.contiguous()
-            rms = (rms_rstd(x2d, norm_w, eps), norm_w)
+            rms = (norm_ops.rms_rstd(x2d, norm_w, eps), norm_w)
         (g, u), x_t, x_t_scale, w_ts, regen = _forward(
             (gate_m, up_m), x2d, (w_gate, w_up), (None, None), out_dtype, need_dx, need_dw[:2], rms=rms
         )
@@ -186,10 +185,8 @@ class _Fp8SwiGLUMLPFunction(torch.autograd.Function):
             )  # fmt: skip
         grad_nw = None
         if ctx.norm is not None and need_dx:  # grad_x: gate's and up's input gradients, unsummed
-            from hf_fp8.norm_ops import rms_backward
-
             need_x, need_dnw = ctx.norm
-            grad_x, grad_nw = rms_backward(grad_x, x_normed_in, norm_w, rstd, need_dnw)
+            grad_x, grad_nw = norm_ops.rms_backward(grad_x, x_normed_in, norm_w, rstd, need_dnw)
             grad_x = grad_x if need_x else None
         if grad_x is not None:
             grad_x = grad_x.reshape(ctx.x_shape)
@@ -208,9 +205,7 @@ def fused_swiglu_mlp(
     on its own). Same numbers in the forward; its backward sums gate's and up's input
     gradients in FP32 (one rounding, not two)."""
     if norm is not None:
-        from hf_fp8.norm_ops import norm_input_fusable
-
-        if not norm_input_fusable(norm, (gate, up), x):
+        if not norm_ops.norm_input_fusable(norm, (gate, up), x):
             x, norm = norm(x), None
     device_type = x.device.type
     autocast = torch.is_autocast_enabled(device_type)

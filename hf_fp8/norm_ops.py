@@ -42,7 +42,7 @@ from hf_fp8.config import Recipe
 from hf_fp8.linear import Fp8Linear, _has_hooks
 from hf_fp8.linear_ops import _backward, _forward
 
-__all__ = ["norm_input_fusable", "norm_shared_input_linears", "ENABLED"]
+__all__ = ["norm_input_fusable", "norm_shared_input_linears", "fused_norm_linears", "ENABLED"]
 
 # Benchmarks and tests flip this to measure or compare the unfused path.
 ENABLED = True
@@ -146,6 +146,12 @@ def norm_shared_input_linears(norm: nn.Module, modules: tuple[nn.Module, ...], x
         from hf_fp8.linear import shared_input_linears
 
         return shared_input_linears(modules, norm(x))
+    return fused_norm_linears(norm, modules, x)
+
+
+def fused_norm_linears(norm: nn.Module, modules: tuple[nn.Module, ...], x: torch.Tensor):
+    """:func:`norm_shared_input_linears` for a caller that has checked :func:`norm_input_fusable`
+    (the attention and MLP forwards, which fall back their own way): no second check per call."""
     for m in modules:
         m._check_input(x)
     device_type = x.device.type

@@ -22,9 +22,10 @@ import torch
 from torch import nn
 
 from hf_fp8._backend import use_triton
+from hf_fp8.integrations.rope import _attention_forward
 from hf_fp8.linear import shared_input_linears
 from hf_fp8.mlp_ops import fused_swiglu_mlp, fused_swiglu_mlp_applies
-from hf_fp8.norm_ops import norm_input_fusable, norm_shared_input_linears
+from hf_fp8.norm_ops import fused_norm_linears, norm_input_fusable
 
 __all__ = ["patch_fused_ops", "unpatch_fused_ops"]
 
@@ -47,7 +48,7 @@ def _mlp_forward(self, x: torch.Tensor, _hf_fp8_norm: nn.Module | None = None) -
     if fused_swiglu_mlp_applies(self.gate_proj, self.up_proj, self.down_proj, x):
         return fused_swiglu_mlp(self.gate_proj, self.up_proj, self.down_proj, x, norm=_hf_fp8_norm)
     if _hf_fp8_norm is not None and norm_input_fusable(_hf_fp8_norm, (self.gate_proj, self.up_proj), x):
-        gate, up = norm_shared_input_linears(_hf_fp8_norm, (self.gate_proj, self.up_proj), x)
+        gate, up = fused_norm_linears(_hf_fp8_norm, (self.gate_proj, self.up_proj), x)
     else:
         if _hf_fp8_norm is not None:
             x = _hf_fp8_norm(x)
@@ -81,8 +82,6 @@ def _decoder_forward(
     (hf_fp8's attention and MLP forwards), which run it inside their FP8 input cast when they
     can (:mod:`hf_fp8.norm_ops`) and first otherwise. Gradient checkpointing takes HF's forward
     (HF checkpoints it)."""
-    from hf_fp8.integrations.rope import _attention_forward
-
     if self.training and getattr(self, "gradient_checkpointing", False):
         return type(self).forward(
             self, hidden_states, attention_mask=attention_mask, position_ids=position_ids,

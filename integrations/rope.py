@@ -29,7 +29,7 @@ from torch import nn
 
 from hf_fp8._backend import use_triton
 from hf_fp8.linear import linear_on_kept_input, shared_input_linears
-from hf_fp8.norm_ops import norm_input_fusable, norm_shared_input_linears
+from hf_fp8.norm_ops import fused_norm_linears, norm_input_fusable
 
 __all__ = ["RopeInputs", "RopePatch", "patch_rope", "unpatch_rope", "fp32_rope"]
 
@@ -140,7 +140,7 @@ def _attention_forward(
     # kernel as they are: no transpose copy.
     projections = (self.q_proj, self.k_proj, self.v_proj)
     if _hf_fp8_norm is not None and norm_input_fusable(_hf_fp8_norm, projections, hidden_states):
-        q, k, v = norm_shared_input_linears(_hf_fp8_norm, projections, hidden_states)
+        q, k, v = fused_norm_linears(_hf_fp8_norm, projections, hidden_states)
     else:
         if _hf_fp8_norm is not None:
             hidden_states = _hf_fp8_norm(hidden_states)
