@@ -1,4 +1,4 @@
-"""One-pass AdamW step for one tensor: FP32 moments, FP32 update, stochastic BF16 write-back.
+"""One-pass AdamW step for one tensor: FP32 update, stochastic BF16 write-back of the weight.
 
 Per element (decoupled weight decay, bias-corrected moments)::
 
@@ -9,9 +9,16 @@ Per element (decoupled weight decay, bias-corrected moments)::
     BF16 p: add 16 random bits (Philox, seeded per step) below BF16's last mantissa bit and
             truncate, i.e. round up with probability equal to the dropped fraction.
 
+The moments are FP32, or BF16 (``torch.optim.AdamW``'s states for BF16 parameters): loaded
+into FP32, updated, and rounded to nearest once when stored, as torch's fused AdamW does.
+
 Memory traffic for BF16 parameters and gradients: 2 + 2 + 4 + 4 bytes read and 2 + 4 + 4
-written per element, in one pass; ``torch.optim.AdamW(fused=True)`` on BF16 parameters
-moves 14 bytes per element but keeps BF16 moments.
+written per element with FP32 moments, 14 bytes with BF16 moments, in one pass.
+``torch.optim.AdamW(fused=True)`` moves the same 14 bytes for BF16 parameters, but its
+multi-tensor launches cover at most a few hundred 64K-element chunks each (134 launches for an
+8-layer Llama-3-8B-shaped model): 20.3 ms per step on the H100, ~1.9 TB/s
+(``benchmarks/results/llama_profile_norm_h100.json``). Here each tensor is one launch whose grid
+covers the whole tensor (``benchmarks/bench_adamw.py`` measures both side by side).
 """
 
 from __future__ import annotations
@@ -25,6 +32,11 @@ import triton.language as tl
 from ._launch import launch
 
 __all__ = ["adamw_step"]
+
+# Elements per program and warps per launch on the GPU (a bandwidth-bound stream: each program
+# moves BLOCK elements of four tensors; benchmarks/bench_adamw.py sweeps both).
+BLOCK = 2048
+NUM_WARPS = 8
 
 
 @triton.jit
@@ -50,15 +62,15 @@ def _adamw_kernel(
     mask = offs < n
     p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    m = tl.load(m_ptr + offs, mask=mask, other=0.0)
-    v = tl.load(v_ptr + offs, mask=mask, other=0.0)
+    m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     p = p * decay
     m = m * beta1 + g * (1.0 - beta1)
     v = v * beta2 + g * g * (1.0 - beta2)
     denom = tl.sqrt_rn(tl.math.div_rn(v, tl.full(v.shape, bc2, tl.float32))) + eps
     p = p - tl.math.div_rn(lr * tl.math.div_rn(m, tl.full(m.shape, bc1, tl.float32)), denom)
-    tl.store(m_ptr + offs, m, mask=mask)
-    tl.store(v_ptr + offs, v, mask=mask)
+    tl.store(m_ptr + offs, m.to(m_ptr.dtype.element_ty), mask=mask)  # FP32, or BF16 rounded to nearest
+    tl.store(v_ptr + offs, v.to(v_ptr.dtype.element_ty), mask=mask)
     if STOCHASTIC:
         r = tl.randint(seed, offs.to(tl.int32))
         bits = p.to(tl.int32, bitcast=True) + (r & 0xFFFF).to(tl.int32)
@@ -84,22 +96,23 @@ def adamw_step(
     stochastic_rounding: bool,
     seed: int,
 ) -> None:
-    """In place on ``p`` (FP32/BF16/FP16; stochastic rounding for BF16), ``m`` and ``v`` (FP32)."""
+    """In place on ``p`` (FP32/BF16/FP16; stochastic rounding for BF16), ``m`` and ``v`` (both FP32
+    or both BF16)."""
     for name, t in (("g", g), ("m", m), ("v", v)):
         if t.shape != p.shape:
             raise ValueError(f"adamw_step: {name} has shape {tuple(t.shape)}, parameter {tuple(p.shape)}")
-    if m.dtype != torch.float32 or v.dtype != torch.float32:
-        raise TypeError(f"adamw_step: moments must be float32, got {m.dtype} and {v.dtype}")
+    if m.dtype != v.dtype or m.dtype not in (torch.float32, torch.bfloat16):
+        raise TypeError(f"adamw_step: moments must be both float32 or both bfloat16, got {m.dtype} and {v.dtype}")
     if stochastic_rounding and p.dtype != torch.bfloat16:
         raise ValueError(f"adamw_step: stochastic rounding in the kernel is for bfloat16 parameters, got {p.dtype}")
     if not (p.is_contiguous() and g.is_contiguous() and m.is_contiguous() and v.is_contiguous()):
         raise ValueError("adamw_step: parameter, gradient and moments must be contiguous")
     n = p.numel()
     interp = os.environ.get("TRITON_INTERPRET", "0") == "1"
-    BLOCK = 65536 if interp else 2048
+    block = 65536 if interp else BLOCK
     launch(
         _adamw_kernel,
-        (triton.cdiv(n, BLOCK),),
+        (triton.cdiv(n, block),),
         (
             p,
             g,
@@ -115,6 +128,6 @@ def adamw_step(
             bias_correction2,
             seed,
         ),
-        dict(STOCHASTIC=stochastic_rounding, BLOCK=BLOCK),
-        8 if not interp else 1,
+        dict(STOCHASTIC=stochastic_rounding, BLOCK=block),
+        NUM_WARPS if not interp else 1,
     )
