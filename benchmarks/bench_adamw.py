@@ -86,7 +86,7 @@ def main() -> None:
     params = _params(shapes)
     reference = None
     for name, make in variants.items():
-        for block, warps in settings if name.startswith("hf_fp8") else [None]:
+        for block, warps in settings if name.startswith("hf_fp8") else [(None, None)]:
             if block is not None:
                 adamw_kernel.BLOCK, adamw_kernel.NUM_WARPS = block, warps
             for p, q in zip(params, _params(shapes)):  # the same starting point for every variant

@@ -223,13 +223,17 @@ def test_adamw_bf16_states_match_torch_fused_on_gpu():
         opt_ref.step()
     eps = torch.finfo(torch.bfloat16).eps
     for a, b in zip(ours, ref):
-        assert (a == b).float().mean().item() > 0.99
-        assert ((a.detach().float() - b.detach().float()).abs() <= eps * (b.detach().float().abs() + 1e-2)).all()
+        a, b = a.detach().float(), b.detach().float()
+        worst = ((a - b).abs() / (eps * (b.abs() + 1e-2))).max().item()
+        assert (a == b).float().mean().item() > 0.99, (a == b).float().mean().item()
+        assert worst <= 1, worst
+    for a, b in zip(ours, ref):
         for key in ("exp_avg", "exp_avg_sq"):
             mine, theirs = opt.state[a][key].float(), opt_ref.state[b][key].float()
             assert opt.state[a][key].dtype == torch.bfloat16
-            assert (mine == theirs).float().mean().item() > 0.98
-            assert ((mine - theirs).abs() <= eps * theirs.abs().max()).all()
+            worst = ((mine - theirs).abs() / (eps * theirs.abs().max())).max().item()
+            assert (mine == theirs).float().mean().item() > 0.98, (mine == theirs).float().mean().item()
+            assert worst <= 1, (key, worst)
 
 
 def test_patched_llama_on_gpu():
