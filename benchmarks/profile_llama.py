@@ -216,7 +216,7 @@ def profile_variant(name: str, config: dict, batch: int, seq: int, warmup: int, 
         ours = any(h.start <= e.time_range.start <= h.end for h in harness)
         if (e.name in _SYNC_NAMES or "DtoH" in e.name) and not ours:
             syncs[e.name] = syncs.get(e.name, 0) + 1
-    top = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:25]
+    top = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:40]
     row = dict(
         variant=name,
         note=note,
