@@ -65,6 +65,7 @@ for s in $steps; do
     adamw) python3 -m benchmarks.bench_adamw --sweep 2>&1 | grep -v Warning | cut -c1-260 | tail -45 ;;
     llamaadamw) python3 -m benchmarks.bench_llama --isolate --variants stock_bf16 hf_fp8_delayed hf_fp8_delayed_hfadamw torchao_tensorwise_compile torchao_tensorwise_compile_hfadamw hf_fp8_tensorwise_hfadamw stock_bf16_hfadamw --budget-s 400 --out llama_adamw_h100.json 2>&1 | grep -v Warning | grep -E "^8b|skipped|Error|error|Traceback|fault" | cut -c1-260 ;;
     adamwprofile) python3 -m benchmarks.profile_llama --variants hf_fp8_delayed_hfadamw --out llama_profile_adamw_h100.json 2>&1 | grep -v Warning | cut -c1-300 | head -24 ;;
+    hostlead) python3 -m benchmarks.profile_host_lead --variants hf_fp8_delayed_hfadamw hf_fp8_delayed torchao_tensorwise_compile 2>&1 | grep -v Warning | cut -c1-200 | tail -90 ;;
     quantnow) python3 -m benchmarks.bench_quant 2>&1 | tail -40 ;;
     lossblocks) python3 -m benchmarks.bench_precision_ops loss-blocks 2>&1 | grep -v Warning | tail -20 ;;
     llamalean) python3 -m benchmarks.bench_llama --variants stock_bf16 hf_fp8_delayed_all hf_fp8_delayed_all_wholeloss hf_fp8_delayed_all_wholeloss_keptact hf_fp8_delayed_all_chunk512_block2048 hf_fp8_delayed_all_chunk512_block1024 hf_fp8_delayed hf_fp8_tensorwise_all torchao_tensorwise_compile --budget-s 440 --out llama_lean_h100.json 2>&1 | grep -E "^8b|skipped|Error" | cut -c1-330 ;;
