@@ -68,7 +68,12 @@ class DelayedScalingState:
     casts while recording the current amax into the fresh history slot (one pass).
     """
 
+    # states built so far in this process: hf_fp8.delayed's per-forward hook walks a model for
+    # its states again only when this changed (a conversion), not at every forward
+    created = 0
+
     def __init__(self, history: torch.Tensor, scale: torch.Tensor) -> None:
+        DelayedScalingState.created += 1
         self.history = history
         self.scale = scale
         self.seeded = [False, False, False]

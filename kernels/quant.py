@@ -868,17 +868,14 @@ def delayed_scale_update_many(
 
     All histories must share their length and layout (contiguous (L, S) FP32) and one device.
     ``addresses``: the (E,) device tables of history and scale addresses (int64) and slots
-    (int32), as :func:`delayed_update_addresses` builds them; pass them to skip that host work
-    when the same entries are updated again (the caller keeps them valid).
+    (int32), as :func:`delayed_update_addresses` builds them (checking the entries); pass them
+    to skip that host work when the same entries are updated again (the caller keeps them
+    valid). The check alone took ~1 ms of host time for the 168 entries of an 8-layer
+    Llama-3-8B, at the start of each forward, while the GPU waited.
     """
     if not histories:
         return
     first = histories[0]
-    for h, sc in zip(histories, scales):
-        if h.shape != first.shape or h.dtype != torch.float32 or not h.is_contiguous() or h.device != first.device:
-            raise ValueError(f"histories: expected contiguous float32 {tuple(first.shape)} tensors on one device")
-        if sc.dtype != torch.float32 or not sc.is_contiguous() or sc.device != first.device:
-            raise ValueError("scales: expected contiguous float32 tensors on the histories' device")
     if addresses is None:
         addresses = delayed_update_addresses(histories, scales, slots)
     L = first.shape[0]
@@ -898,8 +895,15 @@ def delayed_scale_update_many(
 def delayed_update_addresses(
     histories: list[torch.Tensor], scales: list[torch.Tensor], slots: list[int]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Device tables for :func:`delayed_scale_update_many` (one host-to-device copy)."""
-    device = histories[0].device
+    """Device tables for :func:`delayed_scale_update_many` (one host-to-device copy), after
+    checking that the entries share one layout and device."""
+    first = histories[0]
+    for h, sc in zip(histories, scales):
+        if h.shape != first.shape or h.dtype != torch.float32 or not h.is_contiguous() or h.device != first.device:
+            raise ValueError(f"histories: expected contiguous float32 {tuple(first.shape)} tensors on one device")
+        if sc.dtype != torch.float32 or not sc.is_contiguous() or sc.device != first.device:
+            raise ValueError("scales: expected contiguous float32 tensors on the histories' device")
+    device = first.device
     table = torch.tensor(
         [[h.data_ptr() for h in histories], [sc.data_ptr() for sc in scales], list(slots)], dtype=torch.int64
     ).to(device)

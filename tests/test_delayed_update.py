@@ -127,3 +127,48 @@ def test_hook_is_installed_once_and_removed_by_revert():
     tensorwise = nn.Sequential(nn.Linear(64, 64))
     hf_fp8.convert(tensorwise, hf_fp8.Fp8Config(recipe="tensorwise", auto_filter=False))
     assert not tensorwise._forward_pre_hooks
+
+
+def test_hook_walks_the_model_once_until_a_conversion_changes_it(monkeypatch):
+    """The hook runs while the GPU waits for the step's first kernels: it finds the delayed
+    layers once, not at every forward, and again after a conversion or a replaced state."""
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
+    hf_fp8.convert(model, hf_fp8.Fp8Config(recipe="delayed", auto_filter=False))
+    hook = next(h for h in model._forward_pre_hooks.values() if isinstance(h, DelayedScaleUpdateHook))
+    walks = []
+    original = nn.Module.modules
+    monkeypatch.setattr(nn.Module, "modules", lambda self: walks.append(self is model) or original(self))
+    x = torch.randn(32, 64)
+    for _ in range(3):
+        model(x).square().mean().backward()
+    assert sum(walks) == 1
+    assert [m for m, _ in hook._delayed_layers(model)] == [model[0], model[2]]
+    # a second model converted anywhere in the process: walked again (a new state may be ours)
+    hf_fp8.convert(nn.Sequential(nn.Linear(64, 64)), hf_fp8.Fp8Config(recipe="delayed", auto_filter=False))
+    model(x).square().mean().backward()
+    assert sum(walks) == 2
+    model(x).square().mean().backward()
+    assert sum(walks) == 2
+    # a cached layer whose state was replaced (no new state built): walked again, and updated from then on
+    from hf_fp8.scaling import DelayedScalingState
+
+    state = model[2]._fp8_delayed
+    created = DelayedScalingState.created
+    fresh = object.__new__(DelayedScalingState)
+    fresh.__dict__.update(state.__dict__, pending=[False, False, False])
+    model[2]._fp8_delayed = fresh
+    assert DelayedScalingState.created == created
+    model(x).square().mean().backward()
+    assert sum(walks) == 3 and hook._delayed_layers(model)[1][1] is fresh
+    assert fresh.pending == [False, False, False]  # the forward's update marked it, its casts consumed it
+
+
+def test_update_addresses_check_the_entries():
+    from hf_fp8.kernels.quant import delayed_update_addresses
+
+    good = [torch.zeros(4, 3), torch.zeros(4, 3)]
+    scales = [torch.ones(3), torch.ones(3)]
+    with pytest.raises(ValueError, match="histories"):
+        delayed_update_addresses([good[0], torch.zeros(5, 3)], scales, [0, 0])
+    with pytest.raises(ValueError, match="scales"):
+        delayed_update_addresses(good, [scales[0], torch.ones(3, dtype=torch.float64)], [0, 0])
