@@ -49,17 +49,32 @@ class DelayedScaleUpdateHook:
         # device address tables per set of entries (rebuilt when any buffer moves): building one
         # costs a host-to-device copy, so the steady state reuses it
         self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-        self._layers: list[tuple[nn.Module, object]] = []  # (layer, its DelayedScalingState)
+        # per (layer, slot) of the last walk, three per layer: (layer, state, slot, group key)
+        self._slots: list[tuple[nn.Module, object, int, tuple]] = []
         self._walked: tuple[int, int] | None = None  # (id of the module walked, states created then)
 
-    def _delayed_layers(self, module: nn.Module) -> list[tuple[nn.Module, object]]:
+    def _delayed_slots(self, module: nn.Module) -> list[tuple[nn.Module, object, int, tuple]]:
+        """Every (layer, state, slot, group key) under ``module``; the walk and the keys (the
+        history's device and shape, the slot's format and the config's amax algorithm and
+        margin) are redone only when a state was built or replaced since the last walk."""
         from hf_fp8.scaling import DelayedScalingState
 
         stamp = (id(module), DelayedScalingState.created)
-        if stamp != self._walked or any(getattr(m, "_fp8_delayed", None) is not st for m, st in self._layers):
-            self._layers = [(m, st) for m in module.modules() if (st := getattr(m, "_fp8_delayed", None)) is not None]
+        if stamp != self._walked or any(getattr(m, "_fp8_delayed", None) is not st for m, st, _, _ in self._slots[::3]):
+            self._slots = []
+            for m in module.modules():
+                state = getattr(m, "_fp8_delayed", None)
+                if state is None:
+                    continue
+                cfg = m.fp8_config  # frozen: the key stays valid while the layer keeps this state
+                use_max = cfg.amax_compute_algo is AmaxComputeAlgo.MAX
+                shape = tuple(state.history.shape)
+                for slot in range(3):
+                    fmt = cfg.grad_format if slot == Role.GRAD_OUTPUT else cfg.forward_format
+                    key = (state.history.device, shape, fmt.dtype, use_max, cfg.margin)
+                    self._slots.append((m, state, slot, key))
             self._walked = stamp
-        return self._layers
+        return self._slots
 
     def __call__(self, module: nn.Module, args) -> None:
         if torch.compiler.is_compiling():
@@ -67,15 +82,10 @@ class DelayedScaleUpdateHook:
         groups: dict[tuple, list] = {}
         # no backward follows a forward without grad: its gradient slots stay as they are (a
         # checkpoint saved after evaluation then holds exactly what per-cast updates would)
-        slots_now = range(3) if torch.is_grad_enabled() else (Role.INPUT, Role.WEIGHT)
-        for m, state in self._delayed_layers(module):
-            cfg = m.fp8_config
-            use_max = cfg.amax_compute_algo is AmaxComputeAlgo.MAX
-            for slot in slots_now:
-                if state.seeded[slot] and not state.pending[slot]:
-                    fmt = cfg.grad_format if slot == Role.GRAD_OUTPUT else cfg.forward_format
-                    key = (state.history.device, tuple(state.history.shape), fmt.dtype, use_max, cfg.margin)
-                    groups.setdefault(key, []).append((state, slot))
+        grad = torch.is_grad_enabled()
+        for _, state, slot, key in self._delayed_slots(module):
+            if state.seeded[slot] and not state.pending[slot] and (grad or slot != Role.GRAD_OUTPUT):
+                groups.setdefault(key, []).append((state, slot))
         for (_, _, dtype, use_max, margin), entries in groups.items():
             histories = [s.history for s, _ in entries]
             scales = [s.scale for s, _ in entries]

@@ -142,7 +142,7 @@ def test_hook_walks_the_model_once_until_a_conversion_changes_it(monkeypatch):
     for _ in range(3):
         model(x).square().mean().backward()
     assert sum(walks) == 1
-    assert [m for m, _ in hook._delayed_layers(model)] == [model[0], model[2]]
+    assert [m for m, _, slot, _ in hook._delayed_slots(model) if slot == 0] == [model[0], model[2]]
     # a second model converted anywhere in the process: walked again (a new state may be ours)
     hf_fp8.convert(nn.Sequential(nn.Linear(64, 64)), hf_fp8.Fp8Config(recipe="delayed", auto_filter=False))
     model(x).square().mean().backward()
@@ -159,7 +159,7 @@ def test_hook_walks_the_model_once_until_a_conversion_changes_it(monkeypatch):
     model[2]._fp8_delayed = fresh
     assert DelayedScalingState.created == created
     model(x).square().mean().backward()
-    assert sum(walks) == 3 and hook._delayed_layers(model)[1][1] is fresh
+    assert sum(walks) == 3 and hook._delayed_slots(model)[3][1] is fresh
     assert fresh.pending == [False, False, False]  # the forward's update marked it, its casts consumed it
 
 
