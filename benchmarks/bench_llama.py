@@ -10,8 +10,10 @@ MLP 8192, 16 layers, 32/8 heads, tied embeddings). B=2, S=4096; every step a new
 from a fixed random bigram chain (90% of tokens follow it), the same batches for every variant:
 learnable but not memorizable, so the losses compare training, not recall of one batch. Optimizer: torch fused AdamW (BF16 states, as stock BF16 training
 does), except hf_fp8 full-BF16 which uses hf_fp8.optim.AdamW (FP32 states, stochastic
-rounding), and any variant named ..._hfadamw, which uses hf_fp8.optim.AdamW with BF16 states
-and nearest rounding (torch's arithmetic). Per variant: tokens/s from the median step time after warm-up, peak memory,
+rounding), and the hf_fp8 FP8 variants, which use what hf_fp8.Trainer builds for BF16 parameters:
+hf_fp8.optim.AdamW with BF16 states and nearest rounding (torch's arithmetic, one kernel per
+tensor; since 2026-11-24 12:30). ..._torchadamw gives an hf_fp8 variant torch's fused AdamW,
+..._hfadamw gives any other variant hf_fp8's. Per variant: tokens/s from the median step time after warm-up, peak memory,
 and the loss of the last timed step (same data and steps for everyone), with ratios to stock
 BF16. Variants that fail are recorded with their error; the run stops adding variants when
 the time budget is spent and says which were skipped.
@@ -169,9 +171,11 @@ def build(name: str, config: dict):
             layer.compile()
     if name == "hf_fp8_full_bf16":
         opt = hf_fp8.optim.AdamW(model.parameters(), lr=1e-4, full_bf16=True, seed=0)
-    elif name.endswith("_hfadamw"):
-        # any variant + _hfadamw: hf_fp8.optim.AdamW with torch's arithmetic and states (BF16
-        # moments, nearest rounding), one kernel per tensor instead of torch's multi-tensor launches
+    elif name.endswith("_hfadamw") or (name.startswith("hf_fp8_") and "_torchadamw" not in name):
+        # hf_fp8 variants (what hf_fp8.Trainer's --fp8 builds for BF16 parameters, --fp8_adamw) and any
+        # variant + _hfadamw: hf_fp8.optim.AdamW with torch's arithmetic and states (BF16 moments,
+        # nearest rounding), one kernel per tensor instead of torch's multi-tensor launches;
+        # hf_fp8 variants + _torchadamw: torch's fused AdamW (every hf_fp8 variant before 2026-11-24 12:30)
         opt = hf_fp8.optim.AdamW(model.parameters(), lr=1e-4, state_dtype=torch.bfloat16, stochastic_rounding=False)
     else:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)

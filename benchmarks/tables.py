@@ -237,6 +237,30 @@ def llama_table(name: str = "llama_h100.json") -> str:
     return "\n".join(out)
 
 
+def adamw_table() -> str:
+    d = _load("adamw_h100.json")
+    out = [
+        f"AdamW step over the {d['params'] / 1e9:.2f} B BF16 parameters of an {d['layers']}-layer Llama-3-8B-shaped "
+        "model (median of 10 steps, CUDA events; bandwidth from the bytes each step must move). "
+        f"{_env_line(d['env'])}.",
+        "",
+        "| optimizer | states | kernel block x warps | step ms | TB/s | vs torch fused | host ms per step() |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    from hf_fp8.kernels import adamw as kernel
+
+    for r in d["rows"]:
+        if r["block"] not in (None, kernel.BLOCK) or r["num_warps"] not in (None, kernel.NUM_WARPS):
+            continue  # the sweep's other settings: in the JSON
+        states = "FP32" if r["bytes_per_param"] > 14 else "BF16"
+        setting = "-" if r["block"] is None else f"{r['block']} x {r['num_warps']}"
+        out.append(
+            f"| {r['variant']} | {states} | {setting} | {r['step_ms']:.2f} | {r['tb_per_s']:.2f} | "
+            f"{r['speedup_vs_torch_fused']:.2f}x | {r['host_ms']:.2f} |"
+        )
+    return "\n".join(out)
+
+
 def llama_profile_table(name: str = "llama_profile_h100.json") -> str:
     d = _load(name)
     rows = [r for r in d["rows"] if "category_ms" in r]
@@ -266,6 +290,7 @@ def llama_profile_table(name: str = "llama_profile_h100.json") -> str:
 
 
 SECTIONS = {
+    "adamw": adamw_table,
     "llama_profile": llama_profile_table,
     "llama_e2e": lambda: llama_table("llama_e2e_h100.json"),
     "llama_e2e_more": lambda: llama_table("llama_e2e_more_h100.json"),

@@ -284,3 +284,31 @@ def test_fp8_with_bf16_autocast_trains(tmp_path):
     trainer.train()
     losses = _losses(trainer)
     assert losses[-1] < losses[0] * 0.9, losses
+
+
+def _inner(optimizer):
+    return optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
+
+
+def test_fp8_trainer_swaps_torch_adamw_for_the_one_pass_kernel_on_bf16_params(tmp_path):
+    """--fp8 with BF16 parameters and torch's AdamW (the default optim): hf_fp8.optim.AdamW with
+    torch's arithmetic and BF16 states; --fp8_adamw false, FP32 parameters or another optim keep
+    what the Trainer would build."""
+    with hf_fp8.set_default_dtype(torch.bfloat16):
+        model = tiny_llama()
+    args = _args(tmp_path, fp8="tensorwise", fp8_auto_filter=False, max_steps=3, weight_decay=0.1)
+    trainer = hf_fp8.Trainer(model=model, args=args, train_dataset=_Data())
+    trainer.train()
+    opt = _inner(trainer.optimizer)
+    assert isinstance(opt, AdamW) and opt.state_dtype == torch.bfloat16
+    assert not any(g["stochastic_rounding"] for g in opt.param_groups)
+    assert {g["weight_decay"] for g in opt.param_groups} == {0.1, 0.0}  # norms and biases: no decay, as HF groups them
+    assert all(s["exp_avg"].dtype == torch.bfloat16 for s in opt.state.values())
+    assert len(opt.state) == sum(p.requires_grad for p in model.parameters())
+
+    for kw, bf16 in ((dict(fp8_adamw=False), True), (dict(optim="sgd"), True), ({}, False)):
+        with hf_fp8.set_default_dtype(torch.bfloat16 if bf16 else torch.float32):
+            m = tiny_llama()
+        t = hf_fp8.Trainer(model=m, args=_args(tmp_path, fp8="tensorwise", max_steps=1, **kw), train_dataset=_Data())
+        t.create_optimizer()
+        assert not isinstance(_inner(t.optimizer), AdamW), kw
