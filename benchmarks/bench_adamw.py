@@ -6,7 +6,7 @@ torch's fused AdamW against hf_fp8.optim.AdamW, on the H100, side by side in one
 Each optimizer gets the same BF16 parameters and gradients (random, never zero), steps 3 times
 to warm up, then 10 timed steps: the median step time from CUDA events (the GPU's time,
 launch gaps included), the host's time per ``step()`` call, and the bandwidth the step moved
-at (14 bytes per parameter with BF16 moments: p, g, m, v read, p, m, v written; 18 with FP32
+at (14 bytes per parameter with BF16 moments: p, g, m, v read, p, m, v written; 22 with FP32
 moments). ``--sweep`` also times the kernel's BLOCK x NUM_WARPS settings. Results:
 ``benchmarks/results/adamw_h100.json``.
 """
