@@ -169,8 +169,8 @@ class AdamW(torch.optim.Optimizer):
         for i, p in zip(ids, params, strict=True):
             for key, value in moments.get(i, {}).items():
                 self.state[p][key] = value.to(device=p.device, dtype=self.state_dtype)
-        if rng is not None:
-            self._generator.set_state(rng)
+        if rng is not None:  # accelerate moves the whole state dict to the GPU; the generator lives on the CPU
+            self._generator.set_state(rng.to("cpu", torch.uint8))
 
     def _next_seed(self) -> int:
         return int(torch.randint(0, 2**31 - 1, (1,), generator=self._generator).item())
