@@ -106,6 +106,23 @@ def time_training_steps(model, optimizer, batches, warmup: int, forward_backward
     )
 
 
+def each_variant(names, measure: Callable[[str], dict]):
+    """``measure(name)`` for each name, yielding its row; a variant that raises yields its error
+    instead (a failed variant is a result too). The GPU is cleaned between variants: garbage
+    collected, cache emptied, dynamo reset (compiled variants leave state behind)."""
+    import gc
+
+    for name in names:
+        try:
+            row = measure(name)
+        except Exception as e:  # noqa: BLE001
+            row = dict(variant=name, error=f"{type(e).__name__}: {str(e)[:300]}")
+        gc.collect()  # the variant's model and optimizer are unreachable now
+        torch.cuda.empty_cache()
+        torch._dynamo.reset()
+        yield row
+
+
 def host_us(fn: Callable[[], object], n: int = 200, warmup: int = 10) -> float:
     """Host (CPU) time per call of ``fn`` in microseconds: ``n`` calls enqueued back to back,
     timed on the host clock with no synchronization inside the loop (the GPU never the limit

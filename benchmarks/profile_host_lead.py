@@ -20,7 +20,6 @@ Same models, batches and optimizer as ``bench_llama``. Results:
 from __future__ import annotations
 
 import argparse
-import gc
 import statistics
 import time
 
@@ -100,7 +99,7 @@ def lead_variant(name: str, config: dict, batch: int, seq: int, warmup: int, ste
 
 def main() -> None:
     from benchmarks.bench_llama import CONFIGS
-    from benchmarks.common import environment, warm_up_gpu, write_json
+    from benchmarks.common import each_variant, environment, warm_up_gpu, write_json
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--variants", nargs="+", default=["hf_fp8_delayed_hfadamw", "torchao_tensorwise_compile"])
@@ -111,14 +110,9 @@ def main() -> None:
     args = ap.parse_args()
     warm_up_gpu()
     rows = []
-    for name in args.variants:
-        try:
-            row = lead_variant(name, CONFIGS[args.config], 2, 4096, args.warmup, args.steps)
-        except Exception as e:  # noqa: BLE001  a failed variant is a result too
-            row = dict(variant=name, error=f"{type(e).__name__}: {str(e)[:300]}")
-        gc.collect()
-        torch.cuda.empty_cache()
-        torch._dynamo.reset()
+    measure = lambda name: lead_variant(name, CONFIGS[args.config], 2, 4096, args.warmup, args.steps)  # noqa: E731
+    for row in each_variant(args.variants, measure):
+        name = row["variant"]
         rows.append(row)
         print(name, row.get("note", row.get("error")), flush=True)
         for m in row.get("marks", []):

@@ -251,7 +251,7 @@ def _op_device_ms(prof, op_name: str) -> float:
 
 def main() -> None:
     from benchmarks.bench_llama import CONFIGS
-    from benchmarks.common import environment, warm_up_gpu, write_json
+    from benchmarks.common import each_variant, environment, warm_up_gpu, write_json
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--variants", nargs="+", default=["stock_bf16", "hf_fp8_delayed", "torchao_tensorwise_compile"])
@@ -264,14 +264,9 @@ def main() -> None:
     args = ap.parse_args()
     warm_up_gpu()
     rows = []
-    for name in args.variants:
-        try:
-            row = profile_variant(name, CONFIGS[args.config], args.batch, args.seq, args.warmup, args.steps)
-        except Exception as e:  # noqa: BLE001  a failed variant is a result too
-            row = dict(variant=name, error=f"{type(e).__name__}: {str(e)[:300]}")
-        gc.collect()  # the variant's model and optimizer are unreachable now
-        torch.cuda.empty_cache()
-        torch._dynamo.reset()
+    measure = lambda name: profile_variant(name, CONFIGS[args.config], args.batch, args.seq, args.warmup, args.steps)  # noqa: E731
+    for row in each_variant(args.variants, measure):
+        name = row["variant"]
         rows.append(row)
         print(name, {k: v for k, v in row.items() if k not in ("top_kernels", "idle_gaps")}, flush=True)
         for t in row.get("top_kernels", [])[:12]:
