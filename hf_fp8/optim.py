@@ -200,7 +200,9 @@ class AdamW(torch.optim.Optimizer):
                 bc2 = 1.0 - beta2**step
                 round_sr = sr and p.dtype in _LOW_PRECISION
                 seed = self._next_seed() if round_sr else 0
-                if use_triton(p) and not (round_sr and p.dtype == torch.float16):
+                # the kernel takes plain CUDA tensors; a DTensor (FSDP2) shard takes the torch path
+                plain = type(p.data) is torch.Tensor
+                if plain and use_triton(p) and not (round_sr and p.dtype == torch.float16):
                     from hf_fp8.kernels.adamw import adamw_step
 
                     adamw_step(
