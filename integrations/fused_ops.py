@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from hf_fp8._backend import use_triton
+from hf_fp8.integrations._kv_cache import cache_arg, take_cache
 from hf_fp8.integrations.rope import _attention_forward
 from hf_fp8.linear import shared_input_linears
 from hf_fp8.mlp_ops import fused_swiglu_mlp, fused_swiglu_mlp_applies
@@ -82,15 +83,16 @@ def _decoder_forward(
     (hf_fp8's attention and MLP forwards), which run it inside their FP8 input cast when they
     can (:mod:`hf_fp8.norm_ops`) and first otherwise. Gradient checkpointing takes HF's forward
     (HF checkpoints it)."""
+    cache = take_cache(past_key_values, kwargs)  # ``cache`` since transformers 5.24
     if self.training and getattr(self, "gradient_checkpointing", False):
         return type(self).forward(
-            self, hidden_states, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=past_key_values, use_cache=use_cache, position_embeddings=position_embeddings, **kwargs,
+            self, hidden_states, attention_mask=attention_mask, position_ids=position_ids, use_cache=use_cache,
+            position_embeddings=position_embeddings, **{cache_arg(type(self).forward): cache}, **kwargs,
         )  # fmt: skip
     residual = hidden_states
     attn_kwargs = dict(
-        attention_mask=attention_mask, position_ids=position_ids, past_key_values=past_key_values,
-        use_cache=use_cache, position_embeddings=position_embeddings, **kwargs,
+        attention_mask=attention_mask, position_ids=position_ids, use_cache=use_cache,
+        position_embeddings=position_embeddings, **{cache_arg(type(self.self_attn).forward): cache}, **kwargs,
     )  # fmt: skip
     if _takes_norm(self.self_attn, _attention_forward):
         hidden_states, _ = self.self_attn(hidden_states=hidden_states, _hf_fp8_norm=self.input_layernorm, **attn_kwargs)

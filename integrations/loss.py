@@ -27,6 +27,8 @@ import types
 import torch
 from torch import nn
 
+from hf_fp8.integrations._kv_cache import cache_arg, output_cache, output_cache_field, take_cache
+
 __all__ = ["patch_loss", "unpatch_loss"]
 
 _CAUSAL_LM_CLASSES = ("LlamaForCausalLM",)
@@ -82,6 +84,7 @@ def _causal_lm_forward(
 
     from hf_fp8.loss import chunked_linear_cross_entropy
 
+    past_key_values = take_cache(past_key_values, kwargs)  # ``cache`` since transformers 5.24
     return_logits = kwargs.pop("return_logits", False)
     return_dict = kwargs.pop("return_dict", None)
     shift_labels = kwargs.get("shift_labels")
@@ -99,9 +102,9 @@ def _causal_lm_forward(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids,
-        past_key_values=past_key_values,
         inputs_embeds=inputs_embeds,
         use_cache=use_cache,
+        **{cache_arg(type(self.model).forward): past_key_values},
         **kwargs,
     )
     hidden = outputs.last_hidden_state
@@ -127,9 +130,9 @@ def _causal_lm_forward(
     out = CausalLMOutputWithPast(
         loss=loss,
         logits=logits,
-        past_key_values=None if no_store else outputs.past_key_values,
         hidden_states=outputs.hidden_states,
         attentions=outputs.attentions,
+        **{output_cache_field(CausalLMOutputWithPast): None if no_store else output_cache(outputs)},
     )
     return out.to_tuple() if return_dict is False else out
 

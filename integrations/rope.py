@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from hf_fp8._backend import use_triton
+from hf_fp8.integrations._kv_cache import cache_arg, take_cache
 from hf_fp8.linear import linear_on_kept_input, shared_input_linears
 from hf_fp8.norm_ops import fused_norm_linears, norm_input_fusable
 
@@ -126,13 +127,15 @@ def _attention_forward(
     # _hf_fp8_norm: hidden_states is the input of this RMSNorm, whose output q/k/v read (passed by
     # the decoder layer of hf_fp8.integrations.fused_ops): it runs inside their input cast
     # (hf_fp8.norm_ops) when it can, else first
+    past_key_values = take_cache(past_key_values, kwargs)  # ``cache`` since transformers 5.24
     if not isinstance(position_embeddings, RopeInputs):
         if _hf_fp8_norm is not None:
             hidden_states = _hf_fp8_norm(hidden_states)
         # called with HF's (cos, sin): behave exactly like the class's own forward
         return type(self).forward(
-            self, hidden_states, position_embeddings, attention_mask, past_key_values=past_key_values, **kwargs
-        )
+            self, hidden_states, position_embeddings, attention_mask,
+            **{cache_arg(type(self).forward): past_key_values}, **kwargs,
+        )  # fmt: skip
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, self.head_dim)
     # q, k and v read one input: FP8 layers quantize it once (hf_fp8.linear.shared_input_linears;
