@@ -9,22 +9,31 @@ deprecation warning comes from hf_fp8 on any 5.x.
 
 from __future__ import annotations
 
-import functools
 import inspect
 from collections.abc import Callable
 from typing import Any
 
+from hf_fp8._backend import compile_time_constant
+
 __all__ = ["cache_arg", "output_cache", "output_cache_field", "take_cache"]
 
+# Facts of the installed transformers, cached by hand and marked constant for torch.compile (the
+# patched forwards run inside compiled decoder layers; dynamo traced through lru_cache wrappers
+# and broke the graph, see hf_fp8._backend)
+_ARG: dict[Callable, str] = {}
+_FIELD: dict[type, str] = {}
 
-@functools.cache
+
+@compile_time_constant
 def cache_arg(forward: Callable) -> str:
     """``"cache"`` if ``forward`` (an HF forward, decorators unwrapped) declares it, else ``"past_key_values"``."""
-    try:
-        params = inspect.signature(inspect.unwrap(forward)).parameters
-    except (TypeError, ValueError):
-        return "past_key_values"
-    return "cache" if "cache" in params else "past_key_values"
+    if forward not in _ARG:
+        try:
+            params = inspect.signature(inspect.unwrap(forward)).parameters
+        except (TypeError, ValueError):
+            params = {}
+        _ARG[forward] = "cache" if "cache" in params else "past_key_values"
+    return _ARG[forward]
 
 
 def take_cache(past_key_values: Any, kwargs: dict) -> Any:
@@ -33,11 +42,13 @@ def take_cache(past_key_values: Any, kwargs: dict) -> Any:
     return past_key_values if past_key_values is not None else cache
 
 
-@functools.cache
+@compile_time_constant
 def output_cache_field(output_class: type) -> str:
     """The cache field of an HF output dataclass: ``cache`` since 5.24, ``past_key_values`` before."""
-    fields = getattr(output_class, "__dataclass_fields__", {})
-    return "cache" if "cache" in fields else "past_key_values"
+    if output_class not in _FIELD:
+        fields = getattr(output_class, "__dataclass_fields__", {})
+        _FIELD[output_class] = "cache" if "cache" in fields else "past_key_values"
+    return _FIELD[output_class]
 
 
 def output_cache(outputs: Any) -> Any:
