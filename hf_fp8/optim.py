@@ -164,7 +164,19 @@ class AdamW(torch.optim.Optimizer):
         moments = {
             i: {k: v for k, v in st.items() if k in ("exp_avg", "exp_avg_sq")} for i, st in state_dict["state"].items()
         }
+        for group in state_dict["param_groups"]:
+            unsupported = [k for k in ("amsgrad", "maximize") if group.get(k)]
+            if unsupported:
+                raise ValueError(
+                    f"hf_fp8.optim.AdamW.load_state_dict: the state was saved with {', '.join(unsupported)}=True, "
+                    "which this AdamW does not implement; resume it with torch.optim.AdamW (--fp8_adamw false)"
+                )
         super().load_state_dict(state_dict)
+        # a torch.optim.AdamW state (a run resumed with hf_fp8's AdamW) lacks this optimizer's own
+        # group settings: torch's loader replaces each group with the saved one
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
         params = [p for g in self.param_groups for p in g["params"]]
         for i, p in zip(ids, params, strict=True):
             for key, value in moments.get(i, {}).items():

@@ -340,6 +340,10 @@ class Fp8TrainerMixin:
             and all(p.dtype == torch.bfloat16 for _, p in params)
         ):  # fmt: skip
             kind = dict(state_dtype=torch.bfloat16, stochastic_rounding=False)  # torch's AdamW, one kernel per tensor
+            transformers.utils.logging.get_logger(__name__).info(
+                "hf_fp8: --fp8 with BF16 parameters: hf_fp8.optim.AdamW (torch's AdamW arithmetic and BF16 states, one "
+                "kernel per tensor) replaces torch's AdamW; --fp8_adamw false keeps torch's."
+            )
         else:
             return super().create_optimizer(*pargs, **kwargs)
         from hf_fp8.optim import AdamW

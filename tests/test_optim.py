@@ -269,3 +269,27 @@ def test_bf16_states_survive_state_dict_and_conflicts():
         AdamW([torch.nn.Parameter(torch.ones(2, dtype=torch.bfloat16))], full_bf16=True, state_dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="state_dtype"):
         AdamW([torch.nn.Parameter(torch.ones(2))], state_dtype=torch.float16)
+
+
+def test_resumes_from_a_torch_adamw_state():
+    """A run started with torch.optim.AdamW (hf_fp8 before --fp8_adamw, or --fp8_adamw false)
+    resumes with hf_fp8's: moments and step carried over, BF16 states kept; amsgrad/maximize,
+    which this AdamW lacks, are refused rather than dropped."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(8, 8).bfloat16())
+    ref = torch.optim.AdamW([p], lr=1e-3, fused=True)
+    p.grad = torch.randn(8, 8).bfloat16()
+    ref.step()
+    q = torch.nn.Parameter(p.detach().clone())
+    ours = AdamW([q], lr=1e-3, state_dtype=torch.bfloat16, stochastic_rounding=False)
+    ours.load_state_dict(copy.deepcopy(ref.state_dict()))
+    assert torch.equal(ours.state[q]["exp_avg"], ref.state[p]["exp_avg"])
+    g = torch.randn(8, 8).bfloat16()
+    p.grad, q.grad = g.clone(), g.clone()
+    ref.step()
+    ours.step()
+    assert int(ours.state[q]["step"]) == 2
+    assert (p == q).float().mean().item() > 0.95  # the same second step, rounding order aside
+    with pytest.raises(ValueError, match="amsgrad=True"):
+        r = torch.optim.AdamW([torch.nn.Parameter(torch.ones(2))], amsgrad=True)
+        AdamW([torch.nn.Parameter(torch.ones(2))]).load_state_dict(r.state_dict())
