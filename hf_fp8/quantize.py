@@ -17,6 +17,7 @@ __all__ = [
     "Fp8Quantized",
     "quantize_tensorwise",
     "quantize_delayed",
+    "quantize_delayed_many",
     "quantize_with_scale",
     "quantize_rowwise",
     "quantize_colwise_transposed",
@@ -52,6 +53,16 @@ def quantize_delayed(
     **kwargs: Any,
 ) -> Fp8Quantized:
     return _impl("quantize_delayed", x)(x, fp8_dtype, scale, amax_slot, **kwargs)
+
+
+def quantize_delayed_many(
+    xs: list[torch.Tensor],
+    fp8_dtype: torch.dtype,
+    scales: list[torch.Tensor],
+    amax_slots: list[torch.Tensor],
+    nonfinite_flags: list[torch.Tensor],
+) -> list[Fp8Quantized]:
+    return _impl("quantize_delayed_many", xs[0])(xs, fp8_dtype, scales, amax_slots, nonfinite_flags)
 
 
 def quantize_with_scale(x: torch.Tensor, fp8_dtype: torch.dtype, scale: torch.Tensor, **kwargs: Any) -> Fp8Quantized:

@@ -30,6 +30,9 @@ Kernels (launchers below take 2-D tensors of any strides, contiguous output):
   history slot in the same pass (delayed), or per row / per column (rowwise). The
   transposed copy's row length is padded with zeros to a multiple of 16, because it is
   the reduction dimension of the weight-gradient GEMM and ``_scaled_mm`` requires that.
+- ``_delayed_cast_many_kernel``: the delayed cast (row-major copy) of many tensors in one launch,
+  each program finding its tensor in a device table of addresses: every weight of a model
+  cast at the start of its forward.
 - ``_delayed_update_kernel``: one tiny program that turns an amax history column into a
   new scale and rolls the history (TransformerEngine's recipe), without host sync.
 
@@ -60,6 +63,7 @@ from .quant_reference import (
     delayed_scale_update_reference,
     pad_to,
     quantize_colwise_transposed_reference,
+    quantize_delayed_many_reference,
     quantize_delayed_reference,
     quantize_rowwise_reference,
     quantize_tensorwise_reference,
@@ -73,6 +77,8 @@ __all__ = [
     "quantize_tensorwise_reference",
     "quantize_delayed",
     "quantize_delayed_reference",
+    "quantize_delayed_many",
+    "quantize_delayed_many_reference",
     "quantize_with_scale",
     "quantize_with_scale_reference",
     "quantize_rowwise",
@@ -412,6 +418,69 @@ def _delayed_update_many_kernel(
     )
 
 
+# fields of the table _delayed_cast_many_kernel reads, one row of E int64 each
+_MANY_X, _MANY_Y, _MANY_SCALE, _MANY_RECORD, _MANY_OUT, _MANY_FLAG, _MANY_R, _MANY_C, _MANY_START = range(9)
+_MANY_FIELDS = 9
+
+
+@triton.jit
+def _many_field(table_ptr, field: tl.constexpr, e, E):
+    return tl.load(table_ptr + field * E + e)
+
+
+@triton.jit
+def _delayed_cast_many_kernel(
+    table_ptr,  # int64 (_MANY_FIELDS, E): per tensor its addresses, shape and first tile
+    E,
+    SRC: tl.constexpr,  # 0: bfloat16, 1: float16, 2: float32 (every x of one launch)
+    DST: tl.constexpr,  # 0: e4m3fn, 1: e5m2
+    FP8_MAX: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """``_cast_kernel``'s delayed mode (rows only, contiguous rows) over many tensors: program
+    ``pid`` casts tile ``pid - start[e]`` of the tensor ``e`` whose tiles it falls in. Same
+    expressions, so the same codes, scale_inv and recorded amax as one launch per tensor."""
+    pid = tl.program_id(0)
+    es = tl.arange(0, BLOCK_E)
+    starts = tl.load(table_ptr + _MANY_START * E + es, mask=es < E, other=2**62)
+    e = tl.sum((starts <= pid).to(tl.int32), axis=0) - 1
+    addr = _many_field(table_ptr, _MANY_X, e, E)
+    if SRC == 0:
+        x_ptr = addr.to(tl.pointer_type(tl.bfloat16))
+    elif SRC == 1:
+        x_ptr = addr.to(tl.pointer_type(tl.float16))
+    else:
+        x_ptr = addr.to(tl.pointer_type(tl.float32))
+    if DST == 0:
+        y_ptr = _many_field(table_ptr, _MANY_Y, e, E).to(tl.pointer_type(tl.float8e4nv))
+    else:
+        y_ptr = _many_field(table_ptr, _MANY_Y, e, E).to(tl.pointer_type(tl.float8e5))
+    scale_ptr = _many_field(table_ptr, _MANY_SCALE, e, E).to(tl.pointer_type(tl.float32))
+    record_ptr = _many_field(table_ptr, _MANY_RECORD, e, E).to(tl.pointer_type(tl.int32))
+    out_ptr = _many_field(table_ptr, _MANY_OUT, e, E).to(tl.pointer_type(tl.float32))
+    flag_ptr = _many_field(table_ptr, _MANY_FLAG, e, E).to(tl.pointer_type(tl.int32))
+    R = _many_field(table_ptr, _MANY_R, e, E)
+    C = _many_field(table_ptr, _MANY_C, e, E)
+    tile = pid - _many_field(table_ptr, _MANY_START, e, E)
+    tiles_c = tl.cdiv(C, BLOCK_C)
+    rows = (tile // tiles_c) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = (tile % tiles_c) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = (rows < R)[:, None] & (cols < C)[None, :]
+    offs = rows.to(tl.int64)[:, None] * C + cols.to(tl.int64)[None, :]
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    scale = tl.load(scale_ptr)
+    if tile == 0:  # out: [scale_inv, the scale used] (16-byte aligned rows, as cuBLASLt wants)
+        tl.store(out_ptr, _reciprocal(scale))
+        tl.store(out_ptr + 1, scale)
+    tile_amax = tl.max(tl.max(_abs_bits(x), axis=1), axis=0)
+    tl.atomic_max(record_ptr, tile_amax)
+    tl.store(flag_ptr, 1, mask=tile_amax >= 0x7F800000)  # inf or NaN bits
+    y = _saturate(x * scale, x, FP8_MAX)
+    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
 # ---------------------------------------------------------------------------------------
 # launch settings
 # ---------------------------------------------------------------------------------------
@@ -713,6 +782,101 @@ def quantize_delayed(
         rms=rms,
     )
     return Fp8Quantized(q.data, q.data_t, q.scale_inv, amax_slot)
+
+
+_MANY_SRC = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
+
+
+def delayed_cast_many_addresses(
+    xs: list[torch.Tensor],
+    ys: list[torch.Tensor],
+    scales: list[torch.Tensor],
+    amax_slots: list[torch.Tensor],
+    outs: torch.Tensor,
+    nonfinite_flags: list[torch.Tensor],
+    block_r: int,
+    block_c: int,
+) -> tuple[torch.Tensor, int]:
+    """(the device table :func:`quantize_delayed_many` launches with, its number of tiles).
+
+    Copied through pinned memory without waiting: the hook that casts every weight at the start
+    of a forward runs while the GPU may still be busy with the previous step."""
+    rows: list[list[int]] = [[] for _ in range(_MANY_FIELDS)]
+    tiles = 0
+    for i, (x, y, sc, slot, flag) in enumerate(zip(xs, ys, scales, amax_slots, nonfinite_flags)):
+        R, C = x.shape
+        for field, v in (
+            (_MANY_X, x.data_ptr()), (_MANY_Y, y.data_ptr()), (_MANY_SCALE, sc.data_ptr()),
+            (_MANY_RECORD, slot.data_ptr()), (_MANY_OUT, outs[i].data_ptr()), (_MANY_FLAG, flag.data_ptr()),
+            (_MANY_R, R), (_MANY_C, C), (_MANY_START, tiles),
+        ):  # fmt: skip
+            rows[field].append(v)
+        tiles += triton.cdiv(R, block_r) * triton.cdiv(C, block_c)
+    table = torch.tensor(rows, dtype=torch.int64)
+    device = xs[0].device
+    if device.type == "cuda":
+        return table.pin_memory().to(device, non_blocking=True), tiles
+    return table.to(device), tiles
+
+
+def quantize_delayed_many(
+    xs: list[torch.Tensor],
+    fp8_dtype: torch.dtype,
+    scales: list[torch.Tensor],
+    amax_slots: list[torch.Tensor],
+    nonfinite_flags: list[torch.Tensor],
+) -> list[Fp8Quantized]:
+    """:func:`quantize_delayed` (the row-major copy only) of many tensors in one launch.
+
+    Every weight of an FP8 model is cast at the start of its forward this way (``hf_fp8.delayed``):
+    one launch instead of one per layer, from host code that runs while the GPU would otherwise
+    wait for the first layer. Each result's ``scale`` is a copy of the scale it used (what
+    ``transposed_copy`` re-casts with in the backward), written by the same launch.
+
+    Args:
+        xs (`list[torch.Tensor]`): 2-D tensors of one dtype (BF16, FP16 or FP32) on one device,
+            each with contiguous rows.
+        scales, amax_slots (`list[torch.Tensor]`): per tensor, fp32 0-d views as
+            :func:`quantize_delayed` takes them (the slot is max-reduced into).
+        nonfinite_flags (`list[torch.Tensor]`): per tensor, int32 (1,), set to 1 if it has inf/NaN.
+    """
+    if not xs:
+        return []
+    fmax = _check_fp8(fp8_dtype)
+    first = xs[0]
+    for x in xs:
+        _check_2d(x)
+        if x.dtype != first.dtype or x.device != first.device or x.stride(1) != 1 or x.stride(0) != x.shape[1]:
+            raise ValueError(
+                f"quantize_delayed_many: expected contiguous tensors of one dtype on one device; got {x.dtype} "
+                f"{tuple(x.shape)} strides {x.stride()} on {x.device} next to {first.dtype} on {first.device}"
+            )
+    for sc, slot in zip(scales, amax_slots):
+        _check_f32_scalar("scale", sc)
+        _check_f32_scalar("amax_slot", slot)
+    if not (len(xs) == len(scales) == len(amax_slots) == len(nonfinite_flags)):
+        raise ValueError("quantize_delayed_many: give one scale, amax slot and flag per tensor")
+    BLOCK_R, BLOCK_C, num_warps = _settings(first, False)
+    ys = [torch.empty(x.shape, dtype=fp8_dtype, device=first.device) for x in xs]
+    outs = torch.empty((len(xs), 4), dtype=torch.float32, device=first.device)
+    table, tiles = delayed_cast_many_addresses(
+        xs, ys, scales, amax_slots, outs, [f.view(torch.int32) for f in nonfinite_flags], BLOCK_R, BLOCK_C
+    )
+    launch(
+        _delayed_cast_many_kernel,
+        (tiles,),
+        (table, len(xs)),
+        dict(
+            SRC=_MANY_SRC[first.dtype],
+            DST=0 if fp8_dtype == torch.float8_e4m3fn else 1,
+            FP8_MAX=fmax,
+            BLOCK_E=max(triton.next_power_of_2(len(xs)), 16),
+            BLOCK_R=BLOCK_R,
+            BLOCK_C=BLOCK_C,
+        ),
+        num_warps,
+    )
+    return [Fp8Quantized(y, None, outs[i, 0], slot, outs[i, 1]) for i, (y, slot) in enumerate(zip(ys, amax_slots))]
 
 
 def quantize_with_scale(

@@ -268,3 +268,21 @@ def delayed_scale_update_many_reference(
 ) -> None:
     for h, sc, slot in zip(histories, scales, slots):
         delayed_scale_update_reference(h, sc, slot, fp8_dtype, use_max=use_max, margin=margin)
+
+
+def quantize_delayed_many_reference(
+    xs: list[torch.Tensor],
+    fp8_dtype: torch.dtype,
+    scales: list[torch.Tensor],
+    amax_slots: list[torch.Tensor],
+    nonfinite_flags: list[torch.Tensor],
+    *,
+    addresses: object = None,
+) -> list[Fp8Quantized]:
+    """:func:`quantize_delayed_reference` (rows only) of each tensor; ``scale`` of each result is a
+    copy of the scale used, as the one-launch kernel returns it."""
+    out = []
+    for x, scale, slot, flag in zip(xs, scales, amax_slots, nonfinite_flags):
+        q = quantize_delayed_reference(x, fp8_dtype, scale, slot, nonfinite_flag=flag)
+        out.append(q._replace(scale_inv=q.scale_inv.reshape(()), scale=scale.clone()))
+    return out

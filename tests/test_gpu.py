@@ -355,6 +355,68 @@ def test_delayed_update_of_many_layers_in_one_launch_on_gpu():
         assert_bits_equal(scales[i], s_ref[i], f"scale {i}")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_delayed_cast_of_many_weights_in_one_launch_on_gpu(dtype):
+    """The forward-start weight cast of hf_fp8.delayed against one cast per tensor, on Llama-3-8B
+    layer shapes plus ragged ones: codes, scale_inv, the kept scale, amax and flags."""
+    torch.manual_seed(0)
+    shapes = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336), (127, 300), (16, 16)]
+    xs = [_rand(s, dtype) for s in shapes]
+    xs[4][3, 5] = float("nan")
+    scales = [torch.tensor(v, device="cuda") for v in (0.5, 3.0, 7.25, 100.0, 1.0, 2.0**-10)]
+    slots = [torch.zeros((), device="cuda") for _ in xs]
+    flags = [torch.zeros(1, dtype=torch.int32, device="cuda") for _ in xs]
+    many = K.quantize_delayed_many(xs, torch.float8_e4m3fn, scales, slots, flags)
+    for i, (x, q) in enumerate(zip(xs, many)):
+        slot, flag = torch.zeros((), device="cuda"), torch.zeros(1, dtype=torch.int32, device="cuda")
+        one = K.quantize_delayed(x, torch.float8_e4m3fn, scales[i], slot, nonfinite_flag=flag)
+        assert_bits_equal(q.data, one.data, f"codes {i}")
+        assert_bits_equal(q.scale_inv, one.scale_inv, f"scale_inv {i}")
+        assert_bits_equal(slots[i], slot, f"amax {i}")
+        assert_bits_equal(flags[i], flag, f"flag {i}")
+        assert q.scale.item() == scales[i].item() and q.scale_inv.data_ptr() % 16 == 0
+    assert [f.item() for f in flags] == [0, 0, 0, 0, 1, 0]
+
+
+def test_llama_trains_bit_identically_with_weights_precast_on_gpu(monkeypatch):
+    """An 8B-shaped layer (scaled down) trained with every weight cast at the forward start
+    against each layer casting its own: the same losses, weights and histories, bit for bit."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import hf_fp8.delayed
+
+    cfg = LlamaConfig(
+        hidden_size=1024, intermediate_size=3584, num_hidden_layers=2, num_attention_heads=8,
+        num_key_value_heads=2, vocab_size=2048, rope_theta=500000.0,
+    )  # fmt: skip
+    states, losses, precasts = [], [], []
+    original = hf_fp8.delayed.Q.quantize_delayed_many
+    monkeypatch.setattr(
+        hf_fp8.delayed.Q, "quantize_delayed_many", lambda xs, *a, **k: precasts.append(len(xs)) or original(xs, *a, **k)
+    )
+    for budget in (1 << 31, 0):
+        monkeypatch.setattr(hf_fp8.delayed, "PRECAST_BYTES", budget)
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(cfg).cuda().to(torch.bfloat16)
+        hf_fp8.convert(model, hf_fp8.Fp8Config(recipe="delayed", auto_filter=False, exclude=("lm_head",)))
+        opt = hf_fp8.optim.AdamW(model.parameters(), lr=1e-3, state_dtype=torch.bfloat16, stochastic_rounding=False)
+        g = torch.Generator(device="cuda").manual_seed(1)
+        run = []
+        for _ in range(4):
+            ids = torch.randint(0, 2048, (2, 512), device="cuda", generator=g)
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            run.append(loss.item())
+        losses.append(run)
+        states.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+    assert precasts == [14, 14, 14]  # forwards 2-4, every decoder linear
+    assert losses[0] == losses[1]
+    for name, a in states[0].items():
+        assert_bits_equal(a, states[1][name], name)
+
+
 @pytest.mark.parametrize("delayed", [False, True], ids=["tensorwise", "delayed"])
 def test_swiglu_fused_casts_bit_exact_on_gpu(delayed):
     """SwiGLU inside the FP8 casts, forward (down's input) and backward (gate/up gradients), both

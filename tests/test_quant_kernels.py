@@ -240,3 +240,44 @@ def test_every_transpose_mode_writes_the_same_codes(monkeypatch, mode, dtype):
             R.quantize_delayed_reference(x, E4M3, torch.tensor(21.0), slot_r, **kw),
             "delayed",
         )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("f8", [E4M3, E5M2])
+def test_delayed_cast_of_many_tensors_in_one_launch_matches_one_by_one(dtype, f8):
+    """Every weight cast at a forward's start in one launch: the codes, scale_inv, the scale kept
+    for the backward's re-cast, the recorded amax and the non-finite flag of per-tensor casts."""
+    shapes = [(7, 33), (130, 300), (1, 16), (64, 128)]  # ragged, several tiles, one row, one exact tile
+    xs = [_rand(s, dtype) for s in shapes]
+    xs[3][5, 7] = float("inf")  # its flag is set, the others' stay clear
+    scales = [torch.tensor(s) for s in (37.5, 0.75, 1.0e4, 3.0)]
+    slots_k = [torch.tensor(1e-6) for _ in xs]
+    slots_r = [torch.tensor(1e-6) for _ in xs]
+    flags_k = [torch.zeros(1, dtype=torch.int32) for _ in xs]
+    flags_r = [torch.zeros(1, dtype=torch.int32) for _ in xs]
+    many = K.quantize_delayed_many(xs, f8, scales, slots_k, flags_k)
+    ref = R.quantize_delayed_many_reference(xs, f8, scales, slots_r, flags_r)
+    for i, (a, b) in enumerate(zip(many, ref)):
+        one = R.quantize_delayed_reference(xs[i], f8, scales[i], torch.tensor(1e-6))
+        assert_bits_equal(a.data, one.data, f"codes {i}")
+        _check_same(a, b, f"many[{i}]")
+        assert a.scale_inv.shape == () and a.scale_inv.data_ptr() % 16 == 0  # cuBLASLt's alignment
+        assert a.scale.item() == scales[i].item()
+        assert_bits_equal(flags_k[i], flags_r[i], f"flag {i}")
+    assert [f.item() for f in flags_k] == [0, 0, 0, 1]
+    assert slots_k[1].item() == xs[1].float().abs().max().item()
+
+
+def test_delayed_cast_of_many_tensors_rejects_mixed_inputs():
+    x, scale, slot, flag = (
+        _rand((16, 32), torch.bfloat16),
+        torch.tensor(2.0),
+        torch.tensor(0.0),
+        torch.zeros(1, dtype=torch.int32),
+    )
+    with pytest.raises(ValueError, match="one dtype"):
+        K.quantize_delayed_many([x, x.float()], E4M3, [scale] * 2, [slot] * 2, [flag] * 2)
+    with pytest.raises(ValueError, match="contiguous"):
+        K.quantize_delayed_many([x.t()], E4M3, [scale], [slot], [flag])
+    with pytest.raises(ValueError, match="one scale"):
+        K.quantize_delayed_many([x, x], E4M3, [scale], [slot], [flag])
