@@ -418,8 +418,11 @@ def _delayed_update_many_kernel(
     )
 
 
-# fields of the table _delayed_cast_many_kernel reads, one row of E int64 each
-_MANY_X, _MANY_Y, _MANY_SCALE, _MANY_RECORD, _MANY_OUT, _MANY_FLAG, _MANY_R, _MANY_C, _MANY_START = range(9)
+# fields of the table _delayed_cast_many_kernel reads, one row of E int64 each (constexpr: the
+# only globals a jitted function may read; the interpreter does not check that, the compiler does)
+_MANY_X, _MANY_Y, _MANY_SCALE, _MANY_RECORD, _MANY_OUT, _MANY_FLAG, _MANY_R, _MANY_C, _MANY_START = (
+    tl.constexpr(i) for i in range(9)
+)
 _MANY_FIELDS = 9
 
 
@@ -810,7 +813,7 @@ def delayed_cast_many_addresses(
             (_MANY_RECORD, slot.data_ptr()), (_MANY_OUT, outs[i].data_ptr()), (_MANY_FLAG, flag.data_ptr()),
             (_MANY_R, R), (_MANY_C, C), (_MANY_START, tiles),
         ):  # fmt: skip
-            rows[field].append(v)
+            rows[field.value].append(v)
         tiles += triton.cdiv(R, block_r) * triton.cdiv(C, block_c)
     table = torch.tensor(rows, dtype=torch.int64)
     device = xs[0].device
