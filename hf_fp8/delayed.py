@@ -80,6 +80,7 @@ class DelayedScaleUpdateHook:
         self._slots: list[tuple[nn.Module, object, int, tuple]] = []
         self._walked: tuple[int, int] | None = None  # (id of the module walked, states created then)
         self.forwards = 0  # forwards seen: a precast weight is for the forward that made it
+        self._plans: dict[tuple, object] = {}  # weight-cast plans (device address tables) by what they cast
 
     def _delayed_slots(self, module: nn.Module) -> list[tuple[nn.Module, object, int, tuple]]:
         """Every (layer, state, slot, group key) under ``module``; the walk and the keys (the
@@ -165,14 +166,27 @@ class DelayedScaleUpdateHook:
                 continue
             groups.setdefault((w.dtype, w.device, cfg.forward_format.dtype), []).append((m, state, w))
         for (_, _, fp8_dtype), items in groups.items():
-            qs = Q.quantize_delayed_many(
-                [w for _, _, w in items],
+            # the same weights, scales, slots and flags where they were: the same plan (its table
+            # of addresses is on the GPU already)
+            key = (
                 fp8_dtype,
-                [state.scale[_WEIGHT] for _, state, _ in items],
-                [state.history[0, _WEIGHT] for _, state, _ in items],
-                [m.fp8_nonfinite[_WEIGHT : _WEIGHT + 1] for m, _, _ in items],
+                tuple(
+                    (w.data_ptr(), st.history.data_ptr(), st.scale.data_ptr(), m.fp8_nonfinite.data_ptr())
+                    for m, st, w in items
+                ),
             )
-            for (m, state, w), q in zip(items, qs):
+            plan = self._plans.get(key)
+            if plan is None:
+                if len(self._plans) >= 4:
+                    self._plans.clear()
+                plan = self._plans[key] = Q.delayed_cast_plan(
+                    [w for _, _, w in items],
+                    fp8_dtype,
+                    [state.scale[_WEIGHT] for _, state, _ in items],
+                    [state.history[0, _WEIGHT] for _, state, _ in items],
+                    [m.fp8_nonfinite[_WEIGHT : _WEIGHT + 1] for m, _, _ in items],
+                )
+            for (m, state, w), q in zip(items, plan.run()):
                 state.pending[_WEIGHT] = False  # this cast consumed the update
                 m.__dict__["_fp8_precast"] = (self, self.forwards, w.data_ptr(), w._version, q)
 

@@ -390,10 +390,15 @@ def test_llama_trains_bit_identically_with_weights_precast_on_gpu(monkeypatch):
         num_key_value_heads=2, vocab_size=2048, rope_theta=500000.0,
     )  # fmt: skip
     states, losses, precasts = [], [], []
-    original = hf_fp8.delayed.Q.quantize_delayed_many
-    monkeypatch.setattr(
-        hf_fp8.delayed.Q, "quantize_delayed_many", lambda xs, *a, **k: precasts.append(len(xs)) or original(xs, *a, **k)
-    )
+    original = hf_fp8.delayed.Q.delayed_cast_plan
+
+    def plan(xs, *a, **k):
+        p = original(xs, *a, **k)
+        run = p.run
+        p.run = lambda: precasts.append(len(xs)) or run()
+        return p
+
+    monkeypatch.setattr(hf_fp8.delayed.Q, "delayed_cast_plan", plan)
     for budget in (1 << 31, 0):
         monkeypatch.setattr(hf_fp8.delayed, "PRECAST_BYTES", budget)
         torch.manual_seed(0)

@@ -281,3 +281,27 @@ def test_delayed_cast_of_many_tensors_rejects_mixed_inputs():
         K.quantize_delayed_many([x.t()], E4M3, [scale], [slot], [flag])
     with pytest.raises(ValueError, match="one scale"):
         K.quantize_delayed_many([x, x], E4M3, [scale], [slot], [flag])
+
+
+def test_delayed_cast_plan_reruns_on_new_values_across_its_output_buffers():
+    """The plan's table is built once: a second run reads the tensors' new values and scales, and
+    tensors spread over all of its output buffers each land in their own place."""
+    g = torch.Generator().manual_seed(3)
+    shapes = [(16 * (1 + i % 4), 32 * (1 + i % 3)) for i in range(20)] + [(5, 7)]  # ragged last
+    xs = [torch.randn(s, generator=g).to(torch.bfloat16) for s in shapes]
+    scales = [torch.tensor(float(i + 1)) for i in range(len(xs))]
+    slots = [torch.tensor(0.0) for _ in xs]
+    flags = [torch.zeros(1, dtype=torch.int32) for _ in xs]
+    plan = K.DelayedCastPlan(xs, E4M3, scales, slots, flags)
+    assert sum(1 for n in plan.group_bytes if n) == 8
+    for step in range(2):
+        for i, x in enumerate(xs):
+            x.mul_(1 + step)
+            scales[i].fill_(0.5 * (i + 1) * (1 + step))
+            slots[i].zero_()
+        got = plan.run()
+        for i, (x, q) in enumerate(zip(xs, got)):
+            ref = R.quantize_delayed_reference(x, E4M3, scales[i], torch.tensor(0.0))
+            assert_bits_equal(q.data, ref.data, f"run {step} codes {i}")
+            assert_bits_equal(q.scale_inv, ref.scale_inv.reshape(()), f"run {step} scale_inv {i}")
+            assert slots[i].item() == x.float().abs().max().item()
