@@ -444,6 +444,7 @@ def _delayed_cast_many_kernel(
     SRC: tl.constexpr,  # 0: bfloat16, 1: float16, 2: float32 (every x of one launch)
     DST: tl.constexpr,  # 0: e4m3fn, 1: e5m2
     FP8_MAX: tl.constexpr,
+    ALIGNED: tl.constexpr,  # every row length a multiple of 16 (addresses are 16-byte aligned)
     BLOCK_E: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -478,6 +479,10 @@ def _delayed_cast_many_kernel(
     out_ptr = (out_addr + e * 16).to(tl.pointer_type(tl.float32))
     R = _many_field(table_ptr, _MANY_R, e, E)
     C = _many_field(table_ptr, _MANY_C, e, E)
+    if ALIGNED:  # addresses read from memory: without these hints nothing is known and nothing vectorizes
+        C = tl.multiple_of(C, 16)
+        x_ptr = tl.multiple_of(x_ptr, 16)
+        y_ptr = tl.multiple_of(y_ptr, 16)
     tile = pid - _many_field(table_ptr, _MANY_START, e, E)
     tiles_c = tl.cdiv(C, BLOCK_C)
     rows = (tile // tiles_c) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -521,6 +526,8 @@ TUNING: dict[str, tuple[int, ...]] = {
     # per step against 10.33 at the former 128x64, FP32 tile; same codes)
     "cast_t": (64, 64, 4),
     "cast_t_mode": (1,),  # what the transposed copy moves through shared memory (_saturate_and_store)
+    # every weight of a model in one launch (DelayedCastPlan); ``python -m benchmarks.bench_quant --many``
+    "cast_many": (32, 256, 4),
 }
 
 
@@ -852,7 +859,7 @@ class DelayedCastPlan:
         self.fp8_dtype, self.device, self.src = fp8_dtype, first.device, _MANY_SRC[first.dtype]
         self.shapes = [tuple(x.shape) for x in xs]
         self.amax_slots = list(amax_slots)
-        self.block = _settings(first, False)
+        self.block = (64, 128, 4) if _interpreting() else TUNING["cast_many"]
         BLOCK_R, BLOCK_C, _ = self.block
         # consecutive runs of tensors of about equal bytes; each tensor starts 256-byte aligned
         sizes = [pad_to(x.numel(), 256) for x in xs]
@@ -887,6 +894,7 @@ class DelayedCastPlan:
             SRC=self.src,
             DST=0 if fp8_dtype == torch.float8_e4m3fn else 1,
             FP8_MAX=self.fmax,
+            ALIGNED=all(x.shape[1] % 16 == 0 and x.data_ptr() % 16 == 0 for x in xs),
             BLOCK_E=max(triton.next_power_of_2(len(xs)), 16),
             BLOCK_R=BLOCK_R,
             BLOCK_C=BLOCK_C,
