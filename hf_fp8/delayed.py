@@ -80,7 +80,7 @@ class DelayedScaleUpdateHook:
         self._slots: list[tuple[nn.Module, object, int, tuple]] = []
         self._walked: tuple[int, int] | None = None  # (id of the module walked, states created then)
         self.forwards = 0  # forwards seen: a precast weight is for the forward that made it
-        self._plans: dict[tuple, object] = {}  # weight-cast plans (device address tables) by what they cast
+        self.precast = 0  # weights the last forward's hook cast
 
     def _delayed_slots(self, module: nn.Module) -> list[tuple[nn.Module, object, int, tuple]]:
         """Every (layer, state, slot, group key) under ``module``; the walk and the keys (the
@@ -165,30 +165,29 @@ class DelayedScaleUpdateHook:
             if budget < 0:
                 continue
             groups.setdefault((w.dtype, w.device, cfg.forward_format.dtype), []).append((m, state, w))
-        for (_, _, fp8_dtype), items in groups.items():
-            # the same weights, scales, slots and flags where they were: the same plan (its table
-            # of addresses is on the GPU already)
-            key = (
-                fp8_dtype,
-                tuple(
-                    (w.data_ptr(), st.history.data_ptr(), st.scale.data_ptr(), m.fp8_nonfinite.data_ptr())
-                    for m, st, w in items
-                ),
-            )
-            plan = self._plans.get(key)
-            if plan is None:
-                if len(self._plans) >= 4:
-                    self._plans.clear()
-                plan = self._plans[key] = Q.delayed_cast_plan(
-                    [w for _, _, w in items],
-                    fp8_dtype,
-                    [state.scale[_WEIGHT] for _, state, _ in items],
-                    [state.history[0, _WEIGHT] for _, state, _ in items],
-                    [m.fp8_nonfinite[_WEIGHT : _WEIGHT + 1] for m, _, _ in items],
-                )
-            for (m, state, w), q in zip(items, plan.run()):
-                state.pending[_WEIGHT] = False  # this cast consumed the update
-                m.__dict__["_fp8_precast"] = (self, self.forwards, w.data_ptr(), w._version, q)
+        self.precast = sum(len(items) for items in groups.values())
+        if not groups:
+            return
+        with torch.no_grad():  # views made here are written by the casts; never part of a graph
+            for (_, _, fp8_dtype), items in groups.items():
+                views = [self._weight_views(m, state) for m, state, _ in items]
+                # the scales the casts use, kept for the backward's re-cast of Wᵀ: one copy for all
+                kept = torch.stack([scale for scale, _, _ in views]).unbind(0)
+                for (m, state, w), (scale, slot, flag), sc in zip(items, views, kept):
+                    q = Q.quantize_delayed(w, fp8_dtype, scale, slot, nonfinite_flag=flag)
+                    state.pending[_WEIGHT] = False  # this cast consumed the update
+                    m.__dict__["_fp8_precast"] = (self, self.forwards, w.data_ptr(), w._version, q._replace(scale=sc))
+
+    @staticmethod
+    def _weight_views(m: nn.Module, state) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(scale, amax slot, non-finite flag) views of the layer's weight slot, made again only
+        when a buffer was replaced (``.to()``, a loaded state)."""
+        flags = m.fp8_nonfinite
+        cached = m.__dict__.get("_fp8_weight_views")
+        if cached is None or cached[0] is not state.history or cached[1] is not state.scale or cached[2] is not flags:
+            views = (state.scale[_WEIGHT], state.history[0, _WEIGHT], flags[_WEIGHT : _WEIGHT + 1])
+            cached = m.__dict__["_fp8_weight_views"] = (state.history, state.scale, flags, views)
+        return cached[3]
 
 
 def install_delayed_update_hook(model: nn.Module) -> bool:

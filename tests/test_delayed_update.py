@@ -175,26 +175,22 @@ def test_update_addresses_check_the_entries():
         delayed_update_addresses(good, [scales[0], torch.ones(3, dtype=torch.float64)], [0, 0])
 
 
-def _count_precasts(monkeypatch, plans=None):
-    """Per run of the one-launch weight cast: how many weights it cast (and per plan built, in
-    ``plans``, how many it casts)."""
+def _count_precasts(monkeypatch):
+    """Per forward whose hook cast weights: how many it cast."""
     calls = []
-    original = hf_fp8.delayed.Q.delayed_cast_plan
+    original = DelayedScaleUpdateHook._precast_weights
 
-    def plan(xs, *a, **k):
-        p = original(xs, *a, **k)
-        run = p.run
-        p.run = lambda: calls.append(len(xs)) or run()
-        if plans is not None:
-            plans.append(len(xs))
-        return p
+    def counted(self, module):
+        original(self, module)
+        if self.precast:
+            calls.append(self.precast)
 
-    monkeypatch.setattr(hf_fp8.delayed.Q, "delayed_cast_plan", plan)
+    monkeypatch.setattr(DelayedScaleUpdateHook, "_precast_weights", counted)
     return calls
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_weights_cast_in_one_launch_at_forward_start_train_bit_identically(monkeypatch, backend):
+def test_weights_cast_at_forward_start_train_bit_identically(monkeypatch, backend):
     """Every FP8 layer's weight is cast by the hook (from the second forward: the first learns
     which layers run), and training keeps the numbers of per-layer casts bit for bit."""
     if backend == "triton" and not conftest.INTERPRETER_PATCHED:
@@ -207,8 +203,7 @@ def test_weights_cast_in_one_launch_at_forward_start_train_bit_identically(monke
 
     hooked, plain = _pair_of_models(build)
     n_fp8 = sum(isinstance(m, hf_fp8.Fp8Linear) for m in hooked.modules())
-    plans = []
-    precasts = _count_precasts(monkeypatch, plans)
+    precasts = _count_precasts(monkeypatch)
     casts = []
     original = hf_fp8.linear_ops.quantize_operand
     monkeypatch.setattr(
@@ -219,7 +214,6 @@ def test_weights_cast_in_one_launch_at_forward_start_train_bit_identically(monke
         weight_casts_hooked = casts.count(Role.WEIGHT)
         l_plain = train_losses(plain, torch.optim.AdamW(plain.parameters(), lr=3e-3), 3, batch=2, seq=16)
     assert precasts == [n_fp8, n_fp8]  # forwards 2 and 3
-    assert plans == [n_fp8]  # its table of addresses built once
     assert weight_casts_hooked == n_fp8  # only the first forward's, in the layers
     assert casts.count(Role.WEIGHT) == weight_casts_hooked + 3 * n_fp8
     assert l_hooked == l_plain

@@ -390,15 +390,14 @@ def test_llama_trains_bit_identically_with_weights_precast_on_gpu(monkeypatch):
         num_key_value_heads=2, vocab_size=2048, rope_theta=500000.0,
     )  # fmt: skip
     states, losses, precasts = [], [], []
-    original = hf_fp8.delayed.Q.delayed_cast_plan
+    original = hf_fp8.delayed.DelayedScaleUpdateHook._precast_weights
 
-    def plan(xs, *a, **k):
-        p = original(xs, *a, **k)
-        run = p.run
-        p.run = lambda: precasts.append(len(xs)) or run()
-        return p
+    def counted(self, module):
+        original(self, module)
+        if self.precast:
+            precasts.append(self.precast)
 
-    monkeypatch.setattr(hf_fp8.delayed.Q, "delayed_cast_plan", plan)
+    monkeypatch.setattr(hf_fp8.delayed.DelayedScaleUpdateHook, "_precast_weights", counted)
     for budget in (1 << 31, 0):
         monkeypatch.setattr(hf_fp8.delayed, "PRECAST_BYTES", budget)
         torch.manual_seed(0)
