@@ -67,11 +67,10 @@ def _fast_launch_default() -> bool:
 _FAST_LAUNCH_DEFAULT = None
 _LOSS_DEFAULTS = None  # hf_fp8.loss.CHUNK_BYTES, GRAD_BLOCK_BYTES as the library sets them
 _CAST_T_DEFAULTS = None  # the transposed cast's tile and mode (hf_fp8.kernels.quant.TUNING)
-_PRECAST_DEFAULT = None  # hf_fp8.delayed.PRECAST_BYTES as the library sets it
 
 
 def build(name: str, config: dict):
-    global _FAST_LAUNCH_DEFAULT, _LOSS_DEFAULTS, _CAST_T_DEFAULTS, _PRECAST_DEFAULT
+    global _FAST_LAUNCH_DEFAULT, _LOSS_DEFAULTS, _CAST_T_DEFAULTS
     from hf_fp8.kernels import quant as hf_quant
 
     if _FAST_LAUNCH_DEFAULT is None:
@@ -80,9 +79,6 @@ def build(name: str, config: dict):
         _FAST_LAUNCH_DEFAULT = _fast_launch_default()
         _LOSS_DEFAULTS = (hf_loss.CHUNK_BYTES, hf_loss.GRAD_BLOCK_BYTES)
         _CAST_T_DEFAULTS = (hf_quant.TUNING["cast_t"], hf_quant.TUNING["cast_t_mode"])
-        from hf_fp8 import delayed as hf_delayed
-
-        _PRECAST_DEFAULT = hf_delayed.PRECAST_BYTES
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import hf_fp8
@@ -120,10 +116,7 @@ def build(name: str, config: dict):
         # _compile compiles each decoder layer, as the other _compile variants do; _hfcache: training
         # steps keep HF's default KV cache (integrations.loss.STORELESS_TRAINING_CACHE off; the
         # default before 2026-11-24 09:00); _unfusednorm: each RMSNorm writes its output and the FP8
-        # layers cast it (hf_fp8.norm_ops off; the default before 2026-11-24 10:00); _noprecast: each
-        # delayed layer casts its own weight in its forward (hf_fp8.delayed.PRECAST_BYTES = 0; the
-        # default before 2026-11-24 15:00)
-        from hf_fp8 import delayed as hf_delayed
+        # layers cast it (hf_fp8.norm_ops off; the default before 2026-11-24 10:00)
         from hf_fp8 import loss as hf_loss
         from hf_fp8 import mlp_ops
         from hf_fp8 import norm_ops as hf_norm_ops
@@ -139,7 +132,6 @@ def build(name: str, config: dict):
         hf_rope.RECAST_OPROJ_INPUT = "savedoproj" not in flags  # likewise
         hf_integ_loss.STORELESS_TRAINING_CACHE = "hfcache" not in flags  # likewise
         hf_norm_ops.ENABLED = "unfusednorm" not in flags  # likewise
-        hf_delayed.PRECAST_BYTES = 0 if "noprecast" in flags else _PRECAST_DEFAULT  # likewise
         hf_loss.CHUNK_BYTES, hf_loss.GRAD_BLOCK_BYTES = (1 << 28, 1 << 62) if "wholeloss" in flags else _LOSS_DEFAULTS
         for f in flags:  # _chunk<tokens>, _block<tokens>: tokens per logits GEMM and per FP32 logits buffer
             if f.startswith("chunk"):

@@ -112,43 +112,12 @@ def run(sweep_blocks: bool) -> list[dict]:
     return rows
 
 
-def run_many() -> list[dict]:
-    """The forward-start cast of every weight of the 8-layer Llama-3-8B (56 weights, 1.75 G
-    elements): one DelayedCastPlan launch at several tiles against one quantize_delayed per weight."""
-    warm_up_gpu()
-    shapes = [(4096, 4096), (1024, 4096), (1024, 4096), (4096, 4096), (14336, 4096), (14336, 4096), (4096, 14336)] * 8
-    ws = [torch.randn(s, device="cuda", dtype=torch.bfloat16) for s in shapes]
-    n = sum(w.numel() for w in ws)
-    scales = [torch.tensor(3.0, device="cuda") for _ in ws]
-    slots = [torch.zeros((), device="cuda") for _ in ws]
-    flags = [torch.zeros(1, dtype=torch.int32, device="cuda") for _ in ws]
-    rows = []
-    t = bench_ms(lambda: [K.quantize_delayed(w, E4M3, sc, sl) for w, sc, sl in zip(ws, scales, slots)])
-    rows.append(dict(kernel="per_weight_casts", elements=n, **t, gbps=_gbps(3 * n, t["ms"])))
-    print(f"per-weight casts (56 launches): {t['ms']:.3f} ms  {_gbps(3 * n, t['ms']):.0f} GB/s", flush=True)
-    default = K.TUNING["cast_many"]
-    for block in [default, (64, 256, 8), (32, 512, 8), (64, 512, 8), (128, 256, 8), (16, 512, 4)]:
-        K.TUNING["cast_many"] = block
-        try:
-            plan = K.DelayedCastPlan(ws, E4M3, scales, slots, flags)
-            t = bench_ms(plan.run)
-        except Exception as e:  # a config the compiler rejects is a data point, not a crash
-            rows.append(dict(kernel="many", block=list(block), error=str(e)[:200]))
-            continue
-        rows.append(dict(kernel="many", block=list(block), elements=n, **t, gbps=_gbps(3 * n, t["ms"])))
-        print(f"one launch, block {block}: {t['ms']:.3f} ms  {_gbps(3 * n, t['ms']):.0f} GB/s", flush=True)
-    K.TUNING["cast_many"] = default
-    return rows
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sweep-blocks", action="store_true", help="also time the cast kernel at several tile sizes")
-    ap.add_argument("--many", action="store_true", help="only the one-launch cast of every weight of a model")
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--out", default="quant_h100.json")
     args = ap.parse_args()
-    args.out = args.out or ("quant_many_h100.json" if args.many else "quant_h100.json")
-    rows = run_many() if args.many else run(args.sweep_blocks)
+    rows = run(args.sweep_blocks)
     path = write_json(args.out, {"env": environment(), "rows": rows})
     print(f"wrote {path}")
 

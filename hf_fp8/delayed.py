@@ -18,28 +18,9 @@ history then shows the update before the cast that uses it) is not updated again
 casts that are not the first of their slot since the update (an activation-checkpoint
 recompute) update themselves, as before. Under ``torch.compile`` the hook does nothing and
 each cast updates its own scale.
-
-The same hook then casts the layers' weights, all of them in one launch
-(:func:`hf_fp8.kernels.quant.quantize_delayed_many`), and leaves each layer its FP8 weight for
-its forward GEMM. Why: an eager step's GPU waits for the host at its start, while HF's prelude
-and the first layer's Python run (1.3-1.75 ms idle before layer 0 and ~1.8 ms of shortfall in
-it on the lent H100, ``benchmarks/results/llama_host_lead_now_h100.json``), and each weight
-cast in a layer costs a launch and its Python. One launch gives the GPU ~2 ms of work for
-that wait (the 56 weights of an 8-layer Llama-3-8B) and takes 56 casts out of the forward's
-host time. The codes, scale_inv, recorded amax and the scale kept for the backward's re-cast
-are those the layer's own cast would give (the same update, the same cast, done earlier). What
-it costs is memory at the start of the forward: every precast weight's FP8 copy is alive until
-its layer runs, when the per-layer cast would hold one at a time; a budget
-(:data:`PRECAST_BYTES`, 2 GiB of codes, ``HF_FP8_PRECAST_BYTES`` to change it, 0 turns this off)
-bounds it, taking layers in model order. A layer is precast only if its weight was cast in the
-previous forward (a layer a forward skips leaves no unused copy behind), is a plain 2-D tensor
-(not an FSDP or DeepSpeed shard, not FP8-stored) and does not save Wᵀ from the forward
-(``save_weight_transpose``); not while a CUDA graph is captured.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 from torch import nn
@@ -49,15 +30,7 @@ from hf_fp8._backend import use_triton_kernels
 from hf_fp8.config import AmaxComputeAlgo
 from hf_fp8.scaling import Role
 
-__all__ = ["PRECAST_BYTES", "DelayedScaleUpdateHook", "install_delayed_update_hook", "remove_delayed_update_hook"]
-
-# The most FP8 weight bytes cast at a forward's start (codes alive until their layer runs):
-# every weight of an 8-layer Llama-3-8B (1.75 GB) or a 16-layer Llama-3.2-1B (0.97 GB); the
-# first ~9 layers of a 32-layer Llama-3-8B.
-PRECAST_BYTES = int(os.environ.get("HF_FP8_PRECAST_BYTES", 1 << 31))
-
-_WEIGHT = int(Role.WEIGHT)
-_PLAIN = (nn.Parameter, torch.Tensor)  # exact types: DTensor (FSDP2) and other subclasses excluded
+__all__ = ["DelayedScaleUpdateHook", "install_delayed_update_hook", "remove_delayed_update_hook"]
 
 
 class DelayedScaleUpdateHook:
@@ -79,8 +52,6 @@ class DelayedScaleUpdateHook:
         # per (layer, slot) of the last walk, three per layer: (layer, state, slot, group key)
         self._slots: list[tuple[nn.Module, object, int, tuple]] = []
         self._walked: tuple[int, int] | None = None  # (id of the module walked, states created then)
-        self.forwards = 0  # forwards seen: a precast weight is for the forward that made it
-        self.precast = 0  # weights the last forward's hook cast
 
     def _delayed_slots(self, module: nn.Module) -> list[tuple[nn.Module, object, int, tuple]]:
         """Every (layer, state, slot, group key) under ``module``; the walk and the keys (the
@@ -134,60 +105,7 @@ class DelayedScaleUpdateHook:
             )
             for state, slot in entries:
                 state.pending[slot] = True
-        self._precast_weights(module)
         return None
-
-    def _precast_weights(self, module: nn.Module) -> None:
-        """Cast every eligible layer's weight now, in one launch per (dtype, device, format), and
-        leave it on the layer (``_fp8_precast``) for its forward (see the module docstring)."""
-        self.forwards += 1
-        budget = PRECAST_BYTES
-        capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-        groups: dict[tuple, list] = {}
-        for m, state, _, _ in self._slots[_WEIGHT::3]:
-            d = m.__dict__
-            d["_fp8_precast"] = None  # one made for an earlier forward and not used: its layer did not run
-            ran, d["_fp8_weight_cast"] = d.get("_fp8_weight_cast", False), False
-            if not ran or budget <= 0 or capturing or not state.pending[_WEIGHT]:
-                continue
-            w = m.weight
-            cfg = m.fp8_config
-            if (
-                type(w) not in _PLAIN
-                or w.dim() != 2
-                or not w.is_contiguous()
-                or w.data_ptr() == 0  # storage freed (an FSDP shard between forwards)
-                or cfg.save_weight_transpose
-                or w.dtype not in (torch.bfloat16, torch.float16, torch.float32)
-            ):
-                continue
-            budget -= w.numel()
-            if budget < 0:
-                continue
-            groups.setdefault((w.dtype, w.device, cfg.forward_format.dtype), []).append((m, state, w))
-        self.precast = sum(len(items) for items in groups.values())
-        if not groups:
-            return
-        with torch.no_grad():  # views made here are written by the casts; never part of a graph
-            for (_, _, fp8_dtype), items in groups.items():
-                views = [self._weight_views(m, state) for m, state, _ in items]
-                # the scales the casts use, kept for the backward's re-cast of Wᵀ: one copy for all
-                kept = torch.stack([scale for scale, _, _ in views]).unbind(0)
-                for (m, state, w), (scale, slot, flag), sc in zip(items, views, kept):
-                    q = Q.quantize_delayed(w, fp8_dtype, scale, slot, nonfinite_flag=flag)
-                    state.pending[_WEIGHT] = False  # this cast consumed the update
-                    m.__dict__["_fp8_precast"] = (self, self.forwards, w.data_ptr(), w._version, q._replace(scale=sc))
-
-    @staticmethod
-    def _weight_views(m: nn.Module, state) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(scale, amax slot, non-finite flag) views of the layer's weight slot, made again only
-        when a buffer was replaced (``.to()``, a loaded state)."""
-        flags = m.fp8_nonfinite
-        cached = m.__dict__.get("_fp8_weight_views")
-        if cached is None or cached[0] is not state.history or cached[1] is not state.scale or cached[2] is not flags:
-            views = (state.scale[_WEIGHT], state.history[0, _WEIGHT], flags[_WEIGHT : _WEIGHT + 1])
-            cached = m.__dict__["_fp8_weight_views"] = (state.history, state.scale, flags, views)
-        return cached[3]
 
 
 def install_delayed_update_hook(model: nn.Module) -> bool:

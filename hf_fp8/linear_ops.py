@@ -70,18 +70,6 @@ def _quantize_weight(module, weight: torch.Tensor, want_t: bool, keep_scale: boo
     if is_fp8_dtype(weight.dtype):
         # FP8-only weight (fp8_weights=True): already quantized with one per-tensor scale.
         return QuantizedOperand(weight, module.fp8_weight_scale_inv, None, None, ())
-    d = module.__dict__
-    d["_fp8_weight_cast"] = True  # hf_fp8.delayed precasts the weights of layers that ran
-    pre = d.get("_fp8_precast")
-    if pre is not None:
-        d["_fp8_precast"] = None
-        hook, forward, ptr, version, q = pre
-        # made by this forward's hook from this very weight (a recompute, or a weight changed
-        # since, casts it again as below)
-        if not want_t and hook.forwards == forward and weight.data_ptr() == ptr and weight._version == version:
-            qw = QuantizedOperand(q.data, q.scale_inv, None, None, (q.amax,), q.scale if keep_scale else None)
-            _check_nonfinite(module, Role.WEIGHT, qw)
-            return qw
     qw = quantize_operand(
         weight,
         Role.WEIGHT,

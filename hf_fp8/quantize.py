@@ -17,8 +17,6 @@ __all__ = [
     "Fp8Quantized",
     "quantize_tensorwise",
     "quantize_delayed",
-    "quantize_delayed_many",
-    "delayed_cast_plan",
     "quantize_with_scale",
     "quantize_rowwise",
     "quantize_colwise_transposed",
@@ -54,31 +52,6 @@ def quantize_delayed(
     **kwargs: Any,
 ) -> Fp8Quantized:
     return _impl("quantize_delayed", x)(x, fp8_dtype, scale, amax_slot, **kwargs)
-
-
-def quantize_delayed_many(
-    xs: list[torch.Tensor],
-    fp8_dtype: torch.dtype,
-    scales: list[torch.Tensor],
-    amax_slots: list[torch.Tensor],
-    nonfinite_flags: list[torch.Tensor],
-) -> list[Fp8Quantized]:
-    return _impl("quantize_delayed_many", xs[0])(xs, fp8_dtype, scales, amax_slots, nonfinite_flags)
-
-
-def delayed_cast_plan(
-    xs: list[torch.Tensor],
-    fp8_dtype: torch.dtype,
-    scales: list[torch.Tensor],
-    amax_slots: list[torch.Tensor],
-    nonfinite_flags: list[torch.Tensor],
-) -> Any:
-    """A :class:`hf_fp8.kernels.quant.DelayedCastPlan` (or its reference): ``.run()`` casts the tensors."""
-    if use_triton_kernels(xs[0]):
-        from hf_fp8.kernels.quant import DelayedCastPlan as plan
-    else:
-        plan = _ref.DelayedCastPlanReference
-    return plan(xs, fp8_dtype, scales, amax_slots, nonfinite_flags)
 
 
 def quantize_with_scale(x: torch.Tensor, fp8_dtype: torch.dtype, scale: torch.Tensor, **kwargs: Any) -> Fp8Quantized:

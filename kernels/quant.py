@@ -30,9 +30,6 @@ Kernels (launchers below take 2-D tensors of any strides, contiguous output):
   history slot in the same pass (delayed), or per row / per column (rowwise). The
   transposed copy's row length is padded with zeros to a multiple of 16, because it is
   the reduction dimension of the weight-gradient GEMM and ``_scaled_mm`` requires that.
-- ``_delayed_cast_many_kernel``: the delayed cast (row-major copy) of many tensors in one launch,
-  each program finding its tensor in a device table of addresses: every weight of a model
-  cast at the start of its forward.
 - ``_delayed_update_kernel``: one tiny program that turns an amax history column into a
   new scale and rolls the history (TransformerEngine's recipe), without host sync.
 
@@ -52,7 +49,6 @@ import triton.language as tl
 from ._launch import launch
 from .quant_reference import (
     MIN_AMAX,
-    DelayedCastPlanReference,
     Fp8Quantized,
     _check_2d,
     _check_f32_scalar,
@@ -64,7 +60,6 @@ from .quant_reference import (
     delayed_scale_update_reference,
     pad_to,
     quantize_colwise_transposed_reference,
-    quantize_delayed_many_reference,
     quantize_delayed_reference,
     quantize_rowwise_reference,
     quantize_tensorwise_reference,
@@ -78,10 +73,6 @@ __all__ = [
     "quantize_tensorwise_reference",
     "quantize_delayed",
     "quantize_delayed_reference",
-    "quantize_delayed_many",
-    "quantize_delayed_many_reference",
-    "DelayedCastPlan",
-    "DelayedCastPlanReference",
     "quantize_with_scale",
     "quantize_with_scale_reference",
     "quantize_rowwise",
@@ -421,86 +412,6 @@ def _delayed_update_many_kernel(
     )
 
 
-# fields of the table _delayed_cast_many_kernel reads, one row of E int64 each (constexpr: the
-# only globals a jitted function may read; the interpreter does not check that, the compiler does)
-_MANY_X, _MANY_GROUP, _MANY_YOFF, _MANY_SCALE, _MANY_RECORD, _MANY_FLAG, _MANY_R, _MANY_C, _MANY_TILES = (
-    tl.constexpr(i) for i in range(9)
-)
-_MANY_FIELDS = 9
-_MANY_GROUPS = 8  # output buffers per launch (kernel arguments y0..y7)
-
-
-@triton.jit
-def _many_field(table_ptr, field: tl.constexpr, e, E):
-    return tl.load(table_ptr + field * E + e)
-
-
-@triton.jit
-def _delayed_cast_many_kernel(
-    table_ptr,  # int64 (_MANY_FIELDS, E): per tensor its addresses, shape, output place, first tile
-    E,
-    y0, y1, y2, y3, y4, y5, y6, y7,  # addresses of this launch's output buffers (int64)
-    out_addr,  # address of this launch's (E, 4) fp32 outputs: [scale_inv, the scale used, -, -]
-    SRC: tl.constexpr,  # 0: bfloat16, 1: float16, 2: float32 (every x of one launch)
-    DST: tl.constexpr,  # 0: e4m3fn, 1: e5m2
-    FP8_MAX: tl.constexpr,
-    ALIGNED: tl.constexpr,  # every row length a multiple of 16 (addresses are 16-byte aligned)
-    BLOCK_R: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-):  # fmt: skip
-    """``_cast_kernel``'s delayed mode (rows only, contiguous rows) over many tensors: program
-    (``tile``, ``e``) casts that tile of tensor ``e`` (tiles past the tensor's count do nothing).
-    Same expressions, so the same codes, scale_inv and recorded amax as one launch per tensor.
-    The table is built once per set of tensors; only the output buffers, new at each launch,
-    come as arguments (no host-to-device copy per launch). A 2-D grid rather than a search of
-    each program's tensor in a 1-D one: the search's loads came before the table's and the
-    data's, and one launch of the 8B model's weights took 3.85 ms against 2.73 ms for one
-    launch per weight (``benchmarks/results/quant_many_1d_h100.json``)."""
-    tile = tl.program_id(0)
-    e = tl.program_id(1)
-    addr = _many_field(table_ptr, _MANY_X, e, E)
-    if SRC == 0:
-        x_ptr = addr.to(tl.pointer_type(tl.bfloat16))
-    elif SRC == 1:
-        x_ptr = addr.to(tl.pointer_type(tl.float16))
-    else:
-        x_ptr = addr.to(tl.pointer_type(tl.float32))
-    g = _many_field(table_ptr, _MANY_GROUP, e, E)
-    base = tl.where(g == 0, y0, tl.where(g == 1, y1, tl.where(g == 2, y2, tl.where(g == 3, y3, y4))))
-    base = tl.where(g == 5, y5, tl.where(g == 6, y6, tl.where(g == 7, y7, base)))
-    y_addr = base + _many_field(table_ptr, _MANY_YOFF, e, E)
-    if DST == 0:
-        y_ptr = y_addr.to(tl.pointer_type(tl.float8e4nv))
-    else:
-        y_ptr = y_addr.to(tl.pointer_type(tl.float8e5))
-    scale_ptr = _many_field(table_ptr, _MANY_SCALE, e, E).to(tl.pointer_type(tl.float32))
-    record_ptr = _many_field(table_ptr, _MANY_RECORD, e, E).to(tl.pointer_type(tl.int32))
-    flag_ptr = _many_field(table_ptr, _MANY_FLAG, e, E).to(tl.pointer_type(tl.int32))
-    out_ptr = (out_addr + e * 16).to(tl.pointer_type(tl.float32))
-    R = _many_field(table_ptr, _MANY_R, e, E)
-    C = _many_field(table_ptr, _MANY_C, e, E)
-    if ALIGNED:  # addresses read from memory: without these hints nothing is known and nothing vectorizes
-        C = tl.multiple_of(C, 16)
-        x_ptr = tl.multiple_of(x_ptr, 16)
-        y_ptr = tl.multiple_of(y_ptr, 16)
-    active = tile < _many_field(table_ptr, _MANY_TILES, e, E)
-    tiles_c = tl.cdiv(C, BLOCK_C)
-    rows = (tile // tiles_c) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = (tile % tiles_c) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask = (rows < R)[:, None] & (cols < C)[None, :] & active
-    offs = rows.to(tl.int64)[:, None] * C + cols.to(tl.int64)[None, :]
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    scale = tl.load(scale_ptr)
-    if tile == 0:  # 16-byte aligned rows, as cuBLASLt wants its scale pointers
-        tl.store(out_ptr, _reciprocal(scale))
-        tl.store(out_ptr + 1, scale)
-    tile_amax = tl.max(tl.max(_abs_bits(x), axis=1), axis=0)
-    tl.atomic_max(record_ptr, tile_amax, mask=active)
-    tl.store(flag_ptr, 1, mask=active & (tile_amax >= 0x7F800000))  # inf or NaN bits
-    y = _saturate(x * scale, x, FP8_MAX)
-    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
-
-
 # ---------------------------------------------------------------------------------------
 # launch settings
 # ---------------------------------------------------------------------------------------
@@ -526,8 +437,6 @@ TUNING: dict[str, tuple[int, ...]] = {
     # per step against 10.33 at the former 128x64, FP32 tile; same codes)
     "cast_t": (64, 64, 4),
     "cast_t_mode": (1,),  # what the transposed copy moves through shared memory (_saturate_and_store)
-    # every weight of a model in one launch (DelayedCastPlan); ``python -m benchmarks.bench_quant --many``
-    "cast_many": (32, 256, 4),
 }
 
 
@@ -804,140 +713,6 @@ def quantize_delayed(
         rms=rms,
     )
     return Fp8Quantized(q.data, q.data_t, q.scale_inv, amax_slot)
-
-
-_MANY_SRC = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
-
-
-class DelayedCastPlan:
-    """:func:`quantize_delayed` (the row-major copy only) of a fixed set of tensors, one launch per
-    :meth:`run`: what ``hf_fp8.delayed`` casts every weight of a model with at the start of each
-    forward.
-
-    Why a plan: the tensors, their scales, amax slots and flags stay where they are from one
-    forward to the next, so their addresses go to the GPU once (the table, built here) and each
-    run only allocates its outputs and launches; the host time of a run is the step time of a
-    GPU waiting for its first layer. The outputs are :data:`_MANY_GROUPS` buffers, each holding a
-    run of consecutive tensors of about equal bytes (about one decoder layer's weights in an
-    8-layer model), so that the copies of the layers already run are freed while later layers
-    run.
-
-    Args:
-        xs (`list[torch.Tensor]`): 2-D tensors of one dtype (BF16, FP16 or FP32) on one device,
-            contiguous.
-        scales, amax_slots (`list[torch.Tensor]`): per tensor, fp32 0-d views as
-            :func:`quantize_delayed` takes them (the slot is max-reduced into).
-        nonfinite_flags (`list[torch.Tensor]`): per tensor, int32 (1,), set to 1 if it has inf/NaN.
-    """
-
-    def __init__(
-        self,
-        xs: list[torch.Tensor],
-        fp8_dtype: torch.dtype,
-        scales: list[torch.Tensor],
-        amax_slots: list[torch.Tensor],
-        nonfinite_flags: list[torch.Tensor],
-    ) -> None:
-        if not xs:
-            raise ValueError("DelayedCastPlan: no tensors")
-        if not (len(xs) == len(scales) == len(amax_slots) == len(nonfinite_flags)):
-            raise ValueError("quantize_delayed_many: give one scale, amax slot and flag per tensor")
-        self.fmax = _check_fp8(fp8_dtype)
-        first = xs[0]
-        for x in xs:
-            _check_2d(x)
-            if x.dtype != first.dtype or x.device != first.device or not x.is_contiguous():
-                raise ValueError(
-                    f"quantize_delayed_many: expected contiguous tensors of one dtype on one device; got {x.dtype} "
-                    f"{tuple(x.shape)} strides {x.stride()} on {x.device} next to {first.dtype} on {first.device}"
-                )
-        for sc, slot, flag in zip(scales, amax_slots, nonfinite_flags):
-            _check_f32_scalar("scale", sc)
-            _check_f32_scalar("amax_slot", slot)
-            if flag.dtype != torch.int32 or flag.numel() != 1 or flag.device != first.device:
-                raise ValueError(f"nonfinite_flags: expected int32 (1,) tensors on {first.device}")
-        self.fp8_dtype, self.device, self.src = fp8_dtype, first.device, _MANY_SRC[first.dtype]
-        self.shapes = [tuple(x.shape) for x in xs]
-        self.amax_slots = list(amax_slots)
-        self.block = (64, 128, 4) if _interpreting() else TUNING["cast_many"]
-        BLOCK_R, BLOCK_C, _ = self.block
-        # consecutive runs of tensors of about equal bytes; each tensor starts 256-byte aligned
-        sizes = [pad_to(x.numel(), 256) for x in xs]
-        total = sum(sizes)
-        groups, offsets, self.group_bytes, done = [], [], [0] * _MANY_GROUPS, 0
-        for n in sizes:
-            g = min(_MANY_GROUPS - 1, done * _MANY_GROUPS // total)
-            groups.append(g)
-            offsets.append(self.group_bytes[g])
-            self.group_bytes[g] += n
-            done += n
-        self.pieces = [  # per group: (sizes to split its buffer into, the tensors' indices in order)
-            ([sizes[i] for i in range(len(xs)) if groups[i] == g], [i for i in range(len(xs)) if groups[i] == g])
-            for g in range(_MANY_GROUPS)
-        ]
-        rows: list[list[int]] = [[] for _ in range(_MANY_FIELDS)]
-        self.tiles = 0  # the grid's first dimension: the most tiles of one tensor
-        for i, x in enumerate(xs):
-            R, C = x.shape
-            tiles = triton.cdiv(R, BLOCK_R) * triton.cdiv(C, BLOCK_C)
-            for field, v in (
-                (_MANY_X, x.data_ptr()), (_MANY_GROUP, groups[i]), (_MANY_YOFF, offsets[i]),
-                (_MANY_SCALE, scales[i].data_ptr()), (_MANY_RECORD, amax_slots[i].data_ptr()),
-                (_MANY_FLAG, nonfinite_flags[i].data_ptr()), (_MANY_R, R), (_MANY_C, C), (_MANY_TILES, tiles),
-            ):  # fmt: skip
-                rows[field.value].append(v)
-            self.tiles = max(self.tiles, tiles)
-        table = torch.tensor(rows, dtype=torch.int64)
-        if self.device.type == "cuda":  # no wait for the GPU, which may still run the previous step
-            table = table.pin_memory()
-        self.table = table.to(self.device, non_blocking=True)
-        self.constexprs = dict(
-            SRC=self.src,
-            DST=0 if fp8_dtype == torch.float8_e4m3fn else 1,
-            FP8_MAX=self.fmax,
-            ALIGNED=all(x.shape[1] % 16 == 0 and x.data_ptr() % 16 == 0 for x in xs),
-            BLOCK_R=BLOCK_R,
-            BLOCK_C=BLOCK_C,
-        )
-
-    def run(self) -> list[Fp8Quantized]:
-        """Cast every tensor with its scale now (recording its amax, setting its flag). Each
-        result's ``scale`` is a copy of the scale it used, written by the same launch: what
-        ``transposed_copy`` re-casts with in the backward."""
-        E = len(self.shapes)
-        bufs = [torch.empty(n, dtype=self.fp8_dtype, device=self.device) if n else None for n in self.group_bytes]
-        outs = torch.empty((E, 4), dtype=torch.float32, device=self.device)
-        addrs = [b.data_ptr() if b is not None else 0 for b in bufs]
-        launch(
-            _delayed_cast_many_kernel,
-            (self.tiles, E),
-            (self.table, E, *addrs, outs.data_ptr()),
-            self.constexprs,
-            self.block[2],
-        )
-        ys: list[torch.Tensor | None] = [None] * E
-        for buf, (sizes, index) in zip(bufs, self.pieces):
-            if buf is None:
-                continue
-            for i, piece in zip(index, buf.split(sizes)):
-                R, C = self.shapes[i]
-                ys[i] = (piece if piece.numel() == R * C else piece[: R * C]).view(R, C)
-        scale_inv, scale = outs[:, 0].unbind(0), outs[:, 1].unbind(0)
-        return [Fp8Quantized(ys[i], None, scale_inv[i], self.amax_slots[i], scale[i]) for i in range(E)]
-
-
-def quantize_delayed_many(
-    xs: list[torch.Tensor],
-    fp8_dtype: torch.dtype,
-    scales: list[torch.Tensor],
-    amax_slots: list[torch.Tensor],
-    nonfinite_flags: list[torch.Tensor],
-) -> list[Fp8Quantized]:
-    """:func:`quantize_delayed` (the row-major copy only) of many tensors in one launch; see
-    :class:`DelayedCastPlan`, which keeps the launch's table for casting the same tensors again."""
-    if not xs:
-        return []
-    return DelayedCastPlan(xs, fp8_dtype, scales, amax_slots, nonfinite_flags).run()
 
 
 def quantize_with_scale(

@@ -268,34 +268,3 @@ def delayed_scale_update_many_reference(
 ) -> None:
     for h, sc, slot in zip(histories, scales, slots):
         delayed_scale_update_reference(h, sc, slot, fp8_dtype, use_max=use_max, margin=margin)
-
-
-class DelayedCastPlanReference:
-    """:class:`hf_fp8.kernels.quant.DelayedCastPlan`'s results, one :func:`quantize_delayed_reference`
-    per tensor (the same bits)."""
-
-    def __init__(self, xs, fp8_dtype, scales, amax_slots, nonfinite_flags) -> None:
-        if not (len(xs) == len(scales) == len(amax_slots) == len(nonfinite_flags)):
-            raise ValueError("quantize_delayed_many: give one scale, amax slot and flag per tensor")
-        self.args = (list(xs), fp8_dtype, list(scales), list(amax_slots), list(nonfinite_flags))
-
-    @torch.no_grad()  # the slot views may come from a no-grad forward; writing them is never differentiated
-    def run(self) -> list[Fp8Quantized]:
-        xs, fp8_dtype, scales, amax_slots, flags = self.args
-        out = []
-        for x, scale, slot, flag in zip(xs, scales, amax_slots, flags):
-            q = quantize_delayed_reference(x, fp8_dtype, scale, slot, nonfinite_flag=flag)
-            out.append(q._replace(scale_inv=q.scale_inv.reshape(()), scale=scale.clone()))
-        return out
-
-
-def quantize_delayed_many_reference(
-    xs: list[torch.Tensor],
-    fp8_dtype: torch.dtype,
-    scales: list[torch.Tensor],
-    amax_slots: list[torch.Tensor],
-    nonfinite_flags: list[torch.Tensor],
-) -> list[Fp8Quantized]:
-    """:func:`quantize_delayed_reference` (rows only) of each tensor; ``scale`` of each result is a
-    copy of the scale used, as the one-launch kernel returns it."""
-    return DelayedCastPlanReference(xs, fp8_dtype, scales, amax_slots, nonfinite_flags).run()

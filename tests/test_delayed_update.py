@@ -18,7 +18,6 @@ import hf_fp8
 from hf_fp8.delayed import DelayedScaleUpdateHook, remove_delayed_update_hook
 from hf_fp8.kernels import quant as K
 from hf_fp8.kernels import quant_reference as R
-from hf_fp8.scaling import Role
 
 
 @pytest.mark.skipif(not conftest.INTERPRETER_PATCHED, reason="needs TRITON_INTERPRET=1 (set by conftest)")
@@ -173,101 +172,3 @@ def test_update_addresses_check_the_entries():
         delayed_update_addresses([good[0], torch.zeros(5, 3)], scales, [0, 0])
     with pytest.raises(ValueError, match="scales"):
         delayed_update_addresses(good, [scales[0], torch.ones(3, dtype=torch.float64)], [0, 0])
-
-
-def _count_precasts(monkeypatch):
-    """Per forward whose hook cast weights: how many it cast."""
-    calls = []
-    original = DelayedScaleUpdateHook._precast_weights
-
-    def counted(self, module):
-        original(self, module)
-        if self.precast:
-            calls.append(self.precast)
-
-    monkeypatch.setattr(DelayedScaleUpdateHook, "_precast_weights", counted)
-    return calls
-
-
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_weights_cast_at_forward_start_train_bit_identically(monkeypatch, backend):
-    """Every FP8 layer's weight is cast by the hook (from the second forward: the first learns
-    which layers run), and training keeps the numbers of per-layer casts bit for bit."""
-    if backend == "triton" and not conftest.INTERPRETER_PATCHED:
-        pytest.skip("needs TRITON_INTERPRET=1")
-
-    def build():
-        model = tiny_llama(seed=7).to(torch.bfloat16)
-        hf_fp8.convert(model, hf_fp8.Fp8Config(recipe="delayed", auto_filter=False, exclude=("lm_head",)))
-        return model
-
-    hooked, plain = _pair_of_models(build)
-    n_fp8 = sum(isinstance(m, hf_fp8.Fp8Linear) for m in hooked.modules())
-    precasts = _count_precasts(monkeypatch)
-    casts = []
-    original = hf_fp8.linear_ops.quantize_operand
-    monkeypatch.setattr(
-        hf_fp8.linear_ops, "quantize_operand", lambda x, role, *a, **k: casts.append(role) or original(x, role, *a, **k)
-    )
-    with hf_fp8.kernel_backend(backend):
-        l_hooked = train_losses(hooked, torch.optim.AdamW(hooked.parameters(), lr=3e-3), 3, batch=2, seq=16)
-        weight_casts_hooked = casts.count(Role.WEIGHT)
-        l_plain = train_losses(plain, torch.optim.AdamW(plain.parameters(), lr=3e-3), 3, batch=2, seq=16)
-    assert precasts == [n_fp8, n_fp8]  # forwards 2 and 3
-    assert weight_casts_hooked == n_fp8  # only the first forward's, in the layers
-    assert casts.count(Role.WEIGHT) == weight_casts_hooked + 3 * n_fp8
-    assert l_hooked == l_plain
-    _assert_same_state(hooked, plain)
-    assert all(m.__dict__.get("_fp8_precast") is None for m in hooked.modules())  # all used
-
-
-def test_precast_budget_skipped_layers_and_changed_weights(monkeypatch):
-    """The byte budget takes layers in model order; a layer a forward skipped is not precast in
-    the next one, and its unused copy is dropped; a weight changed after the hook cast it is
-    cast again by its layer (the precast copy would be stale)."""
-
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b, self.c = nn.Linear(64, 96), nn.Linear(96, 96), nn.Linear(96, 32)
-            self.skip_b = False
-
-        def forward(self, x):
-            h = torch.relu(self.a(x))
-            if not self.skip_b:
-                h = torch.relu(self.b(h))
-            return self.c(h)
-
-    torch.manual_seed(0)
-    net = Net()
-    hf_fp8.convert(net, hf_fp8.Fp8Config(recipe="delayed", auto_filter=False))
-    precasts = _count_precasts(monkeypatch)
-    x = torch.randn(16, 64)
-    net(x).sum().backward()
-    net(x).sum().backward()
-    assert precasts == [3]
-    monkeypatch.setattr(hf_fp8.delayed, "PRECAST_BYTES", 64 * 96 + 96 * 96)  # a and b fit, c does not
-    net(x).sum().backward()
-    assert precasts == [3, 2]
-    monkeypatch.setattr(hf_fp8.delayed, "PRECAST_BYTES", 1 << 31)
-    net.skip_b = True
-    net(x).sum().backward()
-    assert precasts[-1] == 3 and net.b.__dict__["_fp8_precast"] is not None  # made, not used
-    net.skip_b = False
-    net(x).sum().backward()
-    assert precasts[-1] == 2  # b did not run in the forward before
-    # a weight changed between the hook and its layer's forward: the layer casts it itself
-    ran = []
-    original = hf_fp8.linear_ops.quantize_operand
-    monkeypatch.setattr(
-        hf_fp8.linear_ops, "quantize_operand", lambda x, role, *a, **k: ran.append(role) or original(x, role, *a, **k)
-    )
-
-    def halve(m, args):
-        with torch.no_grad():
-            m.weight.mul_(0.5)
-
-    handle = net.b.register_forward_pre_hook(halve)
-    net(x)
-    handle.remove()
-    assert ran.count(Role.WEIGHT) == 1 and precasts[-1] == 3
