@@ -117,9 +117,11 @@ def build(name: str, config: dict):
         # steps keep HF's default KV cache (integrations.loss.STORELESS_TRAINING_CACHE off; the
         # default before 2026-11-24 09:00); _unfusednorm: each RMSNorm writes its output and the FP8
         # layers cast it (hf_fp8.norm_ops off; the default before 2026-11-24 10:00)
+        from hf_fp8 import embedding_ops as hf_embedding_ops
         from hf_fp8 import loss as hf_loss
         from hf_fp8 import mlp_ops
         from hf_fp8 import norm_ops as hf_norm_ops
+        from hf_fp8.integrations import fused_ops as hf_fused_ops
         from hf_fp8.integrations import loss as hf_integ_loss
         from hf_fp8.integrations import rope as hf_rope
         from hf_fp8.kernels import _launch
@@ -132,6 +134,11 @@ def build(name: str, config: dict):
         hf_rope.RECAST_OPROJ_INPUT = "savedoproj" not in flags  # likewise
         hf_integ_loss.STORELESS_TRAINING_CACHE = "hfcache" not in flags  # likewise
         hf_norm_ops.ENABLED = "unfusednorm" not in flags  # likewise
+        # _noresgrad: HF's residual adds of the gradients (hf_fp8.integrations.fused_ops.PASS_RESIDUAL
+        # off; the default before 2026-11-24 16:30); _torchemb: torch's embedding backward
+        # (hf_fp8.embedding_ops off; likewise)
+        hf_fused_ops.PASS_RESIDUAL = "noresgrad" not in flags  # likewise
+        hf_embedding_ops.ENABLED = "torchemb" not in flags  # likewise
         hf_loss.CHUNK_BYTES, hf_loss.GRAD_BLOCK_BYTES = (1 << 28, 1 << 62) if "wholeloss" in flags else _LOSS_DEFAULTS
         for f in flags:  # _chunk<tokens>, _block<tokens>: tokens per logits GEMM and per FP32 logits buffer
             if f.startswith("chunk"):

@@ -77,6 +77,7 @@ for s in $steps; do
     cegrid) python3 -m benchmarks.bench_precision_ops ce-grid 2>&1 | grep -v Warning | tail -50 ;;
     hostpython) python3 -m benchmarks.profile_host_python 2>&1 | grep -v Warning | cut -c1-170 | tail -120 ;;
     llamafastacc) python3 -m benchmarks.bench_llama --isolate --variants stock_bf16 hf_fp8_delayed hf_fp8_delayed_fastacc torchao_tensorwise_compile hf_fp8_delayed_fastacc hf_fp8_delayed torchao_tensorwise_compile --budget-s 480 --out llama_fastacc_h100.json 2>&1 | grep -v Warning | grep -E "^8b|skipped|Error|error|Traceback|fault" | cut -c1-200 ;;
+    llamaresemb) python3 -m benchmarks.bench_llama --isolate --variants stock_bf16 hf_fp8_delayed hf_fp8_delayed_noresgrad_torchemb torchao_tensorwise_compile hf_fp8_delayed_noresgrad_torchemb hf_fp8_delayed torchao_tensorwise_compile hf_fp8_delayed torchao_tensorwise_compile --budget-s 540 --out llama_resemb_h100.json 2>&1 | grep -v Warning | grep -E "^8b|skipped|Error|error|Traceback|fault" | cut -c1-200 ;;
     quantnow) python3 -m benchmarks.bench_quant 2>&1 | tail -40 ;;
     lossblocks) python3 -m benchmarks.bench_precision_ops loss-blocks 2>&1 | grep -v Warning | tail -20 ;;
     llamalean) python3 -m benchmarks.bench_llama --variants stock_bf16 hf_fp8_delayed_all hf_fp8_delayed_all_wholeloss hf_fp8_delayed_all_wholeloss_keptact hf_fp8_delayed_all_chunk512_block2048 hf_fp8_delayed_all_chunk512_block1024 hf_fp8_delayed hf_fp8_tensorwise_all torchao_tensorwise_compile --budget-s 440 --out llama_lean_h100.json 2>&1 | grep -E "^8b|skipped|Error" | cut -c1-330 ;;

@@ -82,10 +82,11 @@ def _swiglu_backward(grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -
 
 class _Fp8SwiGLUMLPFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, modules, out_dtype, need_grad, w_gate, w_up, w_down, norm_w=None, eps=0.0):
+    def forward(ctx, x, modules, out_dtype, need_grad, w_gate, w_up, w_down, norm_w=None, eps=0.0, pass_input=False):
         # norm_w: x is the input of an RMSNorm (that weight, eps) whose output gate/up read; the
         # norm runs inside their input cast and its backward sums their input gradients
-        # (hf_fp8.norm_ops)
+        # (hf_fp8.norm_ops). pass_input (with norm_w): x is returned too, for the residual
+        # connection; its gradient joins the norm's input gradient in the norm's backward kernel
         gate_m, up_m, down_m = modules
         need_dnw = norm_w is not None and need_grad and norm_w.requires_grad
         need_dx = need_grad and x.requires_grad or need_dnw  # (the norm's output gradient, if normed)
@@ -130,10 +131,12 @@ class _Fp8SwiGLUMLPFunction(torch.autograd.Function):
         saved_act = (g, u) if need_dact else (None, None)
         ctx.save_for_backward(x_t, x_t_scale, qa.t, qa.t_scale, *saved_act, w_gate, w_up, w_down,
                               *(t for t, _ in w_ts), w_t_down, *norm_saved)  # fmt: skip
-        return y.reshape(*x.shape[:-1], y.shape[-1])
+        ctx.pass_input = pass_input
+        y = y.reshape(*x.shape[:-1], y.shape[-1])
+        return (y, x) if pass_input else y
 
     @staticmethod
-    def backward(ctx, dy):
+    def backward(ctx, dy, residual=None):
         (x_t, x_t_scale, a_t, a_t_scale, g, u, w_gate, w_up, w_down, wt_gate, wt_up, wt_down,
          x_normed_in, rstd, norm_w) = ctx.saved_tensors  # fmt: skip
         gate_m, up_m, down_m = ctx.modules
@@ -186,16 +189,24 @@ class _Fp8SwiGLUMLPFunction(torch.autograd.Function):
         grad_nw = None
         if ctx.norm is not None and need_dx:  # grad_x: gate's and up's input gradients, unsummed
             need_x, need_dnw = ctx.norm
-            grad_x, grad_nw = norm_ops.rms_backward(grad_x, x_normed_in, norm_w, rstd, need_dnw)
+            res = residual if need_x else None  # (pass_input: the returned x's gradient)
+            grad_x, grad_nw = norm_ops.rms_backward(grad_x, x_normed_in, norm_w, rstd, need_dnw, res)
             grad_x = grad_x if need_x else None
+        elif residual is not None and ctx.needs_input_grad[0]:
+            grad_x = residual if grad_x is None else grad_x + residual
         if grad_x is not None:
             grad_x = grad_x.reshape(ctx.x_shape)
-        return grad_x, None, None, None, grad_gate, grad_up, grad_down, grad_nw, None
+        return grad_x, None, None, None, grad_gate, grad_up, grad_down, grad_nw, None, None
 
 
 def fused_swiglu_mlp(
-    gate: nn.Module, up: nn.Module, down: nn.Module, x: torch.Tensor, norm: nn.Module | None = None
-) -> torch.Tensor:
+    gate: nn.Module,
+    up: nn.Module,
+    down: nn.Module,
+    x: torch.Tensor,
+    norm: nn.Module | None = None,
+    pass_input: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``down(silu(gate(x)) * up(x))`` for three bias-free :class:`hf_fp8.Fp8Linear` layers (see
     :func:`fused_swiglu_mlp_applies`), with gate and up sharing the input's cast and the SwiGLU
     computed inside down's cast. Same numbers as the unfused layers, bit for bit.
@@ -203,7 +214,13 @@ def fused_swiglu_mlp(
     ``norm``: ``x`` is the input of this RMSNorm, whose output the MLP reads: the norm runs
     inside gate/up's input cast when :func:`hf_fp8.norm_ops.norm_input_fusable` (else first,
     on its own). Same numbers in the forward; its backward sums gate's and up's input
-    gradients in FP32 (one rounding, not two)."""
+    gradients in FP32 (one rounding, not two).
+
+    ``pass_input=True`` returns ``(output, x)``: use that ``x`` as the residual the output is
+    added to. With the norm inside the node, the residual's gradient is added to the norm's
+    input gradient in its backward kernel (FP32, one rounding; no BF16 add kernel); otherwise
+    ``x`` is the input as given."""
+    residual = x
     if norm is not None:
         if not norm_ops.norm_input_fusable(norm, (gate, up), x):
             x, norm = norm(x), None
@@ -213,10 +230,11 @@ def fused_swiglu_mlp(
     # the emulation's FP32 matmul must not be autocast to BF16 (no context to enter when autocast is off)
     with torch.autocast(device_type=device_type, enabled=False) if autocast else contextlib.nullcontext():
         if norm is None:
-            return _Fp8SwiGLUMLPFunction.apply(
+            y = _Fp8SwiGLUMLPFunction.apply(
                 x, (gate, up, down), out_dtype, torch.is_grad_enabled(), gate.weight, up.weight, down.weight
             )
+            return (y, residual) if pass_input else y
         return _Fp8SwiGLUMLPFunction.apply(
             x, (gate, up, down), out_dtype, torch.is_grad_enabled(), gate.weight, up.weight, down.weight,
-            norm.weight, float(norm.variance_epsilon),
+            norm.weight, float(norm.variance_epsilon), pass_input,
         )  # fmt: skip

@@ -84,17 +84,20 @@ def rms_rstd(x2d: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tenso
     return rms_rstd_reference(x2d, eps)
 
 
-def rms_backward(partials, x2d, weight, rstd, need_dw: bool):
-    """(dx, dweight or None) of the norm for an output gradient given as partial gradients."""
+def rms_backward(partials, x2d, weight, rstd, need_dw: bool, residual=None):
+    """(dx, dweight or None) of the norm for an output gradient given as partial gradients;
+    ``residual``: a gradient x2d also receives (its residual branch), added to dx before rounding."""
     if use_triton(x2d):
         from hf_fp8.kernels.norm_swiglu import rms_norm_backward
 
-        return rms_norm_backward(partials, x2d, weight, rstd, need_dw)
+        return rms_norm_backward(partials, x2d, weight, rstd, need_dw, residual)
     # the kernel's arithmetic in torch: FP32 sum of the partials, FP32 math, one rounding
     dy = sum(p.float() for p in partials)
     xn = x2d.float() * rstd[:, None]
     dxn = dy * weight.float()
     dx = rstd[:, None] * (dxn - xn * ((dxn * xn).sum(-1, keepdim=True) / x2d.shape[-1]))
+    if residual is not None:
+        dx = dx + residual.reshape(dx.shape).float()
     dw = (dy * xn.to(x2d.dtype).float()).sum(0).to(weight.dtype) if need_dw else None
     return dx.to(x2d.dtype), dw
 
@@ -103,7 +106,10 @@ class _NormFp8GroupFunction(torch.autograd.Function):
     """``y_i = RMSNorm(x) W_iᵀ`` for 1 to 3 FP8 layers, the norm inside their input cast."""
 
     @staticmethod
-    def forward(ctx, x, norm_w, eps, modules, out_dtype, need_grad, *weights):
+    def forward(ctx, x, norm_w, eps, modules, out_dtype, need_grad, pass_input, *weights):
+        # pass_input: x is also returned (last), for the caller's residual connection: its
+        # gradient then comes back to this node and joins the norm's input gradient in the
+        # backward kernel (no separate BF16 add of the two, see fused_norm_linears)
         need_dx = need_grad and x.requires_grad
         need_dnw = need_grad and norm_w.requires_grad
         need_dy = need_dx or need_dnw  # a gradient flows into the norm's output
@@ -118,7 +124,9 @@ class _NormFp8GroupFunction(torch.autograd.Function):
         ctx.x_shape = x.shape
         ctx.w_t_scales = [scale for _, scale in w_ts]
         ctx.save_for_backward(x_t, x_t_scale, x2d if need_dy else None, norm_w, rstd, *weights, *(t for t, _ in w_ts))
-        return tuple(o.reshape(*x.shape[:-1], o.shape[-1]) for o in outs)
+        ctx.pass_input = pass_input
+        outs = tuple(o.reshape(*x.shape[:-1], o.shape[-1]) for o in outs)
+        return (*outs, x) if pass_input else outs
 
     @staticmethod
     def backward(ctx, *grad_outs):
@@ -126,6 +134,9 @@ class _NormFp8GroupFunction(torch.autograd.Function):
         n = len(ctx.modules)
         weights, w_ts = rest[:n], list(zip(rest[n:], ctx.w_t_scales))
         need_dx, need_dnw, need_dy, need_dw = ctx.need
+        residual = None
+        if ctx.pass_input:  # the gradient of the returned x (the residual branch's)
+            *grad_outs, residual = grad_outs
         grads2d = [g.reshape(-1, g.shape[-1]) for g in grad_outs]
         partials, grads_w, _ = _backward(
             ctx.modules, grads2d, x_t, x_t_scale, weights, w_ts, ctx.regen, x2d.dtype if x2d is not None else None,
@@ -134,9 +145,11 @@ class _NormFp8GroupFunction(torch.autograd.Function):
         del x_t, grads2d
         grad_x = grad_nw = None
         if need_dy:
-            grad_x, grad_nw = rms_backward(partials, x2d, norm_w, rstd, need_dnw)
+            grad_x, grad_nw = rms_backward(partials, x2d, norm_w, rstd, need_dnw, residual if need_dx else None)
             grad_x = grad_x.reshape(ctx.x_shape) if need_dx else None
-        return (grad_x, grad_nw, None, None, None, None, *grads_w)
+        elif residual is not None and ctx.needs_input_grad[0]:
+            grad_x = residual
+        return (grad_x, grad_nw, None, None, None, None, None, *grads_w)
 
 
 def norm_shared_input_linears(norm: nn.Module, modules: tuple[nn.Module, ...], x: torch.Tensor):
@@ -149,9 +162,14 @@ def norm_shared_input_linears(norm: nn.Module, modules: tuple[nn.Module, ...], x
     return fused_norm_linears(norm, modules, x)
 
 
-def fused_norm_linears(norm: nn.Module, modules: tuple[nn.Module, ...], x: torch.Tensor):
+def fused_norm_linears(norm: nn.Module, modules: tuple[nn.Module, ...], x: torch.Tensor, pass_input: bool = False):
     """:func:`norm_shared_input_linears` for a caller that has checked :func:`norm_input_fusable`
-    (the attention and MLP forwards, which fall back their own way): no second check per call."""
+    (the attention and MLP forwards, which fall back their own way): no second check per call.
+
+    ``pass_input=True`` returns ``x`` too (last), to be used instead of ``x`` as the residual
+    that the block's output is added to: the residual's gradient then reaches this node, whose
+    backward kernel adds it to the norm's input gradient in FP32 (one rounding, and no BF16
+    add kernel: in a Llama layer, two adds of (tokens x hidden) per layer and step fewer)."""
     for m in modules:
         m._check_input(x)
     device_type = x.device.type
@@ -160,5 +178,5 @@ def fused_norm_linears(norm: nn.Module, modules: tuple[nn.Module, ...], x: torch
     with torch.autocast(device_type=device_type, enabled=False) if autocast else contextlib.nullcontext():
         return _NormFp8GroupFunction.apply(
             x, norm.weight, float(norm.variance_epsilon), tuple(modules), out_dtype, torch.is_grad_enabled(),
-            *(m.weight for m in modules),
+            pass_input, *(m.weight for m in modules),
         )  # fmt: skip

@@ -9,8 +9,9 @@ inside down's FP8 cast, see :mod:`hf_fp8.mlp_ops`); on CPUs (or without Triton) 
 same functions run as torch (the references). Every ``LlamaDecoderLayer`` gets HF's forward
 with each norm handed to the attention / MLP forward that reads its output, which runs it
 inside its FP8 layers' input cast when it can (:mod:`hf_fp8.norm_ops`: the norm's output is
-never written in BF16, and its backward sums the layers' input gradients). Nothing outside
-the model changes, and ``unpatch_fused_ops`` restores HF's forwards. Model families are
+never written in BF16, and its backward sums the layers' input gradients). The input
+embedding gets a backward that writes its weight gradient in one pass
+(:mod:`hf_fp8.embedding_ops`). Nothing outside the model changes, and ``unpatch_fused_ops`` restores HF's forwards. Model families are
 listed in one table.
 """
 
@@ -22,6 +23,7 @@ import torch
 from torch import nn
 
 from hf_fp8._backend import use_triton
+from hf_fp8.embedding_ops import embedding_fusable, embedding_lookup
 from hf_fp8.integrations._kv_cache import cache_arg, take_cache
 from hf_fp8.integrations.rope import _attention_forward
 from hf_fp8.linear import shared_input_linears
@@ -32,6 +34,10 @@ __all__ = ["patch_fused_ops", "unpatch_fused_ops"]
 
 _CLASSES = {"llama": {"norm": ("LlamaRMSNorm",), "mlp": ("LlamaMLP",), "decoder": ("LlamaDecoderLayer",)}}
 _MARK = "_hf_fp8_fused"
+# The decoder layer takes its residuals back from the attention and MLP forwards, so that each
+# residual's gradient is added inside the norm's backward kernel (no BF16 add kernel; FP32, one
+# rounding). Benchmarks and tests flip this to compare with the residual adds of HF's layer.
+PASS_RESIDUAL = True
 
 
 def _norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -44,12 +50,29 @@ def _norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     return rms_norm_reference(hidden_states, self.weight, self.variance_epsilon)
 
 
-def _mlp_forward(self, x: torch.Tensor, _hf_fp8_norm: nn.Module | None = None) -> torch.Tensor:
-    # _hf_fp8_norm: x is the input of this RMSNorm, whose output the MLP reads (see _decoder_forward)
+def _embedding_forward(self, input: torch.Tensor) -> torch.Tensor:
+    # the input embedding: hf_fp8's one-pass weight gradient where it applies (hf_fp8.embedding_ops)
+    if embedding_fusable(self, input):
+        return embedding_lookup(self, input)
+    return nn.Embedding.forward(self, input)
+
+
+def _mlp_forward(
+    self, x: torch.Tensor, _hf_fp8_norm: nn.Module | None = None, _hf_fp8_pass_input: bool = False
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    # _hf_fp8_norm: x is the input of this RMSNorm, whose output the MLP reads (see _decoder_forward);
+    # _hf_fp8_pass_input: return (output, x), x to be added to the output as the residual (see
+    # hf_fp8.mlp_ops.fused_swiglu_mlp: its gradient then joins the norm's backward kernel)
     if fused_swiglu_mlp_applies(self.gate_proj, self.up_proj, self.down_proj, x):
-        return fused_swiglu_mlp(self.gate_proj, self.up_proj, self.down_proj, x, norm=_hf_fp8_norm)
+        return fused_swiglu_mlp(
+            self.gate_proj, self.up_proj, self.down_proj, x, norm=_hf_fp8_norm, pass_input=_hf_fp8_pass_input
+        )
+    residual = x
     if _hf_fp8_norm is not None and norm_input_fusable(_hf_fp8_norm, (self.gate_proj, self.up_proj), x):
-        gate, up = fused_norm_linears(_hf_fp8_norm, (self.gate_proj, self.up_proj), x)
+        if _hf_fp8_pass_input:
+            gate, up, residual = fused_norm_linears(_hf_fp8_norm, (self.gate_proj, self.up_proj), x, pass_input=True)
+        else:
+            gate, up = fused_norm_linears(_hf_fp8_norm, (self.gate_proj, self.up_proj), x)
     else:
         if _hf_fp8_norm is not None:
             x = _hf_fp8_norm(x)
@@ -57,10 +80,12 @@ def _mlp_forward(self, x: torch.Tensor, _hf_fp8_norm: nn.Module | None = None) -
     if use_triton(gate):
         from hf_fp8.kernels.norm_swiglu import swiglu
 
-        return self.down_proj(swiglu(gate, up))
-    from hf_fp8.kernels.norm_swiglu_reference import swiglu_reference
+        out = self.down_proj(swiglu(gate, up))
+    else:
+        from hf_fp8.kernels.norm_swiglu_reference import swiglu_reference
 
-    return self.down_proj(swiglu_reference(gate, up))
+        out = self.down_proj(swiglu_reference(gate, up))
+    return (out, residual) if _hf_fp8_pass_input else out
 
 
 def _takes_norm(module: nn.Module, forward) -> bool:
@@ -90,18 +115,30 @@ def _decoder_forward(
             position_embeddings=position_embeddings, **{cache_arg(type(self).forward): cache}, **kwargs,
         )  # fmt: skip
     residual = hidden_states
+    # the attention / MLP forwards of hf_fp8 return the residual too (their input, through their
+    # norm's node when fused): its gradient is then added inside the norm's backward kernel
+    # rather than by an add of the two gradients (hf_fp8.norm_ops.fused_norm_linears)
     attn_kwargs = dict(
         attention_mask=attention_mask, position_ids=position_ids, use_cache=use_cache,
         position_embeddings=position_embeddings, **{cache_arg(type(self.self_attn).forward): cache}, **kwargs,
     )  # fmt: skip
     if _takes_norm(self.self_attn, _attention_forward):
-        hidden_states, _ = self.self_attn(hidden_states=hidden_states, _hf_fp8_norm=self.input_layernorm, **attn_kwargs)
+        out = self.self_attn(
+            hidden_states=hidden_states,
+            _hf_fp8_norm=self.input_layernorm,
+            _hf_fp8_pass_input=PASS_RESIDUAL,
+            **attn_kwargs,
+        )
+        hidden_states = out[0]
+        if PASS_RESIDUAL:
+            residual = out[2]
     else:
         hidden_states, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **attn_kwargs)
     hidden_states = residual + hidden_states
     residual = hidden_states
     if _takes_norm(self.mlp, _mlp_forward):
-        hidden_states = self.mlp(hidden_states, _hf_fp8_norm=self.post_attention_layernorm)
+        out = self.mlp(hidden_states, _hf_fp8_norm=self.post_attention_layernorm, _hf_fp8_pass_input=PASS_RESIDUAL)
+        hidden_states, residual = out if PASS_RESIDUAL else (out, residual)
     else:
         hidden_states = self.mlp(self.post_attention_layernorm(hidden_states))
     return residual + hidden_states
@@ -113,7 +150,8 @@ def _is_silu(mlp: nn.Module) -> bool:
 
 
 def patch_fused_ops(model: nn.Module) -> int:
-    """Fuse RMSNorm and SwiGLU in an HF Llama model; returns the number of modules patched.
+    """Fuse RMSNorm and SwiGLU in an HF Llama model, and give its input embedding hf_fp8's
+    weight-gradient kernel; returns the number of modules patched.
 
     Idempotent; MLPs with another activation than SiLU are left alone.
     """
@@ -136,6 +174,11 @@ def patch_fused_ops(model: nn.Module) -> int:
         else:
             continue
         setattr(m, _MARK, True)
+        n += 1
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if type(embedding) is nn.Embedding and not getattr(embedding, _MARK, False):
+        embedding.forward = types.MethodType(_embedding_forward, embedding)
+        setattr(embedding, _MARK, True)
         n += 1
     return n
 

@@ -122,20 +122,25 @@ def _attention_forward(
     attention_mask: torch.Tensor | None = None,
     past_key_values=None,
     _hf_fp8_norm: nn.Module | None = None,
+    _hf_fp8_pass_input: bool = False,
     **kwargs,
 ):
     # _hf_fp8_norm: hidden_states is the input of this RMSNorm, whose output q/k/v read (passed by
     # the decoder layer of hf_fp8.integrations.fused_ops): it runs inside their input cast
-    # (hf_fp8.norm_ops) when it can, else first
+    # (hf_fp8.norm_ops) when it can, else first. _hf_fp8_pass_input: return (output, weights,
+    # residual), the residual being hidden_states as given, through the norm's node when fused
+    # (its gradient then joins the norm's backward kernel, see fused_norm_linears)
     past_key_values = take_cache(past_key_values, kwargs)  # ``cache`` since transformers 5.24
+    residual = hidden_states
     if not isinstance(position_embeddings, RopeInputs):
         if _hf_fp8_norm is not None:
             hidden_states = _hf_fp8_norm(hidden_states)
         # called with HF's (cos, sin): behave exactly like the class's own forward
-        return type(self).forward(
+        out = type(self).forward(
             self, hidden_states, position_embeddings, attention_mask,
             **{cache_arg(type(self).forward): past_key_values}, **kwargs,
         )  # fmt: skip
+        return (*out, residual) if _hf_fp8_pass_input else out
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, self.head_dim)
     # q, k and v read one input: FP8 layers quantize it once (hf_fp8.linear.shared_input_linears;
@@ -143,7 +148,10 @@ def _attention_forward(
     # kernel as they are: no transpose copy.
     projections = (self.q_proj, self.k_proj, self.v_proj)
     if _hf_fp8_norm is not None and norm_input_fusable(_hf_fp8_norm, projections, hidden_states):
-        q, k, v = fused_norm_linears(_hf_fp8_norm, projections, hidden_states)
+        if _hf_fp8_pass_input:
+            q, k, v, residual = fused_norm_linears(_hf_fp8_norm, projections, hidden_states, pass_input=True)
+        else:
+            q, k, v = fused_norm_linears(_hf_fp8_norm, projections, hidden_states)
     else:
         if _hf_fp8_norm is not None:
             hidden_states = _hf_fp8_norm(hidden_states)
@@ -174,8 +182,10 @@ def _attention_forward(
     )
     attn_output = attn_output.reshape(*input_shape, -1).contiguous()
     if RECAST_OPROJ_INPUT and impl in _KEEPS_OUTPUT:  # kept by the attention's backward anyway
-        return linear_on_kept_input(self.o_proj, attn_output), attn_weights
-    return self.o_proj(attn_output), attn_weights
+        out = linear_on_kept_input(self.o_proj, attn_output)
+    else:
+        out = self.o_proj(attn_output)
+    return (out, attn_weights, residual) if _hf_fp8_pass_input else (out, attn_weights)
 
 
 # An FP8 o_proj keeps a reference to the attention output (which the attention's backward keeps)

@@ -40,12 +40,14 @@ def _rms_fwd_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, N, eps, WRITE_Y: tl.constexpr
 
 @triton.jit
 def _rms_bwd_kernel(
-    dy_ptr, dy1_ptr, dy2_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_part_ptr, M, N,
-    N_DY: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+    dy_ptr, dy1_ptr, dy2_ptr, res_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_part_ptr, M, N,
+    N_DY: tl.constexpr, HAS_RES: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     # ROWS rows per program; the weight gradient is summed per program (partials reduced by torch).
     # N_DY > 1: the output's gradient is the FP32 sum of N_DY partial gradients (one per layer
     # reading the norm's output, e.g. q, k and v), summed here instead of by separate adds.
+    # HAS_RES: the input's gradient also gets the residual branch's gradient (the norm's input
+    # is a residual stream), added in FP32 before the one rounding, instead of by a BF16 add.
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < N
@@ -65,6 +67,8 @@ def _rms_bwd_kernel(
             dw += dy * xn.to(x_ptr.dtype.element_ty).to(tl.float32)
             dxn = dy * w
             dx = rstd * (dxn - xn * (tl.sum(dxn * xn, 0) / N))
+            if HAS_RES:
+                dx += tl.load(res_ptr + row * N + cols, mask=mask, other=0.0).to(tl.float32)
             tl.store(dx_ptr + row * N + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
     tl.store(dw_part_ptr + pid * N + cols, dw, mask=mask)
 
@@ -126,14 +130,16 @@ def rms_rstd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return _rms_fwd(x, weight, eps, write_y=False)[1]
 
 
-def _rms_bwd(dy, x, weight, rstd, need_dw: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``dy``: the output's gradient, or a list of up to 3 partial gradients summed in FP32."""
+def _rms_bwd(dy, x, weight, rstd, need_dw: bool, residual=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``dy``: the output's gradient, or a list of up to 3 partial gradients summed in FP32;
+    ``residual``: a gradient of x's shape added to dx in FP32 (None: nothing)."""
     N = x.shape[-1]
     x2 = x.reshape(-1, N).contiguous()
     M = x2.shape[0]
     dys = [g.reshape(M, N).contiguous() for g in (dy if isinstance(dy, (list, tuple)) else [dy])]
     if not 1 <= len(dys) <= 3:
         raise ValueError(f"rms_norm backward: 1 to 3 partial gradients, got {len(dys)}")
+    res = residual.reshape(M, N).contiguous() if residual is not None else dys[0]
     dx = torch.empty_like(x2)
     ROWS = 64 if _interpret() else 16
     n_prog = triton.cdiv(M, ROWS)
@@ -146,6 +152,7 @@ def _rms_bwd(dy, x, weight, rstd, need_dw: bool) -> tuple[torch.Tensor, torch.Te
             dys[0],
             dys[min(1, len(dys) - 1)],
             dys[-1],
+            res,
             x2,
             weight,
             rstd,
@@ -154,18 +161,25 @@ def _rms_bwd(dy, x, weight, rstd, need_dw: bool) -> tuple[torch.Tensor, torch.Te
             M,
             N,
         ),
-        dict(N_DY=len(dys), ROWS=ROWS, BLOCK=BLOCK),
+        dict(N_DY=len(dys), HAS_RES=residual is not None, ROWS=ROWS, BLOCK=BLOCK),
         1 if _interpret() else 8,
     )
     return dx.view(x.shape), dw_part.sum(0).to(weight.dtype) if need_dw else None
 
 
 def rms_norm_backward(
-    partial_grads: list[torch.Tensor], x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, need_dw: bool
+    partial_grads: list[torch.Tensor],
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    rstd: torch.Tensor,
+    need_dw: bool,
+    residual_grad: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(dx, dweight or None) of :func:`rms_norm` for an output gradient given as 1 to 3 partial
-    gradients (one per layer reading the output), summed in FP32 inside the kernel."""
-    return _rms_bwd(list(partial_grads), x, weight, rstd, need_dw)
+    gradients (one per layer reading the output), summed in FP32 inside the kernel.
+    ``residual_grad``: the gradient x also receives from elsewhere (a residual connection),
+    added to dx in FP32 before its one rounding."""
+    return _rms_bwd(list(partial_grads), x, weight, rstd, need_dw, residual_grad)
 
 
 def _swiglu_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

@@ -71,21 +71,25 @@ def train_losses(model, optimizer, steps: int, *, batch: int = 8, seq: int = 32,
     return losses
 
 
-def losses_with_norms_fused_and_not(model, twin, batches, lr: float = 1e-3) -> tuple[list, list]:
+def losses_with_norms_fused_and_not(
+    model, twin, batches, lr: float = 1e-3, switch: tuple = ("hf_fp8.norm_ops", "ENABLED")
+) -> tuple[list, list]:
     """Train ``model`` with each RMSNorm inside its consumers' FP8 casts (``hf_fp8.norm_ops``) and
-    ``twin`` with the norms on their own, on the same ``batches`` (AdamW); both runs' losses."""
-    from hf_fp8 import norm_ops
+    ``twin`` with the norms on their own, on the same ``batches`` (AdamW); both runs' losses.
+    ``switch``: (module, flag) turned off for ``twin`` (another fused path to compare)."""
+    import importlib
 
+    module = importlib.import_module(switch[0])
     opts = [torch.optim.AdamW(m.parameters(), lr=lr) for m in (model, twin)]
     losses: tuple[list, list] = ([], [])
     for ids in batches:
         for fused, m, opt, out in zip((True, False), (model, twin), opts, losses):
-            norm_ops.ENABLED = fused
+            setattr(module, switch[1], fused)
             try:
                 loss = m(input_ids=ids, labels=ids).loss
                 loss.backward()
             finally:
-                norm_ops.ENABLED = True
+                setattr(module, switch[1], True)
             opt.step()
             opt.zero_grad(set_to_none=True)
             out.append(loss.detach())
