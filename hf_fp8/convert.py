@@ -202,7 +202,7 @@ def convert(
 
         fused = patch_fused_ops(model)
         if fused:
-            report.notes.append(f"fused RMSNorm and SwiGLU in {fused} modules")
+            report.notes.append(f"fused RMSNorm, SwiGLU and embedding-gradient kernels in {fused} modules")
     if config.full_bf16:
         report.notes.append("full-BF16: train with hf_fp8.optim.AdamW(..., full_bf16=True) for FP32 optimizer states")
     logger.info("hf_fp8.convert: %d of %d linear layers converted", len(report.converted), len(decisions))
