@@ -9,10 +9,10 @@ inside down's FP8 cast, see :mod:`hf_fp8.mlp_ops`); on CPUs (or without Triton) 
 same functions run as torch (the references). Every ``LlamaDecoderLayer`` gets HF's forward
 with each norm handed to the attention / MLP forward that reads its output, which runs it
 inside its FP8 layers' input cast when it can (:mod:`hf_fp8.norm_ops`: the norm's output is
-never written in BF16, and its backward sums the layers' input gradients). The input
-embedding gets a backward that writes its weight gradient in one pass
-(:mod:`hf_fp8.embedding_ops`). Nothing outside the model changes, and ``unpatch_fused_ops`` restores HF's forwards. Model families are
-listed in one table.
+never written in BF16, and its backward sums the layers' input gradients and the residual's
+gradient, see ``PASS_RESIDUAL``). The input embedding gets a backward that writes its weight
+gradient in one pass (:mod:`hf_fp8.embedding_ops`). Nothing outside the model changes, and
+``unpatch_fused_ops`` restores HF's forwards. Model families are listed in one table.
 """
 
 from __future__ import annotations
