@@ -82,6 +82,7 @@ for s in $steps; do
     llamaclose2) python3 -m benchmarks.bench_llama --isolate --variants stock_bf16 hf_fp8_delayed torchao_tensorwise_compile hf_fp8_delayed torchao_tensorwise_compile hf_fp8_delayed torchao_tensorwise_compile --budget-s 420 --out llama_accept_close2_h100.json 2>&1 | grep -v Warning | grep -E "^8b|skipped|Error|error|Traceback|fault" | cut -c1-200 ;;
     gemmshapes) python3 -m benchmarks.bench_gemm_shapes 2>&1 | grep -v Warning | tail -25 ;;
     llamagraphnow) python3 -m benchmarks.bench_llama --isolate --variants hf_fp8_delayed hf_fp8_delayed_graph torchao_tensorwise_compile hf_fp8_delayed_graph hf_fp8_delayed --budget-s 420 --out llama_graph_now_h100.json 2>&1 | grep -v Warning | grep -E "^8b|skipped|Error|error|Traceback|fault" | cut -c1-200 ;;
+    gemmcalls) python3 -m benchmarks.profile_gemm_calls 2>&1 | grep -v Warning | tail -14 ;;
     quantnow) python3 -m benchmarks.bench_quant 2>&1 | tail -40 ;;
     lossblocks) python3 -m benchmarks.bench_precision_ops loss-blocks 2>&1 | grep -v Warning | tail -20 ;;
     llamalean) python3 -m benchmarks.bench_llama --variants stock_bf16 hf_fp8_delayed_all hf_fp8_delayed_all_wholeloss hf_fp8_delayed_all_wholeloss_keptact hf_fp8_delayed_all_chunk512_block2048 hf_fp8_delayed_all_chunk512_block1024 hf_fp8_delayed hf_fp8_tensorwise_all torchao_tensorwise_compile --budget-s 440 --out llama_lean_h100.json 2>&1 | grep -E "^8b|skipped|Error" | cut -c1-330 ;;
