@@ -378,57 +378,6 @@ def bench_loss_in_place() -> list[dict]:
     return rows
 
 
-def bench_ce_grid() -> list[dict]:
-    """The cross-entropy kernel on one 1024-token block at vocab 128256 (the chunked loss's), in
-    place as the loss runs it, by launch shape: one program per row (the default) or a grid of P
-    programs looping over rows. Fewer rows in flight at once (P x 513 KB of FP32 logits) may keep
-    a row's logits in the 50 MB L2 between its two passes, so that only the first reads HBM.
-    Each timed call re-fills the buffer first (its copy timed alone too); the outputs are checked
-    equal to the default launch's, bit for bit."""
-    import hf_fp8.kernels.cross_entropy as CE
-
-    n, V = 1024, 128256
-    torch.manual_seed(0)
-    logits = torch.randn(n, V, device="cuda") * 4
-    labels = torch.randint(0, V, (n,), device="cuda")
-    scale = torch.tensor(1 / 8192, device="cuda")
-    buf = logits.clone()
-    default = dict(CE.TUNING)
-    rows = []
-    t = bench_ms(lambda: buf.copy_(logits), rep_ms=200)
-    refill = t["ms"]
-    rows.append(dict(op="ce_grid_refill_copy", ms=refill))
-
-    def run():
-        buf.copy_(logits)
-        return CE.ce_fwd_bwd(buf, labels, scale, torch.bfloat16, grad_out=buf.view(torch.bfloat16)[:, :V])
-
-    loss_ref, _ = run()
-    loss_ref = loss_ref.clone()
-    grad_ref = buf.view(torch.bfloat16)[:, :V].clone()
-    shapes = [(0, 8, 4096)] + [
-        (p, w, b) for p in (33, 66, 99, 132, 264) for w in (4, 8, 16) for b in (2048, 4096, 8192)
-    ]
-    for programs, warps, block in shapes:
-        CE.TUNING.update(programs=programs, num_warps=warps, block_v=block)
-        try:
-            loss, _ = run()
-            same = bool(torch.equal(loss, loss_ref) and torch.equal(buf.view(torch.bfloat16)[:, :V], grad_ref))
-            t = bench_ms(run, rep_ms=200)
-        except Exception as e:  # noqa: BLE001  a launch shape that does not compile is a result too
-            rows.append(dict(op="ce_grid", programs=programs, num_warps=warps, block_v=block, error=str(e)[:200]))
-            continue
-        ms = t["ms"] - refill
-        # bytes the kernel must move at least: the logits read once, the BF16 gradient written once
-        rows.append(
-            dict(op="ce_grid", programs=programs, num_warps=warps, block_v=block, ms=ms, same_outputs=same,
-                 gbps_one_read=(n * V * 6) / ms / 1e6)
-        )  # fmt: skip
-        print(f"ce grid programs={programs:4d} warps={warps:2d} block={block:5d}: {ms:.3f} ms same={same}", flush=True)
-    CE.TUNING.update(default)
-    return rows
-
-
 def bench_adamw() -> list[dict]:
     import hf_fp8
 
@@ -485,7 +434,6 @@ def main() -> None:
                 "loss": bench_loss,
                 "loss-blocks": bench_loss_blocks,
                 "loss-in-place": bench_loss_in_place,
-                "ce-grid": bench_ce_grid,
                 "adamw": bench_adamw,
             }[s]()
         except Exception as e:  # noqa: BLE001  a failed section is a result too
@@ -497,7 +445,6 @@ def main() -> None:
     name = "rope_h100.json" if all(s.startswith("rope") for s in sections) else "precision_ops_h100.json"
     name = "loss_blocks_h100.json" if sections == ["loss-blocks"] else name
     name = "loss_in_place_h100.json" if sections == ["loss-in-place"] else name
-    name = "ce_grid_h100.json" if sections == ["ce-grid"] else name
     print(f"wrote {write_json(name, {'env': environment(), 'rows': rows})}")
 
 

@@ -37,7 +37,6 @@ def _ce_fwd_bwd_kernel(
     scale_ptr,  # () fp32
     loss_ptr,  # (C,) fp32
     grad_ptr,  # (C, V) grad dtype
-    C,
     V,
     stride_x,
     stride_g,
@@ -45,57 +44,51 @@ def _ce_fwd_bwd_kernel(
     BARRIERS: tl.constexpr,  # grad overwrites x's memory: 1 a barrier per block, 2 at blocks 0, 1, 2, 4, ...
     BLOCK_V: tl.constexpr,
 ):
-    # rows p, p + P, ...: a grid of P < C programs holds fewer rows in flight, so that a row's
-    # second pass can find its logits still in L2 (see TUNING)
-    for row in range(tl.program_id(0), C, tl.num_programs(0)):
-        r = tl.cast(row, tl.int64)
-        x_row = x_ptr + r * stride_x
-        g_row = grad_ptr + r * stride_g
-        label = tl.load(labels_ptr + r)
-        scale = tl.load(scale_ptr)
-        ignored = label == IGNORE_INDEX
-        cols = tl.arange(0, BLOCK_V)
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * stride_x
+    g_row = grad_ptr + row * stride_g
+    label = tl.load(labels_ptr + row)
+    scale = tl.load(scale_ptr)
+    ignored = label == IGNORE_INDEX
+    cols = tl.arange(0, BLOCK_V)
 
-        # pass 1: online max and sum of exp
-        m = tl.full([], float("-inf"), tl.float32)
-        d = tl.full([], 0.0, tl.float32)
-        for start in range(0, V, BLOCK_V):
-            x = tl.load(x_row + start + cols, mask=start + cols < V, other=float("-inf"))
-            m_new = tl.maximum(m, tl.max(x, axis=0))
-            d = d * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
-            m = m_new
-        lse = m + tl.log(d)
-        safe_label = tl.where(ignored, 0, label)
-        x_label = tl.load(x_row + safe_label)
-        tl.store(loss_ptr + r, tl.where(ignored, 0.0, lse - x_label))
+    # pass 1: online max and sum of exp
+    m = tl.full([], float("-inf"), tl.float32)
+    d = tl.full([], 0.0, tl.float32)
+    for start in range(0, V, BLOCK_V):
+        x = tl.load(x_row + start + cols, mask=start + cols < V, other=float("-inf"))
+        m_new = tl.maximum(m, tl.max(x, axis=0))
+        d = d * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+        m = m_new
+    lse = m + tl.log(d)
+    safe_label = tl.where(ignored, 0, label)
+    x_label = tl.load(x_row + safe_label)
+    tl.store(loss_ptr + row, tl.where(ignored, 0.0, lse - x_label))
 
-        # pass 2: the gradient of the scaled loss with respect to the logits
-        row_scale = tl.where(ignored, 0.0, scale)
-        for start in range(0, V, BLOCK_V):
-            mask = start + cols < V
-            x = tl.load(x_row + start + cols, mask=mask, other=0.0)
-            if BARRIERS == 1:
+    # pass 2: the gradient of the scaled loss with respect to the logits
+    row_scale = tl.where(ignored, 0.0, scale)
+    for start in range(0, V, BLOCK_V):
+        mask = start + cols < V
+        x = tl.load(x_row + start + cols, mask=mask, other=0.0)
+        if BARRIERS == 1:
+            tl.debug_barrier()
+        elif BARRIERS == 2:
+            # Block k's gradient lies over FP32 columns < (k + 1) * BLOCK_V / 2 (a narrower
+            # dtype; over its own columns in FP32), which blocks <= k / 2 read (rounded up).
+            # A barrier after block j's loads means every warp has read blocks <= j; with
+            # barriers at j = 0 and the powers of two, block k in [2^m, 2^(m+1)) follows the
+            # one at 2^m >= (k + 1) / 2: nothing is overwritten before every warp read it.
+            k = start // BLOCK_V
+            if (k & (k - 1)) == 0:
                 tl.debug_barrier()
-            elif BARRIERS == 2:
-                # Block k's gradient lies over FP32 columns < (k + 1) * BLOCK_V / 2 (a narrower
-                # dtype; over its own columns in FP32), which blocks <= k / 2 read (rounded up).
-                # A barrier after block j's loads means every warp has read blocks <= j; with
-                # barriers at j = 0 and the powers of two, block k in [2^m, 2^(m+1)) follows the
-                # one at 2^m >= (k + 1) / 2: nothing is overwritten before every warp read it.
-                k = start // BLOCK_V
-                if (k & (k - 1)) == 0:
-                    tl.debug_barrier()
-            g = tl.exp(x - lse) - tl.where(start + cols == label, 1.0, 0.0)
-            tl.store(g_row + start + cols, (g * row_scale).to(grad_ptr.dtype.element_ty), mask=mask)
+        g = tl.exp(x - lse) - tl.where(start + cols == label, 1.0, 0.0)
+        tl.store(g_row + start + cols, (g * row_scale).to(grad_ptr.dtype.element_ty), mask=mask)
 
 
 # In place, the barriers that keep a warp from overwriting logits another warp has not read:
 # 1 after every block's loads, 2 after blocks 0, 1, 2, 4, 8, ... (enough for a narrower
 # gradient, see the kernel; an FP32 gradient lands on the block just read and takes 1)
 IN_PLACE_BARRIERS = 2
-
-# Launch shape: programs (0: one per row), warps, columns per block. Benchmarks set it.
-TUNING = {"programs": 0, "num_warps": 8, "block_v": 4096}
 
 
 def _barriers(in_place: bool, grad: torch.Tensor) -> int:
@@ -159,23 +152,21 @@ def ce_fwd_bwd(
             "grad_out: may share memory with logits only as their in-place gradient (same start, same row stride in bytes)"
         )
     interp = os.environ.get("TRITON_INTERPRET", "0") == "1"
-    BLOCK_V = min(triton.next_power_of_2(V), 65536 if interp else TUNING["block_v"])
-    programs = min(C, TUNING["programs"]) if TUNING["programs"] > 0 else C
+    BLOCK_V = min(triton.next_power_of_2(V), 65536 if interp else 4096)
     launch(
         _ce_fwd_bwd_kernel,
-        (max(1, programs),),
+        (C,),
         (
             logits,
             labels,
             scale,
             loss,
             grad,
-            C,
             V,
             logits.stride(0),
             grad.stride(0),
         ),
         dict(IGNORE_INDEX=ignore_index, BARRIERS=_barriers(in_place, grad), BLOCK_V=BLOCK_V),
-        TUNING["num_warps"] if not interp else 1,
+        8 if not interp else 1,
     )
     return loss, grad

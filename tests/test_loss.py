@@ -224,26 +224,6 @@ def test_triton_kernel_matches_reference():
         ce_fwd_bwd(logits, labels, scale, torch.bfloat16, grad_out=torch.empty(9, 700))
 
 
-@pytest.mark.parametrize("programs", [1, 4, 9, 64])
-def test_triton_kernel_with_fewer_programs_than_rows(programs, monkeypatch):
-    """A grid of P programs looping over rows p, p + P, ... (a launch shape the benchmarks try)
-    gives the one-program-per-row launch's losses and gradients bit for bit, in place too."""
-    from hf_fp8.kernels import cross_entropy as CE
-
-    torch.manual_seed(5)
-    logits = torch.randn(9, 700) * 4
-    labels = torch.randint(0, 700, (9,))
-    labels[4] = -100
-    scale = torch.tensor(1 / 8)
-    want_l, want_g = CE.ce_fwd_bwd(logits, labels, scale, torch.bfloat16)
-    monkeypatch.setitem(CE.TUNING, "programs", programs)
-    got_l, got_g = CE.ce_fwd_bwd(logits, labels, scale, torch.bfloat16)
-    assert torch.equal(got_l, want_l) and torch.equal(got_g, want_g)
-    buf = logits.clone()
-    in_l, in_g = CE.ce_fwd_bwd(buf, labels, scale, torch.bfloat16, grad_out=buf.view(torch.bfloat16)[:, :700])
-    assert torch.equal(in_l, want_l) and torch.equal(in_g, want_g)
-
-
 @pytest.mark.skipif(not conftest.INTERPRETER_PATCHED, reason="needs TRITON_INTERPRET=1")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_triton_kernel_in_place_over_the_logits(dtype):
