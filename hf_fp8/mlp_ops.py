@@ -192,8 +192,6 @@ class _Fp8SwiGLUMLPFunction(torch.autograd.Function):
             res = residual if need_x else None  # (pass_input: the returned x's gradient)
             grad_x, grad_nw = norm_ops.rms_backward(grad_x, x_normed_in, norm_w, rstd, need_dnw, res)
             grad_x = grad_x if need_x else None
-        elif residual is not None and ctx.needs_input_grad[0]:
-            grad_x = residual if grad_x is None else grad_x + residual
         if grad_x is not None:
             grad_x = grad_x.reshape(ctx.x_shape)
         return grad_x, None, None, None, grad_gate, grad_up, grad_down, grad_nw, None, None

@@ -147,8 +147,6 @@ class _NormFp8GroupFunction(torch.autograd.Function):
         if need_dy:
             grad_x, grad_nw = rms_backward(partials, x2d, norm_w, rstd, need_dnw, residual if need_dx else None)
             grad_x = grad_x.reshape(ctx.x_shape) if need_dx else None
-        elif residual is not None and ctx.needs_input_grad[0]:
-            grad_x = residual
         return (grad_x, grad_nw, None, None, None, None, None, *grads_w)
 
 
