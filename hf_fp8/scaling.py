@@ -74,12 +74,38 @@ class DelayedScalingState:
 
     def __init__(self, history: torch.Tensor, scale: torch.Tensor) -> None:
         DelayedScalingState.created += 1
+        self._views: tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]] | None = None
         self.history = history
         self.scale = scale
         self.seeded = [False, False, False]
         # set by hf_fp8.delayed's per-forward update, which did the next cast's update in a
         # launch shared by every layer; the cast consumes it instead of launching its own
         self.pending = [False, False, False]
+
+    # the buffers are replaced by Module.to() / .cuda(): a new one drops the views into the old
+    @property
+    def history(self) -> torch.Tensor:
+        return self._history
+
+    @history.setter
+    def history(self, value: torch.Tensor) -> None:
+        self._history, self._views = value, None
+
+    @property
+    def scale(self) -> torch.Tensor:
+        return self._scale
+
+    @scale.setter
+    def scale(self, value: torch.Tensor) -> None:
+        self._scale, self._views = value, None
+
+    def slot_views(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(``scale[slot]``, ``history[0, slot]``): 0-d views, made once per pair of buffers
+        (indexing a tensor costs ~1-3 us of host time, twice per cast otherwise)."""
+        views = self._views
+        if views is None:
+            views = self._views = (self._scale.unbind(0), self._history[0].unbind(0))
+        return views[0][slot], views[1][slot]
 
     def seed_from_history(self) -> None:
         """After the history was loaded or restored: a column with a recorded amax seeds its
@@ -109,6 +135,21 @@ class DelayedScalingState:
         self.seeded[slot] = True
 
 
+_FLAG_SLOTS: dict[int, tuple[torch.Tensor, tuple[torch.Tensor, ...]]] = {}
+
+
+def flag_slot(nonfinite_flag: torch.Tensor, role: Role) -> torch.Tensor:
+    """``nonfinite_flag[role : role + 1]``, the view made once per flag buffer (a slice costs
+    host time on every cast otherwise). Keyed by ``id`` and checked by identity, so a new
+    buffer at a reused address gets its own views."""
+    entry = _FLAG_SLOTS.get(id(nonfinite_flag))
+    if entry is None or entry[0] is not nonfinite_flag:
+        if len(_FLAG_SLOTS) >= 4096:  # modules come and go (tests, conversions): stay bounded
+            _FLAG_SLOTS.clear()
+        entry = _FLAG_SLOTS[id(nonfinite_flag)] = (nonfinite_flag, nonfinite_flag.split(1))
+    return entry[1][role]
+
+
 def quantize_operand(
     x: torch.Tensor,
     role: Role,
@@ -135,7 +176,7 @@ def quantize_operand(
     """
     fmt = config.grad_format if role is Role.GRAD_OUTPUT else config.forward_format
     dtype = fmt.dtype
-    flag = nonfinite_flag[int(role) : int(role) + 1]
+    flag = flag_slot(nonfinite_flag, role)
 
     extra = {} if rms_norm is None else {"rms_norm": rms_norm}
     if config.recipe is Recipe.ROWWISE:
@@ -154,20 +195,22 @@ def quantize_operand(
     if config.recipe is Recipe.DELAYED and delayed is not None and delayed.seeded[role]:
         slot = int(role)
         delayed.update_before_cast(slot, config, dtype)
+        scale_view, amax_slot = delayed.slot_views(slot)
         # the scale buffer is updated again by the next cast of this operand (possibly an
-        # activation-checkpoint recompute before this backward): keep the one used here
-        scale = delayed.scale[slot].clone() if keep_scale else None
+        # activation-checkpoint recompute before this backward): the cast copies out the one used here
         q = Q.quantize_delayed(
             x,
             dtype,
-            delayed.scale[slot],
-            delayed.history[0, slot],
+            scale_view,
+            amax_slot,
             write_y=want_rows,
             write_t=want_t,
             nonfinite_flag=flag,
             swiglu_up=swiglu_up,
+            keep_scale=keep_scale,
             **extra,
         )
+        scale = q.scale
     else:
         q = Q.quantize_tensorwise(
             x, dtype, write_y=want_rows, write_t=want_t, nonfinite_flag=flag, swiglu_up=swiglu_up, **extra
@@ -200,7 +243,7 @@ def quantize_swiglu_grads(
         return None
     fmt = config.grad_format
     slot = int(Role.GRAD_OUTPUT)
-    flags = tuple(f[slot : slot + 1] for f in nonfinite_flags)
+    flags = tuple(flag_slot(f, Role.GRAD_OUTPUT) for f in nonfinite_flags)
     kw = dict(write_y=want_rows, write_t=want_t, nonfinite_flags=flags)
     if config.recipe is Recipe.DELAYED:
         if any(d is None for d in delayed) or delayed[0].seeded[slot] != delayed[1].seeded[slot]:
@@ -208,8 +251,7 @@ def quantize_swiglu_grads(
         if delayed[0].seeded[slot]:
             for d in delayed:
                 d.update_before_cast(slot, config, fmt.dtype)
-            scales = tuple(d.scale[slot] for d in delayed)
-            slots = tuple(d.history[0, slot] for d in delayed)
+            scales, slots = zip(*(d.slot_views(slot) for d in delayed))
             pair = Q.swiglu_backward_quantize(grad, gate, up, fmt.dtype, scales=scales, amax_slots=slots, **kw)
             return tuple(QuantizedOperand(q.data, q.scale_inv, q.data_t, q.scale_inv, (q.amax,)) for q in pair)
     pair = Q.swiglu_backward_quantize(grad, gate, up, fmt.dtype, **kw)

@@ -23,13 +23,11 @@ covers the whole tensor (``benchmarks/bench_adamw.py`` measures both side by sid
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from ._launch import launch
+from ._launch import cdiv, interpreting, launch
 
 __all__ = ["adamw_step"]
 
@@ -108,11 +106,11 @@ def adamw_step(
     if not (p.is_contiguous() and g.is_contiguous() and m.is_contiguous() and v.is_contiguous()):
         raise ValueError("adamw_step: parameter, gradient and moments must be contiguous")
     n = p.numel()
-    interp = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    interp = interpreting()
     block = 65536 if interp else BLOCK
     launch(
         _adamw_kernel,
-        (triton.cdiv(n, block),),
+        (cdiv(n, block),),
         (
             p,
             g,

@@ -32,13 +32,12 @@ Triton's fused-attention tutorial (for the K-major V layout FP8 MMA needs).
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from ._launch import launch
+from ._launch import cdiv, interpreting, launch
 from .attention_reference import E4M3_MAX, P_SCALE, fp8_attention_reference
 
 __all__ = [
@@ -217,7 +216,7 @@ def _attn_fwd_kernel(
 
 
 def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return interpreting()
 
 
 def _bhsd(x: torch.Tensor) -> torch.Tensor:
@@ -233,7 +232,7 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     BLOCK_S = 64
     launch(
         _cast_rows_kernel,
-        (triton.cdiv(S, BLOCK_S), B * H),
+        (cdiv(S, BLOCK_S), B * H),
         (
             x,
             y,
@@ -264,7 +263,7 @@ def quantize_heads(x: torch.Tensor, *, transpose: bool = False) -> tuple[torch.T
     y = torch.empty(shape, dtype=torch.float8_e4m3fn, device=x.device)
     sy_s, sy_d = (1, S) if transpose else (D, 1)
     BLOCK_S = 64
-    grid = (triton.cdiv(S, BLOCK_S), B * H)
+    grid = (cdiv(S, BLOCK_S), B * H)
     launch(
         _head_amax_kernel,
         grid,
@@ -312,7 +311,7 @@ def fp8_attention_fwd(
 
         desc_k = TensorDescriptor(k8, [B * Hk, S, D], [S * D, D, 1], [1, BLOCK_N, D])
         desc_v = TensorDescriptor(v8t, [B * Hk, D, S], [D * S, S, 1], [1, D, BLOCK_N])
-    grid = (triton.cdiv(S, BLOCK_M), B * H)
+    grid = (cdiv(S, BLOCK_M), B * H)
     _attn_fwd_kernel[grid](
         q, k8, v8t, desc_k, desc_v, out, lse, k_sinv, v_sinv, scale / _LN2, S, H, Hk,
         q.stride(0), q.stride(1), q.stride(2), out.stride(0), out.stride(1), out.stride(2),

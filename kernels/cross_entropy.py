@@ -18,13 +18,11 @@ softmax tutorial (online normalizer, Milakov & Gimelshein 2018).
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from ._launch import launch
+from ._launch import interpreting, launch, next_power_of_2
 from .cross_entropy_reference import ce_fwd_bwd_reference
 
 __all__ = ["ce_fwd_bwd", "ce_fwd_bwd_reference"]
@@ -151,8 +149,8 @@ def ce_fwd_bwd(
         raise ValueError(
             "grad_out: may share memory with logits only as their in-place gradient (same start, same row stride in bytes)"
         )
-    interp = os.environ.get("TRITON_INTERPRET", "0") == "1"
-    BLOCK_V = min(triton.next_power_of_2(V), 65536 if interp else 4096)
+    interp = interpreting()
+    BLOCK_V = min(next_power_of_2(V), 65536 if interp else 4096)
     launch(
         _ce_fwd_bwd_kernel,
         (C,),

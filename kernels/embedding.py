@@ -15,13 +15,11 @@ stable argsort of the ids and per-id counts and offsets (scatter-add of ones, cu
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from ._launch import launch
+from ._launch import cdiv, interpreting, launch, next_power_of_2
 from .embedding_reference import embedding_backward_reference
 
 __all__ = ["embedding_backward", "embedding_backward_reference"]
@@ -55,7 +53,7 @@ def _embedding_bwd_kernel(
 
 
 def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return interpreting()
 
 
 def embedding_backward(
@@ -83,11 +81,11 @@ def embedding_backward(
     if padding_idx is not None:
         count[padding_idx] = 0  # its tokens stay in the sorted order; a zero count skips them
     interp = _interpret()
-    BLOCK_H = min(triton.next_power_of_2(H), 8192 if interp else 1024)
+    BLOCK_H = min(next_power_of_2(H), 8192 if interp else 1024)
     ROWS = 1 if interp else 4
     launch(
         _embedding_bwd_kernel,
-        (triton.cdiv(V, ROWS), triton.cdiv(H, BLOCK_H)),
+        (cdiv(V, ROWS), cdiv(H, BLOCK_H)),
         (g, order, start, count, dw, V, H, g.stride(0)),
         dict(ROWS=ROWS, BLOCK_H=BLOCK_H),
         1 if interp else 4,

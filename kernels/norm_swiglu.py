@@ -10,13 +10,11 @@ RMSNorm and keeps an FP32 copy of the row alive for autograd, and 2 kernels for 
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from ._launch import launch
+from ._launch import cdiv, interpreting, launch, next_power_of_2
 
 __all__ = ["rms_norm", "rms_norm_backward", "rms_rstd", "swiglu"]
 
@@ -95,7 +93,7 @@ def _swiglu_bwd_kernel(g_ptr, a_ptr, b_ptr, da_ptr, db_ptr, n, BLOCK: tl.constex
 
 
 def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return interpreting()
 
 
 def _rms_fwd(
@@ -107,7 +105,7 @@ def _rms_fwd(
     M = x2.shape[0]
     rstd = torch.empty(M, dtype=torch.float32, device=x.device)
     y = torch.empty((M, N), dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device) if write_y else None
-    BLOCK = triton.next_power_of_2(N)
+    BLOCK = next_power_of_2(N)
     launch(
         _rms_fwd_kernel,
         (M,),
@@ -142,9 +140,9 @@ def _rms_bwd(dy, x, weight, rstd, need_dw: bool, residual=None) -> tuple[torch.T
     res = residual.reshape(M, N).contiguous() if residual is not None else dys[0]
     dx = torch.empty_like(x2)
     ROWS = 64 if _interpret() else 16
-    n_prog = triton.cdiv(M, ROWS)
+    n_prog = cdiv(M, ROWS)
     dw_part = torch.empty((n_prog, N), dtype=torch.float32, device=x2.device)
-    BLOCK = triton.next_power_of_2(N)
+    BLOCK = next_power_of_2(N)
     launch(
         _rms_bwd_kernel,
         (n_prog,),
@@ -189,7 +187,7 @@ def _swiglu_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     BLOCK = 4096 if _interpret() else 1024
     launch(
         _swiglu_fwd_kernel,
-        (triton.cdiv(n, BLOCK),),
+        (cdiv(n, BLOCK),),
         (
             a,
             b,
@@ -209,7 +207,7 @@ def _swiglu_bwd(g: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[
     BLOCK = 4096 if _interpret() else 1024
     launch(
         _swiglu_bwd_kernel,
-        (triton.cdiv(n, BLOCK),),
+        (cdiv(n, BLOCK),),
         (
             g,
             a,

@@ -40,13 +40,12 @@ persistent-grid patterns; torchao.float8 and TransformerEngine for the scaling r
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from ._launch import launch
+from ._launch import cdiv, interpreting, launch, next_power_of_2
 from .quant_reference import (
     MIN_AMAX,
     Fp8Quantized,
@@ -200,14 +199,18 @@ def _tensor_scale_from_partials(
 
 @triton.jit
 def _given_scale(
-    x, scale_ptr, record_ptr, pid, scale_inv_out_ptr, flag_ptr, RECORD: tl.constexpr, HAS_FLAG: tl.constexpr
-):
-    """Delayed / re-cast: a precomputed scale; with RECORD, max-reduce this tile's amax into the slot."""
+    x, scale_ptr, record_ptr, pid, scale_inv_out_ptr, scale_out_ptr, flag_ptr,
+    RECORD: tl.constexpr, HAS_FLAG: tl.constexpr, WRITE_SCALE: tl.constexpr,
+):  # fmt: skip
+    """Delayed / re-cast: a precomputed scale; with RECORD, max-reduce this tile's amax into the
+    slot; with WRITE_SCALE, copy the scale out (the module's buffer changes at the next update)."""
     scale = tl.load(scale_ptr)
     if pid == 0:
         # a fresh 0-d tensor: cuBLASLt rejects scale pointers that are not 16-byte aligned,
         # which a view into the module's (3,) scale buffer would not be
         tl.store(scale_inv_out_ptr, _reciprocal(scale))
+        if WRITE_SCALE:
+            tl.store(scale_out_ptr, scale)
     if RECORD:
         tile_amax = tl.max(tl.max(_abs_bits(x), axis=1), axis=0)
         tl.atomic_max(record_ptr, tile_amax)
@@ -271,7 +274,7 @@ def _cast_kernel(
     record_ptr,  # SCALE_FROM_TENSOR with RECORD_AMAX: int32 view of the amax slot to max into
     scale_inv_out_ptr,  # fp32: () or (R,) or (C,)
     amax_out_ptr,  # fp32: () or (R,) or (C,)
-    scale_out_ptr,  # fp32 (): the per-tensor scale computed from the partials (SCALE_FROM_PARTIALS)
+    scale_out_ptr,  # fp32 (): the per-tensor scale, from the partials (SCALE_FROM_PARTIALS) or given (WRITE_SCALE)
     flag_ptr,  # int32 sticky non-finite flag, if HAS_FLAG
     R,
     C,
@@ -283,6 +286,7 @@ def _cast_kernel(
     FP8_MAX: tl.constexpr,
     MIN_AMAX_C: tl.constexpr,
     SCALE_MODE: tl.constexpr,
+    WRITE_SCALE: tl.constexpr,  # SCALE_FROM_TENSOR: copy the given scale to scale_out_ptr
     GATED: tl.constexpr,
     NORMED: tl.constexpr,
     RECORD_AMAX: tl.constexpr,
@@ -317,7 +321,9 @@ def _cast_kernel(
         )  # fmt: skip
         y = x * scale
     elif SCALE_MODE == 1:
-        scale = _given_scale(x, scale_ptr, record_ptr, pid, scale_inv_out_ptr, flag_ptr, RECORD_AMAX, HAS_FLAG)
+        scale = _given_scale(
+            x, scale_ptr, record_ptr, pid, scale_inv_out_ptr, scale_out_ptr, flag_ptr, RECORD_AMAX, HAS_FLAG, WRITE_SCALE
+        )  # fmt: skip
         y = x * scale
     elif SCALE_MODE == 2:
         amax = tl.load(amax_ptr + rows, mask=row_in, other=0).to(tl.float32, bitcast=True)
@@ -416,7 +422,7 @@ def _delayed_update_many_kernel(
 # launch settings
 # ---------------------------------------------------------------------------------------
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return interpreting()
 
 
 @functools.lru_cache(maxsize=8)
@@ -482,6 +488,7 @@ def _launch_cast(
     block: tuple[int, int, int] | None = None,
     up: torch.Tensor | None = None,
     rms: tuple[torch.Tensor, torch.Tensor] | None = None,
+    write_scale: bool = False,
 ) -> Fp8Quantized:
     if write_y and write_t and x.is_cuda and x.dtype != torch.bfloat16:
         # Writing both copies from one FP32 tile miscompiled with triton 3.6 on an H100 (wrong
@@ -499,6 +506,7 @@ def _launch_cast(
             block=block,
             up=up,
             rms=rms,
+            write_scale=write_scale,
         )
         rows = _launch_cast(x, fp8_dtype, write_y=True, write_t=False, **kwargs)
         cols = _launch_cast(x, fp8_dtype, write_y=False, write_t=True, **kwargs)
@@ -512,9 +520,11 @@ def _launch_cast(
     scale_inv = torch.empty(out_shape, dtype=torch.float32, device=dev)
     # a given scale (delayed, re-cast) has no amax output: its callers report the history slot or NaN
     amax = scale_inv if scale_mode == _SCALE_FROM_TENSOR else torch.empty(out_shape, dtype=torch.float32, device=dev)
-    scale_out = torch.empty((), dtype=torch.float32, device=dev) if scale_mode == _SCALE_FROM_PARTIALS else None
+    write_scale = write_scale and scale_mode == _SCALE_FROM_TENSOR
+    want_scale = scale_mode == _SCALE_FROM_PARTIALS or write_scale
+    scale_out = torch.empty((), dtype=torch.float32, device=dev) if want_scale else None
     BLOCK_R, BLOCK_C, num_warps = block or _settings(x, write_t)
-    grid = (triton.cdiv(R_pad, BLOCK_R) * triton.cdiv(C, BLOCK_C),)
+    grid = (cdiv(R_pad, BLOCK_R) * cdiv(C, BLOCK_C),)
     dummy = scale_inv
     launch(
         _cast_kernel,
@@ -546,6 +556,7 @@ def _launch_cast(
             FP8_MAX=fmax,
             MIN_AMAX_C=MIN_AMAX,
             SCALE_MODE=scale_mode,
+            WRITE_SCALE=write_scale,
             GATED=up is not None,
             NORMED=rms is not None,
             RECORD_AMAX=record is not None,
@@ -556,7 +567,7 @@ def _launch_cast(
             TRANS_MODE=_trans_mode(x, scale_mode in (_SCALE_FROM_PARTIALS, _SCALE_FROM_TENSOR)) if write_t else 0,
             BLOCK_R=BLOCK_R,
             BLOCK_C=BLOCK_C,
-            BLOCK_P=max(triton.next_power_of_2(max(n_partials, 1)), 16),
+            BLOCK_P=max(next_power_of_2(max(n_partials, 1)), 16),
         ),
         num_warps,
     )
@@ -576,7 +587,7 @@ def _launch_amax(
         BLOCK_R, BLOCK_C, num_warps = 64, 128, 4
     else:
         BLOCK_R, BLOCK_C, num_warps = block or (TUNING["amax"] if x.stride(1) == 1 else TUNING["amax_colwise"])
-    n_tiles = triton.cdiv(R, BLOCK_R) * triton.cdiv(C, BLOCK_C)
+    n_tiles = cdiv(R, BLOCK_R) * cdiv(C, BLOCK_C)
     n_progs = min(n_tiles, _max_programs(x))
     if axis == -1:
         out = torch.empty(n_progs, dtype=torch.int32, device=x.device)
@@ -686,6 +697,7 @@ def quantize_delayed(
     block: tuple[int, int, int] | None = None,
     swiglu_up: torch.Tensor | None = None,
     rms_norm: tuple[torch.Tensor, torch.Tensor] | None = None,
+    keep_scale: bool = False,
 ) -> Fp8Quantized:
     """Cast with a precomputed scale and record max|x| into ``amax_slot`` in the same pass.
 
@@ -694,6 +706,9 @@ def quantize_delayed(
         amax_slot (`torch.Tensor`): fp32 0-d view into the amax history that must hold 0 (or
             a smaller amax) before the call; it is max-reduced into atomically.
         nonfinite_flag (`torch.Tensor`, *optional*): int32 (1,) set to 1 if x has inf/NaN.
+        keep_scale (`bool`): also return the scale used, copied out by the cast itself (the
+            result's ``scale``), for a later re-cast after the buffer has moved on; one less
+            launch than cloning the buffer first.
     """
     x, swiglu_up = _gated_operands(x, swiglu_up)
     rms = _rms_operand(x, rms_norm, swiglu_up)
@@ -711,8 +726,9 @@ def quantize_delayed(
         block=block,
         up=swiglu_up,
         rms=rms,
+        write_scale=keep_scale,
     )
-    return Fp8Quantized(q.data, q.data_t, q.scale_inv, amax_slot)
+    return Fp8Quantized(q.data, q.data_t, q.scale_inv, amax_slot, q.scale)
 
 
 def quantize_with_scale(
@@ -850,7 +866,7 @@ def _delayed_update_constexprs(fp8_dtype: torch.dtype, use_max: bool, margin: in
         MIN_AMAX_C=MIN_AMAX,
         MARGIN_MUL=float(2.0**-margin),
         USE_MAX=use_max,
-        BLOCK_L=max(triton.next_power_of_2(L), 16),
+        BLOCK_L=max(next_power_of_2(L), 16),
     )
 
 

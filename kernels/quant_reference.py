@@ -29,8 +29,8 @@ class Fp8Quantized(NamedTuple):
     ``scale_inv``: FP32, ``()`` per tensor, ``(R,)`` per row, ``(C,)`` per column.
     ``amax``: FP32 with the same shape as ``scale_inv`` (for delayed: the amax just recorded
     is in the caller's history slot, and this is that slot).
-    ``scale``: tensorwise only, the FP32 multiplier the cast used (``1 / scale_inv`` need not
-    round back to it), so that a later cast can reproduce the same codes.
+    ``scale``: tensorwise (and delayed with ``keep_scale``), the FP32 multiplier the cast used
+    (``1 / scale_inv`` need not round back to it), so that a later cast can reproduce the same codes.
     """
 
     data: torch.Tensor | None
@@ -178,14 +178,17 @@ def quantize_delayed_reference(
     block: object = None,
     swiglu_up: torch.Tensor | None = None,
     rms_norm: tuple[torch.Tensor, torch.Tensor] | None = None,
+    keep_scale: bool = False,
 ) -> Fp8Quantized:
     x = _operand(x, swiglu_up, rms_norm)
     q = _cast_reference(x, scale, fp8_dtype)
     amax = _amax_reference(x, None)
+    kept = scale.clone() if keep_scale else None  # before the caller's buffer moves on
     # NaN must win, as in the kernel's integer max: torch.maximum propagates NaN.
     amax_slot.copy_(torch.maximum(amax_slot, amax))
     _set_flag(nonfinite_flag, amax)
-    return Fp8Quantized(q if write_y else None, _transpose_padded(q) if write_t else None, 1.0 / scale, amax_slot)
+    t = _transpose_padded(q) if write_t else None
+    return Fp8Quantized(q if write_y else None, t, 1.0 / scale, amax_slot, kept)
 
 
 def quantize_with_scale_reference(

@@ -27,13 +27,12 @@ Reference: RoFormer (Su et al. 2021); HF ``apply_rotary_pos_emb``; TransformerEn
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from ._launch import launch
+from ._launch import cdiv, interpreting, launch, next_power_of_2
 from .rope_reference import _check_rope_inputs, rope_reference
 
 __all__ = ["rope_fwd", "rope_bwd", "RopeFunction", "apply_rope", "rope_reference"]
@@ -133,11 +132,11 @@ def _launch(q, k, position_ids, inv_freq, scaling, backward):
     pos = position_ids if position_ids.dim() == 2 else position_ids.view(1, -1)
     stride_pb = pos.stride(0) if pos.shape[0] > 1 else 0
     n_tokens = B * S
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    if interpreting():
         BLOCK_S, HEADS, num_warps = 64, Hq + Hk, 1  # few, large programs: the interpreter pays per program
     else:
         BLOCK_S, HEADS, num_warps = TUNING["gpu"]
-    grid = (triton.cdiv(n_tokens, BLOCK_S), triton.cdiv(Hq + Hk, HEADS))
+    grid = (cdiv(n_tokens, BLOCK_S), cdiv(Hq + Hk, HEADS))
     launch(
         _rope_kernel,
         grid,
@@ -172,7 +171,7 @@ def _launch(q, k, position_ids, inv_freq, scaling, backward):
             TWO_PI=_TWO_PI,
             INV_TWO_PI=1.0 / _TWO_PI,
             HALF=D // 2,
-            BLOCK_HALF=triton.next_power_of_2(D // 2),
+            BLOCK_HALF=next_power_of_2(D // 2),
             BLOCK_S=BLOCK_S,
             HEADS=HEADS,
             BACKWARD=backward,

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import launch
+from ._launch import cdiv, launch, next_power_of_2
 from .quant import (
     _abs_bits,
     _given_scale,
@@ -80,7 +80,9 @@ def _scale_cast_store(
 ):  # fmt: skip
     """Scale, saturate and store one gradient tile (``which``: 0 gate, 1 up), as quant._cast_kernel does."""
     if FROM_TENSOR:
-        scale = _given_scale(v, scale_ptr, record_ptr, pid, scale_inv_ptr, flag_ptr, True, HAS_FLAG)
+        scale = _given_scale(
+            v, scale_ptr, record_ptr, pid, scale_inv_ptr, scale_out_ptr, flag_ptr, True, HAS_FLAG, False
+        )
     else:
         scale = _tensor_scale_from_partials(
             partials_ptr + which * n_partials, n_partials, pid, scale_inv_ptr, amax_ptr, scale_out_ptr, flag_ptr,
@@ -173,7 +175,7 @@ def swiglu_backward_quantize(
     meta = [[torch.empty((), **f32) for _ in range(3)] for _ in range(2)]
     if scales is None:
         BLOCK_R, BLOCK_C, num_warps = (64, 128, 4) if _interpreting() else (16, 512, 8)
-        n_progs = min(triton.cdiv(R, BLOCK_R) * triton.cdiv(C, BLOCK_C), _max_programs(gate))
+        n_progs = min(cdiv(R, BLOCK_R) * cdiv(C, BLOCK_C), _max_programs(gate))
         partials = torch.empty(2 * n_progs, dtype=torch.int32, device=dev)
         launch(
             _amax_kernel,
@@ -194,11 +196,11 @@ def swiglu_backward_quantize(
         for name, t in zip(("scales[0]", "scales[1]", "amax_slots[0]", "amax_slots[1]"), (*scales, *amax_slots)):
             _check_f32_scalar(name, t)
     BLOCK_R, BLOCK_C, num_warps = block or _settings(gate, write_t)
-    grid = (triton.cdiv(R_pad, BLOCK_R) * triton.cdiv(C, BLOCK_C),)
+    grid = (cdiv(R_pad, BLOCK_R) * cdiv(C, BLOCK_C),)
     dummy = meta[0][0]
     (yg, ytg), (yu, ytu) = outs
     flag_g, flag_u = nonfinite_flags
-    launch(_cast_kernel, grid, (grad, gate, up, yg if yg is not None else ytg, ytg if ytg is not None else yg, yu if yu is not None else ytu, ytu if ytu is not None else yu, partials, n_progs, scales[0] if scales else dummy, scales[1] if scales else dummy, amax_slots[0].view(torch.int32) if amax_slots else dummy, amax_slots[1].view(torch.int32) if amax_slots else dummy, *meta[0], flag_g if flag_g is not None else dummy, *meta[1], flag_u if flag_u is not None else dummy, R, C, R_pad,), dict(FP8_MAX=fmax, MIN_AMAX_C=MIN_AMAX, FROM_TENSOR=scales is not None, HAS_FLAG=flag_g is not None and flag_u is not None, WRITE_Y=write_y, WRITE_T=write_t, TRANS_MODE=_trans_mode(gate, True), BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, BLOCK_P=max(triton.next_power_of_2(max(n_progs, 1)), 16)), num_warps)  # fmt: skip
+    launch(_cast_kernel, grid, (grad, gate, up, yg if yg is not None else ytg, ytg if ytg is not None else yg, yu if yu is not None else ytu, ytu if ytu is not None else yu, partials, n_progs, scales[0] if scales else dummy, scales[1] if scales else dummy, amax_slots[0].view(torch.int32) if amax_slots else dummy, amax_slots[1].view(torch.int32) if amax_slots else dummy, *meta[0], flag_g if flag_g is not None else dummy, *meta[1], flag_u if flag_u is not None else dummy, R, C, R_pad,), dict(FP8_MAX=fmax, MIN_AMAX_C=MIN_AMAX, FROM_TENSOR=scales is not None, HAS_FLAG=flag_g is not None and flag_u is not None, WRITE_Y=write_y, WRITE_T=write_t, TRANS_MODE=_trans_mode(gate, True), BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, BLOCK_P=max(next_power_of_2(max(n_progs, 1)), 16)), num_warps)  # fmt: skip
     result = []
     for i, ((y, yt), (scale_inv, amax, scale)) in enumerate(zip(outs, meta)):
         if scales is None:

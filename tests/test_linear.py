@@ -217,6 +217,35 @@ def test_delayed_scaling_state_is_a_buffer_and_follows_history():
     assert torch.equal(fresh.fp8_scale, m.fp8_scale)
 
 
+def test_delayed_state_views_follow_replaced_buffers():
+    """The state's cached 0-d views (scale, newest amax) are dropped with the buffers they view:
+    after ``.to()``-style replacement the casts read and record into the live buffers."""
+    _, m = _make("delayed", amax_history_len=4)
+    for _ in range(2):  # seed, then a cast through the views
+        m(torch.randn(32, 256).requires_grad_()).sum().backward()
+    old_hist, old_scale = m.fp8_amax_history, m.fp8_scale
+    frozen = old_hist.clone()
+    m._apply(lambda t: t.clone())  # what Module.to() does to buffers: new tensors
+    assert m.fp8_amax_history is not old_hist and m._fp8_delayed.history is m.fp8_amax_history
+    x = torch.randn(32, 256) * 7
+    m(x)
+    assert torch.equal(old_hist, frozen)  # nothing recorded into the dropped buffer
+    assert m.fp8_amax_history[0, 0].item() == x.abs().max().item()
+    scale_view, amax_view = m._fp8_delayed.slot_views(0)
+    assert scale_view.data_ptr() == m.fp8_scale.data_ptr() and scale_view.data_ptr() != old_scale.data_ptr()
+    assert amax_view.data_ptr() == m.fp8_amax_history.data_ptr()
+
+
+def test_flag_slot_views_are_per_buffer():
+    from hf_fp8.scaling import Role, flag_slot
+
+    a, b = torch.zeros(3, dtype=torch.int32), torch.zeros(3, dtype=torch.int32)
+    flag_slot(a, Role.GRAD_OUTPUT).fill_(1)
+    flag_slot(b, Role.WEIGHT).fill_(2)
+    assert a.tolist() == [0, 0, 1] and b.tolist() == [0, 2, 0]
+    assert flag_slot(a, Role.INPUT) is flag_slot(a, Role.INPUT)  # made once
+
+
 def test_delayed_most_recent_and_margin():
     _, m = _make("delayed", amax_history_len=3, amax_compute_algo="most_recent", margin=1)
     big, small = torch.randn(32, 256) * 100, torch.randn(32, 256)

@@ -70,6 +70,23 @@ def test_delayed_cast_matches_reference_and_records_amax(shape, f8):
     assert slot_k.item() == x.float().abs().max().item()
 
 
+@pytest.mark.parametrize("write_t", [False, True])
+def test_delayed_cast_keeps_the_scale_it_used(write_t):
+    """``keep_scale``: the cast copies out the scale it read (for the backward's re-cast), so a
+    later update of the module's buffer does not reach it; the codes are those without it."""
+    x = _rand((130, 300), torch.bfloat16)
+    for impl in (K.quantize_delayed, R.quantize_delayed_reference):
+        buf = torch.tensor([3.0, 37.123456, 5.0])
+        kept = impl(x, E4M3, buf[1], torch.tensor(0.0), write_t=write_t, keep_scale=True)
+        plain = impl(x, E4M3, buf[1], torch.tensor(0.0), write_t=write_t)
+        assert plain.scale is None
+        assert kept.scale.shape == () and kept.scale.dtype == torch.float32
+        assert kept.scale.data_ptr() != buf.data_ptr() + 4  # its own memory, not the buffer's
+        buf[1] = 0.5  # the next update
+        assert kept.scale.item() == torch.tensor(37.123456).item()
+        _check_same(kept._replace(scale=None), plain, "keep_scale")
+
+
 def test_non_contiguous_input():
     """A transposed view (stride 1 along rows) goes through the same kernels."""
     x = _rand((300, 130), torch.bfloat16).t()
