@@ -81,6 +81,10 @@ for s in $steps; do
     llamaclose2) python3 -m benchmarks.bench_llama --isolate --variants stock_bf16 hf_fp8_delayed torchao_tensorwise_compile hf_fp8_delayed torchao_tensorwise_compile hf_fp8_delayed torchao_tensorwise_compile --budget-s 420 --out llama_accept_close2_h100.json 2>&1 | grep -v Warning | grep -E "^8b|skipped|Error|error|Traceback|fault" | cut -c1-200 ;;
     gemmshapes) python3 -m benchmarks.bench_gemm_shapes 2>&1 | grep -v Warning | tail -25 ;;
     llamagraphnow) python3 -m benchmarks.bench_llama --isolate --variants hf_fp8_delayed hf_fp8_delayed_graph torchao_tensorwise_compile hf_fp8_delayed_graph hf_fp8_delayed --budget-s 420 --out llama_graph_now_h100.json 2>&1 | grep -v Warning | grep -E "^8b|skipped|Error|error|Traceback|fault" | cut -c1-200 ;;
+    hostpythonnow) python3 -m benchmarks.profile_host_python --variants hf_fp8_delayed --out host_python_now_h100.json 2>&1 | grep -v Warning | cut -c1-170 | grep -E "forward_host|hf_fp8_delayed" | head -8 ;;
+    # interleaved against an older tree: scratch/base = that commit laid out as below (see benchmarks/bench_llama_ab.py)
+    llamaab) python3 -m benchmarks.bench_llama_ab --base /tmp/work/scratch/base --base-sha "${HF_FP8_BASE_SHA:-unknown}" --out llama_ab_host_h100.json 2>&1 | grep -v Warning | cut -c1-260 ;;
+    llamaab1b) python3 -m benchmarks.bench_llama_ab --base /tmp/work/scratch/base --base-sha "${HF_FP8_BASE_SHA:-unknown}" --configs 1b --peers stock_bf16 --out llama_ab_host_1b_h100.json 2>&1 | grep -v Warning | cut -c1-260 ;;
     gemmcalls) python3 -m benchmarks.profile_gemm_calls 2>&1 | grep -v Warning | tail -14 ;;
     quantnow) python3 -m benchmarks.bench_quant 2>&1 | tail -40 ;;
     lossblocks) python3 -m benchmarks.bench_precision_ops loss-blocks 2>&1 | grep -v Warning | tail -20 ;;
