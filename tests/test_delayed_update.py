@@ -172,3 +172,85 @@ def test_update_addresses_check_the_entries():
         delayed_update_addresses([good[0], torch.zeros(5, 3)], scales, [0, 0])
     with pytest.raises(ValueError, match="scales"):
         delayed_update_addresses(good, [scales[0], torch.ones(3, dtype=torch.float64)], [0, 0])
+
+
+def _count_precasts_taken(monkeypatch) -> list[bool]:
+    """Each layer's call of take_precast_weight: True where it took the hook's cast."""
+    import hf_fp8.linear_ops as LO
+
+    taken = []
+    original = LO.take_precast_weight
+
+    def counting(*args):
+        result = original(*args)
+        taken.append(result is not None)
+        return result
+
+    monkeypatch.setattr(LO, "take_precast_weight", counting)
+    return taken
+
+
+@pytest.mark.skipif(not conftest.INTERPRETER_PATCHED, reason="needs TRITON_INTERPRET=1 (set by conftest)")
+def test_weights_cast_by_the_hook_train_bit_identically(monkeypatch):
+    """PRECAST_WEIGHTS: the hook casts every weight at the forward's start and the layers use those
+    casts; losses, weights, histories and scales are those of the layers' own casts, bit for bit."""
+    import hf_fp8.delayed as D
+
+    def build():
+        model = tiny_llama(seed=6).to(torch.bfloat16)
+        hf_fp8.convert(model, hf_fp8.Fp8Config(recipe="delayed", auto_filter=False, exclude=("lm_head",)))
+        return model
+
+    with_precast, without = build(), build()
+    taken = _count_precasts_taken(monkeypatch)
+    results = {}
+    with hf_fp8.kernel_backend("triton"):
+        for name, model, on in (("with", with_precast, True), ("without", without, False)):
+            monkeypatch.setattr(D, "PRECAST_WEIGHTS", on)
+            taken.clear()
+            opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+            results[name] = (train_losses(model, opt, 3, batch=2, seq=16), list(taken))
+    assert results["with"][0] == results["without"][0]
+    _assert_same_state(with_precast, without)
+    n_layers = 7 * 2  # q k v o gate up down, 2 layers
+    # step 1 seeds every slot (no update yet, nothing to precast); steps 2 and 3 take all 14
+    assert results["with"][1].count(True) == 2 * n_layers
+    assert not any(results["without"][1])
+    assert all(m.__dict__.get("_fp8_precast") is None for m in with_precast.modules())  # nothing left behind
+
+
+@pytest.mark.skipif(not conftest.INTERPRETER_PATCHED, reason="needs TRITON_INTERPRET=1 (set by conftest)")
+def test_precast_is_dropped_when_the_weight_changed_after_it(monkeypatch):
+    """A weight modified in place between the hook and its layer: the layer casts it again with
+    the hook's scale (no second update), so the numbers are those without the precast."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(64, 96), nn.Linear(96, 32)
+
+        def forward(self, x):
+            with torch.no_grad():
+                self.b.weight.mul_(1.0)  # a new version of the same values
+            return self.b(torch.relu(self.a(x)))
+
+    def build():
+        torch.manual_seed(0)
+        net = Net()
+        hf_fp8.convert(net, hf_fp8.Fp8Config(recipe="delayed", auto_filter=False, amax_history_len=4))
+        return net
+
+    hooked, plain = _pair_of_models(build)
+    taken = _count_precasts_taken(monkeypatch)
+    with hf_fp8.kernel_backend("triton"):
+        for net in (hooked, plain):
+            opt = torch.optim.SGD(net.parameters(), lr=0.1)
+            g = torch.Generator().manual_seed(1)
+            for step in range(3):
+                net(torch.randn(48, 64, generator=g) * (1 + step)).square().mean().backward()
+                opt.step()
+                opt.zero_grad()
+    _assert_same_state(hooked, plain)
+    # layers are asked only when a precast is waiting: none in step 1 (it seeds the histories);
+    # in steps 2 and 3, a takes its precast and b drops its own
+    assert taken == [True, False] * 2

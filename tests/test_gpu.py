@@ -712,3 +712,41 @@ def test_embedding_backward_kernel_on_gpu(padding_idx):
     torch.nn.functional.embedding(ids, w, padding_idx=padding_idx).backward(grad)
     assert (got.float() - w.grad.float()).abs().max() <= 2**-7 * w.grad.float().abs().max()
     assert (got[3000:] == 0).all()
+
+
+def test_weights_precast_by_the_delayed_hook_on_gpu(monkeypatch):
+    """hf_fp8.delayed.PRECAST_WEIGHTS on the real FP8 path: the hook's weight casts (launched
+    before the model's first layer) give the losses, weights, amax histories and scales of the
+    layers' own casts bit for bit over three steps, and every FP8 layer takes its precast."""
+    from llama_fixtures import tiny_llama
+
+    import hf_fp8.delayed as D
+    import hf_fp8.linear_ops as LO
+
+    def build():
+        model = tiny_llama(hidden_size=512, intermediate_size=1536, num_attention_heads=8, num_key_value_heads=2,
+                           attn_implementation="sdpa", seed=3).to(device="cuda", dtype=torch.bfloat16)  # fmt: skip
+        hf_fp8.convert(model, hf_fp8.Fp8Config(recipe="delayed", auto_filter=False, exclude=("lm_head",)))
+        return model
+
+    taken, original = [], LO.take_precast_weight
+    monkeypatch.setattr(LO, "take_precast_weight", lambda *a: taken.append(original(*a)) or taken[-1])
+    g = torch.Generator(device="cuda").manual_seed(0)
+    batches = [torch.randint(0, 512, (4, 256), device="cuda", generator=g) for _ in range(3)]
+    runs = {}
+    for on in (True, False):
+        monkeypatch.setattr(D, "PRECAST_WEIGHTS", on)
+        model, losses = build(), []
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        taken.clear()
+        for ids in batches:
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.detach())
+        runs[on] = (torch.stack(losses), model.state_dict(), sum(q is not None for q in taken))
+    assert_bits_equal(runs[True][0], runs[False][0], "losses")
+    for name, value in runs[True][1].items():
+        assert_bits_equal(value, runs[False][1][name], name)
+    assert runs[True][2] == 2 * 7 * 2 and runs[False][2] == 0  # steps 2-3, 7 layers x 2 blocks
