@@ -71,21 +71,27 @@ def _precastable(m: nn.Module, w) -> bool:
     )
 
 
-def _precast_weight(m: nn.Module, state, w: torch.Tensor) -> None:
+def _precast_weight(m: nn.Module, state, w: torch.Tensor, plan=None, scale_out=None) -> None:
+    """Cast ``w`` now (through its prepared ``plan`` on the GPU, with ``scale_out`` the two 0-d
+    outputs) and leave the result for the layer."""
     from hf_fp8.scaling import QuantizedOperand, flag_slot
 
     slot = Role.WEIGHT
-    scale, amax_slot = state.slot_views(slot)
-    q = Q.quantize_delayed(
-        w,
-        m.fp8_config.forward_format.dtype,
-        scale,
-        amax_slot,
-        write_y=True,
-        write_t=False,
-        nonfinite_flag=flag_slot(m.fp8_nonfinite, slot),
-        keep_scale=True,
-    )
+    if plan is not None:
+        y = torch.empty(w.shape, dtype=plan.fp8_dtype, device=w.device)
+        q = plan(y, *scale_out)
+    else:
+        scale, amax_slot = state.slot_views(slot)
+        q = Q.quantize_delayed(
+            w,
+            m.fp8_config.forward_format.dtype,
+            scale,
+            amax_slot,
+            write_y=True,
+            write_t=False,
+            nonfinite_flag=flag_slot(m.fp8_nonfinite, slot),
+            keep_scale=True,
+        )
     state.pending[slot] = False  # this cast consumed the update
     m.__dict__[_PRECAST] = (w, w._version, QuantizedOperand(q.data, q.scale_inv, None, None, (q.amax,), q.scale))
 
@@ -124,6 +130,8 @@ class DelayedScaleUpdateHook:
         # per (layer, slot) of the last walk, three per layer: (layer, state, slot, group key)
         self._slots: list[tuple[nn.Module, object, int, tuple]] = []
         self._walked: tuple[int, int] | None = None  # (id of the module walked, states created then)
+        # per layer (by id; each checks it still fits its weight and state): the prepared weight cast
+        self._plans: dict[int, object] = {}
 
     def _delayed_slots(self, module: nn.Module) -> list[tuple[nn.Module, object, int, tuple]]:
         """Every (layer, state, slot, group key) under ``module``; the walk and the keys (the
@@ -182,6 +190,7 @@ class DelayedScaleUpdateHook:
         return None
 
     def _precast(self, module: nn.Module) -> None:
+        todo = []
         for m, state, slot, _ in self._slots:
             if slot != Role.WEIGHT:
                 continue
@@ -190,7 +199,31 @@ class DelayedScaleUpdateHook:
             if state.pending[slot]:
                 w = m._parameters.get("weight")
                 if _precastable(m, w):
-                    _precast_weight(m, state, w)
+                    todo.append((m, state, w))
+        if not todo:
+            return
+        if not todo[0][2].is_cuda:  # the interpreter (tests): the plain launcher
+            for m, state, w in todo:
+                _precast_weight(m, state, w)
+            return
+        from hf_fp8.kernels.quant import DelayedRowsCast
+        from hf_fp8.scaling import flag_slot
+
+        # every cast's two 0-d FP32 outputs from one allocation, 32 bytes apart (16-byte aligned
+        # for cuBLASLt, which reads scale_inv, and as the kernel was specialized)
+        outs = torch.empty((len(todo), 8), dtype=torch.float32, device=todo[0][2].device)
+        pairs = zip(outs[:, 0].unbind(), outs[:, 4].unbind())
+        for (m, state, w), scale_out in zip(todo, pairs):
+            scale, amax_slot = state.slot_views(Role.WEIGHT)
+            flag = flag_slot(m.fp8_nonfinite, Role.WEIGHT)
+            plan = self._plans.get(id(m))
+            if plan is None or not plan.matches(w, scale, amax_slot, flag):
+                if len(self._plans) >= 4096:
+                    self._plans.clear()
+                plan = self._plans[id(m)] = DelayedRowsCast(
+                    w, m.fp8_config.forward_format.dtype, scale, amax_slot, flag
+                )
+            _precast_weight(m, state, w, plan, scale_out)
 
 
 def install_delayed_update_hook(model: nn.Module) -> bool:

@@ -750,3 +750,24 @@ def test_weights_precast_by_the_delayed_hook_on_gpu(monkeypatch):
     for name, value in runs[True][1].items():
         assert_bits_equal(value, runs[False][1][name], name)
     assert runs[True][2] == 2 * 7 * 2 and runs[False][2] == 0  # steps 2-3, 7 layers x 2 blocks
+
+
+def test_prepared_weight_cast_launches_the_same_kernel_on_gpu():
+    """DelayedRowsCast: its first launch goes through the launch cache, later ones straight to the
+    compiled kernel; both write quantize_delayed's codes, scale copy and amax record bit for bit."""
+    w = _rand((1024, 4096), torch.bfloat16)
+    buf = torch.tensor([1.0, 0.37, 1.0], device="cuda")
+    scale, flag = buf[1], torch.zeros(1, dtype=torch.int32, device="cuda")
+    slot_ref = torch.zeros((), device="cuda")
+    want = K.quantize_delayed(w, torch.float8_e4m3fn, scale, slot_ref, nonfinite_flag=flag, keep_scale=True)
+    slot = torch.zeros((), device="cuda")
+    plan = K.DelayedRowsCast(w, torch.float8_e4m3fn, scale, slot, flag)
+    for attempt in range(3):
+        outs = torch.empty(2, 8, device="cuda")
+        got = plan(torch.empty(w.shape, dtype=torch.float8_e4m3fn, device="cuda"), outs[0, 0], outs[1, 0])
+        assert (attempt == 0) or plan._run is not None  # the compiled launcher from the second launch on
+        assert_bits_equal(got.data.view(torch.uint8), want.data.view(torch.uint8), f"codes {attempt}")
+        assert_bits_equal(got.scale_inv, want.scale_inv, "scale_inv")
+        assert_bits_equal(got.scale, want.scale, "scale copy")
+        assert_bits_equal(slot, slot_ref, "amax")
+        assert flag.item() == 0
