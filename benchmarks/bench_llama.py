@@ -117,7 +117,6 @@ def build(name: str, config: dict):
         # steps keep HF's default KV cache (integrations.loss.STORELESS_TRAINING_CACHE off; the
         # default before 2026-11-24 09:00); _unfusednorm: each RMSNorm writes its output and the FP8
         # layers cast it (hf_fp8.norm_ops off; the default before 2026-11-24 10:00)
-        from hf_fp8 import delayed as hf_delayed
         from hf_fp8 import embedding_ops as hf_embedding_ops
         from hf_fp8 import loss as hf_loss
         from hf_fp8 import mlp_ops
@@ -140,9 +139,6 @@ def build(name: str, config: dict):
         # (hf_fp8.embedding_ops off; likewise)
         hf_fused_ops.PASS_RESIDUAL = "noresgrad" not in flags  # likewise
         hf_embedding_ops.ENABLED = "torchemb" not in flags  # likewise
-        # _noprecast: each layer casts its weight in its forward (hf_fp8.delayed.PRECAST_WEIGHTS off;
-        # the default before 2026-11-24 19:30); with it, the delayed recipe's hook casts them all first
-        hf_delayed.PRECAST_WEIGHTS = "noprecast" not in flags  # likewise
         hf_loss.CHUNK_BYTES, hf_loss.GRAD_BLOCK_BYTES = (1 << 28, 1 << 62) if "wholeloss" in flags else _LOSS_DEFAULTS
         for f in flags:  # _chunk<tokens>, _block<tokens>: tokens per logits GEMM and per FP32 logits buffer
             if f.startswith("chunk"):

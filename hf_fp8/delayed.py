@@ -18,19 +18,6 @@ history then shows the update before the cast that uses it) is not updated again
 casts that are not the first of their slot since the update (an activation-checkpoint
 recompute) update themselves, as before. Under ``torch.compile`` the hook does nothing and
 each cast updates its own scale.
-
-Weights are cast there too (``PRECAST_WEIGHTS``): right after the update the hook launches each
-eligible layer's weight cast (rows, with the scale just computed, recording the weight's amax),
-and the layer's forward takes that result instead of casting (:func:`take_precast_weight`). Same
-kernel, scale and history as the cast in the layer, only earlier, so the codes are bit-identical;
-the point is the timing of a training step. After the step's host sync the GPU has nothing to do
-until the host reaches the first layers, whose attention blocks cost the host more than the GPU:
-the GPU waited ~3 ms per step of the 8-layer Llama-3-8B benchmark (a CUDA-graph replay of the
-same step was that much faster). The weight casts (~2.7 ms of GPU work for its 56 layers,
-launched in ~1-2 ms) fill that wait, and the layers' forwards then launch 56 fewer kernels.
-Weights that are not plain local tensors (FSDP shards, DeepSpeed partitions, tensor
-subclasses), FP8-stored weights and layers that keep the weight's transposed copy are left to
-their layer; a precast a layer did not use is dropped at the next forward.
 """
 
 from __future__ import annotations
@@ -43,72 +30,7 @@ from hf_fp8._backend import use_triton_kernels
 from hf_fp8.config import AmaxComputeAlgo
 from hf_fp8.scaling import Role
 
-__all__ = [
-    "DelayedScaleUpdateHook",
-    "PRECAST_WEIGHTS",
-    "install_delayed_update_hook",
-    "remove_delayed_update_hook",
-    "take_precast_weight",
-]
-
-# Cast eligible weights in the per-forward hook (read at every forward; see the module docstring).
-PRECAST_WEIGHTS = True
-_PRECAST = "_fp8_precast"  # module attribute (in __dict__): (weight, its _version, QuantizedOperand) or None
-_PRECAST_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-
-
-def _precastable(m: nn.Module, w) -> bool:
-    """A plain, materialized (out, in) weight on an FP8 GPU, cast by its layer in rows only."""
-    return (
-        type(w) is nn.Parameter
-        and w.dtype in _PRECAST_DTYPES
-        and w.dim() == 2
-        and w.shape[0] == m.out_features
-        and w.shape[1] == m.in_features
-        and w.untyped_storage().nbytes() >= (w.storage_offset() + w.numel()) * w.element_size()
-        and not m.fp8_config.save_weight_transpose
-        and use_triton_kernels(w)
-    )
-
-
-def _precast_weight(m: nn.Module, state, w: torch.Tensor, plan=None, scale_out=None) -> None:
-    """Cast ``w`` now (through its prepared ``plan`` on the GPU, with ``scale_out`` the two 0-d
-    outputs) and leave the result for the layer."""
-    from hf_fp8.scaling import QuantizedOperand, flag_slot
-
-    slot = Role.WEIGHT
-    if plan is not None:
-        y = torch.empty(w.shape, dtype=plan.fp8_dtype, device=w.device)
-        q = plan(y, *scale_out)
-    else:
-        scale, amax_slot = state.slot_views(slot)
-        q = Q.quantize_delayed(
-            w,
-            m.fp8_config.forward_format.dtype,
-            scale,
-            amax_slot,
-            write_y=True,
-            write_t=False,
-            nonfinite_flag=flag_slot(m.fp8_nonfinite, slot),
-            keep_scale=True,
-        )
-    state.pending[slot] = False  # this cast consumed the update
-    m.__dict__[_PRECAST] = (w, w._version, QuantizedOperand(q.data, q.scale_inv, None, None, (q.amax,), q.scale))
-
-
-def take_precast_weight(module: nn.Module, weight: torch.Tensor, want_t: bool):
-    """The layer's weight operand cast by the hook in this forward, or None (then the layer casts,
-    as without the hook). Taken once: an activation-checkpoint recompute casts again. A precast
-    that does not fit (another weight tensor, modified in place since, or a transposed copy
-    wanted) is dropped, and the layer's own cast uses the hook's update instead."""
-    pre = module.__dict__.get(_PRECAST)
-    if pre is None:
-        return None
-    module.__dict__[_PRECAST] = None
-    if pre[0] is weight and pre[1] == weight._version and not want_t:
-        return pre[2]
-    module._fp8_delayed.pending[Role.WEIGHT] = True
-    return None
+__all__ = ["DelayedScaleUpdateHook", "install_delayed_update_hook", "remove_delayed_update_hook"]
 
 
 class DelayedScaleUpdateHook:
@@ -130,8 +52,6 @@ class DelayedScaleUpdateHook:
         # per (layer, slot) of the last walk, three per layer: (layer, state, slot, group key)
         self._slots: list[tuple[nn.Module, object, int, tuple]] = []
         self._walked: tuple[int, int] | None = None  # (id of the module walked, states created then)
-        # per layer (by id; each checks it still fits its weight and state): the prepared weight cast
-        self._plans: dict[int, object] = {}
 
     def _delayed_slots(self, module: nn.Module) -> list[tuple[nn.Module, object, int, tuple]]:
         """Every (layer, state, slot, group key) under ``module``; the walk and the keys (the
@@ -185,45 +105,7 @@ class DelayedScaleUpdateHook:
             )
             for state, slot in entries:
                 state.pending[slot] = True
-        if PRECAST_WEIGHTS:
-            self._precast(module)
         return None
-
-    def _precast(self, module: nn.Module) -> None:
-        todo = []
-        for m, state, slot, _ in self._slots:
-            if slot != Role.WEIGHT:
-                continue
-            if m.__dict__.get(_PRECAST) is not None:  # not used by the last forward: drop it
-                m.__dict__[_PRECAST] = None
-            if state.pending[slot]:
-                w = m._parameters.get("weight")
-                if _precastable(m, w):
-                    todo.append((m, state, w))
-        if not todo:
-            return
-        if not todo[0][2].is_cuda:  # the interpreter (tests): the plain launcher
-            for m, state, w in todo:
-                _precast_weight(m, state, w)
-            return
-        from hf_fp8.kernels.quant import DelayedRowsCast
-        from hf_fp8.scaling import flag_slot
-
-        # every cast's two 0-d FP32 outputs from one allocation, 32 bytes apart (16-byte aligned
-        # for cuBLASLt, which reads scale_inv, and as the kernel was specialized)
-        outs = torch.empty((len(todo), 8), dtype=torch.float32, device=todo[0][2].device)
-        pairs = zip(outs[:, 0].unbind(), outs[:, 4].unbind())
-        for (m, state, w), scale_out in zip(todo, pairs):
-            scale, amax_slot = state.slot_views(Role.WEIGHT)
-            flag = flag_slot(m.fp8_nonfinite, Role.WEIGHT)
-            plan = self._plans.get(id(m))
-            if plan is None or not plan.matches(w, scale, amax_slot, flag):
-                if len(self._plans) >= 4096:
-                    self._plans.clear()
-                plan = self._plans[id(m)] = DelayedRowsCast(
-                    w, m.fp8_config.forward_format.dtype, scale, amax_slot, flag
-                )
-            _precast_weight(m, state, w, plan, scale_out)
 
 
 def install_delayed_update_hook(model: nn.Module) -> bool:

@@ -26,7 +26,6 @@ import torch
 
 from hf_fp8._backend import fp8_gemm_supported
 from hf_fp8.config import NonFinitePolicy, Recipe
-from hf_fp8.delayed import take_precast_weight
 from hf_fp8.gemm import scaled_mm
 from hf_fp8.scaling import QuantizedOperand, Role, quantize_operand, transposed_copy
 
@@ -71,10 +70,6 @@ def _quantize_weight(module, weight: torch.Tensor, want_t: bool, keep_scale: boo
     if is_fp8_dtype(weight.dtype):
         # FP8-only weight (fp8_weights=True): already quantized with one per-tensor scale.
         return QuantizedOperand(weight, module.fp8_weight_scale_inv, None, None, ())
-    qw = take_precast_weight(module, weight, want_t) if module.__dict__.get("_fp8_precast") is not None else None
-    if qw is not None:  # cast at the forward's start by hf_fp8.delayed's hook: same codes, same scale
-        _check_nonfinite(module, Role.WEIGHT, qw)
-        return qw
     qw = quantize_operand(
         weight,
         Role.WEIGHT,

@@ -124,40 +124,6 @@ def _hooks_registered(runtime) -> bool:
     return any(h is not None and getattr(h, "calls", True) for h in hooks)
 
 
-def compiled_launcher(kernel, args: tuple, constexprs: dict, num_warps: int):
-    """What :func:`launch` cached for this specialization, as a callable
-    ``run(grid, args)`` on the current stream, or None (not launched yet through the fast path,
-    fast path off, profiler hooks registered). For a caller that launches the same specialization
-    over and over and can vouch that its arguments keep it (same dtypes, alignments and integer
-    properties): it skips :func:`launch`'s key, ~5-10 us of host time per launch."""
-    if not _ENABLED:
-        return None
-    runtime, current_device, current_stream = _runtime()
-    if _hooks_registered(runtime):
-        return None
-    device = current_device()
-    try:
-        key = (id(kernel), device, num_warps, tuple(constexprs.items()), _key_of_args(args))
-    except TypeError:
-        return None
-    entry = _COMPILED.get(key)
-    if entry is None:
-        return None
-    compiled, tail = entry
-    function, metadata = compiled.function, compiled.packed_metadata
-
-    def run(grid: tuple[int, ...], run_args: tuple) -> None:
-        g = (*grid, 1, 1)
-        compiled.run(g[0], g[1], g[2], current_stream(device), function, metadata, None, None, None, *run_args, *tail)
-
-    return run
-
-
-def hooks_registered() -> bool:
-    """Launch hooks (profilers) are on: launches must go through the JIT, which calls them."""
-    return _ENABLED and _hooks_registered(_runtime()[0])
-
-
 def launch(kernel, grid: tuple[int, ...], args: tuple, constexprs: dict, num_warps: int) -> None:
     """``kernel[grid](*args, **constexprs, num_warps=num_warps)``, through the cached compiled kernel
     when one exists for this specialization. ``args``: every non-constexpr argument, positionally,

@@ -45,7 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import cdiv, compiled_launcher, hooks_registered, interpreting, launch, next_power_of_2
+from ._launch import cdiv, interpreting, launch, next_power_of_2
 from .quant_reference import (
     MIN_AMAX,
     Fp8Quantized,
@@ -729,85 +729,6 @@ def quantize_delayed(
         write_scale=keep_scale,
     )
     return Fp8Quantized(q.data, q.data_t, q.scale_inv, amax_slot, q.scale)
-
-
-class DelayedRowsCast:
-    """:func:`quantize_delayed` of one fixed operand (rows only, amax recorded, scale copied out),
-    prepared once to be launched again and again with only its outputs new.
-
-    For the weight casts that :mod:`hf_fp8.delayed` launches at the start of every forward: the
-    weight, its scale and amax slot and its non-finite flag are the same tensors every step, so
-    the checks, the launch settings and the launch-cache key are worked out once, and each later
-    launch costs the host its outputs' arguments and the compiled kernel's launcher. The first
-    launch (and any while launch hooks are registered, e.g. a profiler) goes through
-    :func:`launch`. Same kernel, specialization and arguments as ``quantize_delayed(x, fp8_dtype,
-    scale, amax_slot, write_y=True, write_t=False, nonfinite_flag=..., keep_scale=True)``.
-    """
-
-    def __init__(
-        self,
-        x: torch.Tensor,
-        fp8_dtype: torch.dtype,
-        scale: torch.Tensor,
-        amax_slot: torch.Tensor,
-        nonfinite_flag: torch.Tensor,
-    ) -> None:
-        _check_2d(x)
-        _check_f32_scalar("scale", scale)
-        _check_f32_scalar("amax_slot", amax_slot)
-        self.fp8_max = _check_fp8(fp8_dtype)
-        self.x, self.fp8_dtype, self.scale, self.amax_slot, self.flag = x, fp8_dtype, scale, amax_slot, nonfinite_flag
-        self.x_ptr = x.data_ptr()
-        self.record = amax_slot.view(torch.int32)
-        R, C = x.shape
-        BLOCK_R, BLOCK_C, self.num_warps = _settings(x, False)
-        self.grid = (cdiv(R, BLOCK_R) * cdiv(C, BLOCK_C),)
-        self.constexprs = dict(
-            FP8_MAX=self.fp8_max,
-            MIN_AMAX_C=MIN_AMAX,
-            SCALE_MODE=_SCALE_FROM_TENSOR,
-            WRITE_SCALE=True,
-            GATED=False,
-            NORMED=False,
-            RECORD_AMAX=True,
-            WRITE_Y=True,
-            WRITE_T=False,
-            HAS_FLAG=True,
-            REVERSE=False,
-            TRANS_MODE=0,
-            BLOCK_R=BLOCK_R,
-            BLOCK_C=BLOCK_C,
-            BLOCK_P=16,
-        )
-        self._tail = (R, C, R, x.stride(0), x.stride(1), C, R)
-        self._run = None
-
-    def matches(self, x: torch.Tensor, scale: torch.Tensor, amax_slot: torch.Tensor, flag: torch.Tensor) -> bool:
-        """Still the operand and state it was prepared for (the same tensors, the same memory)."""
-        return (
-            x is self.x
-            and x.data_ptr() == self.x_ptr
-            and scale is self.scale
-            and amax_slot is self.amax_slot
-            and flag is self.flag
-        )
-
-    def args(self, y: torch.Tensor, scale_inv: torch.Tensor, scale_out: torch.Tensor) -> tuple:
-        """The kernel's arguments, as :func:`_launch_cast` passes them for this cast."""
-        x = self.x
-        return (x, x, scale_inv, x, y, y, scale_inv, 0, self.scale, self.record, scale_inv, scale_inv, scale_out,
-                self.flag, *self._tail)  # fmt: skip
-
-    def __call__(self, y: torch.Tensor, scale_inv: torch.Tensor, scale_out: torch.Tensor) -> Fp8Quantized:
-        """Cast into ``y`` ((R, C) FP8 of ``fp8_dtype``); ``scale_inv`` and ``scale_out``: FP32
-        0-d, 16-byte aligned (cuBLASLt reads ``scale_inv``; the kernel was specialized so)."""
-        args = self.args(y, scale_inv, scale_out)
-        if self._run is not None and not hooks_registered():
-            self._run(self.grid, args)
-        else:
-            launch(_cast_kernel, self.grid, args, self.constexprs, self.num_warps)
-            self._run = compiled_launcher(_cast_kernel, args, self.constexprs, self.num_warps)
-        return Fp8Quantized(y, None, scale_inv, self.amax_slot, scale_out)
 
 
 def quantize_with_scale(

@@ -87,41 +87,6 @@ def test_delayed_cast_keeps_the_scale_it_used(write_t):
         _check_same(kept._replace(scale=None), plain, "keep_scale")
 
 
-def test_prepared_delayed_rows_cast_is_quantize_delayed(monkeypatch):
-    """DelayedRowsCast (the per-forward weight casts of hf_fp8.delayed) launches the kernel with
-    the arguments, settings and specialization quantize_delayed(keep_scale=True) uses, and
-    writes the same codes, scale copy and amax record."""
-    calls = []
-    original = K.launch
-    monkeypatch.setattr(K, "launch", lambda *a: calls.append(a) or original(*a))
-    x = _rand((130, 300), torch.bfloat16)[:, 5:290]  # strided rows: the strides are arguments too
-    buf = torch.tensor([2.0, 37.123456, 9.0])
-    scale = buf[1]  # one view, as the delayed state's cached views are
-    flag = torch.zeros(1, dtype=torch.int32)
-    slot_k = torch.zeros(())
-    want = K.quantize_delayed(x, E4M3, scale, slot_k, nonfinite_flag=flag, keep_scale=True)
-    slot_p = torch.zeros(())
-    plan = K.DelayedRowsCast(x, E4M3, scale, slot_p, flag)
-    assert plan.matches(x, scale, slot_p, flag) and not plan.matches(x.clone(), scale, slot_p, flag)
-    outs = torch.empty(2, 8)
-    got = plan(torch.empty(x.shape, dtype=E4M3), outs[0, 0], outs[1, 0])
-    _check_same(got, want, "prepared")
-    assert got.scale.item() == want.scale.item() and slot_p.item() == slot_k.item()
-
-    (k1, g1, a1, c1, w1), (k2, g2, a2, c2, w2) = calls
-    assert (k1, g1, c1, w1) == (k2, g2, c2, w2)
-    assert len(a1) == len(a2)
-    for i, (u, v) in enumerate(zip(a1, a2)):
-        if isinstance(u, torch.Tensor):  # same role: the operand, a fresh output of the same kind, ...
-            assert (u.shape, u.dtype, u.stride()) == (v.shape, v.dtype, v.stride()), i
-            if u is x or u is flag:
-                assert v is u, i
-        else:
-            assert u == v, i
-    assert a1[8].data_ptr() == a2[8].data_ptr() == buf[1].data_ptr()  # the scale read
-    assert a1[9].data_ptr() == slot_k.data_ptr() and a2[9].data_ptr() == slot_p.data_ptr()  # the amax record
-
-
 def test_non_contiguous_input():
     """A transposed view (stride 1 along rows) goes through the same kernels."""
     x = _rand((300, 130), torch.bfloat16).t()
