@@ -42,13 +42,18 @@ class DelayedScaleUpdateHook:
     entry each time. The layers with delayed state are found once (again only after a new
     :class:`~hf_fp8.scaling.DelayedScalingState` was built anywhere, i.e. a conversion, or a
     cached layer's state was replaced), and the entries are checked once, when their device
-    address table is built.
+    address table is built. When the same entries are due as in the last forward (every
+    training forward after the first), that table is reused without reading any address, until
+    a buffer is replaced (``DelayedScalingState.buffers_replaced``).
     """
 
     def __init__(self) -> None:
         # device address tables per set of entries (rebuilt when any buffer moves): building one
         # costs a host-to-device copy, so the steady state reuses it
         self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        # per group key, the last table used: (DelayedScalingState.buffers_replaced then, its entries, the table)
+        self._last_tables: dict[tuple, tuple[int, list, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+        self._groups: dict[tuple, list[tuple[object, int]]] = {}  # per group key, its (state, slot) entries
         # per (layer, slot) of the last walk, three per layer: (layer, state, slot, group key)
         self._slots: list[tuple[nn.Module, object, int, tuple]] = []
         self._walked: tuple[int, int] | None = None  # (id of the module walked, states created then)
@@ -73,39 +78,61 @@ class DelayedScaleUpdateHook:
                     fmt = cfg.grad_format if slot == Role.GRAD_OUTPUT else cfg.forward_format
                     key = (state.history.device, shape, fmt.dtype, use_max, cfg.margin)
                     self._slots.append((m, state, slot, key))
+            self._groups = {}
+            for _, state, slot, key in self._slots:
+                self._groups.setdefault(key, []).append((state, slot))
+            self._last_tables = {}
             self._walked = stamp
         return self._slots
 
     def __call__(self, module: nn.Module, args) -> None:
         if torch.compiler.is_compiling():
             return None
-        groups: dict[tuple, list] = {}
+
+        self._delayed_slots(module)
         # no backward follows a forward without grad: its gradient slots stay as they are (a
         # checkpoint saved after evaluation then holds exactly what per-cast updates would)
         grad = torch.is_grad_enabled()
-        for _, state, slot, key in self._delayed_slots(module):
-            if state.seeded[slot] and not state.pending[slot] and (grad or slot != Role.GRAD_OUTPUT):
-                groups.setdefault(key, []).append((state, slot))
-        for (_, _, dtype, use_max, margin), entries in groups.items():
-            histories = [s.history for s, _ in entries]
-            scales = [s.scale for s, _ in entries]
-            slots = [slot for _, slot in entries]
+        for key, entries in self._groups.items():
+            due = [
+                (st, sl)
+                for st, sl in entries
+                if st.seeded[sl] and not st.pending[sl] and (grad or sl != Role.GRAD_OUTPUT)
+            ]
+            if not due:
+                continue
+            _, _, dtype, use_max, margin = key
+            histories = [st.history for st, _ in due]
+            scales = [st.scale for st, _ in due]
+            slots = [sl for _, sl in due]
             addresses = None
             if use_triton_kernels(histories[0]):
-                key = tuple((h.data_ptr(), sc.data_ptr(), sl) for h, sc, sl in zip(histories, scales, slots))
-                addresses = self._tables.get(key)
-                if addresses is None:
-                    from hf_fp8.kernels.quant import delayed_update_addresses
-
-                    if len(self._tables) >= 16:
-                        self._tables.clear()
-                    addresses = self._tables[key] = delayed_update_addresses(histories, scales, slots)
+                addresses = self._addresses(key, due, histories, scales, slots)
             Q.delayed_scale_update_many(
                 histories, scales, slots, dtype, use_max=use_max, margin=margin, addresses=addresses
             )
-            for state, slot in entries:
-                state.pending[slot] = True
+            for st, sl in due:
+                st.pending[sl] = True
         return None
+
+    def _addresses(self, key, due, histories, scales, slots):
+        """The device address table of ``due`` (built once per set of entries and buffers). The
+        group's last one is reused while its entries are the same (list equality: identity of
+        the states, the same slots) and no buffer was replaced since, without reading any address."""
+        from hf_fp8.kernels.quant import delayed_update_addresses
+        from hf_fp8.scaling import DelayedScalingState
+
+        last = self._last_tables.get(key)
+        if last is not None and last[0] == DelayedScalingState.buffers_replaced and last[1] == due:
+            return last[2]
+        table_key = tuple((h.data_ptr(), sc.data_ptr(), sl) for h, sc, sl in zip(histories, scales, slots))
+        addresses = self._tables.get(table_key)
+        if addresses is None:
+            if len(self._tables) >= 16:
+                self._tables.clear()
+            addresses = self._tables[table_key] = delayed_update_addresses(histories, scales, slots)
+        self._last_tables[key] = (DelayedScalingState.buffers_replaced, due, addresses)
+        return addresses
 
 
 def install_delayed_update_hook(model: nn.Module) -> bool:

@@ -137,8 +137,14 @@ class Fp8Linear(nn.Linear):
         for name in ("fp8_amax_history", "fp8_scale"):
             if prefix + name in missing_keys:
                 missing_keys.remove(prefix + name)
-        if self._fp8_delayed is not None and prefix + "fp8_amax_history" in state_dict:
-            self._fp8_delayed.seed_from_history()
+        if self._fp8_delayed is not None:
+            # load_state_dict(assign=True) hands the module new buffers: the state must use them
+            if self._fp8_delayed.history is not self.fp8_amax_history:
+                self._fp8_delayed.history = self.fp8_amax_history
+            if self._fp8_delayed.scale is not self.fp8_scale:
+                self._fp8_delayed.scale = self.fp8_scale
+            if prefix + "fp8_amax_history" in state_dict:
+                self._fp8_delayed.seed_from_history()
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)

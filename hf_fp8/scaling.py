@@ -71,6 +71,9 @@ class DelayedScalingState:
     # states built so far in this process: hf_fp8.delayed's per-forward hook walks a model for
     # its states again only when this changed (a conversion), not at every forward
     created = 0
+    # history or scale buffers handed to a state since (Module.to() replaces them): the hook's
+    # cached address tables are rebuilt when this changed
+    buffers_replaced = 0
 
     def __init__(self, history: torch.Tensor, scale: torch.Tensor) -> None:
         DelayedScalingState.created += 1
@@ -90,6 +93,7 @@ class DelayedScalingState:
     @history.setter
     def history(self, value: torch.Tensor) -> None:
         self._history, self._views = value, None
+        DelayedScalingState.buffers_replaced += 1
 
     @property
     def scale(self) -> torch.Tensor:
@@ -98,6 +102,7 @@ class DelayedScalingState:
     @scale.setter
     def scale(self, value: torch.Tensor) -> None:
         self._scale, self._views = value, None
+        DelayedScalingState.buffers_replaced += 1
 
     def slot_views(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(``scale[slot]``, ``history[0, slot]``): 0-d views, made once per pair of buffers

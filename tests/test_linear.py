@@ -236,6 +236,21 @@ def test_delayed_state_views_follow_replaced_buffers():
     assert amax_view.data_ptr() == m.fp8_amax_history.data_ptr()
 
 
+def test_delayed_state_follows_buffers_loaded_with_assign():
+    """load_state_dict(assign=True) hands the module new buffer tensors: the delayed state (and
+    the hook's address tables) must use them, or the module's checkpointed history would never
+    move again."""
+    _, src = _make("delayed", amax_history_len=4)
+    for _ in range(2):
+        src(torch.randn(32, 256).requires_grad_()).sum().backward()
+    _, m = _make("delayed", amax_history_len=4)
+    m.load_state_dict({k: v.clone() for k, v in src.state_dict().items()}, assign=True)
+    assert m._fp8_delayed.history is m.fp8_amax_history and m._fp8_delayed.scale is m.fp8_scale
+    x = torch.randn(32, 256) * 5
+    m(x)
+    assert m.fp8_amax_history[0, 0].item() == x.abs().max().item()
+
+
 def test_flag_slot_views_are_per_buffer():
     from hf_fp8.scaling import Role, flag_slot
 

@@ -333,6 +333,40 @@ def test_training_step_cache_stores_nothing_and_keeps_hf_path(monkeypatch):
     assert packed_checks
 
 
+def test_training_step_cache_is_built_once_per_config(monkeypatch):
+    """The stand-in holds nothing, so one serves every training step (building one walks the
+    config); a changed config attribute or a new config object builds it again. Steps taken
+    with the reused one equal steps each with a fresh one, bit for bit."""
+    from hf_fp8.integrations import loss as integ
+
+    built = []
+    real = integ._training_step_cache_class()
+    monkeypatch.setattr(integ, "_training_step_cache_class", lambda: lambda **kw: built.append(1) or real(**kw))
+    models = [tiny_llama(seed=2), tiny_llama(seed=2)]
+    for m in models:
+        hf_fp8.patch_loss(m)
+        m.train()
+    ids = torch.randint(0, 512, (2, 10), generator=torch.Generator().manual_seed(0))
+    losses = [[], []]
+    for _ in range(3):
+        for i, m in enumerate(models):
+            if i == 1:
+                integ._STEP_CACHES.pop(m, None)  # the second model builds a fresh one every step
+            m.zero_grad()
+            loss = m(input_ids=ids, labels=ids).loss
+            loss.backward()
+            losses[i].append(loss.detach())
+    assert len(built) == 1 + 3
+    for a, b in zip(*losses):
+        assert_bits_equal(a, b)
+    first = integ._STEP_CACHES[models[0]][2]
+    models[0](input_ids=ids, labels=ids)
+    assert integ._STEP_CACHES[models[0]][2] is first
+    models[0].config.sliding_window = 4  # any attribute: the next step builds it again
+    models[0](input_ids=ids, labels=ids)
+    assert integ._STEP_CACHES[models[0]][2] is not first and len(built) == 5
+
+
 def test_patched_llama_outputs():
     model = tiny_llama()
     hf_fp8.patch_loss(model)
