@@ -295,6 +295,7 @@ SECTIONS = {
     "llama_e2e": lambda: llama_table("llama_e2e_h100.json"),
     "llama_e2e_more": lambda: llama_table("llama_e2e_more_h100.json"),
     "llama_resemb": lambda: llama_table("llama_resemb_h100.json"),
+    "llama_accept_end": lambda: llama_table("llama_accept_end_h100.json"),
     "llama_1b": lambda: llama_table("llama_1b_h100.json"),
     "llama_graph": lambda: llama_table("llama_graph_h100.json"),
     "llama_graph_1b": lambda: llama_table("llama_graph_1b_h100.json"),
