@@ -76,8 +76,9 @@ _STEP_CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def _training_step_cache(model: nn.Module):
     """The model's cache stand-in, built once and reused by every training step: it stores
     nothing, so nothing carries over from one step to the next. Building one walks the config
-    (HF's layer types), ~80-300 us of host time at the start of each step while the GPU waits;
-    it is built again when the config object or any of its attributes changed."""
+    (HF's layer types): ~80 us of host time on a CPU dev machine, more on the lent H100's host,
+    at the start of each step while the GPU waits. It is built again when the config object or
+    any of its attributes changed."""
     cfg = model.config
     snapshot = dict(cfg.__dict__)
     entry = _STEP_CACHES.get(model)
