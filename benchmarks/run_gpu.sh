@@ -86,6 +86,7 @@ for s in $steps; do
     llamaab) python3 -m benchmarks.bench_llama_ab --base /tmp/work/scratch/base --base-sha "${HF_FP8_BASE_SHA:-unknown}" --out llama_ab_host_h100.json 2>&1 | grep -v Warning | cut -c1-260 ;;
     llamaab1b) python3 -m benchmarks.bench_llama_ab --base /tmp/work/scratch/base --base-sha "${HF_FP8_BASE_SHA:-unknown}" --configs 1b --peers stock_bf16 --out llama_ab_host_1b_h100.json 2>&1 | grep -v Warning | cut -c1-260 ;;
     llamaend) python3 -m benchmarks.bench_llama --isolate --variants stock_bf16 hf_fp8_delayed torchao_tensorwise_compile hf_fp8_delayed torchao_tensorwise_compile hf_fp8_delayed torchao_tensorwise_compile --budget-s 420 --out llama_accept_end_h100.json 2>&1 | grep -v Warning | grep -E "^8b|skipped|Error|error|Traceback|fault" | cut -c1-200 ;;
+    llamaend2) python3 -m benchmarks.bench_llama --isolate --variants stock_bf16 hf_fp8_delayed torchao_tensorwise_compile hf_fp8_delayed torchao_tensorwise_compile hf_fp8_delayed torchao_tensorwise_compile --budget-s 420 --out llama_accept_end2_h100.json 2>&1 | grep -v Warning | grep -E "^8b|skipped|Error|error|Traceback|fault" | cut -c1-200 ;;
     hostleadend) python3 -m benchmarks.profile_host_lead --variants hf_fp8_delayed --out llama_host_lead_end_h100.json 2>&1 | grep -E "FP8 layers|step start|layer 0|layer 1 start|forward end|backward end|optimizer end" | cut -c1-200 ;;
     gemmcalls) python3 -m benchmarks.profile_gemm_calls 2>&1 | grep -v Warning | tail -14 ;;
     quantnow) python3 -m benchmarks.bench_quant 2>&1 | tail -40 ;;
