@@ -220,7 +220,12 @@ def run_variant(name: str, config: dict, batch: int, seq: int, warmup: int, step
         note += "; CUDA graph step"
     t_start = time.perf_counter()
     batches = bigram_batches(batch, seq, config["vocab_size"], warmup + steps)
-    timed = time_training_steps(model, opt, batches, warmup, forward_backward)
+    # _hostwait<ms> (any variant): the host sleeps that long at each step's start (a probe of how
+    # much of a host delay there the step shows, under the GPU's power cap)
+    wait = next((float(f[8:]) for f in name.split("_") if f.startswith("hostwait")), 0.0)
+    if wait:
+        note += f"; host waits {wait:g} ms per step"
+    timed = time_training_steps(model, opt, batches, warmup, forward_backward, host_wait_s=wait / 1e3)
     row = dict(
         variant=name,
         note=note,

@@ -67,12 +67,16 @@ def bench_ms(fn: Callable[[], object], *, warmup_ms: float = 25, rep_ms: float =
     return {"ms": q[0], "ms_p20": q[1], "ms_p80": q[2], "cudagraph": cudagraph}
 
 
-def time_training_steps(model, optimizer, batches, warmup: int, forward_backward=None) -> dict:
+def time_training_steps(
+    model, optimizer, batches, warmup: int, forward_backward=None, host_wait_s: float = 0.0
+) -> dict:
     """Causal-LM training steps (labels = inputs) on each batch of ``batches``; the first
     ``warmup`` are not timed. Returns the median step time, tokens/s, peak memory since the
     first step, and every step's loss (one host sync per step: the timing needs it anyway).
     ``forward_backward(ids) -> loss`` replaces the eager forward and backward (a
-    :class:`hf_fp8.CudaGraphStep`: its capture, in the first step, counts in the peak)."""
+    :class:`hf_fp8.CudaGraphStep`: its capture, in the first step, counts in the peak).
+    ``host_wait_s``: the host sleeps this long at the start of each timed step, the GPU idle
+    (a probe: how much of a host delay at a step's start the step's time shows)."""
     import time
 
     cuda = torch.cuda.is_available()
@@ -84,6 +88,8 @@ def time_training_steps(model, optimizer, batches, warmup: int, forward_backward
     for i, ids in enumerate(batches):
         sync()
         t0 = time.perf_counter()
+        if host_wait_s:
+            time.sleep(host_wait_s)
         if forward_backward is None:
             loss = model(input_ids=ids, labels=ids).loss
             loss.backward()

@@ -114,6 +114,8 @@ for s in $steps; do
     precision) python3 -m benchmarks.bench_precision_ops 2>&1 | grep -v Warning | tail -30 ;;
     demo) python3 examples/quickstart.py --steps 20 2>&1 | tail -16 ;;
     ropeprofile) python3 -m benchmarks.profile_rope 2>&1 | grep -v Warning | cut -c1-200 | tail -60 ;;
+    groupbwd) python3 -m benchmarks.bench_group_backward 2>&1 | grep -v Warning | tail -25 ;;
+    hostwait) python3 -m benchmarks.bench_llama --isolate --variants hf_fp8_delayed hf_fp8_delayed_hostwait3 hf_fp8_delayed hf_fp8_delayed_hostwait3 --budget-s 300 --out llama_hostwait_h100.json 2>&1 | grep -v Warning | grep -E "^8b|skipped|Error|error|Traceback|fault" | cut -c1-200 ;;
     quantsweep) python3 -m benchmarks.bench_quant --sweep-blocks --out quant_sweep_h100.json 2>&1 | tail -40 ;;
     monitor) python3 -m benchmarks.bench_monitor 2>&1 | grep -v Warning | tail -15 ;;
   esac
