@@ -52,7 +52,7 @@ class _Marks:
         return out
 
 
-def lead_variant(name: str, config: dict, batch: int, seq: int, warmup: int, steps: int) -> dict:
+def lead_variant(name: str, config: dict, batch: int, seq: int, warmup: int, steps: int, prelude: bool = False) -> dict:
     from benchmarks.bench_llama import bigram_batches, build
 
     model, opt, note = build(name, config)
@@ -60,6 +60,18 @@ def lead_variant(name: str, config: dict, batch: int, seq: int, warmup: int, ste
     marks = _Marks()
     layers = list(model.model.layers)
     handles = []
+    if prelude:  # where the host's time goes before layer 0, and inside it
+        inner = model.model
+        handles.append(model.register_forward_pre_hook(lambda m, a: marks.mark("model pre-hooks start"), prepend=True))
+        handles.append(model.register_forward_pre_hook(lambda m, a: marks.mark("model pre-hooks end")))
+        handles.append(inner.register_forward_pre_hook(lambda m, a: marks.mark("decoder model start")))
+        handles.append(inner.embed_tokens.register_forward_hook(lambda m, a, o: marks.mark("embedding end")))
+        handles.append(inner.rotary_emb.register_forward_pre_hook(lambda m, a: marks.mark("rotary start")))
+        handles.append(inner.rotary_emb.register_forward_hook(lambda m, a, o: marks.mark("rotary end")))
+        l0 = layers[0]
+        for sub, label in ((l0.self_attn, "L0 attention"), (l0.mlp, "L0 mlp")):
+            handles.append(sub.register_forward_pre_hook(lambda m, a, label=label: marks.mark(f"{label} start")))
+            handles.append(sub.register_forward_hook(lambda m, a, o, label=label: marks.mark(f"{label} end")))
     for i, layer in enumerate(layers):
         handles.append(layer.register_forward_pre_hook(lambda m, a, i=i: marks.mark(f"fwd layer {i} start")))
         handles.append(layer.register_forward_hook(lambda m, a, o, i=i: marks.mark(f"fwd layer {i} end")))
@@ -107,10 +119,16 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--out", default="llama_host_lead_h100.json")
+    ap.add_argument(
+        "--prelude",
+        action="store_true",
+        help="more marks before layer 0 (model pre-hooks, embedding, rotary) and inside it (attention, MLP); "
+        "their hooks add host time, so read the step's total from a run without this",
+    )
     args = ap.parse_args()
     warm_up_gpu()
     rows = []
-    measure = lambda name: lead_variant(name, CONFIGS[args.config], 2, 4096, args.warmup, args.steps)  # noqa: E731
+    measure = lambda name: lead_variant(name, CONFIGS[args.config], 2, 4096, args.warmup, args.steps, args.prelude)  # noqa: E731
     for row in each_variant(args.variants, measure):
         name = row["variant"]
         rows.append(row)

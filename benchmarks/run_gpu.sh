@@ -116,6 +116,7 @@ for s in $steps; do
     ropeprofile) python3 -m benchmarks.profile_rope 2>&1 | grep -v Warning | cut -c1-200 | tail -60 ;;
     groupbwd) python3 -m benchmarks.bench_group_backward 2>&1 | grep -v Warning | tail -25 ;;
     hostwait) python3 -m benchmarks.bench_llama --isolate --variants hf_fp8_delayed hf_fp8_delayed_hostwait3 hf_fp8_delayed hf_fp8_delayed_hostwait3 --budget-s 300 --out llama_hostwait_h100.json 2>&1 | grep -v Warning | grep -E "^8b|skipped|Error|error|Traceback|fault" | cut -c1-200 ;;
+    prelude) python3 -m benchmarks.profile_host_lead --prelude --variants hf_fp8_delayed --out llama_host_prelude_h100.json 2>&1 | grep -v Warning | tail -40 ;;
     quantsweep) python3 -m benchmarks.bench_quant --sweep-blocks --out quant_sweep_h100.json 2>&1 | tail -40 ;;
     monitor) python3 -m benchmarks.bench_monitor 2>&1 | grep -v Warning | tail -15 ;;
   esac
