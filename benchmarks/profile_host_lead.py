@@ -68,10 +68,39 @@ def lead_variant(name: str, config: dict, batch: int, seq: int, warmup: int, ste
         handles.append(inner.embed_tokens.register_forward_hook(lambda m, a, o: marks.mark("embedding end")))
         handles.append(inner.rotary_emb.register_forward_pre_hook(lambda m, a: marks.mark("rotary start")))
         handles.append(inner.rotary_emb.register_forward_hook(lambda m, a, o: marks.mark("rotary end")))
-        l0 = layers[0]
-        for sub, label in ((l0.self_attn, "L0 attention"), (l0.mlp, "L0 mlp")):
-            handles.append(sub.register_forward_pre_hook(lambda m, a, label=label: marks.mark(f"{label} start")))
-            handles.append(sub.register_forward_hook(lambda m, a, o, label=label: marks.mark(f"{label} end")))
+        for li in (0, 1):
+            layer = layers[li]
+            for sub, label in ((layer.self_attn, f"L{li} attention"), (layer.mlp, f"L{li} mlp")):
+                handles.append(sub.register_forward_pre_hook(lambda m, a, label=label: marks.mark(f"{label} start")))
+                handles.append(sub.register_forward_hook(lambda m, a, o, label=label: marks.mark(f"{label} end")))
+        # inside the attention blocks of layers 0 and 1: after the q/k/v node, the RoPE, the
+        # attention kernel and o_proj (module-level functions of hf_fp8.integrations.rope wrapped
+        # for the run; hooks on the FP8 layers themselves would change their path)
+        from hf_fp8.integrations import rope as hf_rope
+
+        which = {"layer": None}
+        for i, layer in enumerate(layers):
+            handles.append(layer.register_forward_pre_hook(lambda m, a, i=i: which.__setitem__("layer", i)))
+        originals = {n: getattr(hf_rope, n) for n in ("fused_norm_linears", "fp32_rope", "linear_on_kept_input")}
+
+        def wrapped(name, fn):
+            def call(*a, **k):
+                out = fn(*a, **k)
+                if which["layer"] in (0, 1):
+                    marks.mark(f"L{which['layer']} {name} done")
+                return out
+
+            return call
+
+        for n, fn in originals.items():
+            setattr(hf_rope, n, wrapped(n, fn))
+
+        class _Restore:
+            def remove(self):
+                for n, fn in originals.items():
+                    setattr(hf_rope, n, fn)
+
+        handles.append(_Restore())
     for i, layer in enumerate(layers):
         handles.append(layer.register_forward_pre_hook(lambda m, a, i=i: marks.mark(f"fwd layer {i} start")))
         handles.append(layer.register_forward_hook(lambda m, a, o, i=i: marks.mark(f"fwd layer {i} end")))
