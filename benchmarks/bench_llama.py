@@ -183,7 +183,13 @@ def build(name: str, config: dict):
         # variant + _hfadamw: hf_fp8.optim.AdamW with torch's arithmetic and states (BF16 moments,
         # nearest rounding), one kernel per tensor instead of torch's multi-tensor launches;
         # hf_fp8 variants + _torchadamw: torch's fused AdamW (every hf_fp8 variant before 2026-11-24 12:30)
-        opt = hf_fp8.optim.AdamW(model.parameters(), lr=1e-4, state_dtype=torch.bfloat16, stochastic_rounding=False)
+        # _defer: the update runs at the start of the next forward (AdamW(defer_step=True), attached to the model)
+        defer = "_defer" in name
+        opt = hf_fp8.optim.AdamW(
+            model.parameters(), lr=1e-4, state_dtype=torch.bfloat16, stochastic_rounding=False, defer_step=defer
+        )
+        if defer:
+            opt.attach(model)
     else:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     return model, opt, note

@@ -18,6 +18,13 @@ the arithmetic is torch's fused AdamW's up to FP32 rounding order (FP32 math, ea
 rounded to nearest once), in one launch per tensor. torch's fused AdamW took 20.3 ms of an
 8-layer Llama-3-8B-shaped model's step on the H100, its multi-tensor launches keeping the GPU
 at ~1.9 TB/s (``benchmarks/bench_adamw.py`` compares the two).
+
+``defer_step=True`` (with :meth:`AdamW.attach` on the model) makes ``step()`` record the update
+and launch it at the start of the model's next forward: the GPU then has the update's ~15 ms of
+kernels (an 8-layer Llama-3-8B-shaped model) to run while the host works through the forward's
+prelude and first layers, the stretch of an eager step where it otherwise waits for the host.
+The numbers are the same bit for bit (the same kernels, on the same gradients, before anything
+reads the parameters); see :meth:`AdamW.attach` for when the update runs.
 """
 
 from __future__ import annotations
@@ -81,6 +88,14 @@ class AdamW(torch.optim.Optimizer):
             `torch.bfloat16` halves their memory (what ``torch.optim.AdamW`` holds for BF16
             parameters); each moment is updated in FP32 and rounded to nearest once per step.
             Not with ``full_bf16``, whose contract is FP32 optimizer states.
+        defer_step (`bool`, defaults to `False`): ``step()`` records the update (its gradients,
+            hyperparameters, step counts and rounding seeds as they are then) and launches it
+            later, in :meth:`flush`: at the start of the next forward of a model passed to
+            :meth:`attach`, or first thing in ``state_dict()``, ``load_state_dict()``,
+            ``zero_grad(set_to_none=False)``, ``add_param_group()`` and the next ``step()``.
+            Until then the parameters and moments hold their values from before the step. A
+            gradient changed in place in between (``model.zero_grad(set_to_none=False)``, another
+            backward without a forward) is an error at the flush, never a silent wrong update.
 
     Example:
         ```python
@@ -107,6 +122,7 @@ class AdamW(torch.optim.Optimizer):
         seed: int | None = None,
         full_bf16: bool = False,
         state_dtype: torch.dtype = torch.float32,
+        defer_step: bool = False,
     ) -> None:
         if not 0.0 <= lr:
             raise ValueError(f"AdamW: lr must be >= 0, got {lr}")
@@ -124,6 +140,8 @@ class AdamW(torch.optim.Optimizer):
                 "drop state_dtype, or full_bf16 for BF16 moments."
             )
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, stochastic_rounding=stochastic_rounding)
+        self.defer_step = defer_step
+        self._pending: list[tuple] | None = None  # the recorded update of a deferred step()
         super().__init__(params, defaults)
         self.full_bf16 = full_bf16
         self.state_dtype = state_dtype
@@ -152,11 +170,13 @@ class AdamW(torch.optim.Optimizer):
 
     # ---- state_dict carries the rounding stream ------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        self.flush()
         sd = super().state_dict()
         sd["hf_fp8_rng_state"] = self._generator.get_state()
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.flush()
         state_dict = dict(state_dict)
         rng = state_dict.pop("hf_fp8_rng_state", None)
         # torch's loader casts state to each parameter's dtype: keep the moments aside, in state_dtype
@@ -187,12 +207,86 @@ class AdamW(torch.optim.Optimizer):
     def _next_seed(self) -> int:
         return int(torch.randint(0, 2**31 - 1, (1,), generator=self._generator).item())
 
+    # ---- deferred steps ---------------------------------------------------------------------
+    @property
+    def pending(self) -> bool:
+        """Whether a deferred ``step()`` has not run yet (see ``defer_step``)."""
+        return self._pending is not None
+
+    @torch.no_grad()
+    def flush(self) -> None:
+        """Run the update a deferred ``step()`` recorded, if any (a no-op otherwise).
+
+        Raises:
+            RuntimeError: a gradient the update reads changed in place after ``step()``.
+        """
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        for update in pending:
+            g, version = update[1], update[2]
+            if g._version != version:
+                raise RuntimeError(
+                    "hf_fp8.optim.AdamW(defer_step=True): a gradient changed in place between step() and the "
+                    "deferred update (model.zero_grad(set_to_none=False)? a backward before the next forward?). "
+                    "The update was not applied. Zero gradients with set_to_none=True, or call optimizer.flush() "
+                    "before touching them."
+                )
+        for update in pending:
+            _apply_update(*update[:2], *update[3:])
+
+    def attach(self, model: torch.nn.Module) -> list:
+        """Flush a deferred step when ``model``'s forward starts (first among its forward
+        pre-hooks: the update's kernels are queued before anything the forward launches) and
+        before ``model.state_dict()`` (checkpoints hold updated weights). Returns the hook
+        handles (``.remove()`` each to detach).
+
+        Parameters read any other way (a submodule called on its own, ``p.data`` in user code)
+        may hold the values from before the last ``step()``: call :meth:`flush` first."""
+
+        def flush_before_forward(module, args):
+            if self._pending is not None:
+                self.flush()
+
+        def flush_before_state_dict(module, prefix, keep_vars):
+            if self._pending is not None:
+                self.flush()
+
+        return [
+            model.register_forward_pre_hook(flush_before_forward, prepend=True),
+            model.register_state_dict_pre_hook(flush_before_state_dict),
+        ]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        if not set_to_none:  # zeroing in place would change the gradients the pending update reads
+            self.flush()
+        super().zero_grad(set_to_none=set_to_none)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if getattr(self, "_pending", None) is not None:
+            self.flush()
+        super().add_param_group(param_group)
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self.flush()  # a deferred step not yet run goes first (two steps without a forward between)
+        updates = self._record_updates()
+        if self.defer_step:
+            self._pending = updates
+        else:
+            for update in updates:
+                _apply_update(*update[:2], *update[3:])
+        return loss
+
+    def _record_updates(self) -> list[tuple]:
+        """Per parameter with a gradient: (p, grad, grad's version, exp_avg, exp_avg_sq, lr, beta1,
+        beta2, eps, weight decay, bias corrections, stochastic rounding, seed), after this step's
+        bookkeeping (moments created, step counts advanced, rounding seeds drawn, in order)."""
+        updates = []
         for group in self.param_groups:
             lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
             sr = group["stochastic_rounding"]
@@ -212,43 +306,38 @@ class AdamW(torch.optim.Optimizer):
                 bc2 = 1.0 - beta2**step
                 round_sr = sr and p.dtype in _LOW_PRECISION
                 seed = self._next_seed() if round_sr else 0
-                # the kernel takes plain CUDA tensors; a DTensor (FSDP2) shard takes the torch path
-                plain = type(p.data) is torch.Tensor
-                if plain and use_triton(p) and not (round_sr and p.dtype == torch.float16):
-                    from hf_fp8.kernels.adamw import adamw_step
+                g = p.grad
+                updates.append(
+                    (p, g, g._version, state["exp_avg"], state["exp_avg_sq"], lr, beta1, beta2, eps, wd, bc1, bc2,
+                     round_sr, seed)
+                )  # fmt: skip
+        return updates
 
-                    adamw_step(
-                        p,
-                        p.grad,
-                        state["exp_avg"],
-                        state["exp_avg_sq"],
-                        lr=lr,
-                        beta1=beta1,
-                        beta2=beta2,
-                        eps=eps,
-                        weight_decay=wd,
-                        bias_correction1=bc1,
-                        bias_correction2=bc2,
-                        stochastic_rounding=round_sr,
-                        seed=seed,
-                    )
-                else:
-                    _adamw_step_torch(
-                        p,
-                        p.grad,
-                        state["exp_avg"],
-                        state["exp_avg_sq"],
-                        lr,
-                        beta1,
-                        beta2,
-                        eps,
-                        wd,
-                        bc1,
-                        bc2,
-                        round_sr,
-                        seed,
-                    )
-        return loss
+
+def _apply_update(p, g, m, v, lr, beta1, beta2, eps, wd, bc1, bc2, round_sr, seed) -> None:
+    """One parameter's AdamW update: the Triton kernel on CUDA, torch ops elsewhere."""
+    # the kernel takes plain CUDA tensors; a DTensor (FSDP2) shard takes the torch path
+    plain = type(p.data) is torch.Tensor
+    if plain and use_triton(p) and not (round_sr and p.dtype == torch.float16):
+        from hf_fp8.kernels.adamw import adamw_step
+
+        adamw_step(
+            p,
+            g,
+            m,
+            v,
+            lr=lr,
+            beta1=beta1,
+            beta2=beta2,
+            eps=eps,
+            weight_decay=wd,
+            bias_correction1=bc1,
+            bias_correction2=bc2,
+            stochastic_rounding=round_sr,
+            seed=seed,
+        )
+    else:
+        _adamw_step_torch(p, g, m, v, lr, beta1, beta2, eps, wd, bc1, bc2, round_sr, seed)
 
 
 def _adamw_step_torch(p, g, m, v, lr, beta1, beta2, eps, wd, bc1, bc2, round_sr, seed):

@@ -712,3 +712,35 @@ def test_embedding_backward_kernel_on_gpu(padding_idx):
     torch.nn.functional.embedding(ids, w, padding_idx=padding_idx).backward(grad)
     assert (got.float() - w.grad.float()).abs().max() <= 2**-7 * w.grad.float().abs().max()
     assert (got[3000:] == 0).all()
+
+
+def test_deferred_adamw_step_trains_bit_identically_on_gpu():
+    """AdamW(defer_step=True): the update's kernels run at the start of the next forward, queued
+    before the forward's own; losses and the flushed weights equal the immediate update's."""
+    from llama_fixtures import tiny_llama
+
+    from hf_fp8.optim import AdamW
+
+    results = []
+    for defer in (False, True):
+        with torch.device("cuda"):
+            model = tiny_llama(0, attn_implementation="sdpa", hidden_size=256, intermediate_size=512)
+        model = model.to(torch.bfloat16)
+        hf_fp8.convert(model, hf_fp8.Fp8Config(recipe="delayed", auto_filter=False, exclude=("lm_head",)))
+        opt = AdamW(model.parameters(), lr=1e-3, state_dtype=torch.bfloat16, stochastic_rounding=False,
+                    defer_step=defer)  # fmt: skip
+        opt.attach(model)
+        g = torch.Generator(device="cuda").manual_seed(0)
+        losses = []
+        for _ in range(4):
+            ids = torch.randint(0, 512, (2, 64), device="cuda", generator=g)
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            model.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+        results.append((losses, model.state_dict()))
+    (l_e, sd_e), (l_d, sd_d) = results
+    assert l_e == l_d
+    for name, t in sd_e.items():
+        assert torch.equal(t, sd_d[name]), name

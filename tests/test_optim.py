@@ -293,3 +293,93 @@ def test_resumes_from_a_torch_adamw_state():
     with pytest.raises(ValueError, match="amsgrad=True"):
         r = torch.optim.AdamW([torch.nn.Parameter(torch.ones(2))], amsgrad=True)
         AdamW([torch.nn.Parameter(torch.ones(2))]).load_state_dict(r.state_dict())
+
+
+# ---- defer_step: the update runs at the next forward, bit for bit the same -------------------
+def _fp8_tiny_llama(seed: int = 0):
+    model = tiny_llama(seed).to(torch.bfloat16)
+    hf_fp8.convert(model, hf_fp8.Fp8Config(recipe="delayed", auto_filter=False, exclude=("lm_head",)))
+    return model
+
+
+def test_deferred_step_trains_bit_identically():
+    """Same losses and, once flushed, the same parameters and moments as the immediate update
+    (the same arithmetic on the same gradients, run before the next forward reads anything)."""
+    eager, deferred = _fp8_tiny_llama(), _fp8_tiny_llama()
+    kw = dict(lr=3e-3, state_dtype=torch.bfloat16, stochastic_rounding=True, seed=0)
+    opt_e = AdamW(eager.parameters(), **kw)
+    opt_d = AdamW(deferred.parameters(), defer_step=True, **kw)
+    opt_d.attach(deferred)
+    losses_e = train_losses(eager, opt_e, 4)
+    losses_d = train_losses(deferred, opt_d, 4)
+    assert losses_d == losses_e
+    assert opt_d.pending  # the last step's update waits for a forward
+    sd = deferred.state_dict()  # flushes first
+    assert not opt_d.pending
+    for name, ref in eager.state_dict().items():
+        assert torch.equal(sd[name], ref), name
+    for p_e, p_d in zip(eager.parameters(), deferred.parameters()):
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(opt_e.state[p_e][key], opt_d.state[p_d][key])
+
+
+def test_deferred_step_waits_for_the_next_forward():
+    model = tiny_llama()
+    opt = AdamW(model.parameters(), lr=1e-2, defer_step=True, seed=0)
+    opt.attach(model)
+    ids = torch.randint(0, 512, (2, 16))
+    model(input_ids=ids, labels=ids).loss.backward()
+    before = model.model.embed_tokens.weight.detach().clone()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    assert opt.pending and torch.equal(model.model.embed_tokens.weight, before)
+    with torch.no_grad():
+        model(input_ids=ids)  # an evaluation forward flushes too
+    assert not opt.pending and not torch.equal(model.model.embed_tokens.weight, before)
+
+
+def test_deferred_step_flushes_before_its_state_dict_and_a_second_step():
+    p = torch.nn.Parameter(torch.randn(64, 16, dtype=torch.bfloat16))
+    ref = torch.nn.Parameter(p.detach().clone())
+    opt = AdamW([p], lr=1e-2, defer_step=True, seed=0)
+    opt_ref = AdamW([ref], lr=1e-2, seed=0)
+    for _ in range(2):  # the second step() runs the first one's update before recording its own
+        g = torch.randn(64, 16, dtype=torch.bfloat16)
+        p.grad, ref.grad = g.clone(), g.clone()
+        opt.step()
+        opt_ref.step()
+    sd = opt.state_dict()
+    assert not opt.pending and torch.equal(p, ref)
+    assert torch.equal(sd["state"][0]["exp_avg"], opt_ref.state[ref]["exp_avg"])
+
+
+def test_deferred_step_refuses_a_gradient_changed_in_place():
+    """model.zero_grad(set_to_none=False) zeroes the gradients the pending update reads: an error
+    at the flush, not an update with zeros."""
+    model = tiny_llama()
+    opt = AdamW(model.parameters(), lr=1e-2, defer_step=True, seed=0)
+    opt.attach(model)
+    ids = torch.randint(0, 512, (2, 16))
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    model.zero_grad(set_to_none=False)
+    with pytest.raises(RuntimeError, match="changed in place"):
+        model(input_ids=ids, labels=ids)
+    # the optimizer's own zero_grad(set_to_none=False) runs the update first instead
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=False)
+    assert not opt.pending
+
+
+def test_immediate_step_is_unchanged_by_attach():
+    model = tiny_llama()
+    opt = AdamW(model.parameters(), lr=1e-2, seed=0)
+    handles = opt.attach(model)
+    ids = torch.randint(0, 512, (2, 16))
+    model(input_ids=ids, labels=ids).loss.backward()
+    before = model.lm_head.weight.detach().clone()
+    opt.step()
+    assert not opt.pending and not torch.equal(model.lm_head.weight, before)
+    for h in handles:
+        h.remove()
