@@ -176,22 +176,27 @@ def build(name: str, config: dict):
     if name.endswith("_compile") or "_compile_" in name:
         for layer in model.model.layers:
             layer.compile()
+    # The update at the start of the next forward (AdamW(defer_step=True) attached to the model), as
+    # hf_fp8.Trainer builds it (--fp8_defer_step, the default since 2026-11-24 21:30): hf_fp8 variants
+    # unless _nodefer, _graph or _compile (the Trainer's exceptions); other variants with _hfadamw only with _defer
+    hf_variant = name.startswith("hf_fp8_")
+    graphed = "_graph" in name or name.endswith("_compile") or "_compile_" in name
+    defer = not graphed and ("_defer" in name or (hf_variant and "_nodefer" not in name))
     if name == "hf_fp8_full_bf16":
-        opt = hf_fp8.optim.AdamW(model.parameters(), lr=1e-4, full_bf16=True, seed=0)
-    elif name.endswith("_hfadamw") or (name.startswith("hf_fp8_") and "_torchadamw" not in name):
+        opt = hf_fp8.optim.AdamW(model.parameters(), lr=1e-4, full_bf16=True, seed=0, defer_step=defer)
+    elif name.endswith("_hfadamw") or (hf_variant and "_torchadamw" not in name):
         # hf_fp8 variants (what hf_fp8.Trainer's --fp8 builds for BF16 parameters, --fp8_adamw) and any
         # variant + _hfadamw: hf_fp8.optim.AdamW with torch's arithmetic and states (BF16 moments,
         # nearest rounding), one kernel per tensor instead of torch's multi-tensor launches;
         # hf_fp8 variants + _torchadamw: torch's fused AdamW (every hf_fp8 variant before 2026-11-24 12:30)
-        # _defer: the update runs at the start of the next forward (AdamW(defer_step=True), attached to the model)
-        defer = "_defer" in name
         opt = hf_fp8.optim.AdamW(
             model.parameters(), lr=1e-4, state_dtype=torch.bfloat16, stochastic_rounding=False, defer_step=defer
         )
-        if defer:
-            opt.attach(model)
     else:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    if getattr(opt, "defer_step", False):
+        opt.attach(model)
+        note += "; update deferred to the next forward" if note else "update deferred to the next forward"
     return model, opt, note
 
 

@@ -237,9 +237,10 @@ class AdamW(torch.optim.Optimizer):
 
     def attach(self, model: torch.nn.Module) -> list:
         """Flush a deferred step when ``model``'s forward starts (first among its forward
-        pre-hooks: the update's kernels are queued before anything the forward launches) and
-        before ``model.state_dict()`` (checkpoints hold updated weights). Returns the hook
-        handles (``.remove()`` each to detach).
+        pre-hooks: the update's kernels are queued before anything the forward launches), before
+        ``model.state_dict()`` (checkpoints hold updated weights) and before
+        ``model.load_state_dict()`` (the update lands on the weights it was computed for, not on
+        the loaded ones). Returns the hook handles (``.remove()`` each to detach).
 
         Parameters read any other way (a submodule called on its own, ``p.data`` in user code)
         may hold the values from before the last ``step()``: call :meth:`flush` first."""
@@ -252,9 +253,15 @@ class AdamW(torch.optim.Optimizer):
             if self._pending is not None:
                 self.flush()
 
+        def flush_before_load(module, *args, **kwargs):
+            # a load replaces the weights: the pending update belongs to the weights before it
+            if self._pending is not None:
+                self.flush()
+
         return [
             model.register_forward_pre_hook(flush_before_forward, prepend=True),
             model.register_state_dict_pre_hook(flush_before_state_dict),
+            model.register_load_state_dict_pre_hook(flush_before_load),
         ]
 
     def zero_grad(self, set_to_none: bool = True) -> None:

@@ -105,6 +105,17 @@ class Fp8ArgumentsMixin:
         },
     )
 
+    fp8_defer_step: bool = dataclasses.field(
+        default=True,
+        metadata={
+            "help": "When hf_fp8.Trainer builds hf_fp8.optim.AdamW (--fp8_adamw, full-BF16): run each optimizer "
+            "step's update at the start of the next forward (AdamW(defer_step=True)), so that the GPU has its "
+            "kernels to run while the host launches the forward's first layers (1.5-2 ms per step on an "
+            "8-layer Llama-3-8B-shaped model on the H100; the same numbers bit for bit). The update runs before "
+            "any forward, state_dict() or load_state_dict() of the model and at the end of train(). Off with "
+            "--fp8_cuda_graph and --torch_compile. false updates in optimizer.step()."
+        },
+    )
     fp8_cuda_graph: bool = dataclasses.field(
         default=False,
         metadata={
@@ -353,15 +364,33 @@ class Fp8TrainerMixin:
             {"params": [p for n, p in params if n in decay], "weight_decay": self.args.weight_decay},
             {"params": [p for n, p in params if n not in decay], "weight_decay": 0.0},
         ]
+        # the update at the next forward: not where that forward is a graph replay or compiled
+        defer = (
+            getattr(self.args, "fp8_defer_step", False)
+            and not getattr(self.args, "fp8_cuda_graph", False)
+            and not getattr(self.args, "torch_compile", False)
+        )
         self.optimizer = AdamW(
             [g for g in groups if g["params"]],
             lr=self.args.learning_rate,
             betas=(self.args.adam_beta1, self.args.adam_beta2),
             eps=self.args.adam_epsilon,
             seed=self.args.seed,
+            defer_step=defer,
             **kind,
         )
+        if defer:
+            self.optimizer.attach(self.model)
         return self.optimizer
+
+    def train(self, *pargs, **kwargs):
+        """``transformers.Trainer.train``, then the last deferred optimizer update (``--fp8_defer_step``):
+        the model leaves ``train()`` with every step applied."""
+        result = super().train(*pargs, **kwargs)
+        flush = getattr(getattr(self.optimizer, "optimizer", self.optimizer), "flush", None)
+        if flush is not None:
+            flush()
+        return result
 
 
 class Fp8Callback(transformers.TrainerCallback):

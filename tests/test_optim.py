@@ -383,3 +383,19 @@ def test_immediate_step_is_unchanged_by_attach():
     assert not opt.pending and not torch.equal(model.lm_head.weight, before)
     for h in handles:
         h.remove()
+
+
+def test_deferred_step_runs_before_a_model_load():
+    """Loading weights (a best checkpoint at the end of training) must not receive the update
+    computed for the weights before it: the load flushes first."""
+    model, source = tiny_llama(0), tiny_llama(1)
+    opt = AdamW(model.parameters(), lr=1e-2, defer_step=True, seed=0)
+    opt.attach(model)
+    ids = torch.randint(0, 512, (2, 16))
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    model.zero_grad(set_to_none=True)
+    model.load_state_dict(source.state_dict())
+    assert not opt.pending
+    for name, t in source.state_dict().items():
+        assert torch.equal(model.state_dict()[name], t), name

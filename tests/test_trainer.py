@@ -312,3 +312,35 @@ def test_fp8_trainer_swaps_torch_adamw_for_the_one_pass_kernel_on_bf16_params(tm
         t = hf_fp8.Trainer(model=m, args=_args(tmp_path, fp8="tensorwise", max_steps=1, **kw), train_dataset=_Data())
         t.create_optimizer()
         assert not isinstance(_inner(t.optimizer), AdamW), kw
+
+
+def test_fp8_trainer_defers_the_update_to_the_next_forward_bit_identically(tmp_path):
+    """--fp8_defer_step (on by default with hf_fp8's AdamW): every update runs at the start of the
+    next forward, the last one when train() returns; the same logged losses, weights and
+    optimizer state as updates in optimizer.step(), and a checkpoint saved mid-run holds the
+    updated weights."""
+    runs = {}
+    for defer in (True, False):
+        with hf_fp8.set_default_dtype(torch.bfloat16):
+            model = tiny_llama()
+        args = _args(
+            tmp_path / str(defer), fp8="delayed", fp8_auto_filter=False, max_steps=4, fp8_defer_step=defer,
+            save_strategy="steps", save_steps=2,
+        )  # fmt: skip
+        trainer = hf_fp8.Trainer(model=model, args=args, train_dataset=_Data())
+        trainer.train()
+        opt = _inner(trainer.optimizer)
+        assert opt.defer_step is defer and not opt.pending
+        runs[defer] = (_losses(trainer), model.state_dict(), opt.state_dict()["state"])
+    (l_d, sd_d, st_d), (l_e, sd_e, st_e) = runs[True], runs[False]
+    assert l_d == l_e
+    for name, t in sd_e.items():
+        assert torch.equal(sd_d[name], t), name
+    for i, s in st_e.items():
+        assert torch.equal(st_d[i]["exp_avg"], s["exp_avg"]) and torch.equal(st_d[i]["exp_avg_sq"], s["exp_avg_sq"])
+    from safetensors.torch import load_file
+
+    mid_d = load_file(str(tmp_path / "True" / "checkpoint-2" / "model.safetensors"))
+    mid_e = load_file(str(tmp_path / "False" / "checkpoint-2" / "model.safetensors"))
+    for name, t in mid_e.items():
+        assert torch.equal(mid_d[name], t), name
