@@ -121,6 +121,7 @@ for s in $steps; do
       python3 -m benchmarks.profile_host_lead --variants hf_fp8_delayed_defer --out llama_host_lead_defer_h100.json 2>&1 | grep -v Warning | grep -E "step start|layer 0|layer 1 |layer 2 |forward end|backward end|optimizer" ;;
     defertests) python3 -m pytest -m gpu tests/test_gpu.py -k "adamw or optim or defer" -q -p no:cacheprovider 2>&1 | grep -E "^(FAILED|ERROR|E  )|passed|failed" | cut -c1-300 | tail -20 ;;
     llamadefer) python3 -m benchmarks.bench_llama --isolate --variants stock_bf16 hf_fp8_delayed torchao_tensorwise_compile hf_fp8_delayed torchao_tensorwise_compile hf_fp8_delayed torchao_tensorwise_compile hf_fp8_delayed_nodefer --budget-s 480 --out llama_accept_defer_h100.json 2>&1 | grep -v Warning | grep -E "^8b|skipped|Error|error|Traceback|fault" | cut -c1-220 ;;
+    llamadefer2) python3 -m benchmarks.bench_llama --isolate --variants stock_bf16 hf_fp8_delayed torchao_tensorwise_compile hf_fp8_delayed_nodefer hf_fp8_delayed torchao_tensorwise_compile hf_fp8_delayed_nodefer hf_fp8_delayed torchao_tensorwise_compile --budget-s 520 --out llama_accept_defer2_h100.json 2>&1 | grep -v Warning | grep -E "^8b|skipped|Error|error|Traceback|fault" | cut -c1-200 ;;
     quantsweep) python3 -m benchmarks.bench_quant --sweep-blocks --out quant_sweep_h100.json 2>&1 | tail -40 ;;
     monitor) python3 -m benchmarks.bench_monitor 2>&1 | grep -v Warning | tail -15 ;;
   esac
