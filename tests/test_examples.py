@@ -91,3 +91,11 @@ def test_cuda_graph_example_on_gpu(capsys, examples_path):
     assert "median step" in capsys.readouterr().out
     for a, b in zip(losses["eager"], losses["graph"], strict=True):
         assert abs(a - b) / abs(a) < 1e-3, losses
+
+
+def test_deferred_adamw_example_trains_identically(capsys, examples_path):
+    example = importlib.import_module("deferred_adamw")
+    out = example.main(["--steps", "3", "--device", "cpu", "--hidden", "128", "--seq", "32", "--vocab", "256"])
+    printed = capsys.readouterr().out
+    assert out["same_losses"] and out["same_weights"], printed
+    assert "losses identical: True; final weights identical: True" in printed
