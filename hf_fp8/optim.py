@@ -243,10 +243,27 @@ class AdamW(torch.optim.Optimizer):
         the loaded ones). Returns the hook handles (``.remove()`` each to detach).
 
         Parameters read any other way (a submodule called on its own, ``p.data`` in user code)
-        may hold the values from before the last ``step()``: call :meth:`flush` first."""
+        may hold the values from before the last ``step()``: call :meth:`flush` first.
+
+        Raises:
+            ValueError: sharded parameters (FSDP's DTensors): FSDP gathers them in forward
+                pre-hooks of its own, which may run before this one and would gather the
+                weights from before the update."""
+        sharded = [p for g in self.param_groups for p in g["params"] if type(p.data) is not torch.Tensor]
+        if self.defer_step and sharded:
+            raise ValueError(
+                f"hf_fp8.optim.AdamW(defer_step=True).attach: {len(sharded)} parameters are not plain tensors "
+                f"({type(sharded[0].data).__name__}; FSDP?). Their owner gathers them before the forward, possibly "
+                "before the deferred update runs: use defer_step=False with sharded parameters."
+            )
 
         def flush_before_forward(module, args):
             if self._pending is not None:
+                if torch.compiler.is_compiling():  # kernel launches from Python state: not in a graph
+                    raise RuntimeError(
+                        "hf_fp8.optim.AdamW(defer_step=True) with a compiled model: call optimizer.flush() before "
+                        "the compiled forward, or use defer_step=False"
+                    )
                 self.flush()
 
         def flush_before_state_dict(module, prefix, keep_vars):

@@ -113,7 +113,7 @@ class Fp8ArgumentsMixin:
             "kernels to run while the host launches the forward's first layers (1.5-2 ms per step on an "
             "8-layer Llama-3-8B-shaped model on the H100; the same numbers bit for bit). The update runs before "
             "any forward, state_dict() or load_state_dict() of the model and at the end of train(). Off with "
-            "--fp8_cuda_graph and --torch_compile. false updates in optimizer.step()."
+            "--fp8_cuda_graph, --torch_compile, FSDP and DeepSpeed. false updates in optimizer.step()."
         },
     )
     fp8_cuda_graph: bool = dataclasses.field(
@@ -369,6 +369,8 @@ class Fp8TrainerMixin:
             getattr(self.args, "fp8_defer_step", False)
             and not getattr(self.args, "fp8_cuda_graph", False)
             and not getattr(self.args, "torch_compile", False)
+            and not getattr(self, "is_fsdp_enabled", False)  # FSDP gathers the weights in its own pre-hooks
+            and not getattr(self, "is_deepspeed_enabled", False)
         )
         self.optimizer = AdamW(
             [g for g in groups if g["params"]],

@@ -399,3 +399,38 @@ def test_deferred_step_runs_before_a_model_load():
     assert not opt.pending
     for name, t in source.state_dict().items():
         assert torch.equal(model.state_dict()[name], t), name
+
+
+def test_deferred_step_refuses_sharded_parameters():
+    """FSDP's DTensor parameters are gathered by FSDP's own forward pre-hooks, possibly before the
+    deferred update: attach() refuses parameters that are not plain tensors."""
+
+    class Shard(torch.Tensor):  # stands in for a DTensor: any tensor subclass
+        pass
+
+    p = torch.nn.Parameter(torch.randn(4, 4).as_subclass(Shard))
+    opt = AdamW([p], defer_step=True)
+    with pytest.raises(ValueError, match="not plain tensors"):
+        opt.attach(torch.nn.Linear(4, 4))
+    AdamW([p]).attach(torch.nn.Linear(4, 4))  # nothing deferred: nothing to guard
+
+
+def test_deferred_step_with_a_compiled_model_flushes_or_says_so():
+    """torch.compile of the attached model: the flush runs (this torch runs the module's pre-hooks
+    outside the graph), or, where a compiler traces them, a clear error; never a forward on the
+    weights from before the update."""
+    model = torch.nn.Linear(8, 8)
+    opt = AdamW(model.parameters(), defer_step=True)
+    opt.attach(model)
+    compiled = torch.compile(model, backend="eager")
+    model(torch.randn(2, 8)).sum().backward()
+    before = model.weight.detach().clone()
+    opt.step()
+    model.zero_grad(set_to_none=True)
+    try:
+        compiled(torch.randn(2, 8))
+    except Exception as e:  # noqa: BLE001  the traced-hook case
+        assert "compiled model" in str(e)
+        opt.flush()
+    assert not opt.pending and not torch.equal(model.weight, before)
+    torch._dynamo.reset()
