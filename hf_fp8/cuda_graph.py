@@ -221,6 +221,11 @@ class CudaGraphStep:
 
     def __call__(self, **batch: Any) -> torch.Tensor:
         self._check_device(batch)
+        # a replay runs none of the model's hooks: a deferred optimizer update attached to the model
+        # (hf_fp8.optim.AdamW(defer_step=True).attach) runs here, before the graph reads the weights
+        for hook in tuple(self.model._forward_pre_hooks.values()):
+            if getattr(hook, "_hf_fp8_flush", False):
+                hook(self.model, ())
         if self.graph is None:
             self._capture(batch)
         else:

@@ -266,6 +266,8 @@ class AdamW(torch.optim.Optimizer):
                     )
                 self.flush()
 
+        flush_before_forward._hf_fp8_flush = True  # hf_fp8.CudaGraphStep runs it before each replay
+
         def flush_before_state_dict(module, prefix, keep_vars):
             if self._pending is not None:
                 self.flush()

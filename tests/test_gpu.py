@@ -744,3 +744,39 @@ def test_deferred_adamw_step_trains_bit_identically_on_gpu():
     assert l_e == l_d
     for name, t in sd_e.items():
         assert torch.equal(t, sd_d[name]), name
+
+
+def test_cuda_graph_step_runs_a_deferred_update_before_each_replay_on_gpu():
+    """A graph replay runs none of the model's hooks: CudaGraphStep runs the deferred update that
+    AdamW.attach registered before replaying, so each replay reads the updated weights (a stale
+    weight would change the next loss by ~1e-2 at lr 1e-3; tolerance as in the test above)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hf_fp8.cuda_graph import CudaGraphStep
+    from hf_fp8.optim import AdamW
+
+    cfg = LlamaConfig(hidden_size=512, intermediate_size=1536, num_hidden_layers=2, num_attention_heads=8,
+                      num_key_value_heads=4, vocab_size=1024, rope_theta=500000.0, attn_implementation="sdpa")  # fmt: skip
+    torch.manual_seed(0)
+    with torch.device("cuda"), hf_fp8.set_default_dtype(torch.bfloat16):
+        base = LlamaForCausalLM(cfg)
+    models = [copy.deepcopy(base), copy.deepcopy(base)]
+    for m in models:
+        hf_fp8.convert(m, hf_fp8.Fp8Config(recipe="delayed", auto_filter=False))
+    kw = dict(lr=1e-3, state_dtype=torch.bfloat16, stochastic_rounding=False)
+    opts = [AdamW(models[0].parameters(), **kw), AdamW(models[1].parameters(), defer_step=True, **kw)]
+    opts[1].attach(models[1])
+    step = CudaGraphStep(models[1])
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for i in range(4):
+        ids = torch.randint(0, 1024, (2, 256), device="cuda", generator=g)
+        eager = models[0](input_ids=ids, labels=ids).loss
+        eager.backward()
+        graphed = step(input_ids=ids, labels=ids)
+        assert rel_err(eager, graphed) < 1e-4, (i, graphed.item(), eager.item())
+        for opt, m in zip(opts, models):
+            opt.step()
+            m.zero_grad(set_to_none=True)
+    opts[1].flush()
+    for p0, p1 in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        assert rel_err(p0, p1) < 1e-2
