@@ -300,6 +300,7 @@ SECTIONS = {
     "llama_accept_defer": lambda: llama_table("llama_accept_defer_h100.json"),
     "llama_accept_defer2": lambda: llama_table("llama_accept_defer2_h100.json"),
     "llama_accept_defer3": lambda: llama_table("llama_accept_defer3_h100.json"),
+    "llama_accept_final": lambda: llama_table("llama_accept_final_h100.json"),
     "llama_1b": lambda: llama_table("llama_1b_h100.json"),
     "llama_graph": lambda: llama_table("llama_graph_h100.json"),
     "llama_graph_1b": lambda: llama_table("llama_graph_1b_h100.json"),

@@ -96,6 +96,8 @@ class AdamW(torch.optim.Optimizer):
             Until then the parameters and moments hold their values from before the step. A
             gradient changed in place in between (``model.zero_grad(set_to_none=False)``, another
             backward without a forward) is an error at the flush, never a silent wrong update.
+            :class:`hf_fp8.CudaGraphStep` runs the flush before each replay; sharded (FSDP)
+            parameters are refused by :meth:`attach`.
 
     Example:
         ```python
