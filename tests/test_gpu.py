@@ -518,6 +518,21 @@ def test_torch_compile_of_converted_llama_on_gpu():
     torch._dynamo.reset()
 
 
+def _twin_fp8_llamas(recipe: str) -> list:
+    """Two identical small BF16 Llamas on the GPU, every linear FP8 (``recipe``), SDPA attention."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=512, intermediate_size=1536, num_hidden_layers=2, num_attention_heads=8,
+                      num_key_value_heads=4, vocab_size=1024, rope_theta=500000.0, attn_implementation="sdpa")  # fmt: skip
+    torch.manual_seed(0)
+    with torch.device("cuda"), hf_fp8.set_default_dtype(torch.bfloat16):
+        base = LlamaForCausalLM(cfg)
+    models = [copy.deepcopy(base), copy.deepcopy(base)]
+    for m in models:
+        hf_fp8.convert(m, hf_fp8.Fp8Config(recipe=recipe, auto_filter=False))
+    return models
+
+
 @pytest.mark.parametrize("recipe,eager_first", [("tensorwise", False), ("delayed", False), ("delayed", True)])
 def test_cuda_graph_step_equals_eager_steps_on_gpu(recipe, eager_first):
     """Four optimizer steps replayed from one CUDA graph give the eager steps' losses, gradients,
@@ -532,19 +547,10 @@ def test_cuda_graph_step_equals_eager_steps_on_gpu(recipe, eager_first):
     which leave every scale as it is (the max over the window and the newest entry are unchanged).
     Captured after an eager step, the eager step's loss is deleted first: alive, it keeps the
     gradient accumulators bound to the default stream and the capture fails (with our message)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from hf_fp8.cuda_graph import CudaGraphStep
     from hf_fp8.state import fp8_state_dict
 
-    cfg = LlamaConfig(hidden_size=512, intermediate_size=1536, num_hidden_layers=2, num_attention_heads=8,
-                      num_key_value_heads=4, vocab_size=1024, rope_theta=500000.0, attn_implementation="sdpa")  # fmt: skip
-    torch.manual_seed(0)
-    with torch.device("cuda"), hf_fp8.set_default_dtype(torch.bfloat16):
-        base = LlamaForCausalLM(cfg)
-    models = [copy.deepcopy(base), copy.deepcopy(base)]
-    for m in models:
-        hf_fp8.convert(m, hf_fp8.Fp8Config(recipe=recipe, auto_filter=False))
+    models = _twin_fp8_llamas(recipe)
     opts = [torch.optim.AdamW(m.parameters(), lr=1e-3, fused=True) for m in models]
     step = CudaGraphStep(models[1])
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -750,19 +756,10 @@ def test_cuda_graph_step_runs_a_deferred_update_before_each_replay_on_gpu():
     """A graph replay runs none of the model's hooks: CudaGraphStep runs the deferred update that
     AdamW.attach registered before replaying, so each replay reads the updated weights (a stale
     weight would change the next loss by ~1e-2 at lr 1e-3; tolerance as in the test above)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from hf_fp8.cuda_graph import CudaGraphStep
     from hf_fp8.optim import AdamW
 
-    cfg = LlamaConfig(hidden_size=512, intermediate_size=1536, num_hidden_layers=2, num_attention_heads=8,
-                      num_key_value_heads=4, vocab_size=1024, rope_theta=500000.0, attn_implementation="sdpa")  # fmt: skip
-    torch.manual_seed(0)
-    with torch.device("cuda"), hf_fp8.set_default_dtype(torch.bfloat16):
-        base = LlamaForCausalLM(cfg)
-    models = [copy.deepcopy(base), copy.deepcopy(base)]
-    for m in models:
-        hf_fp8.convert(m, hf_fp8.Fp8Config(recipe="delayed", auto_filter=False))
+    models = _twin_fp8_llamas("delayed")
     kw = dict(lr=1e-3, state_dtype=torch.bfloat16, stochastic_rounding=False)
     opts = [AdamW(models[0].parameters(), **kw), AdamW(models[1].parameters(), defer_step=True, **kw)]
     opts[1].attach(models[1])

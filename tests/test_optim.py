@@ -323,6 +323,17 @@ def test_deferred_step_trains_bit_identically():
             assert torch.equal(opt_e.state[p_e][key], opt_d.state[p_d][key])
 
 
+def _stepped_deferred_llama(seed: int = 0):
+    """A tiny Llama whose attached deferred AdamW has recorded one step (not yet run), and the batch."""
+    model = tiny_llama(seed)
+    opt = AdamW(model.parameters(), lr=1e-2, defer_step=True, seed=0)
+    opt.attach(model)
+    ids = torch.randint(0, 512, (2, 16))
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    return model, opt, ids
+
+
 def test_deferred_step_waits_for_the_next_forward():
     model = tiny_llama()
     opt = AdamW(model.parameters(), lr=1e-2, defer_step=True, seed=0)
@@ -356,12 +367,7 @@ def test_deferred_step_flushes_before_its_state_dict_and_a_second_step():
 def test_deferred_step_refuses_a_gradient_changed_in_place():
     """model.zero_grad(set_to_none=False) zeroes the gradients the pending update reads: an error
     at the flush, not an update with zeros."""
-    model = tiny_llama()
-    opt = AdamW(model.parameters(), lr=1e-2, defer_step=True, seed=0)
-    opt.attach(model)
-    ids = torch.randint(0, 512, (2, 16))
-    model(input_ids=ids, labels=ids).loss.backward()
-    opt.step()
+    model, opt, ids = _stepped_deferred_llama()
     model.zero_grad(set_to_none=False)
     with pytest.raises(RuntimeError, match="changed in place"):
         model(input_ids=ids, labels=ids)
@@ -388,12 +394,7 @@ def test_immediate_step_is_unchanged_by_attach():
 def test_deferred_step_runs_before_a_model_load():
     """Loading weights (a best checkpoint at the end of training) must not receive the update
     computed for the weights before it: the load flushes first."""
-    model, source = tiny_llama(0), tiny_llama(1)
-    opt = AdamW(model.parameters(), lr=1e-2, defer_step=True, seed=0)
-    opt.attach(model)
-    ids = torch.randint(0, 512, (2, 16))
-    model(input_ids=ids, labels=ids).loss.backward()
-    opt.step()
+    (model, opt, _), source = _stepped_deferred_llama(0), tiny_llama(1)
     model.zero_grad(set_to_none=True)
     model.load_state_dict(source.state_dict())
     assert not opt.pending
