@@ -97,7 +97,8 @@ class AdamW(torch.optim.Optimizer):
             gradient changed in place in between (``model.zero_grad(set_to_none=False)``, another
             backward without a forward) is an error at the flush, never a silent wrong update.
             :class:`hf_fp8.CudaGraphStep` runs the flush before each replay; sharded (FSDP)
-            parameters are refused by :meth:`attach`.
+            parameters are refused by :meth:`attach`. Without :meth:`attach` nothing would run
+            the update before the next forward: ``step()`` then updates at once, with a warning.
 
     Example:
         ```python
@@ -144,6 +145,7 @@ class AdamW(torch.optim.Optimizer):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, stochastic_rounding=stochastic_rounding)
         self.defer_step = defer_step
         self._pending: list[tuple] | None = None  # the recorded update of a deferred step()
+        self._attached = False  # attach() called: some model's forward runs the deferred update
         super().__init__(params, defaults)
         self.full_bf16 = full_bf16
         self.state_dtype = state_dtype
@@ -279,6 +281,7 @@ class AdamW(torch.optim.Optimizer):
             if self._pending is not None:
                 self.flush()
 
+        self._attached = True
         return [
             model.register_forward_pre_hook(flush_before_forward, prepend=True),
             model.register_state_dict_pre_hook(flush_before_state_dict),
@@ -303,7 +306,15 @@ class AdamW(torch.optim.Optimizer):
                 loss = closure()
         self.flush()  # a deferred step not yet run goes first (two steps without a forward between)
         updates = self._record_updates()
-        if self.defer_step:
+        if self.defer_step and not self._attached:
+            # no model runs the update before its next forward: deferring would train on stale weights
+            warnings.warn(
+                "hf_fp8.optim.AdamW(defer_step=True) without attach(model): the update runs in step(), "
+                "as with defer_step=False. Call optimizer.attach(model) to defer it to the model's next forward.",
+                UserWarning,
+                stacklevel=3,  # the caller of step(), through torch.no_grad's wrapper
+            )
+        if self.defer_step and self._attached:
             self._pending = updates
         else:
             for update in updates:

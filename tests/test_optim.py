@@ -353,6 +353,9 @@ def test_deferred_step_flushes_before_its_state_dict_and_a_second_step():
     p = torch.nn.Parameter(torch.randn(64, 16, dtype=torch.bfloat16))
     ref = torch.nn.Parameter(p.detach().clone())
     opt = AdamW([p], lr=1e-2, defer_step=True, seed=0)
+    holder = torch.nn.Module()
+    holder.p = p
+    opt.attach(holder)  # a model whose forward would run the update (none runs here)
     opt_ref = AdamW([ref], lr=1e-2, seed=0)
     for _ in range(2):  # the second step() runs the first one's update before recording its own
         g = torch.randn(64, 16, dtype=torch.bfloat16)
@@ -435,3 +438,14 @@ def test_deferred_step_with_a_compiled_model_flushes_or_says_so():
         opt.flush()
     assert not opt.pending and not torch.equal(model.weight, before)
     torch._dynamo.reset()
+
+
+def test_deferred_step_without_attach_updates_at_once_and_warns():
+    """Nothing would run the update before the next forward: deferring would train on stale weights."""
+    p = torch.nn.Parameter(torch.randn(8, 8))
+    opt = AdamW([p], lr=1e-2, defer_step=True)
+    p.grad = torch.randn(8, 8)
+    before = p.detach().clone()
+    with pytest.warns(UserWarning, match="without attach"):
+        opt.step()
+    assert not opt.pending and not torch.equal(p, before)
