@@ -144,7 +144,8 @@ class AdamW(torch.optim.Optimizer):
             )
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, stochastic_rounding=stochastic_rounding)
         self.defer_step = defer_step
-        self._pending: list[tuple] | None = None  # the recorded update of a deferred step()
+        # the recorded update of a deferred step(): per parameter, (its update's arguments, the gradient's version then)
+        self._pending: list[tuple[tuple, int]] | None = None
         self._attached = False  # attach() called: some model's forward runs the deferred update
         super().__init__(params, defaults)
         self.full_bf16 = full_bf16
@@ -227,17 +228,16 @@ class AdamW(torch.optim.Optimizer):
         pending, self._pending = self._pending, None
         if pending is None:
             return
-        for update in pending:
-            g, version = update[1], update[2]
-            if g._version != version:
+        for update, version in pending:
+            if update[1]._version != version:  # update[1]: the gradient
                 raise RuntimeError(
                     "hf_fp8.optim.AdamW(defer_step=True): a gradient changed in place between step() and the "
                     "deferred update (model.zero_grad(set_to_none=False)? a backward before the next forward?). "
                     "The update was not applied. Zero gradients with set_to_none=True, or call optimizer.flush() "
                     "before touching them."
                 )
-        for update in pending:
-            _apply_update(*update[:2], *update[3:])
+        for update, _ in pending:
+            _apply_update(*update)
 
     def attach(self, model: torch.nn.Module) -> list:
         """Flush a deferred step when ``model``'s forward starts (first among its forward
@@ -315,15 +315,15 @@ class AdamW(torch.optim.Optimizer):
                 stacklevel=3,  # the caller of step(), through torch.no_grad's wrapper
             )
         if self.defer_step and self._attached:
-            self._pending = updates
+            self._pending = [(update, update[1]._version) for update in updates]
         else:
             for update in updates:
-                _apply_update(*update[:2], *update[3:])
+                _apply_update(*update)
         return loss
 
     def _record_updates(self) -> list[tuple]:
-        """Per parameter with a gradient: (p, grad, grad's version, exp_avg, exp_avg_sq, lr, beta1,
-        beta2, eps, weight decay, bias corrections, stochastic rounding, seed), after this step's
+        """Per parameter with a gradient, :func:`_apply_update`'s arguments: (p, grad, exp_avg,
+        exp_avg_sq, lr, beta1, beta2, eps, weight decay, bias corrections, stochastic rounding, seed), after this step's
         bookkeeping (moments created, step counts advanced, rounding seeds drawn, in order)."""
         updates = []
         for group in self.param_groups:
@@ -345,9 +345,8 @@ class AdamW(torch.optim.Optimizer):
                 bc2 = 1.0 - beta2**step
                 round_sr = sr and p.dtype in _LOW_PRECISION
                 seed = self._next_seed() if round_sr else 0
-                g = p.grad
                 updates.append(
-                    (p, g, g._version, state["exp_avg"], state["exp_avg_sq"], lr, beta1, beta2, eps, wd, bc1, bc2,
+                    (p, p.grad, state["exp_avg"], state["exp_avg_sq"], lr, beta1, beta2, eps, wd, bc1, bc2,
                      round_sr, seed)
                 )  # fmt: skip
         return updates
