@@ -10,11 +10,8 @@ if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
-# hf_fp8.kernels / hf_fp8.integrations live in kernels/ and integrations/: lay the tree out as installed
-# and run from there (the source tree's own hf_fp8/ would shadow it from the current directory).
-rm -rf /tmp/work && mkdir -p /tmp/work && cp -r hf_fp8 benchmarks tests examples pyproject.toml /tmp/work/ && { [ -d scratch ] && cp -r scratch /tmp/work/ || true; } \
-  && cp -r kernels /tmp/work/hf_fp8/kernels && cp -r integrations /tmp/work/hf_fp8/integrations && cd /tmp/work \
-  && export PYTHONPATH="/tmp/work${PYTHONPATH:+:$PYTHONPATH}"
+# Run from the repo root: hf_fp8/kernels and hf_fp8/integrations link to the top-level folders.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__, torch.cuda.get_device_name())"
 steps=${*:-tests quant linear sweep}
 for s in $steps; do
@@ -83,8 +80,8 @@ for s in $steps; do
     llamagraphnow) python3 -m benchmarks.bench_llama --isolate --variants hf_fp8_delayed hf_fp8_delayed_graph torchao_tensorwise_compile hf_fp8_delayed_graph hf_fp8_delayed --budget-s 420 --out llama_graph_now_h100.json 2>&1 | grep -v Warning | grep -E "^8b|skipped|Error|error|Traceback|fault" | cut -c1-200 ;;
     hostpythonnow) python3 -m benchmarks.profile_host_python --variants hf_fp8_delayed --out host_python_now_h100.json 2>&1 | grep -v Warning | cut -c1-170 | grep -E "forward_host|hf_fp8_delayed" | head -8 ;;
     # interleaved against an older tree: scratch/base = that commit laid out as below (see benchmarks/bench_llama_ab.py)
-    llamaab) python3 -m benchmarks.bench_llama_ab --base /tmp/work/scratch/base --base-sha "${HF_FP8_BASE_SHA:-unknown}" --out llama_ab_host_h100.json 2>&1 | grep -v Warning | cut -c1-260 ;;
-    llamaab1b) python3 -m benchmarks.bench_llama_ab --base /tmp/work/scratch/base --base-sha "${HF_FP8_BASE_SHA:-unknown}" --configs 1b --peers stock_bf16 --out llama_ab_host_1b_h100.json 2>&1 | grep -v Warning | cut -c1-260 ;;
+    llamaab) python3 -m benchmarks.bench_llama_ab --base scratch/base --base-sha "${HF_FP8_BASE_SHA:-unknown}" --out llama_ab_host_h100.json 2>&1 | grep -v Warning | cut -c1-260 ;;
+    llamaab1b) python3 -m benchmarks.bench_llama_ab --base scratch/base --base-sha "${HF_FP8_BASE_SHA:-unknown}" --configs 1b --peers stock_bf16 --out llama_ab_host_1b_h100.json 2>&1 | grep -v Warning | cut -c1-260 ;;
     llamaend) python3 -m benchmarks.bench_llama --isolate --variants stock_bf16 hf_fp8_delayed torchao_tensorwise_compile hf_fp8_delayed torchao_tensorwise_compile hf_fp8_delayed torchao_tensorwise_compile --budget-s 420 --out llama_accept_end_h100.json 2>&1 | grep -v Warning | grep -E "^8b|skipped|Error|error|Traceback|fault" | cut -c1-200 ;;
     llamaend2) python3 -m benchmarks.bench_llama --isolate --variants stock_bf16 hf_fp8_delayed torchao_tensorwise_compile hf_fp8_delayed torchao_tensorwise_compile hf_fp8_delayed torchao_tensorwise_compile --budget-s 420 --out llama_accept_end2_h100.json 2>&1 | grep -v Warning | grep -E "^8b|skipped|Error|error|Traceback|fault" | cut -c1-200 ;;
     hostleadend) python3 -m benchmarks.profile_host_lead --variants hf_fp8_delayed --out llama_host_lead_end_h100.json 2>&1 | grep -E "FP8 layers|step start|layer 0|layer 1 start|forward end|backward end|optimizer end" | cut -c1-200 ;;

@@ -135,6 +135,12 @@ def _loss_and_grads_exact(
         if not need_any:
             continue
         g = grad_logits[:n_block]
+        if not g.is_cuda and not g.is_contiguous():
+            # oneDNN's AMX BF16 GEMM (torch 2.13 CPU on Sapphire Rapids) reads each row of A up to
+            # K rounded to its tile, i.e. into this view's stride, where the rest of the FP32
+            # logits lie; NaN bit patterns there times its zero padding gave NaN gradient rows.
+            # cuBLAS reads only the K columns, so the GPU keeps the strided view.
+            g = g.contiguous()
         if need_h:  # rows are independent: no sum across blocks
             torch.mm(g, weight, out=grad_h[block : block + n_block])
         if need_w:  # FP32 accumulation inside each block's GEMM, one rounding per block

@@ -10,7 +10,8 @@ from typing import TypeVar
 
 from packaging.version import Version
 
-_MIN_VERSIONS = {"transformers": "5.0", "accelerate": "1.0", "peft": "0.15", "torchao": "0.14"}
+# The oldest versions the project is tested with: pyproject.toml's lower bounds (a test checks they agree).
+_MIN_VERSIONS = {"transformers": "5.17", "accelerate": "1.15", "peft": "0.21", "torchao": "0.14"}
 
 F = TypeVar("F", bound=Callable)
 

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import math
+import sys
+from pathlib import Path
+from types import ModuleType
 
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def sqnr_db(ref: torch.Tensor, actual: torch.Tensor) -> float:
@@ -93,3 +100,24 @@ def check_o_proj_keeps_attention_output(device: str, recipe: str) -> None:
     assert_bits_equal(loss_on, loss_off, "loss")
     for a, b in zip(grads_on, grads_off):
         assert_bits_equal(a, b, "gradient")
+
+
+def import_benchmark(name: str) -> ModuleType:
+    """``benchmarks.<name>`` from this checkout, found by its path.
+
+    The benchmarks run from the repo root (``python -m benchmarks.<name>``), where the root is on
+    ``sys.path``; plain ``pytest`` does not put it there, and tests must not depend on it. The
+    ``benchmarks`` package is loaded from ``ROOT / "benchmarks"`` once, so the scripts' own
+    ``from benchmarks.<other> import ...`` lines resolve to the same folder."""
+    folder = ROOT / "benchmarks"
+    package = sys.modules.get("benchmarks")
+    if package is None:
+        spec = importlib.util.spec_from_file_location(
+            "benchmarks", folder / "__init__.py", submodule_search_locations=[str(folder)]
+        )
+        package = importlib.util.module_from_spec(spec)
+        sys.modules["benchmarks"] = package
+        spec.loader.exec_module(package)
+    elif [Path(p).resolve() for p in package.__path__] != [folder]:
+        raise ImportError(f"a module named 'benchmarks' from {list(package.__path__)} is loaded, not {folder}")
+    return importlib.import_module(f"benchmarks.{name}")

@@ -94,3 +94,19 @@ def losses_with_norms_fused_and_not(
             opt.zero_grad(set_to_none=True)
             out.append(loss.detach())
     return losses
+
+
+def enable_activation_checkpointing(model, use_reentrant: bool | None = None) -> None:
+    """HF's activation checkpointing under its current name (transformers >= 5.25), or its old one
+    (5.17, the oldest supported, has only ``gradient_checkpointing_enable``; 5.25 deprecates it)."""
+    kwargs = None if use_reentrant is None else {"use_reentrant": use_reentrant}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def disable_activation_checkpointing(model) -> None:
+    """The counterpart of :func:`enable_activation_checkpointing`."""
+    disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
+    disable()

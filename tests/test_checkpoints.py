@@ -16,6 +16,7 @@ from test_trainer import _args, _Data, _losses
 import hf_fp8
 
 
+@pytest.mark.smoke
 def test_save_pretrained_is_a_stock_checkpoint(tmp_path):
     model = tiny_llama().to(torch.bfloat16)
     stock_keys = set(model.state_dict())
@@ -48,6 +49,7 @@ def test_save_pretrained_is_a_stock_checkpoint(tmp_path):
         assert torch.equal(reloaded[k], v), k
 
 
+@pytest.mark.smoke
 def test_converted_model_loads_a_stock_checkpoint():
     stock = tiny_llama(seed=3)
     model = tiny_llama(seed=4)

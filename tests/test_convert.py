@@ -24,6 +24,7 @@ def _meta_model(n=2):
         return nn.ModuleDict({"layers": nn.ModuleList([_Block() for _ in range(n)]), "lm_head": nn.Linear(4096, 32000)})
 
 
+@pytest.mark.smoke
 def test_keeps_parameter_objects_and_reverts():
     model = tiny_llama()
     params_before = {n: p for n, p in model.named_parameters()}

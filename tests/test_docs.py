@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from benchmarks.tables import ROOT, render
+from helpers import ROOT, import_benchmark
+
+render = import_benchmark("tables").render
 
 
 def test_bench_tables_are_up_to_date():

@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import pytest
+from helpers import import_benchmark
 
-from benchmarks.derive_thresholds import DEFAULT, IN_MODEL_GRAPH, derive, derive_in_model, in_model_choices
 from hf_fp8.config import Recipe
 from hf_fp8.filter import GRAPH_THRESHOLDS, THRESHOLDS, passes_shape_rule
+
+_thresholds = import_benchmark("derive_thresholds")
+DEFAULT, IN_MODEL_GRAPH = _thresholds.DEFAULT, _thresholds.IN_MODEL_GRAPH
+derive, derive_in_model, in_model_choices = (
+    _thresholds.derive,
+    _thresholds.derive_in_model,
+    _thresholds.in_model_choices,
+)
 
 
 def test_thresholds_match_the_committed_sweeps():

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from llama_fixtures import tiny_llama, train_losses
+from llama_fixtures import enable_activation_checkpointing, tiny_llama, train_losses
 
 import hf_fp8
 
@@ -14,7 +14,10 @@ SMALL = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_at
 STEPS = 40
 
 
-def _train(model, steps=STEPS, lr=3e-3):
+# At lr 3e-3 the loss falls steeply between steps 20 and 40, and a per-step gap mostly measures
+# when that fall starts: one CPU gave rowwise FP8 3.4% from FP32, another 11% (BF16 autocast 25%),
+# the same code. At 1e-3 the gap measures FP8's error (rowwise 0.6%, tensorwise and delayed 1.2%).
+def _train(model, steps=STEPS, lr=1e-3):
     return train_losses(model, torch.optim.AdamW(model.parameters(), lr=lr), steps, seq=64)
 
 
@@ -25,6 +28,7 @@ def fp32_run():
     return init, _train(model)
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("recipe", ["tensorwise", "rowwise", "delayed"])
 def test_loss_at_init_matches_unconverted(recipe):
     ref = tiny_llama()
@@ -39,29 +43,29 @@ def test_loss_at_init_matches_unconverted(recipe):
 
 
 def test_rowwise_training_tracks_fp32(fp32_run):
-    """40 steps on a learnable task: rowwise FP8 within 8% of the FP32 twin's loss at every 10th
-    step (measured: at most 3.4%; BF16 autocast drifts by up to 4% on the same run)."""
+    """40 steps on a learnable task (loss 6.2 -> 4.3): rowwise FP8 within 3% of the FP32 twin's
+    loss at every 10th step (measured: at most 0.6%)."""
     init, l_ref = fp32_run
     model = copy.deepcopy(init)
     hf_fp8.convert(model, hf_fp8.Fp8Config(recipe="rowwise", auto_filter=False, exclude=("lm_head",)))
     l_fp8 = _train(model)
     for a, b in zip(l_fp8[9::10], l_ref[9::10]):
-        assert abs(a - b) / b < 0.08, (l_fp8[9::10], l_ref[9::10])
+        assert abs(a - b) / b < 0.03, (l_fp8[9::10], l_ref[9::10])
     assert hf_fp8.nonfinite_modules(model) == {}
 
 
 @pytest.mark.parametrize("recipe", ["tensorwise", "delayed"])
 def test_per_tensor_recipes_learn_without_nonfinite(recipe, fp32_run):
-    """Per-tensor scaling with E5M2 gradients lags on this tiny, high-learning-rate run (measured
-    final loss 1.20x the FP32 twin's at step 40, the gap closing later): it must still learn
-    steadily (below 0.85x its initial loss; FP32 reaches 0.64x) and stay within 1.4x of FP32."""
+    """Per-tensor scaling with E5M2 gradients: learns as FP32 does (measured final loss 0.68x the
+    initial one for FP32 and both recipes, within 1.2% of FP32's): below 0.85x its initial loss
+    and within 5% of FP32's final loss."""
     init, l_ref = fp32_run
     model = copy.deepcopy(init)
     hf_fp8.convert(model, hf_fp8.Fp8Config(recipe=recipe, auto_filter=False, exclude=("lm_head",)))
     losses = _train(model)
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < 0.85 * losses[0]
-    assert losses[-1] < 1.4 * l_ref[-1]
+    assert abs(losses[-1] - l_ref[-1]) < 0.05 * l_ref[-1], (losses[-1], l_ref[-1])
     assert hf_fp8.nonfinite_modules(model) == {}
 
 
@@ -74,7 +78,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(reentrant):
     plain = tiny_llama(seed=3, attn_implementation="sdpa")
     hf_fp8.convert(plain, cfg)
     ckpt = copy.deepcopy(plain)
-    ckpt.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    enable_activation_checkpointing(ckpt, reentrant)
     ckpt.train()
     plain.train()
     ids = torch.randint(0, 512, (2, 32))

@@ -389,17 +389,24 @@ def test_patched_llama_outputs():
     assert "forward" not in model.__dict__
 
 
-def test_bf16_model_loss_closer_to_fp32_than_stock():
+def test_bf16_model_loss_closer_to_exact_than_stock():
+    """A BF16 model's loss from FP32 logits against stock's BF16 logits, both judged against the
+    float64 loss of the same final hidden states and lm_head weight (so the BF16 body's own error,
+    which is the same for both and dominates a comparison with an FP32 twin, cancels).
+    Measured: ours 7e-8 relative (FP32 summation), stock 2e-6 (BF16 logits), 27x apart."""
     fp32 = tiny_llama()
     stock = copy.deepcopy(fp32).to(torch.bfloat16)
     ours = copy.deepcopy(fp32).to(torch.bfloat16)
     hf_fp8.patch_loss(ours)
+    torch.manual_seed(0)
     ids = torch.randint(0, 512, (4, 64))
     with torch.no_grad():
-        ref = fp32(input_ids=ids, labels=ids).loss.item()
-        err_stock = abs(stock(input_ids=ids, labels=ids).loss.item() - ref)
-        err_ours = abs(ours(input_ids=ids, labels=ids).loss.item() - ref)
-    assert err_ours <= err_stock, (err_ours, err_stock)
+        hidden = stock.model(input_ids=ids).last_hidden_state.double()
+        logits = hidden @ stock.lm_head.weight.double().t()
+        exact = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 512), ids[:, 1:].reshape(-1)).item()
+        err_stock = abs(stock(input_ids=ids, labels=ids).loss.item() - exact)
+        err_ours = abs(ours(input_ids=ids, labels=ids).loss.item() - exact)
+    assert err_ours < 1e-6 * exact and 4 * err_ours < err_stock, (err_ours, err_stock, exact)
 
 
 def test_no_tokens_gives_nan_loss_and_zero_gradients():

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from llama_fixtures import bigram_batches, tiny_llama
+from llama_fixtures import bigram_batches, enable_activation_checkpointing, tiny_llama
 
 import hf_fp8
 from hf_fp8 import quantize as Q
@@ -267,7 +267,7 @@ def test_activation_checkpointing_records_each_input_once(use_reentrant):
     recomputation, so its metrics equal those of the same step without checkpointing."""
     ref_model = _converted_llama()
     model = copy.deepcopy(ref_model)
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    enable_activation_checkpointing(model, use_reentrant)
     model.train()
     ids = next(bigram_batches(2, 16, 512))
     results = []

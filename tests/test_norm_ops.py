@@ -13,7 +13,12 @@ import conftest
 import pytest
 import torch
 from helpers import assert_bits_equal
-from llama_fixtures import losses_with_norms_fused_and_not, tiny_llama
+from llama_fixtures import (
+    disable_activation_checkpointing,
+    enable_activation_checkpointing,
+    losses_with_norms_fused_and_not,
+    tiny_llama,
+)
 from torch import nn
 
 import hf_fp8
@@ -340,7 +345,7 @@ def test_decoder_patch_keeps_hf_paths():
     assert torch.equal(model(input_ids=ids, labels=ids).loss, ref)
     assert seen == [(2, 16, 128)]
     h.remove()
-    model.gradient_checkpointing_enable()
+    enable_activation_checkpointing(model)
     model.train()
     calls = []
     real = norm_ops.rms_rstd
@@ -351,7 +356,7 @@ def test_decoder_patch_keeps_hf_paths():
     finally:
         norm_ops.rms_rstd = real
     assert not calls and torch.isfinite(loss)
-    model.gradient_checkpointing_disable()
+    disable_activation_checkpointing(model)
     for m in model.modules():  # HF's MLP forwards: they take the norm's output
         if type(m).__name__ == "LlamaMLP":
             m.__dict__.pop("forward")

@@ -53,6 +53,7 @@ def test_merge_and_unload_equals_base_plus_delta():
     assert isinstance(merged.model.layers[0].mlp.up_proj, hf_fp8.Fp8Linear)
 
 
+@pytest.mark.smoke
 def test_adapters_save_and_load_with_peft(tmp_path):
     pm = _lora_model()
     pm.save_pretrained(tmp_path)

@@ -8,7 +8,7 @@ import copy
 import conftest
 import pytest
 import torch
-from llama_fixtures import tiny_llama
+from llama_fixtures import enable_activation_checkpointing, tiny_llama
 from transformers import LlamaForCausalLM
 
 import hf_fp8
@@ -115,8 +115,7 @@ def test_position_ids_cache_and_generation():
 def test_gradient_checkpointing():
     model = tiny_llama()
     hf_fp8.patch_rope(model)
-    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-    enable()
+    enable_activation_checkpointing(model)
     model.train()
     ids = torch.randint(0, 512, (2, 16))
     model(input_ids=ids, labels=ids).loss.backward()

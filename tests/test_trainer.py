@@ -113,6 +113,7 @@ def test_accelerate_fp8_env_conflict(tmp_path, monkeypatch):
         _args(tmp_path, fp8="tensorwise")
 
 
+@pytest.mark.smoke
 def test_hf_fp8_trainer_trains_in_fp8(tmp_path):
     model = tiny_llama()
     trainer = hf_fp8.Trainer(
@@ -128,6 +129,7 @@ def test_hf_fp8_trainer_trains_in_fp8(tmp_path):
     assert isinstance(trainer.model.model.layers[1].self_attn.q_proj, hf_fp8.Fp8Linear)
 
 
+@pytest.mark.smoke
 def test_stock_trainer_with_callback(tmp_path):
     model = tiny_llama()
     cb = hf_fp8.Fp8Callback()
