@@ -177,11 +177,11 @@ def build(name: str, config: dict):
         for layer in model.model.layers:
             layer.compile()
     # The update at the start of the next forward (AdamW(defer_step=True) attached to the model), as
-    # hf_fp8.Trainer builds it (--fp8_defer_step, the default since 2026-11-24 21:30): hf_fp8 variants
-    # unless _nodefer, _graph or _compile (the Trainer's exceptions); other variants with _hfadamw only with _defer
+    # hf_fp8.Trainer builds it with --fp8_defer_step true (opt-in): variants with _defer, unless _graph
+    # or _compile (the Trainer's exceptions). Plain hf_fp8 variants update in step(), the Trainer's default.
     hf_variant = name.startswith("hf_fp8_")
     graphed = "_graph" in name or name.endswith("_compile") or "_compile_" in name
-    defer = not graphed and ("_defer" in name or (hf_variant and "_nodefer" not in name))
+    defer = not graphed and "_defer" in name
     if name == "hf_fp8_full_bf16":
         opt = hf_fp8.optim.AdamW(model.parameters(), lr=1e-4, full_bf16=True, seed=0, defer_step=defer)
     elif name.endswith("_hfadamw") or (hf_variant and "_torchadamw" not in name):

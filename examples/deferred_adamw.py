@@ -3,7 +3,8 @@
 ``hf_fp8.optim.AdamW(defer_step=True)`` + ``opt.attach(model)``: ``opt.step()`` records the
 update and the model's next forward launches it first, so on a GPU its kernels run while the
 host launches the forward's first layers (the stretch of an eager step where the GPU otherwise
-waits for the host). What ``hf_fp8.Trainer`` does by default with its AdamW (``--fp8_defer_step``).
+waits for the host). What ``hf_fp8.Trainer`` does with its AdamW when asked (``--fp8_defer_step true``; off by
+default, because until the next forward anything that reads the weights another way sees them one step old).
 
 The example trains the same FP8 Llama twice, with the update in ``step()`` and deferred, and
 prints both runs' losses (identical, bit for bit), their final weights' agreement and, on a GPU,

@@ -103,6 +103,9 @@ _FIELDS_WITH_ENUMS = {
 }
 
 
+MAX_MARGIN = 8  # see Fp8Config.margin
+
+
 @dataclasses.dataclass(frozen=True)
 class Fp8Config:
     """Configuration of FP8 training for :func:`hf_fp8.convert`.
@@ -121,7 +124,8 @@ class Fp8Config:
         amax_compute_algo (`str`, *optional*, defaults to `"max"`):
             ``"max"`` or ``"most_recent"``: how the delayed recipe reads its history.
         margin (`int`, *optional*, defaults to 0):
-            Delayed recipe: scales are divided by ``2**margin`` to leave headroom for amax growth.
+            Delayed recipe: scales are divided by ``2**margin`` to leave headroom for amax growth
+            (0 to 8: each unit costs one of E4M3's 18 binades at the small end).
         use_fast_accum (`bool`, *optional*, defaults to `False`):
             Let the forward GEMM use Hopper's fast FP8 accumulation (faster, slightly less
             accurate than FP32 accumulation; the CPU emulation always accumulates in FP32).
@@ -221,8 +225,13 @@ class Fp8Config:
                 raise ValueError(f"Fp8Config.{name}: got {value!r}; expected an int")
         if self.amax_history_len < 1:
             raise ValueError(f"Fp8Config.amax_history_len: got {self.amax_history_len}; expected an int >= 1")
-        if self.margin < 0:
-            raise ValueError(f"Fp8Config.margin: got {self.margin}; expected an int >= 0")
+        if not 0 <= self.margin <= MAX_MARGIN:
+            raise ValueError(
+                f"Fp8Config.margin: got {self.margin}; expected an int from 0 to {MAX_MARGIN}. Each unit halves the "
+                "scale: at 8 a tensor's largest value lands at 448/256 = 1.75 and E4M3 keeps only 10 of its 18 "
+                "binades (2^-9 to 2^8.8); beyond that small activations flush to zero (16 and more gave all-zero "
+                "casts; 100 and more NaN losses)"
+            )
         for name in (
             "use_fast_accum",
             "auto_filter",

@@ -112,8 +112,9 @@ def convert(
     """Swap the model's ``nn.Linear`` layers for :class:`Fp8Linear` in place.
 
     Args:
-        model (`nn.Module`): any model, e.g. a ``LlamaForCausalLM``. Converting twice is a no-op
-            for layers that are already ``Fp8Linear``.
+        model (`nn.Module`): any model, e.g. a ``LlamaForCausalLM``. Converting twice with the same
+            layer settings is a no-op for layers that are already ``Fp8Linear``; other settings
+            (another recipe...) are an error: :func:`revert` first.
         config (`Fp8Config` or `str`, *optional*): the recipe, or a recipe name
             (``"tensorwise"``, ``"rowwise"``, ``"delayed"``). Defaults to ``Fp8Config()``.
         module_filter_fn (`Callable[[nn.Module, str], bool]`, *optional*): an extra veto,
@@ -150,6 +151,7 @@ def convert(
             "use hf_fp8.Fp8Linear.from_linear(layer, config)"
         )
 
+    _check_not_converted_differently(model, config)
     if config.full_bf16:
         _check_full_bf16_dtypes(model)
     output_embeddings = _output_embedding_ids(model)
@@ -176,6 +178,7 @@ def convert(
         ),
     )
     swaps = [(d.name, candidates[d.name]) for d in decisions if d.converted and d.name in candidates]
+    _warn_unmatched_patterns(config, [d.name for d in decisions])
 
     for name, module in swaps:
         new = Fp8Linear.from_linear(module, config)
@@ -207,6 +210,59 @@ def convert(
         report.notes.append("full-BF16: train with hf_fp8.optim.AdamW(..., full_bf16=True) for FP32 optimizer states")
     logger.info("hf_fp8.convert: %d of %d linear layers converted", len(report.converted), len(decisions))
     return report
+
+
+# what an Fp8Linear computes with; the other fields choose layers or patch the model
+_LAYER_FIELDS = (
+    "recipe",
+    "grad_format",
+    "amax_history_len",
+    "amax_compute_algo",
+    "margin",
+    "use_fast_accum",
+    "nonfinite",
+    "fp8_weights",
+    "save_weight_transpose",
+)
+
+
+def _check_not_converted_differently(model: nn.Module, config: Fp8Config) -> None:
+    """Converting a converted model again is a no-op for its FP8 layers, so a request for other
+    numerics would be silently ignored (and reported as done): refuse it."""
+    for name, m in model.named_modules():
+        if not isinstance(m, Fp8Linear):
+            continue
+        old = m.fp8_config
+        diff = [f for f in _LAYER_FIELDS if getattr(old, f) != getattr(config, f)]
+        if config.full_bf16 or diff:
+            asked = "full-BF16 (recipe=None)" if config.full_bf16 else config.short_str()
+            changed = ", ".join(f"{f}: {_value(getattr(old, f))} -> {_value(getattr(config, f))}" for f in diff)
+            raise ValueError(
+                f"convert: the model is already converted ({name or 'the root'} is an Fp8Linear with "
+                f"{old.short_str()}), and this call asks for {asked}" + (f" ({changed})" if changed else "") + ". "
+                "Converting again leaves existing FP8 layers as they are. To change the recipe, call "
+                "hf_fp8.revert(model) first (it drops the FP8 state, keeps the weights), then convert."
+            )
+
+
+def _warn_unmatched_patterns(config: Fp8Config, names: list[str]) -> None:
+    """A pattern that matches no linear layer is almost always a typo or another model's naming:
+    the user asked for something that does nothing."""
+    import warnings
+
+    for field in ("include", "exclude"):
+        for pattern in getattr(config, field):
+            if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+                warnings.warn(
+                    f"convert: Fp8Config.{field} pattern {pattern!r} matches none of the model's {len(names)} linear "
+                    f"layers (names look like {names[:3]}; patterns are fnmatch, e.g. '*.k_proj')",
+                    UserWarning,
+                    stacklevel=3,
+                )
+
+
+def _value(v):
+    return getattr(v, "value", v)
 
 
 def _hide_fp8_state_from_save_pretrained(model: nn.Module) -> None:

@@ -89,7 +89,39 @@ class Fp8Linear(nn.Linear):
         super().__setstate__(state)
         register_module(self)
 
+    def _fp8_buffers_on_meta(self) -> bool:
+        return self.fp8_nonfinite.is_meta or (self._fp8_delayed is not None and self.fp8_amax_history.is_meta)
+
+    def reset_fp8_state(self) -> None:
+        """Fresh FP8 state: empty amax histories, unit scales, no non-finite flag; each slot's
+        next cast measures its own amax again. Done by itself where the buffers come from
+        uninitialized memory (``to_empty`` after building on the meta device)."""
+        self._materialize_fp8_buffers()
+        self.fp8_nonfinite.zero_()
+        if self._fp8_delayed is not None:
+            self.fp8_amax_history.zero_()
+            self.fp8_scale.fill_(1.0)
+            self._fp8_delayed.seed_from_history()
+
+    def _materialize_fp8_buffers(self) -> None:
+        """Fresh buffers, on the weight's device, in place of those still on the meta device."""
+        device = self.weight.device
+        if self.fp8_nonfinite.is_meta:
+            self.fp8_nonfinite = torch.zeros(3, dtype=torch.int32, device=device)
+        if self._fp8_delayed is not None:
+            if self.fp8_amax_history.is_meta:
+                L = self.fp8_config.amax_history_len
+                self.fp8_amax_history = torch.zeros(L, 3, dtype=torch.float32, device=device)
+            if self.fp8_scale.is_meta:
+                self.fp8_scale = torch.ones(3, dtype=torch.float32, device=device)
+            self._fp8_delayed.history = self.fp8_amax_history
+            self._fp8_delayed.scale = self.fp8_scale
+            self._fp8_delayed.seed_from_history()
+
     def _apply(self, fn, recurse=True):
+        # built on the meta device: to_empty() gives the buffers uninitialized memory (garbage
+        # histories, every layer flagged non-finite); they are reset once they are real
+        from_meta = self._fp8_buffers_on_meta()
         # detach(): a new tensor on the same storage, which Module._apply's in-place
         # ``param.data = fn(param)`` does not touch
         fp8_weight = self.weight.detach() if self.has_fp8_weight else None
@@ -109,6 +141,8 @@ class Fp8Linear(nn.Linear):
         if self._fp8_delayed is not None:
             self._fp8_delayed.history = self.fp8_amax_history
             self._fp8_delayed.scale = self.fp8_scale
+        if from_meta and not self._fp8_buffers_on_meta():
+            self.reset_fp8_state()
         return out
 
     def _load_from_state_dict(
@@ -137,6 +171,10 @@ class Fp8Linear(nn.Linear):
         for name in ("fp8_amax_history", "fp8_scale"):
             if prefix + name in missing_keys:
                 missing_keys.remove(prefix + name)
+        if self._fp8_buffers_on_meta() and not self.weight.is_meta:
+            # load_state_dict(assign=True) into a model built on meta: the weights are real now,
+            # the FP8 state (not in a stock checkpoint) must be too
+            self._materialize_fp8_buffers()
         if self._fp8_delayed is not None:
             # load_state_dict(assign=True) hands the module new buffers: the state must use them
             if self._fp8_delayed.history is not self.fp8_amax_history:

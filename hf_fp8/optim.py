@@ -30,6 +30,7 @@ reads the parameters); see :meth:`AdamW.attach` for when the update runs.
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections.abc import Iterable
 from typing import Any
 
@@ -88,7 +89,7 @@ class AdamW(torch.optim.Optimizer):
             `torch.bfloat16` halves their memory (what ``torch.optim.AdamW`` holds for BF16
             parameters); each moment is updated in FP32 and rounded to nearest once per step.
             Not with ``full_bf16``, whose contract is FP32 optimizer states.
-        defer_step (`bool`, defaults to `False`): ``step()`` records the update (its gradients,
+        defer_step (`bool`, defaults to `False`): opt-in; ``step()`` records the update (its gradients,
             hyperparameters, step counts and rounding seeds as they are then) and launches it
             later, in :meth:`flush`: at the start of the next forward of a model passed to
             :meth:`attach`, or first thing in ``state_dict()``, ``load_state_dict()``,
@@ -129,6 +130,12 @@ class AdamW(torch.optim.Optimizer):
     ) -> None:
         if not 0.0 <= lr:
             raise ValueError(f"AdamW: lr must be >= 0, got {lr}")
+        if not (
+            isinstance(betas, (tuple, list))
+            and len(betas) == 2
+            and all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in betas)
+        ):
+            raise ValueError(f"AdamW: betas must be a pair (beta1, beta2), e.g. (0.9, 0.999); got {betas!r}")
         if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
             raise ValueError(f"AdamW: betas must be in [0, 1), got {betas}")
         if not eps > 0.0:
@@ -246,8 +253,11 @@ class AdamW(torch.optim.Optimizer):
         ``model.load_state_dict()`` (the update lands on the weights it was computed for, not on
         the loaded ones). Returns the hook handles (``.remove()`` each to detach).
 
-        Parameters read any other way (a submodule called on its own, ``p.data`` in user code)
-        may hold the values from before the last ``step()``: call :meth:`flush` first.
+        Parameters read any other way may hold the values from before the last ``step()``: a
+        submodule called on its own (``model.model(...)`` in a custom loss), a submodule's
+        ``state_dict()``, ``named_parameters()``, ``p.data``, ``copy.deepcopy(model)`` (the copy's
+        hooks are inert, as are those of a pickled model). Call :meth:`flush` first. That is
+        why deferring is opt-in (``hf_fp8.Trainer`` needs ``--fp8_defer_step true``).
 
         Raises:
             ValueError: sharded parameters (FSDP's DTensors): FSDP gathers them in forward
@@ -261,31 +271,11 @@ class AdamW(torch.optim.Optimizer):
                 "before the deferred update runs: use defer_step=False with sharded parameters."
             )
 
-        def flush_before_forward(module, args):
-            if self._pending is not None:
-                if torch.compiler.is_compiling():  # kernel launches from Python state: not in a graph
-                    raise RuntimeError(
-                        "hf_fp8.optim.AdamW(defer_step=True) with a compiled model: call optimizer.flush() before "
-                        "the compiled forward, or use defer_step=False"
-                    )
-                self.flush()
-
-        flush_before_forward._hf_fp8_flush = True  # hf_fp8.CudaGraphStep runs it before each replay
-
-        def flush_before_state_dict(module, prefix, keep_vars):
-            if self._pending is not None:
-                self.flush()
-
-        def flush_before_load(module, *args, **kwargs):
-            # a load replaces the weights: the pending update belongs to the weights before it
-            if self._pending is not None:
-                self.flush()
-
         self._attached = True
         return [
-            model.register_forward_pre_hook(flush_before_forward, prepend=True),
-            model.register_state_dict_pre_hook(flush_before_state_dict),
-            model.register_load_state_dict_pre_hook(flush_before_load),
+            model.register_forward_pre_hook(_FlushHook(self, "forward"), prepend=True),
+            model.register_state_dict_pre_hook(_FlushHook(self, "state_dict")),
+            model.register_load_state_dict_pre_hook(_FlushHook(self, "load")),
         ]
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -350,6 +340,39 @@ class AdamW(torch.optim.Optimizer):
                      round_sr, seed)
                 )  # fmt: skip
         return updates
+
+
+class _FlushHook:
+    """A hook :meth:`AdamW.attach` registers: runs the optimizer's deferred update, if any.
+
+    It holds the optimizer weakly and pickles without it: ``torch.save(model)`` and
+    ``copy.deepcopy(model)`` then work, and the copy's hook is inert (a copy has no optimizer)."""
+
+    def __init__(self, optimizer: AdamW, event: str) -> None:
+        self._optimizer = weakref.ref(optimizer)
+        self.event = event
+        self._hf_fp8_flush = event == "forward"  # hf_fp8.CudaGraphStep runs it before each replay
+
+    def __getstate__(self) -> dict:
+        return {"event": self.event}
+
+    def __setstate__(self, state: dict) -> None:
+        self._optimizer = lambda: None
+        self.event = state["event"]
+        self._hf_fp8_flush = self.event == "forward"
+
+    def __call__(self, *args, **kwargs) -> None:
+        optimizer = self._optimizer()
+        if optimizer is None or optimizer._pending is None:
+            return None
+        if self.event == "forward" and torch.compiler.is_compiling():  # kernel launches from Python state
+            raise RuntimeError(
+                "hf_fp8.optim.AdamW(defer_step=True) with a compiled model: call optimizer.flush() before "
+                "the compiled forward, or use defer_step=False"
+            )
+        # before a load, the pending update belongs to the weights being replaced: it lands first
+        optimizer.flush()
+        return None
 
 
 def _apply_update(p, g, m, v, lr, beta1, beta2, eps, wd, bc1, bc2, round_sr, seed) -> None:

@@ -37,7 +37,24 @@ __all__ = ["Accelerator", "config_from_environment"]
 logger = logging.getLogger(__name__)
 
 
+_FP8_FORMATS = {"HYBRID": "e5m2", "E4M3": "e4m3"}  # accelerate's names -> the gradients' format
+
+
+def _env_int(env, name: str, default: int) -> int:
+    value = env.get(name)
+    if value is None:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{name}={value!r}: expected an integer (e.g. {name}={default})") from None
+
+
 def config_from_environment(environ: dict[str, str] | None = None) -> Fp8Config | None:
+    """The recipe the launch asks for (see the module docstring); ``None`` if it asks for none.
+
+    Raises:
+        ValueError: a variable that names no recipe, format or number."""
     env = os.environ if environ is None else environ
     recipe = env.get("HF_FP8_RECIPE", "").strip()
     if recipe:
@@ -52,12 +69,17 @@ def config_from_environment(environ: dict[str, str] | None = None) -> Fp8Config 
         )
     if env.get("ACCELERATE_MIXED_PRECISION", "").lower() == "fp8":
         fmt = env.get("ACCELERATE_FP8_FORMAT", "HYBRID").upper()
-        kw: dict = {"grad_format": "e4m3" if fmt == "E4M3" else "e5m2"}
+        if fmt not in _FP8_FORMATS:
+            raise ValueError(
+                f"ACCELERATE_FP8_FORMAT={env['ACCELERATE_FP8_FORMAT']!r}: expected one of {sorted(_FP8_FORMATS)} "
+                "(HYBRID: E4M3 forward, E5M2 gradients; E4M3: E4M3 everywhere)"
+            )
+        kw: dict = {"grad_format": _FP8_FORMATS[fmt]}
         if "ACCELERATE_FP8_AMAX_HISTORY_LEN" in env or "ACCELERATE_FP8_AMAX_COMPUTE_ALGO" in env:
             kw["recipe"] = "delayed"
-            kw["amax_history_len"] = int(env.get("ACCELERATE_FP8_AMAX_HISTORY_LEN", 16))
+            kw["amax_history_len"] = _env_int(env, "ACCELERATE_FP8_AMAX_HISTORY_LEN", 16)
             kw["amax_compute_algo"] = env.get("ACCELERATE_FP8_AMAX_COMPUTE_ALGO", "max").lower()
-            kw["margin"] = int(env.get("ACCELERATE_FP8_MARGIN", 0))
+            kw["margin"] = _env_int(env, "ACCELERATE_FP8_MARGIN", 0)
         else:
             kw["recipe"] = "tensorwise"
         return Fp8Config(**kw)

@@ -43,12 +43,53 @@ def quantize_blockwise(w: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tenso
 
 
 def dequantize_blockwise(
-    q: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype, block: int = BLOCK
+    q: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype, block: int | tuple[int, int] | list[int] = BLOCK
 ) -> torch.Tensor:
-    """Inverse of :func:`quantize_blockwise` (in FP32, then one rounding to ``dtype``)."""
+    """Inverse of :func:`quantize_blockwise` (in FP32, then one rounding to ``dtype``).
+
+    ``block`` is ``weight_block_size``: ``b`` or ``[bm, bn]`` (rows x columns of the weight per
+    scale); the scale is then (ceil(N/bm), ceil(K/bn))."""
+    bm, bn = (block, block) if isinstance(block, int) else (int(block[0]), int(block[1]))
     N, K = q.shape
-    s = scale_inv.float().repeat_interleave(block, 0)[:N].repeat_interleave(block, 1)[:, :K]
+    expected = (-(-N // bm), -(-K // bn))
+    if tuple(scale_inv.shape) != expected:
+        raise ValueError(
+            f"dequantize_blockwise: a ({N}, {K}) weight in [{bm}, {bn}] blocks needs a {expected} scale, "
+            f"got {tuple(scale_inv.shape)}"
+        )
+    s = scale_inv.float().repeat_interleave(bm, 0)[:N].repeat_interleave(bn, 1)[:, :K]
     return (q.float() * s).to(dtype)
+
+
+def dequantize_weight(
+    q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, block_size: list[int] | None, *, name: str = "weight"
+) -> torch.Tensor:
+    """An FP8 checkpoint weight times its scale, whichever granularity the scale has:
+
+    - per tensor: one value (shape ``()``, ``(1,)`` or ``(1, 1)``);
+    - per output channel: ``(N,)`` or ``(N, 1)``;
+    - blocks of ``block_size = [bm, bn]``: ``(ceil(N/bm), ceil(K/bn))``.
+
+    Computed in FP32 and rounded once to ``dtype``. A scale of any other shape is an error
+    naming the weight, never a guess."""
+    N, K = q.shape
+    if scale.numel() == 1:
+        return (q.float() * scale.float().reshape(())).to(dtype)
+    if tuple(scale.shape) in ((N,), (N, 1)) and block_size is None:
+        return (q.float() * scale.float().reshape(N, 1)).to(dtype)
+    if block_size is not None:
+        if len(block_size) != 2 or not all(int(b) > 0 for b in block_size):
+            raise ValueError(f"{name}: weight_block_size must be [rows, columns] > 0, got {block_size!r}")
+        try:
+            return dequantize_blockwise(q, scale, dtype, block_size)
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
+    if tuple(scale.shape) in ((N,), (N, 1)):
+        return (q.float() * scale.float().reshape(N, 1)).to(dtype)
+    raise ValueError(
+        f"{name}: a ({N}, {K}) FP8 weight with a scale of shape {tuple(scale.shape)} and no weight_block_size: "
+        "expected one value (per tensor) or one per output row"
+    )
 
 
 def _linear_weights(model: nn.Module) -> dict[str, nn.Linear]:
@@ -63,6 +104,10 @@ def save_fp8(
     state_dict: dict[str, torch.Tensor] | None = None,
 ) -> str:
     """Write ``model`` as an FP8 checkpoint transformers' FP8 loader understands. Returns the directory.
+
+    The weights and ``config.json`` are written under temporary names and renamed into place
+    (the config last), so a failed export leaves an earlier one in the folder loadable; weight
+    files of an earlier checkpoint there (shards, their index, ``pytorch_model*.bin``) are removed.
 
     Args:
         model: an HF causal LM (converted by hf_fp8 or not).
@@ -87,11 +132,6 @@ def save_fp8(
         state[f"{name}.weight"] = q
         state[f"{name}.weight_scale_inv"] = s
         quantized.append(name)
-    save_file(
-        {k: v.detach().contiguous().cpu() for k, v in state.items()},
-        os.path.join(directory, "model.safetensors"),
-        metadata={"format": "pt"},
-    )
     cfg = config.to_dict()
     cfg["quantization_config"] = {
         "quant_method": "fp8",
@@ -99,9 +139,57 @@ def save_fp8(
         "weight_block_size": [BLOCK, BLOCK],
         "modules_to_not_convert": not_converted,
     }
-    with open(os.path.join(directory, "config.json"), "w") as f:
-        json.dump(cfg, f, indent=2, sort_keys=True, default=str)
+    # Written beside the final names, then renamed into place, config last: an export that fails
+    # midway (a full disk, an unserializable config) leaves the previous one loadable.
+    config_text = json.dumps(cfg, indent=2, sort_keys=True, default=str)
+    suffix = f".tmp-{os.getpid()}"
+    weights = os.path.join(directory, "model.safetensors")
+    config_path = os.path.join(directory, "config.json")
+    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, weights + suffix, metadata={"format": "pt"})
+    with open(config_path + suffix, "w") as f:
+        f.write(config_text)
+    os.replace(weights + suffix, weights)
+    _remove_stale_weights(directory, keep="model.safetensors")
+    os.replace(config_path + suffix, config_path)
     return str(directory)
+
+
+def _remove_stale_weights(directory: str | os.PathLike, keep: str) -> None:
+    """Weight files of an earlier checkpoint in the folder (shards, their index, .bin files):
+    left there, a loader could read them instead of, or mixed with, this export."""
+    import glob
+
+    patterns = (
+        "model*.safetensors",
+        "model.safetensors.index.json",
+        "pytorch_model*.bin",
+        "pytorch_model.bin.index.json",
+    )
+    for pattern in patterns:
+        for path in glob.glob(os.path.join(glob.escape(str(directory)), pattern)):
+            if os.path.basename(path) != keep:
+                os.remove(path)
+
+
+def _read_checkpoint_tensors(directory: str) -> dict[str, torch.Tensor]:
+    """Every tensor of ``model.safetensors``, or of the shards ``model.safetensors.index.json`` lists."""
+    from safetensors.torch import load_file
+
+    single = os.path.join(directory, "model.safetensors")
+    index = os.path.join(directory, "model.safetensors.index.json")
+    if os.path.isfile(single):
+        return load_file(single)
+    if os.path.isfile(index):
+        with open(index) as f:
+            weight_map = json.load(f).get("weight_map", {})
+        tensors: dict[str, torch.Tensor] = {}
+        for shard in sorted(set(weight_map.values())):
+            path = os.path.join(directory, shard)
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"load_fp8: {index} lists {shard}, which is not in {directory}")
+            tensors.update(load_file(path))
+        return tensors
+    raise FileNotFoundError(f"load_fp8: {directory} has neither model.safetensors nor model.safetensors.index.json")
 
 
 def load_fp8(
@@ -111,15 +199,27 @@ def load_fp8(
     dtype: torch.dtype = torch.bfloat16,
     device: torch.device | str = "cpu",
 ):
-    """Read an FP8 checkpoint (ours or any in this format) into a trainable model.
+    """Read a local FP8 checkpoint (ours or any in transformers' ``quant_method: fp8`` format)
+    into a trainable model.
 
-    Weights are dequantized on ``device`` (CPU by default: no GPU needed) into ``dtype``; then
-    the model is converted with ``fp8_config`` (an :class:`hf_fp8.Fp8Config`, a recipe name, or
+    Weights are dequantized on ``device`` (CPU by default: no GPU needed) into ``dtype``, exactly
+    (FP32 product, one rounding), whatever their scales' granularity: blocks of any
+    ``weight_block_size = [rows, columns]``, one scale per output channel or per tensor. The
+    weights may be in ``model.safetensors`` or in shards listed by ``model.safetensors.index.json``.
+    Then the model is converted with ``fp8_config`` (an :class:`hf_fp8.Fp8Config`, a recipe name, or
     ``None`` to leave it unconverted). Returns ``(model, report)``.
+
+    Raises:
+        FileNotFoundError: ``directory`` is not a checkpoint folder, or a shard it lists is missing.
+        ValueError: not an FP8 checkpoint, a scale whose shape fits no granularity, missing keys.
     """
-    from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    directory = str(directory)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"load_fp8: {directory!r} is not a folder (it reads a local FP8 checkpoint)")
+    if not os.path.isfile(os.path.join(directory, "config.json")):
+        raise FileNotFoundError(f"load_fp8: {directory} has no config.json")
     config = AutoConfig.from_pretrained(directory)
     qcfg = getattr(config, "quantization_config", None)
     if qcfg is None:
@@ -127,19 +227,22 @@ def load_fp8(
     qcfg = qcfg if isinstance(qcfg, dict) else qcfg.to_dict()
     if qcfg.get("quant_method") != "fp8":
         raise ValueError(f"load_fp8: quant_method is {qcfg.get('quant_method')!r}, expected 'fp8'")
-    block = (qcfg.get("weight_block_size") or [BLOCK, BLOCK])[0]
+    block_size = qcfg.get("weight_block_size")
     del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=dtype).to(device)
-    raw = load_file(os.path.join(directory, "model.safetensors"), device=str(device))
+    raw = _read_checkpoint_tensors(directory)
     state = {}
     for key, value in raw.items():
-        if key.endswith(".weight_scale_inv"):
+        if key.endswith((".weight_scale_inv", ".weight_scale")):
             continue
-        scale_key = key[: -len("weight")] + "weight_scale_inv" if key.endswith(".weight") else None
-        if scale_key in raw:
-            state[key] = dequantize_blockwise(value, raw[scale_key], dtype, block)
+        base = key[: -len("weight")] if key.endswith(".weight") else None
+        scale_inv = raw.get(f"{base}weight_scale_inv") if base else None
+        if scale_inv is None and base:
+            scale_inv = raw.get(f"{base}weight_scale")  # compressed-tensors' name: also multiplied in
+        if scale_inv is not None and value.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            state[key] = dequantize_weight(value.to(device), scale_inv.to(device), dtype, block_size, name=key)
         else:
-            state[key] = value.to(dtype) if value.is_floating_point() else value
+            state[key] = value.to(device=device, dtype=dtype) if value.is_floating_point() else value.to(device)
     result = model.load_state_dict(state, strict=False)
     missing = [
         k for k in result.missing_keys if not (k == "lm_head.weight" and getattr(config, "tie_word_embeddings", False))

@@ -42,6 +42,7 @@ __all__ = [
 _APPLIED = "_hf_fp8_applied"
 _MONITORED = "_hf_fp8_monitored"  # a Trainer already runs the FP8 monitor: Fp8Callback must not add another
 _GRAPHED = "_hf_fp8_graphed"  # a Trainer replaces its training step with hf_fp8.CudaGraphStep
+_RESTORED = "_hf_fp8_restored"  # a Trainer restored the FP8 state from the checkpoint it resumed from
 
 
 @dataclasses.dataclass
@@ -63,8 +64,12 @@ class Fp8ArgumentsMixin:
         default=False,
         metadata={"help": "FP8 dot-product attention (attn_implementation='hf_fp8'; BF16 backward). Needs --fp8."},
     )
-    fp8_auto_filter: bool = dataclasses.field(
-        default=True, metadata={"help": "Keep layers FP8 would slow down (and lm_head) in high precision."}
+    fp8_auto_filter: bool | None = dataclasses.field(
+        default=None,
+        metadata={
+            "help": "Keep layers FP8 would slow down (and lm_head) in high precision. Default: the recipe's "
+            "(Fp8Config.auto_filter: on, or what an --fp8 JSON file sets)."
+        },
     )
     fp8_include: list[str] | None = dataclasses.field(
         default=None, metadata={"help": "Only convert modules whose name matches one of these shell patterns."}
@@ -106,14 +111,23 @@ class Fp8ArgumentsMixin:
     )
 
     fp8_defer_step: bool = dataclasses.field(
-        default=True,
+        default=False,
         metadata={
-            "help": "When hf_fp8.Trainer builds hf_fp8.optim.AdamW (--fp8_adamw, full-BF16): run each optimizer "
-            "step's update at the start of the next forward (AdamW(defer_step=True)), so that the GPU has its "
-            "kernels to run while the host launches the forward's first layers (1.5-2 ms per step on an "
-            "8-layer Llama-3-8B-shaped model on the H100; the same numbers bit for bit). The update runs before "
-            "any forward, state_dict() or load_state_dict() of the model and at the end of train(). Off with "
-            "--fp8_cuda_graph, --torch_compile, FSDP and DeepSpeed. false updates in optimizer.step()."
+            "help": "Opt-in. When hf_fp8.Trainer builds hf_fp8.optim.AdamW (--fp8_adamw, full-BF16): run each "
+            "optimizer step's update at the start of the next training step or forward of the model "
+            "(AdamW(defer_step=True)), so that the GPU has its kernels to run while the host launches the forward's "
+            "first layers (about 1% of the step on an 8-layer Llama-3-8B-shaped model on the H100; the same "
+            "numbers bit for bit). Until then the weights are one step old for anything that reads them another "
+            "way: a callback reading a submodule, a submodule's state_dict(), copy.deepcopy(model). Off with "
+            "--fp8_cuda_graph, --torch_compile, FSDP and DeepSpeed. false (the default) updates in optimizer.step()."
+        },
+    )
+    fp8_strict_resume: bool = dataclasses.field(
+        default=False,
+        metadata={
+            "help": "A resumed run whose checkpoint lacks usable FP8 state (hf_fp8_state.safetensors missing, "
+            "unreadable, or matching none of the model's delayed-scaling layers) stops with an error instead of "
+            "warning and re-measuring the amax histories from the next step."
         },
     )
     fp8_cuda_graph: bool = dataclasses.field(
@@ -167,7 +181,10 @@ class Fp8ArgumentsMixin:
             return Fp8Config(recipe=None)
         if self.fp8 is None:
             return None
-        overrides: dict[str, Any] = {"auto_filter": self.fp8_auto_filter}
+        # only what was given on the command line overrides a JSON config's fields
+        overrides: dict[str, Any] = {}
+        if self.fp8_auto_filter is not None:
+            overrides["auto_filter"] = self.fp8_auto_filter
         if self.fp8_include:
             overrides["include"] = tuple(self.fp8_include)
         if self.fp8_exclude:
@@ -294,6 +311,7 @@ class Fp8TrainerMixin:
         CUDA graph (captured at the first step). ``num_items_in_batch`` is not passed: with one
         process and no gradient accumulation the model's mean loss is the same number."""
         if not getattr(self.args, "fp8_cuda_graph", False):
+            self._flush_deferred_update()  # before compute_loss, whatever modules it calls
             return super().training_step(model, inputs, num_items_in_batch)
         from hf_fp8.cuda_graph import CudaGraphStep
 
@@ -319,20 +337,26 @@ class Fp8TrainerMixin:
         return model
 
     def _save_checkpoint(self, model, trial, *pargs, **kwargs):
-        super()._save_checkpoint(model, trial, *pargs, **kwargs)
+        # the FP8 state first: a checkpoint that looks complete to transformers is complete for us
         from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
         from hf_fp8.state import save_fp8_state
 
         folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-        if self.args.should_save and os.path.isdir(folder):
+        if self.args.should_save:
             save_fp8_state(self.accelerator.unwrap_model(self.model), folder)
+        super()._save_checkpoint(model, trial, *pargs, **kwargs)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         from hf_fp8.state import load_fp8_state
 
-        load_fp8_state(model if model is not None else self.model, resume_from_checkpoint)
+        load_fp8_state(
+            model if model is not None else self.model,
+            resume_from_checkpoint,
+            strict=getattr(self.args, "fp8_strict_resume", False),
+        )
+        object.__setattr__(self.args, _RESTORED, True)  # an Fp8Callback beside this Trainer has nothing to do
 
     def create_optimizer(self, *pargs, **kwargs):
         config = _args_config(self.args)
@@ -385,14 +409,21 @@ class Fp8TrainerMixin:
             self.optimizer.attach(self.model)
         return self.optimizer
 
+    def _flush_deferred_update(self) -> None:
+        flush = getattr(getattr(self.optimizer, "optimizer", self.optimizer), "flush", None)
+        if flush is not None:
+            flush()
+
     def train(self, *pargs, **kwargs):
         """``transformers.Trainer.train``, then the last deferred optimizer update (``--fp8_defer_step``):
         the model leaves ``train()`` with every step applied."""
         result = super().train(*pargs, **kwargs)
-        flush = getattr(getattr(self.optimizer, "optimizer", self.optimizer), "flush", None)
-        if flush is not None:
-            flush()
+        self._flush_deferred_update()
         return result
+
+    def evaluate(self, *pargs, **kwargs):
+        self._flush_deferred_update()  # a compute_loss on submodules reads the updated weights
+        return super().evaluate(*pargs, **kwargs)
 
 
 class Fp8Callback(transformers.TrainerCallback):
@@ -428,23 +459,34 @@ class Fp8Callback(transformers.TrainerCallback):
         self.report = apply_to_model(model, config, args)
         return control
 
-    def on_save(self, args, state, control, model=None, **kwargs):
+    def _save_state(self, args, state, model) -> None:
         from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
         from hf_fp8.state import save_fp8_state
 
-        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
-        if model is not None and args.should_save and os.path.isdir(folder):
-            save_fp8_state(model, folder)
+        if model is not None and args.should_save:
+            save_fp8_state(model, os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"))
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        # the Trainer saves right after this step's callbacks: write the FP8 state before its files,
+        # so a checkpoint that looks complete to transformers is complete for us (on_save writes it
+        # again after an evaluation that ran in between)
+        if control.should_save:
+            self._save_state(args, state, model)
+        return self._monitor_event("on_step_end", args, state, control, model=model, **kwargs)
+
+    def on_epoch_end(self, args, state, control, model=None, **kwargs):
+        if control.should_save:
+            self._save_state(args, state, model)
+        return control
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        self._save_state(args, state, model)
         return control
 
     def on_train_begin(self, args, state, control, optimizer=None, model=None, **kwargs):
-        if state.global_step > 0 and model is not None:  # resumed: restore the FP8 state saved with the checkpoint
-            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-
-            from hf_fp8.state import load_fp8_state
-
-            load_fp8_state(model, os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"))
+        if state.global_step > 0 and model is not None and not getattr(args, _RESTORED, False):
+            self._restore_state(args, state, model)  # resumed: the FP8 state saved with the checkpoint
         config = self.config or _args_config(args)
         if config is not None and config.full_bf16:
             from hf_fp8.optim import AdamW
@@ -462,6 +504,34 @@ class Fp8Callback(transformers.TrainerCallback):
             self._amax_sync = attach_amax_sync(optimizer, model)
         return self._monitor_event("on_train_begin", args, state, control, optimizer=optimizer, model=model, **kwargs)
 
+    def _restore_state(self, args, state, model) -> None:
+        """The stock Trainer does not tell callbacks which checkpoint it resumed from: the
+        candidates (``args.resume_from_checkpoint``, then ``output_dir/checkpoint-<step>``) are
+        checked against the Trainer state it loaded (step, log history and FLOs), so that another
+        run's checkpoint of the same number never supplies the FP8 state."""
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        from hf_fp8.state import Fp8StateError, Fp8StateWarning, load_fp8_state
+
+        strict = getattr(args, "fp8_strict_resume", False)
+        candidates = []
+        if isinstance(getattr(args, "resume_from_checkpoint", None), str):
+            candidates.append(args.resume_from_checkpoint)
+        candidates.append(os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"))
+        for folder in candidates:
+            if _trainer_state_matches(folder, state):
+                load_fp8_state(model, folder, strict=strict)
+                return
+        message = (
+            f"hf_fp8.Fp8Callback: resumed at step {state.global_step}, but none of {candidates} holds the Trainer "
+            "state that was loaded, and the stock transformers.Trainer does not tell callbacks which checkpoint it "
+            "resumed from: the FP8 state (amax histories and scales) starts afresh. Use hf_fp8.Trainer (it knows), "
+            "or set TrainingArguments(resume_from_checkpoint=<that folder>)."
+        )
+        if strict:
+            raise Fp8StateError(message)
+        warnings.warn(message, Fp8StateWarning, stacklevel=2)
+
     # ---- the FP8 monitor (--fp8_monitor_interval), forwarded -------------------------------
     def _monitor_event(self, event: str, args, state, control, **kwargs):
         if self.monitor is not None:
@@ -471,14 +541,30 @@ class Fp8Callback(transformers.TrainerCallback):
     def on_step_begin(self, args, state, control, **kwargs):
         return self._monitor_event("on_step_begin", args, state, control, **kwargs)
 
-    def on_step_end(self, args, state, control, **kwargs):
-        return self._monitor_event("on_step_end", args, state, control, **kwargs)
-
     def on_log(self, args, state, control, logs=None, **kwargs):
         return self._monitor_event("on_log", args, state, control, logs=logs, **kwargs)
 
     def on_train_end(self, args, state, control, **kwargs):
         return self._monitor_event("on_train_end", args, state, control, **kwargs)
+
+
+def _trainer_state_matches(folder: str, state) -> bool:
+    """Whether ``folder`` is the checkpoint the Trainer state ``state`` was loaded from."""
+    import json
+
+    path = os.path.join(folder, "trainer_state.json")
+    if not os.path.isfile(path):
+        return False
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return (
+        saved.get("global_step") == state.global_step
+        and saved.get("log_history") == state.log_history
+        and saved.get("total_flos") == state.total_flos
+    )
 
 
 @dataclasses.dataclass

@@ -356,11 +356,14 @@ def _update_and_roll(
     FP8_MAX: tl.constexpr, MIN_AMAX_C: tl.constexpr, MARGIN_MUL: tl.constexpr, USE_MAX: tl.constexpr,
     HAS_FLAG: tl.constexpr, BLOCK_L: tl.constexpr,
 ):  # fmt: skip
-    """One history column -> new scale (a non-positive or non-finite amax keeps the old one), then roll."""
+    """One history column -> new scale, then roll. Non-finite entries (a step whose tensor held
+    inf/NaN; the cast flagged it) take no part in the max: one bad batch must not freeze the
+    scale for the history's length. A column with no positive finite amax keeps the old scale."""
     i = tl.arange(0, BLOCK_L)
     h = tl.load(hist_ptr + i * stride_h + slot, mask=i < L, other=0.0)
+    finite = tl.abs(h) < float("inf")  # NaN compares false
     if USE_MAX:
-        amax = tl.max(_abs_bits(h), axis=0).to(tl.float32, bitcast=True)
+        amax = tl.max(_abs_bits(tl.where(finite, h, 0.0)), axis=0).to(tl.float32, bitcast=True)
     else:
         amax = tl.load(hist_ptr + slot)
     ok = (amax > 0.0) & (amax < float("inf"))
@@ -369,7 +372,8 @@ def _update_and_roll(
     scale = tl.where(ok, new_scale, old_scale)
     tl.store(scale_ptr + slot, scale)
     if HAS_FLAG:
-        tl.store(flag_ptr, 1, mask=~(amax < float("inf")))
+        bad = tl.max((~finite & (i < L)).to(tl.int32), axis=0) if USE_MAX else (~(amax < float("inf"))).to(tl.int32)
+        tl.store(flag_ptr, 1, mask=bad > 0)
     # roll: entry i+1 <- entry i, entry 0 <- 0 (ready for this step's amax)
     shifted = tl.load(hist_ptr + (i - 1) * stride_h + slot, mask=(i >= 1) & (i < L), other=0.0)
     tl.debug_barrier()

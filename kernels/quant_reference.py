@@ -250,11 +250,12 @@ def delayed_scale_update_reference(
     nonfinite_flag: torch.Tensor | None = None,
 ) -> None:
     col = history[:, slot]
-    amax = col.amax() if use_max else col[0].clone()
+    finite = col.abs() < float("inf")  # non-finite entries (a bad batch) take no part in the max
+    amax = torch.where(finite, col, 0.0).amax() if use_max else col[0].clone()
     ok = (amax > 0) & (amax < float("inf"))
     new_scale = amax_to_scale_reference(amax, _check_fp8(fp8_dtype)) * (2.0**-margin)
     scale[slot] = torch.where(ok, new_scale, scale[slot])
-    _set_flag(nonfinite_flag, amax)
+    _set_flag(nonfinite_flag, col.abs().amax() if use_max else amax)
     history[:, slot] = torch.roll(col, 1)
     history[0, slot] = 0.0
 

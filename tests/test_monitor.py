@@ -445,11 +445,17 @@ def test_plot_cli_writes_a_png(tmp_path, capsys):
     assert png.read_bytes()[:8] == PNG_SIGNATURE and str(png.resolve()) in proc.stdout
 
 
-def test_plot_errors_say_what_to_do(tmp_path, monkeypatch):
+def test_plot_errors_say_what_to_do(tmp_path, monkeypatch, capsys):
+    """The CLI on a folder without a log: the reason and the usage line, exit status 2, no traceback."""
     from hf_fp8.monitor import plot
 
-    with pytest.raises(FileNotFoundError, match="no fp8_monitor.jsonl"):
+    with pytest.raises(SystemExit) as exit_info:
         plot.main([str(tmp_path)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "no fp8_monitor.jsonl" in err and "usage:" in err and "Traceback" not in err
+    with pytest.raises(FileNotFoundError, match="no fp8_monitor.jsonl"):
+        plot.plot(tmp_path)  # the function raises; only the CLI turns it into a message
     _write_log(tmp_path)
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
     with pytest.raises(ImportError, match=r"hf_fp8\[monitor\]"):

@@ -317,7 +317,7 @@ def test_fp8_trainer_swaps_torch_adamw_for_the_one_pass_kernel_on_bf16_params(tm
 
 
 def test_fp8_trainer_defers_the_update_to_the_next_forward_bit_identically(tmp_path):
-    """--fp8_defer_step (on by default with hf_fp8's AdamW): every update runs at the start of the
+    """--fp8_defer_step true (opt-in, with hf_fp8's AdamW): every update runs at the start of the
     next forward, the last one when train() returns; the same logged losses, weights and
     optimizer state as updates in optimizer.step(), and a checkpoint saved mid-run holds the
     updated weights."""

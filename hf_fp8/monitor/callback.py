@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import transformers
@@ -25,6 +26,7 @@ from hf_fp8.monitor.hooks import (
     DEFAULT_SATURATION_THRESHOLD,
     Fp8Monitor,
 )
+from hf_fp8.monitor.records import LOG_NAME, drop_records_after
 
 __all__ = ["Fp8MonitorCallback"]
 
@@ -121,13 +123,17 @@ class Fp8MonitorCallback(transformers.TrainerCallback):
         if modules is None:
             modules = "fp8" if any(isinstance(m, Fp8Linear) for m in model.modules()) else "linear"
         main = state.is_world_process_zero
+        log_dir = (self.log_dir or args.output_dir) if main else None
+        if log_dir is not None and state.global_step > 0:
+            # resumed: the steps after the checkpoint will run again; their old records go
+            drop_records_after(Path(log_dir) / LOG_NAME, state.global_step)
         self.monitor = Fp8Monitor(
             model,
             interval=self.interval,
             modules=modules,
             kurtosis_threshold=self.kurtosis_threshold,
             saturation_threshold=self.saturation_threshold,
-            log_dir=(self.log_dir or args.output_dir) if main else None,
+            log_dir=log_dir,
             append=state.global_step > 0,  # a resumed run continues its log
             log_per_layer=self.log_per_layer,
             warn=main,

@@ -63,7 +63,9 @@ def plot(log: str | Path, out: str | Path | None = None) -> Path:
     records = [r for r in read_records(path) if isinstance(r.get("metrics"), dict) and "step" in r]
     if not records:
         raise ValueError(f"{path}: no monitor records in it (has training reached a sampled step?)")
-    records.sort(key=lambda r: r["step"])
+    # one record per step, the last written (a log that a resumed run appended to by hand may
+    # repeat the steps after its checkpoint; the Trainer's monitor drops those itself)
+    records = sorted({r["step"]: r for r in records}.values(), key=lambda r: r["step"])
     out = Path(out) if out is not None else path.with_suffix(".png")
     plt = _import_pyplot()
     layers = _layers(records)
@@ -120,7 +122,10 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("logdir", help="fp8_monitor.jsonl, or a directory holding one (e.g. the Trainer's output_dir)")
     ap.add_argument("--out", default=None, help="PNG to write (default: fp8_monitor.png beside the log)")
     args = ap.parse_args(argv)
-    out = plot(args.logdir, args.out)
+    try:
+        out = plot(args.logdir, args.out)
+    except (FileNotFoundError, ValueError) as e:
+        ap.error(str(e))  # the reason and the usage, exit status 2, no traceback
     print(f"wrote {out.resolve()}")
     return out
 

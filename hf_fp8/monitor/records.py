@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["LOG_NAME", "append_record", "find_log", "read_records"]
+__all__ = ["LOG_NAME", "append_record", "drop_records_after", "find_log", "read_records"]
 
 LOG_NAME = "fp8_monitor.jsonl"
 
@@ -36,6 +36,22 @@ def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
             except json.JSONDecodeError:
                 continue
     return records
+
+
+def drop_records_after(path: str | os.PathLike, step: int) -> int:
+    """Remove the records of steps after ``step`` (a run resumed from the checkpoint at ``step``
+    repeats them: the log then holds the steps of the run that goes on, once each). Returns how
+    many were dropped; a missing file drops nothing."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    records = read_records(path)
+    kept = [r for r in records if not (isinstance(r.get("step"), int) and r["step"] > step)]
+    if len(kept) != len(records):
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(tmp, path)
+    return len(records) - len(kept)
 
 
 def find_log(path: str | os.PathLike) -> Path:
