@@ -145,9 +145,16 @@ def save_fp8(
     suffix = f".tmp-{os.getpid()}"
     weights = os.path.join(directory, "model.safetensors")
     config_path = os.path.join(directory, "config.json")
-    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, weights + suffix, metadata={"format": "pt"})
-    with open(config_path + suffix, "w") as f:
-        f.write(config_text)
+    try:
+        tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+        save_file(tensors, weights + suffix, metadata={"format": "pt"})
+        with open(config_path + suffix, "w") as f:
+            f.write(config_text)
+    except BaseException:
+        for path in (weights + suffix, config_path + suffix):
+            if os.path.exists(path):
+                os.remove(path)
+        raise
     os.replace(weights + suffix, weights)
     _remove_stale_weights(directory, keep="model.safetensors")
     os.replace(config_path + suffix, config_path)

@@ -201,6 +201,30 @@ def test_delayed_scale_update_keeps_previous_scale_on_bad_history(bad):
         assert flag.item() == (0 if bad == 0.0 else 1)
 
 
+@pytest.mark.parametrize("use_max", [True, False])
+def test_delayed_scale_update_ignores_nonfinite_history_entries(use_max):
+    """A step whose tensor held inf/NaN recorded a non-finite amax: the max over the history skips it
+    (the scale follows the finite amaxes at once, not after amax_history_len steps); the flag says so.
+    With most_recent, a non-finite newest entry keeps the previous scale."""
+    hist = torch.tensor([[0.0, 0.0, float("nan")], [0.0, 0.0, 3.0], [0.0, 0.0, float("inf")], [0.0, 0.0, 2.0]])
+    results = []
+    for impl in (K.delayed_scale_update, R.delayed_scale_update_reference):
+        scale, flag = torch.tensor([1.0, 1.0, 7.0]), torch.zeros(1, dtype=torch.int32)
+        h = hist.clone()
+        impl(h, scale, 2, E4M3, use_max=use_max, nonfinite_flag=flag)
+        assert flag.item() == 1
+        results.append((h, scale))
+    (h_k, s_k), (h_r, s_r) = results
+    assert_bits_equal(s_k, s_r, "scale")
+    assert_bits_equal(h_k, h_r, "history")
+    assert s_k[2].item() == (pytest.approx(448.0 / 3.0, rel=1e-6) if use_max else 7.0)
+    many = [hist.clone(), hist.clone()]
+    scales = [torch.tensor([1.0, 1.0, 7.0]), torch.tensor([1.0, 1.0, 7.0])]
+    K.delayed_scale_update_many(many, scales, [2, 2], E4M3, use_max=use_max)
+    for sc in scales:
+        assert_bits_equal(sc, s_r, "scale (many)")
+
+
 def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="2-D"):
         K.quantize_tensorwise(torch.randn(2, 3, 4), E4M3)
