@@ -372,7 +372,10 @@ def _update_and_roll(
     scale = tl.where(ok, new_scale, old_scale)
     tl.store(scale_ptr + slot, scale)
     if HAS_FLAG:
-        bad = tl.max((~finite & (i < L)).to(tl.int32), axis=0) if USE_MAX else (~(amax < float("inf"))).to(tl.int32)
+        if USE_MAX:
+            bad = tl.max((~finite & (i < L)).to(tl.int32), axis=0)
+        else:
+            bad = (~(amax < float("inf"))).to(tl.int32)
         tl.store(flag_ptr, 1, mask=bad > 0)
     # roll: entry i+1 <- entry i, entry 0 <- 0 (ready for this step's amax)
     shifted = tl.load(hist_ptr + (i - 1) * stride_h + slot, mask=(i >= 1) & (i < L), other=0.0)

@@ -339,12 +339,16 @@ def test_fast_launch_reuses_compiled_kernels_correctly_on_gpu():
 
 
 def test_delayed_update_of_many_layers_in_one_launch_on_gpu():
-    """The pointer-table kernel of hf_fp8.delayed against the reference, entry by entry."""
+    """The pointer-table kernel of hf_fp8.delayed against the reference, entry by entry, with
+    non-finite history entries among them; and the one-entry kernel with its non-finite flag."""
     import copy as _copy
 
     torch.manual_seed(0)
     hists = [torch.rand(16, 3, device="cuda") * 10 ** float(i % 5 - 2) for i in range(40)]
     hists[7][:, 2] = 0.0
+    hists[9][3, 1] = float("nan")  # non-finite entries take no part in the max
+    hists[11][0, 0] = float("inf")
+    hists[13][:, 1] = float("nan")  # nothing finite: the old scale stays
     scales = [torch.rand(3, device="cuda") + 0.5 for _ in hists]
     slots = [i % 3 for i in range(40)]
     h_ref, s_ref = _copy.deepcopy(hists), _copy.deepcopy(scales)
@@ -353,6 +357,17 @@ def test_delayed_update_of_many_layers_in_one_launch_on_gpu():
     for i in range(40):
         assert_bits_equal(hists[i], h_ref[i], f"history {i}")
         assert_bits_equal(scales[i], s_ref[i], f"scale {i}")
+    for use_max in (True, False):
+        h = torch.tensor([[0.0, float("nan"), 1.0], [0.0, 3.0, 2.0], [0.0, float("inf"), 0.5]], device="cuda")
+        outs = []
+        for impl in (K.delayed_scale_update, R.delayed_scale_update_reference):
+            sc, flag = torch.full((3,), 7.0, device="cuda"), torch.zeros(1, dtype=torch.int32, device="cuda")
+            hh = h.clone()
+            impl(hh, sc, 1, torch.float8_e4m3fn, use_max=use_max, nonfinite_flag=flag)
+            outs.append((hh, sc, flag))
+        for a, b in zip(*outs):
+            assert_bits_equal(a, b, f"use_max={use_max}")
+        assert outs[0][2].item() == 1
 
 
 @pytest.mark.parametrize("delayed", [False, True], ids=["tensorwise", "delayed"])
