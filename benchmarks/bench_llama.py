@@ -35,6 +35,9 @@ CONFIGS = {
                num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
     "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
+    # the whole Llama-3-8B (fits one 80 GB GPU with activation checkpointing at B=1, S=4096)
+    "8b-full": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                    num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
 }  # fmt: skip
 
 # Liger last: apply_liger_kernel_to_llama patches transformers' Llama classes for the whole
@@ -189,8 +192,14 @@ def build(name: str, config: dict):
         # variant + _hfadamw: hf_fp8.optim.AdamW with torch's arithmetic and states (BF16 moments,
         # nearest rounding), one kernel per tensor instead of torch's multi-tensor launches;
         # hf_fp8 variants + _torchadamw: torch's fused AdamW (every hf_fp8 variant before 2026-11-24 12:30)
+        # stochastic rounding of the weights and BF16 moments, as hf_fp8.Trainer builds it (since
+        # 2026-12-06); _nearest: round to nearest (torch's arithmetic, the Trainer's default before)
         opt = hf_fp8.optim.AdamW(
-            model.parameters(), lr=1e-4, state_dtype=torch.bfloat16, stochastic_rounding=False, defer_step=defer
+            model.parameters(),
+            lr=1e-4,
+            state_dtype=torch.bfloat16,
+            stochastic_rounding="_nearest" not in name,
+            defer_step=defer,
         )
     else:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
@@ -219,8 +228,17 @@ def bigram_batches(batch: int, seq: int, vocab: int, n: int) -> list[torch.Tenso
     return _BATCHES[key]
 
 
-def run_variant(name: str, config: dict, batch: int, seq: int, warmup: int, steps: int) -> dict:
+def run_variant(
+    name: str, config: dict, batch: int, seq: int, warmup: int, steps: int, checkpointing: bool = False
+) -> dict:
     model, opt, note = build(name, config)
+    if checkpointing:  # HF's activation checkpointing (every decoder layer recomputed in the backward)
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        if enable is not None:  # transformers >= 5.25
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        note += "; activation checkpointing" if note else "activation checkpointing"
     from benchmarks.common import time_training_steps
 
     forward_backward = None
@@ -269,6 +287,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--budget-s", type=float, default=520)
+    ap.add_argument("--checkpointing", action="store_true", help="HF activation checkpointing in every variant")
     ap.add_argument("--out", default="llama_h100.json", help="results file name (in benchmarks/results/)")
     ap.add_argument("--plot", default=None, help="write a PNG bar chart from this JSON instead of running")
     ap.add_argument(
@@ -296,7 +315,9 @@ def main() -> None:
                 if args.isolate:
                     row = _run_isolated(name, cfg_name, args)
                 else:
-                    row = run_variant(name, CONFIGS[cfg_name], args.batch, args.seq, args.warmup, args.steps)
+                    row = run_variant(
+                        name, CONFIGS[cfg_name], args.batch, args.seq, args.warmup, args.steps, args.checkpointing
+                    )
             except Exception as e:  # noqa: BLE001  a failed variant is a result too
                 import traceback
 
@@ -316,7 +337,8 @@ def main() -> None:
                 row["loss_vs_stock"] = row["loss"] / base["loss"]
             print(f"{cfg_name} {json.dumps({k: v for k, v in row.items() if k != 'losses'})}", flush=True)
             payload = {"env": environment(), "batch": args.batch, "seq": args.seq, "warmup": args.warmup,
-                       "steps": args.steps, "configs": {k: CONFIGS[k] for k in args.configs}, "rows": rows}  # fmt: skip
+                       "steps": args.steps, "checkpointing": args.checkpointing,
+                       "configs": {k: CONFIGS[k] for k in args.configs}, "rows": rows}  # fmt: skip
             write_json(args.out, payload)  # after every variant: a cut-off run keeps what it measured
 
 
@@ -340,6 +362,8 @@ def _run_isolated(name: str, cfg_name: str, args) -> dict:
         "--steps",
         str(args.steps),
     ]
+    if args.checkpointing:
+        cmd.append("--checkpointing")
     proc = subprocess.run(cmd, capture_output=True, text=True)
     path = RESULTS / tmp
     rows = json.loads(path.read_text())["rows"] if path.exists() else []

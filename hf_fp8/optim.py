@@ -87,8 +87,10 @@ class AdamW(torch.optim.Optimizer):
             round; the model is not full-BF16).
         state_dtype (`torch.dtype`, defaults to `torch.float32`): dtype of both moments.
             `torch.bfloat16` halves their memory (what ``torch.optim.AdamW`` holds for BF16
-            parameters); each moment is updated in FP32 and rounded to nearest once per step.
-            Not with ``full_bf16``, whose contract is FP32 optimizer states.
+            parameters); each moment is updated in FP32 and rounded once per step, stochastically
+            with ``stochastic_rounding`` (round to nearest freezes a BF16 ``exp_avg_sq``:
+            ``0.999 * v`` rounds back to ``v``), to nearest without. Not with ``full_bf16``,
+            whose contract is FP32 optimizer states.
         defer_step (`bool`, defaults to `False`): opt-in; ``step()`` records the update (its gradients,
             hyperparameters, step counts and rounding seeds as they are then) and launches it
             later, in :meth:`flush`: at the start of the next forward of a model passed to
@@ -376,8 +378,14 @@ class _FlushHook:
 
 
 def _apply_update(p, g, m, v, lr, beta1, beta2, eps, wd, bc1, bc2, round_sr, seed) -> None:
-    """One parameter's AdamW update: the Triton kernel on CUDA, torch ops elsewhere."""
-    # the kernel takes plain CUDA tensors; a DTensor (FSDP2) shard takes the torch path
+    """One parameter's AdamW update: the Triton kernel on CUDA, torch ops elsewhere.
+
+    A DTensor (an FSDP2 shard) is updated through its local tensors: AdamW is elementwise, and the
+    moments were created like the parameter, so each rank updates (and rounds) its own shard."""
+    if type(p.data) is not torch.Tensor and hasattr(p.data, "to_local"):
+        p, g, m, v = (t.data.to_local() if hasattr(t.data, "to_local") else t for t in (p, g, m, v))
+        if not p.is_contiguous():
+            raise ValueError("hf_fp8.optim.AdamW: a sharded parameter's local shard is not contiguous")
     plain = type(p.data) is torch.Tensor
     if plain and use_triton(p) and not (round_sr and p.dtype == torch.float16):
         from hf_fp8.kernels.adamw import adamw_step
@@ -411,12 +419,16 @@ def _adamw_step_torch(p, g, m, v, lr, beta1, beta2, eps, wd, bc1, bc2, round_sr,
     v32 = v.float().mul_(beta2).add_(g32 * g32 * (1.0 - beta2))
     denom = (v32 / bc2).sqrt_().add_(eps)
     p32.sub_(lr * (m32 / bc1) / denom)
-    m.copy_(m32)
-    v.copy_(v32)
+    gen = torch.Generator(device=p.device).manual_seed(seed) if round_sr else None
     if p.dtype == torch.float32:
         p.copy_(p32)
     elif round_sr:
-        gen = torch.Generator(device=p.device).manual_seed(seed)
         p.copy_(stochastic_round(p32, p.dtype, gen))
     else:
         p.copy_(p32.to(p.dtype))
+    if round_sr and m.dtype == torch.bfloat16:  # BF16 moments: rounded like the weight (see state_dtype)
+        m.copy_(stochastic_round(m32, torch.bfloat16, gen))
+        v.copy_(stochastic_round(v32, torch.bfloat16, gen))
+    else:
+        m.copy_(m32)
+        v.copy_(v32)

@@ -86,6 +86,28 @@ def config_from_environment(environ: dict[str, str] | None = None) -> Fp8Config 
     return None
 
 
+def _warn_nearest_bf16_optimizers(objects) -> None:
+    """An optimizer that rounds BF16 weights to nearest (torch's) loses the updates smaller than
+    half a BF16 ulp, most of them at fine-tuning learning rates: say so, and what keeps them."""
+    import warnings
+
+    from hf_fp8.optim import AdamW
+
+    for opt in objects:
+        inner = getattr(opt, "optimizer", opt)
+        if not isinstance(inner, torch.optim.Optimizer) or isinstance(inner, AdamW):
+            continue
+        if any(p.dtype == torch.bfloat16 and p.requires_grad for g in inner.param_groups for p in g["params"]):
+            warnings.warn(
+                f"hf_fp8.Accelerator: {type(inner).__name__} rounds every update of the BF16 parameters to nearest; "
+                "at fine-tuning learning rates most updates are smaller than half a BF16 ulp and are lost. "
+                "hf_fp8.optim.AdamW(model.parameters(), lr=..., state_dtype=torch.bfloat16) takes the same memory "
+                "and keeps them (stochastic rounding); FP32 parameters keep them too.",
+                UserWarning,
+                stacklevel=3,
+            )
+
+
 class Accelerator(accelerate.Accelerator):
     """An ``accelerate.Accelerator`` whose ``prepare()`` converts models with hf_fp8.
 
@@ -155,6 +177,7 @@ class Accelerator(accelerate.Accelerator):
 
     def prepare(self, *args, **kwargs):
         if self.fp8_config is not None:
+            _warn_nearest_bf16_optimizers(args)
             from hf_fp8.convert import convert
             from hf_fp8.linear import Fp8Linear
 

@@ -104,9 +104,12 @@ class Fp8ArgumentsMixin:
         default=True,
         metadata={
             "help": "With --fp8, --optim adamw_torch or adamw_torch_fused (the default), only BF16 trainable "
-            "parameters and neither FSDP nor DeepSpeed, hf_fp8.Trainer builds hf_fp8.optim.AdamW with torch's arithmetic and BF16 states instead: "
-            "the same update and memory, one kernel launch per tensor (13.5 against 18.2 ms per step for an "
-            "8-layer Llama-3-8B-shaped model on the H100). false keeps torch's AdamW."
+            "parameters and neither FSDP nor DeepSpeed, hf_fp8.Trainer builds hf_fp8.optim.AdamW with BF16 states "
+            "and stochastic rounding of the weights instead: the memory of torch's AdamW (8 bytes per parameter with "
+            "the gradient), but updates smaller than half a BF16 ulp survive in expectation instead of being rounded "
+            "away (torch's AdamW on a BF16 checkpoint at lr 2e-5 moved 3.7% of the weights in 10 steps). false keeps "
+            "torch's AdamW (round to nearest); the stock Trainer with Fp8Callback needs it to train BF16 parameters "
+            "with torch's AdamW."
         },
     )
 
@@ -374,10 +377,11 @@ class Fp8TrainerMixin:
             and params
             and all(p.dtype == torch.bfloat16 for _, p in params)
         ):  # fmt: skip
-            kind = dict(state_dtype=torch.bfloat16, stochastic_rounding=False)  # torch's AdamW, one kernel per tensor
+            # torch's memory (BF16 moments), but every update kept in expectation (see --fp8_adamw)
+            kind = dict(state_dtype=torch.bfloat16, stochastic_rounding=True)
             transformers.utils.logging.get_logger(__name__).info(
-                "hf_fp8: --fp8 with BF16 parameters: hf_fp8.optim.AdamW (torch's AdamW arithmetic and BF16 states, one "
-                "kernel per tensor) replaces torch's AdamW; --fp8_adamw false keeps torch's."
+                "hf_fp8: --fp8 with BF16 parameters: hf_fp8.optim.AdamW (BF16 states, stochastic rounding of the "
+                "weights, one kernel per tensor) replaces torch's AdamW; --fp8_adamw false keeps torch's."
             )
         else:
             return super().create_optimizer(*pargs, **kwargs)
@@ -433,7 +437,11 @@ class Fp8Callback(transformers.TrainerCallback):
     before ``accelerator.prepare``) using the arguments' hf_fp8 fields, or ``config`` if given.
     In full-BF16 mode the stock Trainer cannot build :class:`hf_fp8.optim.AdamW` itself: pass
     ``optimizers=(hf_fp8.optim.AdamW(model.parameters(), ...), None)`` or use ``hf_fp8.Trainer``;
-    otherwise ``train()`` stops with an error.
+    otherwise ``train()`` stops with an error. With ``--fp8`` and BF16 parameters the same holds for
+    torch's AdamW (the stock Trainer's default), which rounds every update to nearest BF16 and so
+    loses most fine-tuning updates: pass ``hf_fp8.optim.AdamW(model.parameters(), lr=...,
+    state_dtype=torch.bfloat16)`` (the same memory, stochastic rounding), or accept nearest rounding
+    explicitly with ``--fp8_adamw false`` or ``Fp8Callback(nearest_bf16_updates=True)``.
 
     With ``--fp8_monitor_interval N`` it also runs the FP8 health monitor
     (:class:`hf_fp8.monitor.Fp8MonitorCallback`); its metrics reach ``trainer.state.log_history``
@@ -442,8 +450,9 @@ class Fp8Callback(transformers.TrainerCallback):
     ``hf_fp8.monitor.Fp8MonitorCallback(N).attach(trainer)`` instead of the flag.
     """
 
-    def __init__(self, config: Fp8Config | None = None) -> None:
+    def __init__(self, config: Fp8Config | None = None, *, nearest_bf16_updates: bool = False) -> None:
         self.config = config
+        self.nearest_bf16_updates = nearest_bf16_updates
         self.report = None
         self.monitor = None
 
@@ -488,15 +497,31 @@ class Fp8Callback(transformers.TrainerCallback):
         if state.global_step > 0 and model is not None and not getattr(args, _RESTORED, False):
             self._restore_state(args, state, model)  # resumed: the FP8 state saved with the checkpoint
         config = self.config or _args_config(args)
-        if config is not None and config.full_bf16:
-            from hf_fp8.optim import AdamW
+        from hf_fp8.optim import AdamW
 
-            inner = getattr(optimizer, "optimizer", optimizer)
+        inner = getattr(optimizer, "optimizer", optimizer)
+        if config is not None and config.full_bf16:
             if not isinstance(inner, AdamW):
                 raise RuntimeError(
                     "full-BF16 training needs FP32 optimizer states: pass optimizers=(hf_fp8.optim.AdamW("
-                    "model.parameters(), lr=...), None) to transformers.Trainer, or use hf_fp8.Trainer"
+                    "model.parameters(), lr=..., full_bf16=True), None) to transformers.Trainer, or use hf_fp8.Trainer"
                 )
+        elif (
+            config is not None
+            and isinstance(inner, torch.optim.Optimizer)
+            and not isinstance(inner, AdamW)
+            and not self.nearest_bf16_updates
+            and getattr(args, "fp8_adamw", True)
+            and any(p.dtype == torch.bfloat16 and p.requires_grad for g in inner.param_groups for p in g["params"])
+        ):
+            raise RuntimeError(
+                f"{type(inner).__name__} updates the model's BF16 parameters by rounding to nearest: at fine-tuning "
+                "learning rates most updates are smaller than half a BF16 ulp and are lost (hf_fp8's CPU test: "
+                "torch's AdamW moved a few % of the weights and ended far from an FP32-master run). Pass "
+                "optimizers=(hf_fp8.optim.AdamW(model.parameters(), lr=..., state_dtype=torch.bfloat16), None) to "
+                "transformers.Trainer (the same memory, stochastic rounding), or use hf_fp8.Trainer (it builds that "
+                "optimizer). To keep it anyway: --fp8_adamw false, or Fp8Callback(nearest_bf16_updates=True)."
+            )
         if model is not None and optimizer is not None and getattr(self, "_amax_sync", None) is None:
             from hf_fp8.distributed import attach_amax_sync
 

@@ -10,7 +10,9 @@ Per element (decoupled weight decay, bias-corrected moments)::
             truncate, i.e. round up with probability equal to the dropped fraction.
 
 The moments are FP32, or BF16 (``torch.optim.AdamW``'s states for BF16 parameters): loaded
-into FP32, updated, and rounded to nearest once when stored, as torch's fused AdamW does.
+into FP32, updated, and rounded once when stored: to nearest, as torch's fused AdamW does, or,
+with stochastic rounding, stochastically like the weight (round to nearest freezes a BF16
+``exp_avg_sq``: ``0.999 * v`` is within half an ulp of ``v`` and rounds back to it).
 
 Memory traffic for BF16 parameters and gradients: 2 + 2 + 4 + 4 bytes read and 2 + 4 + 4
 written per element with FP32 moments, 14 bytes with BF16 moments, in one pass.
@@ -38,6 +40,17 @@ NUM_WARPS = 8
 
 
 @triton.jit
+def _stochastic_bf16(x, r):
+    """FP32 ``x`` moved to a BF16 value (still FP32): 16 random bits added below BF16's last
+    mantissa bit, then truncated, i.e. rounded away from zero with probability equal to the
+    dropped fraction (unbiased, for either sign). Non-finite values keep round-to-nearest."""
+    bits = x.to(tl.int32, bitcast=True) + (r & 0xFFFF).to(tl.int32)
+    rounded = (bits & -65536).to(tl.float32, bitcast=True)
+    ok = (tl.abs(x) < float("inf")) & (tl.abs(rounded) < float("inf"))
+    return tl.where(ok, rounded, x)
+
+
+@triton.jit
 def _adamw_kernel(
     p_ptr,
     g_ptr,
@@ -53,6 +66,7 @@ def _adamw_kernel(
     bc2,
     seed,
     STOCHASTIC: tl.constexpr,
+    STATES_BF16: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
@@ -67,14 +81,15 @@ def _adamw_kernel(
     v = v * beta2 + g * g * (1.0 - beta2)
     denom = tl.sqrt_rn(tl.math.div_rn(v, tl.full(v.shape, bc2, tl.float32))) + eps
     p = p - tl.math.div_rn(lr * tl.math.div_rn(m, tl.full(m.shape, bc1, tl.float32)), denom)
-    tl.store(m_ptr + offs, m.to(m_ptr.dtype.element_ty), mask=mask)  # FP32, or BF16 rounded to nearest
-    tl.store(v_ptr + offs, v.to(v_ptr.dtype.element_ty), mask=mask)
     if STOCHASTIC:
-        r = tl.randint(seed, offs.to(tl.int32))
-        bits = p.to(tl.int32, bitcast=True) + (r & 0xFFFF).to(tl.int32)
-        rounded = (bits & -65536).to(tl.float32, bitcast=True)
-        ok = (tl.abs(p) < float("inf")) & (tl.abs(rounded) < float("inf"))
-        p = tl.where(ok, rounded, p)
+        # one Philox call, four streams: the weight's (the same as tl.randint's), then each BF16 moment's
+        r_p, r_m, r_v, _ = tl.randint4x(seed, offs.to(tl.int32))
+        p = _stochastic_bf16(p, r_p)
+        if STATES_BF16:
+            m = _stochastic_bf16(m, r_m)
+            v = _stochastic_bf16(v, r_v)
+    tl.store(m_ptr + offs, m.to(m_ptr.dtype.element_ty), mask=mask)  # FP32, or BF16 (exact if rounded above)
+    tl.store(v_ptr + offs, v.to(v_ptr.dtype.element_ty), mask=mask)
     tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=mask)
 
 
@@ -95,7 +110,7 @@ def adamw_step(
     seed: int,
 ) -> None:
     """In place on ``p`` (FP32/BF16/FP16; stochastic rounding for BF16), ``m`` and ``v`` (both FP32
-    or both BF16)."""
+    or both BF16; with ``stochastic_rounding`` BF16 moments are rounded stochastically too)."""
     for name, t in (("g", g), ("m", m), ("v", v)):
         if t.shape != p.shape:
             raise ValueError(f"adamw_step: {name} has shape {tuple(t.shape)}, parameter {tuple(p.shape)}")
@@ -126,6 +141,6 @@ def adamw_step(
             bias_correction2,
             seed,
         ),
-        dict(STOCHASTIC=stochastic_rounding, BLOCK=block),
+        dict(STOCHASTIC=stochastic_rounding, STATES_BF16=m.dtype == torch.bfloat16, BLOCK=block),
         NUM_WARPS if not interp else 1,
     )

@@ -31,7 +31,10 @@ def main(mode: str, recipe: str, rank: int, world: int, port: int, out: str, voc
         dist.init_process_group("gloo", rank=rank, world_size=world)
     model = tiny_llama(vocab_size=vocab)
     full_bf16 = recipe == "full_bf16"
-    if full_bf16:
+    # bf16_<recipe>: BF16 parameters with FP8 layers and the Trainer's default optimizer for them
+    bf16_params = full_bf16 or recipe.startswith("bf16_")
+    recipe = recipe.removeprefix("bf16_")
+    if bf16_params:
         model.to(torch.bfloat16)
     cfg = hf_fp8.Fp8Config(recipe=None if full_bf16 else recipe, auto_filter=False, exclude=("lm_head",))
     hf_fp8.convert(model, cfg)
@@ -48,6 +51,8 @@ def main(mode: str, recipe: str, rank: int, world: int, port: int, out: str, voc
         fully_shard(core, mesh=mesh)
     if full_bf16:
         opt = hf_fp8.optim.AdamW(model.parameters(), lr=3e-3, full_bf16=True, seed=0)
+    elif bf16_params:
+        opt = hf_fp8.optim.AdamW(model.parameters(), lr=3e-3, state_dtype=torch.bfloat16, seed=0)
     else:
         opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     if not os.environ.get("HF_FP8_TEST_NO_AMAX_SYNC"):

@@ -69,10 +69,11 @@ class _StopAt(transformers.TrainerCallback):
         return control
 
 
-@pytest.mark.parametrize("mode", ["delayed", "full_bf16", "delayed_stock_trainer"])
+@pytest.mark.parametrize("mode", ["delayed", "delayed_bf16", "full_bf16", "delayed_stock_trainer"])
 def test_resume_is_bit_exact(tmp_path, mode):
     """8 steps straight vs 4 steps, checkpoint, new Trainer resumed: steps 5-8 give identical losses.
-    Exercises the delayed-scaling state file and the FP32 AdamW states with their RNG."""
+    Exercises the delayed-scaling state file and hf_fp8's AdamW states with their rounding RNG
+    (FP32 moments in full-BF16; BF16 moments, stochastically rounded, for BF16 parameters under --fp8)."""
     kw = dict(full_bf16=True) if mode == "full_bf16" else dict(fp8="delayed", fp8_auto_filter=False)
     stock = mode == "delayed_stock_trainer"
 
@@ -84,7 +85,7 @@ def test_resume_is_bit_exact(tmp_path, mode):
         return hf_fp8.Trainer(model=model, args=args, train_dataset=_Data(), callbacks=list(callbacks))
 
     def build(out, **extra):
-        if mode == "full_bf16":
+        if mode in ("full_bf16", "delayed_bf16"):
             with hf_fp8.set_default_dtype(torch.bfloat16):
                 model = tiny_llama()
         else:

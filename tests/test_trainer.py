@@ -294,8 +294,8 @@ def _inner(optimizer):
 
 def test_fp8_trainer_swaps_torch_adamw_for_the_one_pass_kernel_on_bf16_params(tmp_path):
     """--fp8 with BF16 parameters and torch's AdamW (the default optim): hf_fp8.optim.AdamW with
-    torch's arithmetic and BF16 states; --fp8_adamw false, FP32 parameters or another optim keep
-    what the Trainer would build."""
+    BF16 states (torch's memory) and stochastic rounding; --fp8_adamw false, FP32 parameters or
+    another optim keep what the Trainer would build."""
     with hf_fp8.set_default_dtype(torch.bfloat16):
         model = tiny_llama()
     args = _args(tmp_path, fp8="tensorwise", fp8_auto_filter=False, max_steps=3, weight_decay=0.1)
@@ -303,7 +303,7 @@ def test_fp8_trainer_swaps_torch_adamw_for_the_one_pass_kernel_on_bf16_params(tm
     trainer.train()
     opt = _inner(trainer.optimizer)
     assert isinstance(opt, AdamW) and opt.state_dtype == torch.bfloat16
-    assert not any(g["stochastic_rounding"] for g in opt.param_groups)
+    assert all(g["stochastic_rounding"] for g in opt.param_groups)
     assert {g["weight_decay"] for g in opt.param_groups} == {0.1, 0.0}  # norms and biases: no decay, as HF groups them
     assert all(s["exp_avg"].dtype == torch.bfloat16 for s in opt.state.values())
     assert len(opt.state) == sum(p.requires_grad for p in model.parameters())
