@@ -419,16 +419,30 @@ def _adamw_step_torch(p, g, m, v, lr, beta1, beta2, eps, wd, bc1, bc2, round_sr,
     v32 = v.float().mul_(beta2).add_(g32 * g32 * (1.0 - beta2))
     denom = (v32 / bc2).sqrt_().add_(eps)
     p32.sub_(lr * (m32 / bc1) / denom)
-    gen = torch.Generator(device=p.device).manual_seed(seed) if round_sr else None
+    sr_bf16 = round_sr and p.dtype == torch.bfloat16
+    if sr_bf16:  # the kernel's own random bits (kernels.adamw.random_bits): the same result, bit for bit
+        from hf_fp8.kernels.adamw import random_bits
+
+        r_pm, r_v = (r.view(p.shape) for r in random_bits(p.numel(), seed, p.device))
     if p.dtype == torch.float32:
         p.copy_(p32)
-    elif round_sr:
-        p.copy_(stochastic_round(p32, p.dtype, gen))
+    elif sr_bf16:
+        p.copy_(_round_bf16_with(p32, r_pm))
+    elif round_sr:  # FP16: no kernel; torch's generator
+        p.copy_(stochastic_round(p32, p.dtype, torch.Generator(device=p.device).manual_seed(seed)))
     else:
         p.copy_(p32.to(p.dtype))
-    if round_sr and m.dtype == torch.bfloat16:  # BF16 moments: rounded like the weight (see state_dtype)
-        m.copy_(stochastic_round(m32, torch.bfloat16, gen))
-        v.copy_(stochastic_round(v32, torch.bfloat16, gen))
+    if sr_bf16 and m.dtype == torch.bfloat16:  # BF16 moments: rounded like the weight (see state_dtype)
+        m.copy_(_round_bf16_with(m32, r_pm >> 16))
+        v.copy_(_round_bf16_with(v32, r_v))
     else:
         m.copy_(m32)
         v.copy_(v32)
+
+
+def _round_bf16_with(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """FP32 ``x`` to BF16, stochastically, with the low 16 bits of ``r`` as the random bits (the
+    AdamW kernel's ``_stochastic_bf16``); non-finite values round to nearest."""
+    bits = x.view(torch.int32) + (r & 0xFFFF).to(torch.int32)
+    out = (bits & -65536).view(torch.float32)
+    return torch.where(torch.isfinite(x) & torch.isfinite(out), out, x).to(torch.bfloat16)

@@ -6,8 +6,12 @@ Per element (decoupled weight decay, bias-corrected moments)::
     m  <- beta1 * m + (1 - beta1) * g
     v  <- beta2 * v + (1 - beta2) * g^2
     p  <- p - lr * (m / bc1) / (sqrt(v / bc2) + eps)
-    BF16 p: add 16 random bits (Philox, seeded per step) below BF16's last mantissa bit and
-            truncate, i.e. round up with probability equal to the dropped fraction.
+    BF16 p: add 16 random bits below BF16's last mantissa bit and truncate, i.e. round up
+            with probability equal to the dropped fraction.
+
+Stochastic rounding draws its random bits from an integer hash of each element's index under a
+per-step key (``random_bits``): unbiased like any uniform bits, five integer operations per draw
+where Philox made the step compute-bound, and the torch path computes the very same bits.
 
 The moments are FP32, or BF16 (``torch.optim.AdamW``'s states for BF16 parameters): loaded
 into FP32, updated, and rounded once when stored: to nearest, as torch's fused AdamW does, or,
@@ -31,7 +35,7 @@ import triton.language as tl
 
 from ._launch import cdiv, interpreting, launch
 
-__all__ = ["adamw_step"]
+__all__ = ["adamw_step", "random_bits", "random_keys"]
 
 # Elements per program and warps per launch on the GPU (a bandwidth-bound stream: each program
 # moves BLOCK elements of four tensors; benchmarks/bench_adamw.py sweeps both).
@@ -41,13 +45,27 @@ NUM_WARPS = 8
 
 @triton.jit
 def _stochastic_bf16(x, r):
-    """FP32 ``x`` moved to a BF16 value (still FP32): 16 random bits added below BF16's last
-    mantissa bit, then truncated, i.e. rounded away from zero with probability equal to the
+    """FP32 ``x`` moved to a BF16 value (still FP32): the low 16 bits of ``r`` added below BF16's
+    last mantissa bit, then truncated, i.e. rounded away from zero with probability equal to the
     dropped fraction (unbiased, for either sign). Non-finite values keep round-to-nearest."""
     bits = x.to(tl.int32, bitcast=True) + (r & 0xFFFF).to(tl.int32)
     rounded = (bits & -65536).to(tl.float32, bitcast=True)
     ok = (tl.abs(x) < float("inf")) & (tl.abs(rounded) < float("inf"))
     return tl.where(ok, rounded, x)
+
+
+@triton.jit
+def _hash32(x):
+    """A 32-bit integer hash with full avalanche ("lowbias32", C. Wellons' hash prospector):
+    five integer ops per call, against Philox's ~10 rounds, which made the step compute-bound
+    (benchmarks/results/adamw_rng_probe_h100.json: stochastic rounding of weight and moments
+    with tl.randint4x per element 6.67 ms per 2^30 elements, with two hashes 5.12, nearest 5.00)."""
+    x = x ^ (x >> 16)
+    x = x * 0x7FEB352D
+    x = x ^ (x >> 15)
+    x = x * 0x846CA68B
+    x = x ^ (x >> 16)
+    return x
 
 
 @triton.jit
@@ -64,7 +82,8 @@ def _adamw_kernel(
     decay,  # 1 - lr * weight_decay
     bc1,
     bc2,
-    seed,
+    key_pm,  # this step's keys of the random bits (random_keys), passed as int32 bits
+    key_v,
     STOCHASTIC: tl.constexpr,
     STATES_BF16: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -82,15 +101,46 @@ def _adamw_kernel(
     denom = tl.sqrt_rn(tl.math.div_rn(v, tl.full(v.shape, bc2, tl.float32))) + eps
     p = p - tl.math.div_rn(lr * tl.math.div_rn(m, tl.full(m.shape, bc1, tl.float32)), denom)
     if STOCHASTIC:
-        # one Philox call, four streams: the weight's (the same as tl.randint's), then each BF16 moment's
-        r_p, r_m, r_v, _ = tl.randint4x(seed, offs.to(tl.int32))
-        p = _stochastic_bf16(p, r_p)
+        # per element: 16 random bits for the weight and 16 for exp_avg from one hash of its index
+        # under this step's key, 16 for exp_avg_sq from one under a second key (see random_bits)
+        i = offs.to(tl.uint32)
+        key_pm = key_pm.to(tl.uint32, bitcast=True)
+        key_v = key_v.to(tl.uint32, bitcast=True)
+        r = _hash32(i ^ key_pm)
+        p = _stochastic_bf16(p, r)
         if STATES_BF16:
-            m = _stochastic_bf16(m, r_m)
-            v = _stochastic_bf16(v, r_v)
+            m = _stochastic_bf16(m, r >> 16)
+            v = _stochastic_bf16(v, _hash32(i ^ key_v))
     tl.store(m_ptr + offs, m.to(m_ptr.dtype.element_ty), mask=mask)  # FP32, or BF16 (exact if rounded above)
     tl.store(v_ptr + offs, v.to(v_ptr.dtype.element_ty), mask=mask)
     tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=mask)
+
+
+_M32 = 0xFFFFFFFF
+
+
+def _hash32_torch(x: torch.Tensor) -> torch.Tensor:
+    """:func:`_hash32` on int64 tensors holding uint32 values (the same bits)."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _M32
+    return x ^ (x >> 16)
+
+
+def random_keys(seed: int) -> tuple[int, int]:
+    """The two uint32 keys of one step's random bits, derived from its seed."""
+    keys = _hash32_torch(torch.tensor([seed & _M32, (seed ^ 0x5BD1E995) & _M32], dtype=torch.int64))
+    return int(keys[0]), int(keys[1])
+
+
+def random_bits(n: int, seed: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel's random bits for elements ``0..n-1`` in torch (the CPU path and the tests):
+    (weight bits in the low 16 and exp_avg bits in the high 16 of the first, exp_avg_sq bits in
+    the low 16 of the second), as int64 tensors of uint32 values."""
+    key_pm, key_v = random_keys(seed)
+    i = torch.arange(n, dtype=torch.int64, device=device)
+    return _hash32_torch(i ^ key_pm), _hash32_torch(i ^ key_v)
 
 
 def adamw_step(
@@ -139,7 +189,7 @@ def adamw_step(
             1.0 - lr * weight_decay,
             bias_correction1,
             bias_correction2,
-            seed,
+            *(k - (1 << 32) if k >= 1 << 31 else k for k in random_keys(seed)),  # as int32: one specialization
         ),
         dict(STOCHASTIC=stochastic_rounding, STATES_BF16=m.dtype == torch.bfloat16, BLOCK=block),
         NUM_WARPS if not interp else 1,

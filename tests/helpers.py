@@ -33,12 +33,9 @@ def assert_bits_equal(actual: torch.Tensor, expected: torch.Tensor, what: str = 
     """Bit-exact comparison (FP8 has no ==); on failure, print the first differing elements."""
     assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    a = actual.contiguous().view(torch.uint8) if actual.element_size() == 1 else actual.contiguous().view(torch.int32)
-    e = (
-        expected.contiguous().view(torch.uint8)
-        if expected.element_size() == 1
-        else expected.contiguous().view(torch.int32)
-    )
+    as_int = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+    a = actual.contiguous().view(as_int[actual.element_size()])
+    e = expected.contiguous().view(as_int[expected.element_size()])
     diff = (a != e).nonzero()
     if len(diff):
         idx = [tuple(i.tolist()) for i in diff[:5]]

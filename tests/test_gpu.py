@@ -202,6 +202,26 @@ def test_cross_entropy_and_adamw_kernels_on_gpu():
     assert opt.state[p]["exp_avg"].dtype == torch.float32
 
 
+def test_adamw_stochastic_rounding_on_gpu_equals_the_cpu_path_bit_for_bit():
+    """The kernel's random bits are an integer hash the torch path computes too: the CUDA kernel and
+    the CPU torch path give the same BF16 weights and moments (stochastic rounding of all three)."""
+    from hf_fp8.optim import AdamW
+
+    torch.manual_seed(0)
+    p0 = (torch.randn(1_000_003) * 0.02).bfloat16()
+    grads = [(torch.randn(1_000_003) * 1e-3).bfloat16() for _ in range(3)]
+    results = []
+    for device in ("cuda", "cpu"):
+        p = torch.nn.Parameter(p0.to(device))
+        opt = AdamW([p], lr=1e-3, seed=0, state_dtype=torch.bfloat16)
+        for g in grads:
+            p.grad = g.to(device)
+            opt.step()
+        results.append([t.cpu() for t in (p.detach(), opt.state[p]["exp_avg"], opt.state[p]["exp_avg_sq"])])
+    for a, b, what in zip(*results, ("weight", "exp_avg", "exp_avg_sq")):
+        assert_bits_equal(a, b, what)
+
+
 def test_adamw_bf16_states_match_torch_fused_on_gpu():
     """The kernel with BF16 moments and nearest rounding against torch's fused CUDA AdamW, on the
     same 3M BF16 weights and gradients for 5 steps. torch's CUDA kernel keeps more float64

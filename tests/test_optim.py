@@ -8,6 +8,7 @@ import warnings
 import conftest
 import pytest
 import torch
+from helpers import assert_bits_equal
 from llama_fixtures import tiny_llama, train_losses
 
 import hf_fp8
@@ -151,6 +152,21 @@ def test_triton_kernel_matches_torch_path():
                 with hf_fp8.kernel_backend(backend):
                     o.step()
         torch.testing.assert_close(ps[0], ps[1], rtol=1e-6, atol=1e-6)
+    # stochastic rounding of BF16 weights and moments: the torch path draws the kernel's own random
+    # bits (kernels.adamw.random_bits), so the two agree bit for bit
+    for state_dtype in (torch.bfloat16, torch.float32):
+        p0 = (torch.randn(3000, 7) * 0.02).bfloat16()
+        ps = [torch.nn.Parameter(p0.clone()) for _ in range(2)]
+        opts = [AdamW([p], lr=1e-3, seed=0, state_dtype=state_dtype) for p in ps]
+        for _ in range(3):
+            g = (torch.randn(3000, 7) * 1e-3).bfloat16()
+            for backend, p, o in zip(("torch", "triton"), ps, opts):
+                p.grad = g.clone()
+                with hf_fp8.kernel_backend(backend):
+                    o.step()
+        assert_bits_equal(ps[0].detach(), ps[1].detach(), f"weights, {state_dtype} moments")
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert_bits_equal(opts[0].state[ps[0]][key], opts[1].state[ps[1]][key], key)
     p = torch.nn.Parameter(torch.ones(50_000, dtype=torch.bfloat16))
     opt = AdamW([p], lr=1e-3, weight_decay=0.0, seed=0)
     p.grad = torch.ones_like(p)
