@@ -208,7 +208,8 @@ def test_adamw_stochastic_rounding_on_gpu_draws_the_cpu_paths_bits():
     without the GPU's FMA), so its stochastic rounding to BF16 depends on the random bits alone:
     the CUDA kernel and the CPU path agree bit for bit. Weights and second moments go through
     divisions and FMAs that may differ in the last FP32 bit, which moves a stochastic rounding in
-    a fraction of elements (measured 0.05% of weights): those are within one BF16 ulp."""
+    a fraction of elements (measured 0.05% of weights): each step can move one rounding by one
+    BF16 ulp, so after 3 steps those are within 3 ulps."""
     from hf_fp8.optim import AdamW
 
     torch.manual_seed(0)
@@ -229,7 +230,7 @@ def test_adamw_stochastic_rounding_on_gpu_draws_the_cpu_paths_bits():
         differ = gpu != cpu
         assert differ.float().mean().item() < 2e-3, what
         ulp = torch.finfo(torch.bfloat16).eps * cpu.float().abs()
-        assert ((gpu.float() - cpu.float()).abs() <= ulp * 1.01)[differ].all(), what
+        assert ((gpu.float() - cpu.float()).abs() <= ulp * 3.01)[differ].all(), what
 
 
 def test_adamw_bf16_states_match_torch_fused_on_gpu():
