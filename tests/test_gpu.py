@@ -209,7 +209,9 @@ def test_adamw_stochastic_rounding_on_gpu_draws_the_cpu_paths_bits():
     the CUDA kernel and the CPU path agree bit for bit. Weights and second moments go through
     divisions and FMAs that may differ in the last FP32 bit, which moves a stochastic rounding in
     a fraction of elements (measured 0.05% of weights): each step can move one rounding by one
-    BF16 ulp, so after 3 steps those are within 3 ulps."""
+    BF16 ulp of its terms (a weight's terms: itself and the update, ~lr), so after 3 steps those
+    are within 3 ulps of (|weight| + lr), the bound test_adamw_bf16_states_match_torch_fused_on_gpu
+    uses against torch's kernel."""
     from hf_fp8.optim import AdamW
 
     torch.manual_seed(0)
@@ -226,11 +228,12 @@ def test_adamw_stochastic_rounding_on_gpu_draws_the_cpu_paths_bits():
         results.append([t.cpu() for t in (p.detach(), opt.state[p]["exp_avg"], opt.state[p]["exp_avg_sq"])])
     (p_gpu, m_gpu, v_gpu), (p_cpu, m_cpu, v_cpu) = results
     assert_bits_equal(m_gpu, m_cpu, "exp_avg")
-    for gpu, cpu, what in ((p_gpu, p_cpu, "weight"), (v_gpu, v_cpu, "exp_avg_sq")):
+    eps = torch.finfo(torch.bfloat16).eps
+    for gpu, cpu, terms, what in ((p_gpu, p_cpu, 1e-3, "weight"), (v_gpu, v_cpu, 0.0, "exp_avg_sq")):
         differ = gpu != cpu
         assert differ.float().mean().item() < 2e-3, what
-        ulp = torch.finfo(torch.bfloat16).eps * cpu.float().abs()
-        assert ((gpu.float() - cpu.float()).abs() <= ulp * 3.01)[differ].all(), what
+        bound = 3.01 * eps * (cpu.float().abs() + terms)
+        assert ((gpu.float() - cpu.float()).abs() <= bound)[differ].all(), what
 
 
 def test_adamw_bf16_states_match_torch_fused_on_gpu():
