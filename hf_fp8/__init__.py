@@ -23,6 +23,7 @@ from hf_fp8.linear import Fp8Linear, NonFiniteError
 from hf_fp8.loss import chunked_linear_cross_entropy
 from hf_fp8.monitor import Fp8Monitor, Fp8MonitorWarning
 from hf_fp8.report import ConversionReport, ModuleDecision
+from hf_fp8.state import Fp8StateError, Fp8StateWarning
 
 __version__ = "0.1.0"
 
@@ -65,6 +66,8 @@ __all__ = [
     "Fp8Monitor",
     "Fp8MonitorCallback",
     "Fp8MonitorWarning",
+    "Fp8StateError",
+    "Fp8StateWarning",
     "ModuleDecision",
     "NonFiniteError",
     "NonFinitePolicy",
