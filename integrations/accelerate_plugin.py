@@ -86,6 +86,25 @@ def config_from_environment(environ: dict[str, str] | None = None) -> Fp8Config 
     return None
 
 
+def _fp8_environment(handlers) -> dict[str, str]:
+    """What ``accelerate launch`` would put in the environment for ``mixed_precision="fp8"`` and
+    these kwargs handlers (a ``TERecipeKwargs``' format, history length, algorithm and margin)."""
+    env = {"ACCELERATE_MIXED_PRECISION": "fp8"}
+    for h in handlers:
+        if type(h).__name__ != "TERecipeKwargs":
+            continue
+        for field, var in (
+            ("fp8_format", "ACCELERATE_FP8_FORMAT"),
+            ("amax_history_len", "ACCELERATE_FP8_AMAX_HISTORY_LEN"),
+            ("amax_compute_algo", "ACCELERATE_FP8_AMAX_COMPUTE_ALGO"),
+            ("margin", "ACCELERATE_FP8_MARGIN"),
+        ):
+            value = getattr(h, field, None)
+            if value is not None:
+                env[var] = str(value)
+    return env
+
+
 def _warn_nearest_bf16_optimizers(objects) -> None:
     """An optimizer that rounds BF16 weights to nearest (torch's) loses the updates smaller than
     half a BF16 ulp, most of them at fine-tuning learning rates: say so, and what keeps them."""
@@ -125,6 +144,11 @@ class Accelerator(accelerate.Accelerator):
         if isinstance(fp8_config, str):
             fp8_config = Fp8Config(recipe=fp8_config)
         config = fp8_config or config_from_environment()
+        if config is None and kwargs.get("mixed_precision") == "fp8":
+            # mixed_precision="fp8" in code: the launch route's translation, with a TERecipeKwargs
+            # handler's settings where one is given (accelerate's own check would otherwise ask
+            # for TransformerEngine or torchao)
+            config = config_from_environment(_fp8_environment(kwargs.get("kwargs_handlers") or []))
         if config is not None:
             requested = kwargs.get("mixed_precision") or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
             if requested == "fp16":

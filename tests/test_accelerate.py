@@ -118,3 +118,29 @@ def test_accelerate_launch_ddp_and_fsdp2_with_two_cpu_processes():
     # same data shards, same global batch, same math: the two strategies agree (measured: equal
     # to 4 decimals); bound 1e-3 relative for reduction-order differences amplified by FP8 rounding
     assert abs(float(ddp.group(2)) - float(fsdp.group(2))) < 1e-3 * float(ddp.group(2))
+
+
+def test_mixed_precision_fp8_in_code_works_like_the_launch_route():
+    """``hf_fp8.Accelerator(mixed_precision="fp8")`` converts with the recipe the environment route
+    would give (accelerate itself would ask for TransformerEngine or torchao), BF16 autocast for the
+    rest; a TERecipeKwargs handler's settings carry over as ACCELERATE_FP8_* do."""
+    import dataclasses
+
+    accelerator = hf_fp8.Accelerator(mixed_precision="fp8", cpu=True)
+    assert accelerator.fp8_config == hf_fp8.Fp8Config(recipe="tensorwise")
+    assert accelerator.mixed_precision == "bf16"
+
+    @dataclasses.dataclass
+    class TERecipeKwargs:  # accelerate's class needs TransformerEngine installed even to be built
+        fp8_format: str = "E4M3"
+        amax_history_len: int = 32
+        amax_compute_algo: str = "max"
+        margin: int = 1
+
+    accelerator = hf_fp8.Accelerator(mixed_precision="fp8", cpu=True, kwargs_handlers=[TERecipeKwargs()])
+    assert accelerator.fp8_config == hf_fp8.Fp8Config(
+        recipe="delayed", grad_format="e4m3", amax_history_len=32, amax_compute_algo="max", margin=1
+    )
+    accelerator.prepare(tiny_llama())
+    (report,) = accelerator.fp8_reports  # prepare() converted the model with that recipe
+    assert report.config_str.startswith("dly:e4m3/e4m3,h32")
