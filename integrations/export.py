@@ -102,6 +102,7 @@ def save_fp8(
     *,
     keep: tuple[str, ...] = ("lm_head",),
     state_dict: dict[str, torch.Tensor] | None = None,
+    block_size: int | None = None,
 ) -> str:
     """Write ``model`` as an FP8 checkpoint transformers' FP8 loader understands. Returns the directory.
 
@@ -114,6 +115,12 @@ def save_fp8(
         keep: module names left in the model's own dtype (``modules_to_not_convert``).
         state_dict: the full state dict to write instead of ``model.state_dict()`` (a sharded
             model's, gathered; see :func:`hf_fp8.distributed.save_fp8_consolidated`).
+        block_size: the square ``weight_block_size``. transformers' loader needs every quantized
+            weight's shape to be a multiple of it (one size for the whole checkpoint), so by
+            default it is the largest of 128, 64, 32 and 16 that divides every layer's dims
+            (hidden 576 with k/v 192: 64). A layer that no size divides (or, with an explicit
+            size, that size does not divide) is kept in its own dtype and listed in
+            ``modules_to_not_convert``, with a warning.
     """
     from safetensors.torch import save_file
 
@@ -123,20 +130,37 @@ def save_fp8(
     state = {k: v for k, v in source.items() if not k.endswith((".fp8_amax_history", ".fp8_scale"))}
     if getattr(config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)  # the loader re-ties it
-    quantized: list[str] = []
     not_converted = list(keep)
-    for name in _linear_weights(model):
-        if any(name == k or name.endswith("." + k) for k in keep) or f"{name}.weight" not in state:
+    candidates = [
+        name
+        for name in _linear_weights(model)
+        if not any(name == k or name.endswith("." + k) for k in keep) and f"{name}.weight" in state
+    ]
+    shapes = {name: tuple(state[f"{name}.weight"].shape) for name in candidates}
+    block = block_size or _block_for(shapes.values())
+    undivided = [name for name, (n, k) in shapes.items() if n % block or k % block]
+    if undivided:
+        import warnings
+
+        warnings.warn(
+            f"save_fp8: {len(undivided)} layers have dims that weight_block_size [{block}, {block}] does not divide "
+            f"(e.g. {undivided[0]}: {shapes[undivided[0]]}); transformers' loader would refuse them, so they are "
+            "written in their own dtype and listed in modules_to_not_convert",
+            UserWarning,
+            stacklevel=2,
+        )
+        not_converted += undivided
+    for name in candidates:
+        if name in undivided:
             continue
-        q, s = quantize_blockwise(state[f"{name}.weight"])  # dequantized already for FP8-only weights
+        q, s = quantize_blockwise(state[f"{name}.weight"], block)  # dequantized already for FP8-only weights
         state[f"{name}.weight"] = q
         state[f"{name}.weight_scale_inv"] = s
-        quantized.append(name)
     cfg = config.to_dict()
     cfg["quantization_config"] = {
         "quant_method": "fp8",
         "activation_scheme": "dynamic",
-        "weight_block_size": [BLOCK, BLOCK],
+        "weight_block_size": [block, block],
         "modules_to_not_convert": not_converted,
     }
     # Written beside the final names, then renamed into place, config last: an export that fails
@@ -159,6 +183,15 @@ def save_fp8(
     _remove_stale_weights(directory, keep="model.safetensors")
     os.replace(config_path + suffix, config_path)
     return str(directory)
+
+
+def _block_for(shapes) -> int:
+    """The largest of 128, 64, 32, 16 that divides every (N, K) in ``shapes`` (16 if none does:
+    the layers it does not divide are then kept out of the FP8 export)."""
+    for block in (BLOCK, 64, 32, 16):
+        if all(n % block == 0 and k % block == 0 for n, k in shapes):
+            return block
+    return 16
 
 
 def _remove_stale_weights(directory: str | os.PathLike, keep: str) -> None:

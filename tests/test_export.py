@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from helpers import sqnr_db
 from llama_fixtures import tiny_llama
@@ -26,7 +27,7 @@ def test_blockwise_quantization_against_float64():
 
 
 def test_round_trip_and_continue_fp8_training(tmp_path):
-    model = tiny_llama().to(torch.bfloat16)
+    model = tiny_llama(num_key_value_heads=4).to(torch.bfloat16)  # every dim a multiple of 128
     hf_fp8.convert(model, hf_fp8.Fp8Config(recipe="delayed", auto_filter=False))
     hf_fp8.save_fp8(model, tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
@@ -53,12 +54,24 @@ def test_round_trip_and_continue_fp8_training(tmp_path):
     assert loaded.model.layers[0].mlp.up_proj.weight.grad is not None
 
 
-def test_transformers_own_fp8_loader_reads_it(tmp_path):
+# transformers' loader takes one weight_block_size for the whole checkpoint and needs every
+# quantized weight's shape to be a multiple of it: dims that 128 does not divide (hidden 576,
+# k/v 192, as SmolLM-135M has) once made every projection unreadable
+SHAPES = {
+    "dims of 128": dict(hidden_size=128, num_key_value_heads=4),
+    "hidden 576, k/v 192": dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3),
+}
+
+
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+def test_transformers_own_fp8_loader_reads_it(tmp_path, shape):
     """Checked against the real transformers loader (finegrained FP8 quantizer), dequantizing on CPU."""
     from transformers import AutoModelForCausalLM, FineGrainedFP8Config
 
-    model = tiny_llama().to(torch.bfloat16)
+    model = tiny_llama(**shape).to(torch.bfloat16)
     hf_fp8.save_fp8(model, tmp_path)
+    block = json.loads((tmp_path / "config.json").read_text())["quantization_config"]["weight_block_size"]
+    assert block == ([128, 128] if shape["hidden_size"] % 128 == 0 else [64, 64])
     ours, _ = hf_fp8.load_fp8(tmp_path)
     theirs = AutoModelForCausalLM.from_pretrained(
         tmp_path, quantization_config=FineGrainedFP8Config(dequantize=True), dtype=torch.bfloat16
@@ -71,3 +84,27 @@ def test_transformers_own_fp8_loader_reads_it(tmp_path):
         ours.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0),
         theirs.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0),
     )
+
+
+def test_layers_no_block_divides_are_kept_out_of_the_export(tmp_path):
+    """intermediate 1032 (8 x 129): no block of 16 or more divides the MLP's dims, so those layers
+    are written in BF16 and listed in modules_to_not_convert, and the export still loads."""
+    from transformers import AutoModelForCausalLM, FineGrainedFP8Config
+
+    model = tiny_llama(intermediate_size=1032).to(torch.bfloat16)
+    with pytest.warns(UserWarning, match=r"weight_block_size \[16, 16\] does not divide"):
+        hf_fp8.save_fp8(model, tmp_path)
+    qcfg = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert qcfg["weight_block_size"] == [16, 16]
+    mlp = [f"model.layers.{i}.mlp.{p}" for i in range(2) for p in ("gate_proj", "up_proj", "down_proj")]
+    assert sorted(qcfg["modules_to_not_convert"]) == sorted(["lm_head", *mlp])
+    raw = load_file(tmp_path / "model.safetensors")
+    assert raw["model.layers.0.mlp.up_proj.weight"].dtype == torch.bfloat16
+    assert raw["model.layers.0.self_attn.q_proj.weight"].dtype == torch.float8_e4m3fn
+    ours, _ = hf_fp8.load_fp8(tmp_path)
+    theirs = AutoModelForCausalLM.from_pretrained(
+        tmp_path, quantization_config=FineGrainedFP8Config(dequantize=True), dtype=torch.bfloat16
+    )
+    for k, v in ours.state_dict().items():
+        assert torch.equal(theirs.state_dict()[k].to(v.dtype), v), k
+    assert torch.equal(ours.model.layers[0].mlp.up_proj.weight, model.model.layers[0].mlp.up_proj.weight)
