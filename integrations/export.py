@@ -103,6 +103,9 @@ def save_fp8(
     keep: tuple[str, ...] = ("lm_head",),
     state_dict: dict[str, torch.Tensor] | None = None,
     block_size: int | None = None,
+    max_shard_size: int | str | None = None,
+    tokenizer=None,
+    push_to_hub: str | bool = False,
 ) -> str:
     """Write ``model`` as an FP8 checkpoint transformers' FP8 loader understands. Returns the directory.
 
@@ -121,6 +124,13 @@ def save_fp8(
             (hidden 576 with k/v 192: 64). A layer that no size divides (or, with an explicit
             size, that size does not divide) is kept in its own dtype and listed in
             ``modules_to_not_convert``, with a warning.
+        max_shard_size: shard the weights as ``save_pretrained`` does (``"5GB"``, or bytes):
+            ``model-00001-of-0000N.safetensors`` and ``model.safetensors.index.json``. Default: one file.
+        tokenizer: a tokenizer or processor to save beside the weights (``save_pretrained``).
+        push_to_hub: upload the folder to this Hub repo id (``True``: the folder's name), as
+            ``push_to_hub`` does; needs a login (``huggingface-cli login``).
+
+    The model's generation config is saved too, so the folder loads like a Hub checkpoint.
     """
     from safetensors.torch import save_file
 
@@ -166,23 +176,65 @@ def save_fp8(
     # Written beside the final names, then renamed into place, config last: an export that fails
     # midway (a full disk, an unserializable config) leaves the previous one loadable.
     config_text = json.dumps(cfg, indent=2, sort_keys=True, default=str)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    files = _weight_files(tensors, max_shard_size)
     suffix = f".tmp-{os.getpid()}"
-    weights = os.path.join(directory, "model.safetensors")
     config_path = os.path.join(directory, "config.json")
+    written: list[str] = []
     try:
-        tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-        save_file(tensors, weights + suffix, metadata={"format": "pt"})
+        for name, content in files.items():
+            path = os.path.join(directory, name) + suffix
+            written.append(path)
+            if isinstance(content, str):
+                with open(path, "w") as f:
+                    f.write(content)
+            else:
+                save_file(content, path, metadata={"format": "pt"})
+        written.append(config_path + suffix)
         with open(config_path + suffix, "w") as f:
             f.write(config_text)
     except BaseException:
-        for path in (weights + suffix, config_path + suffix):
+        for path in written:
             if os.path.exists(path):
                 os.remove(path)
         raise
-    os.replace(weights + suffix, weights)
-    _remove_stale_weights(directory, keep="model.safetensors")
+    for name in files:
+        os.replace(os.path.join(directory, name) + suffix, os.path.join(directory, name))
+    _remove_stale_weights(directory, keep=set(files))
     os.replace(config_path + suffix, config_path)
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None and hasattr(generation_config, "save_pretrained"):
+        generation_config.save_pretrained(directory)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    if push_to_hub:
+        _push(directory, push_to_hub)
     return str(directory)
+
+
+def _weight_files(tensors: dict[str, torch.Tensor], max_shard_size: int | str | None) -> dict[str, object]:
+    """``{file name: tensors}`` (and the index's JSON text when sharded), as transformers names them."""
+    if max_shard_size is None:
+        return {"model.safetensors": tensors}
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    split = split_torch_state_dict_into_shards(tensors, max_shard_size=max_shard_size)
+    if not split.is_sharded:
+        return {"model.safetensors": tensors}
+    files: dict[str, object] = {name: {k: tensors[k] for k in keys} for name, keys in split.filename_to_tensors.items()}
+    index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+    files["model.safetensors.index.json"] = json.dumps(index, indent=2, sort_keys=True)
+    return files
+
+
+def _push(directory: str | os.PathLike, repo: str | bool) -> None:
+    """Upload the export to the Hub (``repo``: a repo id, or True for the folder's name)."""
+    from huggingface_hub import HfApi
+
+    repo_id = os.path.basename(os.path.normpath(str(directory))) if repo is True else str(repo)
+    api = HfApi()
+    api.create_repo(repo_id, exist_ok=True)
+    api.upload_folder(repo_id=repo_id, folder_path=str(directory), commit_message="Upload FP8 checkpoint (hf_fp8)")
 
 
 def _block_for(shapes) -> int:
@@ -194,7 +246,7 @@ def _block_for(shapes) -> int:
     return 16
 
 
-def _remove_stale_weights(directory: str | os.PathLike, keep: str) -> None:
+def _remove_stale_weights(directory: str | os.PathLike, keep: set[str]) -> None:
     """Weight files of an earlier checkpoint in the folder (shards, their index, .bin files):
     left there, a loader could read them instead of, or mixed with, this export."""
     import glob
@@ -207,8 +259,23 @@ def _remove_stale_weights(directory: str | os.PathLike, keep: str) -> None:
     )
     for pattern in patterns:
         for path in glob.glob(os.path.join(glob.escape(str(directory)), pattern)):
-            if os.path.basename(path) != keep:
+            if os.path.basename(path) not in keep:
                 os.remove(path)
+
+
+def _local_folder(path: str) -> str:
+    """``path`` itself if it is a folder, else a Hub repo id downloaded (config and safetensors)."""
+    if os.path.isdir(path):
+        return path
+    looks_like_repo = path.count("/") == 1 and not path.startswith((".", "/")) and not os.path.exists(path)
+    if not looks_like_repo:
+        raise FileNotFoundError(f"load_fp8: {path!r} is not a folder (nor a Hub repo id like 'org/name')")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"])
+    except Exception as e:  # noqa: BLE001  offline, no such repo, no access: say which and why
+        raise FileNotFoundError(f"load_fp8: {path!r} is not a local folder, and the Hub download failed: {e}") from e
 
 
 def _read_checkpoint_tensors(directory: str) -> dict[str, torch.Tensor]:
@@ -239,8 +306,8 @@ def load_fp8(
     dtype: torch.dtype = torch.bfloat16,
     device: torch.device | str = "cpu",
 ):
-    """Read a local FP8 checkpoint (ours or any in transformers' ``quant_method: fp8`` format)
-    into a trainable model.
+    """Read an FP8 checkpoint (ours or any in transformers' ``quant_method: fp8`` format), from a
+    local folder or a Hub repo id, into a trainable model.
 
     Weights are dequantized on ``device`` (CPU by default: no GPU needed) into ``dtype``, exactly
     (FP32 product, one rounding), whatever their scales' granularity: blocks of any
@@ -255,9 +322,7 @@ def load_fp8(
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    directory = str(directory)
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"load_fp8: {directory!r} is not a folder (it reads a local FP8 checkpoint)")
+    directory = _local_folder(str(directory))
     if not os.path.isfile(os.path.join(directory, "config.json")):
         raise FileNotFoundError(f"load_fp8: {directory} has no config.json")
     config = AutoConfig.from_pretrained(directory)

@@ -108,3 +108,67 @@ def test_layers_no_block_divides_are_kept_out_of_the_export(tmp_path):
     for k, v in ours.state_dict().items():
         assert torch.equal(theirs.state_dict()[k].to(v.dtype), v), k
     assert torch.equal(ours.model.layers[0].mlp.up_proj.weight, model.model.layers[0].mlp.up_proj.weight)
+
+
+def _tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel()
+    tok.train_from_iterator(["a tiny corpus for a tiny tokenizer"] * 4, trainers.BpeTrainer(vocab_size=300))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
+
+
+def test_sharded_export_with_tokenizer_loads_like_a_hub_checkpoint(tmp_path):
+    """max_shard_size shards the weights as save_pretrained names them; the tokenizer and generation
+    config are saved beside them; load_fp8 and transformers' own loader both read it (hidden 576)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, FineGrainedFP8Config
+
+    model = tiny_llama(**SHAPES["hidden 576, k/v 192"]).to(torch.bfloat16)
+    hf_fp8.save_fp8(model, tmp_path, max_shard_size="1MB", tokenizer=_tokenizer())
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and all((tmp_path / s).exists() for s in shards)
+    assert not (tmp_path / "model.safetensors").exists()
+    assert (tmp_path / "generation_config.json").exists() and (tmp_path / "tokenizer.json").exists()
+    assert AutoTokenizer.from_pretrained(tmp_path)("a tiny corpus")["input_ids"]
+    ours, _ = hf_fp8.load_fp8(tmp_path)
+    theirs = AutoModelForCausalLM.from_pretrained(
+        tmp_path, quantization_config=FineGrainedFP8Config(dequantize=True), dtype=torch.bfloat16
+    )
+    for k, v in ours.state_dict().items():
+        assert torch.equal(theirs.state_dict()[k].to(v.dtype), v), k
+    hf_fp8.save_fp8(model, tmp_path)  # one file again: the shards and their index go
+    assert sorted(p.name for p in tmp_path.glob("model*")) == ["model.safetensors"]
+
+
+def test_push_to_hub_and_load_from_a_hub_id(tmp_path, monkeypatch):
+    """The Hub calls, recorded: save_fp8(push_to_hub=repo) creates the repo and uploads the folder;
+    load_fp8(repo id) downloads the snapshot (here: a local folder) and reads it."""
+    import huggingface_hub
+
+    calls = []
+    monkeypatch.setattr(
+        huggingface_hub.HfApi, "create_repo", lambda self, repo_id, **kw: calls.append(("create", repo_id))
+    )
+    monkeypatch.setattr(
+        huggingface_hub.HfApi,
+        "upload_folder",
+        lambda self, *, repo_id, folder_path, **kw: calls.append(("upload", repo_id, folder_path)),
+    )
+    model = tiny_llama().to(torch.bfloat16)
+    hf_fp8.save_fp8(model, tmp_path / "export", push_to_hub="me/tiny-fp8")
+    assert calls == [("create", "me/tiny-fp8"), ("upload", "me/tiny-fp8", str(tmp_path / "export"))]
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, **kw: str(tmp_path / "export"))
+    loaded, _ = hf_fp8.load_fp8("me/tiny-fp8")
+    assert torch.equal(loaded.model.embed_tokens.weight, model.model.embed_tokens.weight)
+
+    def offline(repo_id, **kw):
+        raise OSError("no network")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(
+        FileNotFoundError, match="'me/other' is not a local folder, and the Hub download failed: no network"
+    ):
+        hf_fp8.load_fp8("me/other")
