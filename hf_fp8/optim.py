@@ -420,8 +420,8 @@ def _adamw_step_torch(p, g, m, v, lr, beta1, beta2, eps, wd, bc1, bc2, round_sr,
     denom = (v32 / bc2).sqrt_().add_(eps)
     p32.sub_(lr * (m32 / bc1) / denom)
     sr_bf16 = round_sr and p.dtype == torch.bfloat16
-    if sr_bf16:  # the kernel's own random bits (kernels.adamw.random_bits): the same result, bit for bit
-        from hf_fp8.kernels.adamw import random_bits
+    if sr_bf16:  # the kernel's own random bits (kernels.adamw_reference.random_bits; no triton import): the same result, bit for bit
+        from hf_fp8.kernels.adamw_reference import random_bits
 
         r_pm, r_v = (r.view(p.shape) for r in random_bits(p.numel(), seed, p.device))
     if p.dtype == torch.float32:

@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 from ._launch import cdiv, interpreting, launch
+from .adamw_reference import random_bits, random_keys
 
 __all__ = ["adamw_step", "random_bits", "random_keys"]
 
@@ -114,33 +115,6 @@ def _adamw_kernel(
     tl.store(m_ptr + offs, m.to(m_ptr.dtype.element_ty), mask=mask)  # FP32, or BF16 (exact if rounded above)
     tl.store(v_ptr + offs, v.to(v_ptr.dtype.element_ty), mask=mask)
     tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=mask)
-
-
-_M32 = 0xFFFFFFFF
-
-
-def _hash32_torch(x: torch.Tensor) -> torch.Tensor:
-    """:func:`_hash32` on int64 tensors holding uint32 values (the same bits)."""
-    x = x ^ (x >> 16)
-    x = (x * 0x7FEB352D) & _M32
-    x = x ^ (x >> 15)
-    x = (x * 0x846CA68B) & _M32
-    return x ^ (x >> 16)
-
-
-def random_keys(seed: int) -> tuple[int, int]:
-    """The two uint32 keys of one step's random bits, derived from its seed."""
-    keys = _hash32_torch(torch.tensor([seed & _M32, (seed ^ 0x5BD1E995) & _M32], dtype=torch.int64))
-    return int(keys[0]), int(keys[1])
-
-
-def random_bits(n: int, seed: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """The kernel's random bits for elements ``0..n-1`` in torch (the CPU path and the tests):
-    (weight bits in the low 16 and exp_avg bits in the high 16 of the first, exp_avg_sq bits in
-    the low 16 of the second), as int64 tensors of uint32 values."""
-    key_pm, key_v = random_keys(seed)
-    i = torch.arange(n, dtype=torch.int64, device=device)
-    return _hash32_torch(i ^ key_pm), _hash32_torch(i ^ key_v)
 
 
 def adamw_step(

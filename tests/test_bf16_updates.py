@@ -149,3 +149,21 @@ def test_accelerator_warns_about_an_optimizer_that_rounds_bf16_weights_to_neares
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         accelerator.prepare(model, AdamW(model.parameters(), lr=1e-4, state_dtype=torch.bfloat16))
+
+
+def test_default_optimizer_runs_where_triton_is_missing():
+    """The CPU path of stochastic rounding draws the kernel's bits without importing triton
+    (``hf_fp8.kernels`` promises that its references need torch only)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['triton'] = None\n"  # as if not installed: any import of it fails
+        "import torch, hf_fp8\n"
+        "p = torch.nn.Parameter(torch.ones(1000, dtype=torch.bfloat16)); p.grad = torch.ones_like(p)\n"
+        "opt = hf_fp8.optim.AdamW([p], lr=1e-3, state_dtype=torch.bfloat16, seed=0); opt.step()\n"
+        "assert abs(p.float().mean().item() - (1 - 1e-3)) < 1e-4, p.float().mean()\n"
+    )
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
