@@ -12,7 +12,7 @@ model it converts, does the update of every layer's every seeded slot in one lau
 slot's next cast consumes the mark instead of launching its own update. Nothing touches a
 history between that update and the cast that consumes it (only casts of that slot record
 into it), so the numbers are exactly those of per-cast updates: the same update, done
-earlier. Gradient slots are left alone in forwards without grad; a slot still pending
+earlier. Forwards without grad update nothing (they change no scaling state); a slot still pending
 from an earlier forward (a gradient slot after a forward with grad but no backward; its
 history then shows the update before the cast that uses it) is not updated again; slots not yet seeded are left to their first cast;
 casts that are not the first of their slot since the update (an activation-checkpoint
@@ -89,16 +89,13 @@ class DelayedScaleUpdateHook:
         if torch.compiler.is_compiling():
             return None
 
+        # a forward without grad (evaluation, generation) casts with the scales as they are and
+        # changes nothing (hf_fp8.scaling.quantize_operand(training=False))
+        if not torch.is_grad_enabled():
+            return None
         self._delayed_slots(module)
-        # no backward follows a forward without grad: its gradient slots stay as they are (a
-        # checkpoint saved after evaluation then holds exactly what per-cast updates would)
-        grad = torch.is_grad_enabled()
         for key, entries in self._groups.items():
-            due = [
-                (st, sl)
-                for st, sl in entries
-                if st.seeded[sl] and not st.pending[sl] and (grad or sl != Role.GRAD_OUTPUT)
-            ]
+            due = [(st, sl) for st, sl in entries if st.seeded[sl] and not st.pending[sl]]
             if not due:
                 continue
             _, _, dtype, use_max, margin = key

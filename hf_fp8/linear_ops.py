@@ -64,7 +64,9 @@ def _b_scale(scale: torch.Tensor) -> torch.Tensor:
 
 
 # ---- the computation, shared by both paths ------------------------------------------------
-def _quantize_weight(module, weight: torch.Tensor, want_t: bool, keep_scale: bool) -> QuantizedOperand:
+def _quantize_weight(
+    module, weight: torch.Tensor, want_t: bool, keep_scale: bool, training: bool = True
+) -> QuantizedOperand:
     """The forward GEMM's weight operand, with the transposed copy when the backward keeps it
     (``Fp8Config.save_weight_transpose``), or with the scale the backward re-casts it with."""
     if is_fp8_dtype(weight.dtype):
@@ -79,21 +81,24 @@ def _quantize_weight(module, weight: torch.Tensor, want_t: bool, keep_scale: boo
         nonfinite_flag=module.fp8_nonfinite,
         delayed=module._fp8_delayed,
         keep_scale=keep_scale,
+        training=training,
     )
     _check_nonfinite(module, Role.WEIGHT, qw)
     return qw
 
 
 def _forward(
-    modules, x2d, weights, biases, out_dtype, need_dx: bool, need_dw: list[bool], recast_input=False, rms=None
-):
+    modules, x2d, weights, biases, out_dtype, need_dx: bool, need_dw: list[bool], recast_input=False, rms=None,
+    training: bool = True,
+):  # fmt: skip
     """(outputs (M, N_i), Xᵀ FP8 or None, its scale or None, per weight: (Wᵀ, its scale) kept for
     the backward or (None, None), and the scale that re-casts Wᵀ or None).
 
     ``recast_input``: no Xᵀ (None); the second value is then the scale that re-casts it from X
     in the backward (:func:`hf_fp8.scaling.transposed_copy`), for an X the caller keeps.
     ``rms=(rstd, weight)``: the layers' input is the RMSNorm output of ``x2d``, computed inside
-    its cast (:mod:`hf_fp8.norm_ops`)."""
+    its cast (:mod:`hf_fp8.norm_ops`). ``training``: grad was enabled where the forward was
+    called; False casts change no scaling state (:func:`hf_fp8.scaling.quantize_operand`)."""
     lead = modules[0]
     cfg = lead.fp8_config
     emulate = not fp8_gemm_supported(x2d.device)
@@ -107,11 +112,14 @@ def _forward(
         delayed=lead._fp8_delayed,
         keep_scale=recast_input,
         rms_norm=rms,
+        training=training,
     )
     _check_nonfinite(lead, Role.INPUT, qx)
     outs, w_ts, regen = [], [], []
     for module, weight, bias in zip(modules, weights, biases):
-        out, w_t, r = _gemm_with_weight(module, weight, qx.rows, qx.rows_scale, out_dtype, need_dx, emulate)
+        out, w_t, r = _gemm_with_weight(
+            module, weight, qx.rows, qx.rows_scale, out_dtype, need_dx, emulate, training=training
+        )
         if bias is not None:
             out = out + bias.to(out_dtype)
         outs.append(out)
@@ -122,12 +130,12 @@ def _forward(
     return outs, qx.t, qx.t_scale, w_ts, regen
 
 
-def _gemm_with_weight(module, weight, a_rows, a_scale, out_dtype, need_dx: bool, emulate: bool):
+def _gemm_with_weight(module, weight, a_rows, a_scale, out_dtype, need_dx: bool, emulate: bool, training=True):
     """``a Wᵀ`` for one layer from an FP8 ``a``: the weight's forward cast and one ``_scaled_mm``.
     Returns (output, (Wᵀ, its scale) kept for the backward or (None, None), the scale that
     re-casts Wᵀ in the backward or None)."""
     keep_t = need_dx and module.fp8_config.save_weight_transpose and not is_fp8_dtype(weight.dtype)
-    qw = _quantize_weight(module, weight, want_t=keep_t, keep_scale=need_dx and not keep_t)
+    qw = _quantize_weight(module, weight, want_t=keep_t, keep_scale=need_dx and not keep_t, training=training)
     out = scaled_mm(
         a_rows,
         qw.rows.t(),
@@ -225,7 +233,7 @@ class _Fp8LinearFunction(torch.autograd.Function):
         x2d = x.reshape(-1, x.shape[-1])
         recast_input = recast_input and any(need_dw)
         outs, x_t, x_t_scale, w_ts, regen = _forward(
-            modules, x2d, weights, biases, out_dtype, need_dx, need_dw, recast_input
+            modules, x2d, weights, biases, out_dtype, need_dx, need_dw, recast_input, training=need_grad
         )
         ctx.recast_input, ctx.input_scale = recast_input, x_t_scale  # (rowwise: no scale, re-derived)
         if recast_input:
@@ -290,17 +298,21 @@ def _fp8_linear_op(
     out_dtype: torch.dtype,
     need_dx: bool,
     need_dw: list[bool],
+    training: bool,
 ) -> list[torch.Tensor]:
     """[y_0 .. y_n-1, Xᵀ, its scale, (Wᵀ_i, its scale, regen scale_i) for each weight] without bias (the
-    caller adds it in the graph, where autograd differentiates it); absent ones as empty tensors."""
+    caller adds it in the graph, where autograd differentiates it); absent ones as empty tensors.
+    ``training``: grad was enabled at the call (inside the op it is not)."""
     no_bias = [None] * len(weights)
-    outs, x_t, x_t_scale, w_ts, regen = _forward(_lookup(keys), x2d, weights, no_bias, out_dtype, need_dx, need_dw)
+    outs, x_t, x_t_scale, w_ts, regen = _forward(
+        _lookup(keys), x2d, weights, no_bias, out_dtype, need_dx, need_dw, training=training
+    )
     per_weight = [_or_empty(t, x2d) for (w_t, w_s), r in zip(w_ts, regen) for t in (w_t, w_s, r)]
     return [*outs, _or_empty(x_t, x2d), _or_empty(x_t_scale, x2d), *per_weight]
 
 
 @_fp8_linear_op.register_fake
-def _(x2d, weights, keys, out_dtype, need_dx, need_dw):
+def _(x2d, weights, keys, out_dtype, need_dx, need_dw, training):
     M, K = x2d.shape
     outs = [x2d.new_empty((M, w.shape[0]), dtype=out_dtype) for w in weights]
     f32 = dict(dtype=torch.float32)
@@ -360,7 +372,7 @@ def _(grads2d, x_t, x_t_scale, weights, per_weight, keys, x_dtype, need_dx, need
 
 
 def _setup_context(ctx, inputs, output):
-    x2d, weights, keys, out_dtype, need_dx, need_dw = inputs
+    x2d, weights, keys, out_dtype, need_dx, need_dw, _ = inputs
     n = len(weights)
     x_t, x_t_scale, per_weight = output[n], output[n + 1], output[n + 2 :]
     ctx.save_for_backward(x_t, x_t_scale, *weights, *per_weight)
@@ -380,7 +392,7 @@ def _op_backward(ctx, grad_outputs):
     )
     grad_x = res[0] if need_dx else None
     grads_w = [g if need else None for g, need in zip(res[1:], need_dw)]
-    return grad_x, grads_w, None, None, None, None
+    return grad_x, grads_w, None, None, None, None, None
 
 
 _fp8_linear_op.register_autograd(_op_backward, setup_context=_setup_context)
@@ -409,6 +421,7 @@ def apply_group(modules: tuple, x: torch.Tensor, recast_input: bool = False) -> 
                 out_dtype,
                 grad and x.requires_grad,
                 [grad and w.requires_grad for w in weights],
+                grad,
             )
             outs = [o if m.bias is None else o + m.bias.to(out_dtype) for o, m in zip(outs, modules)]
             return tuple(o.reshape(*x.shape[:-1], o.shape[-1]) for o in outs)

@@ -98,8 +98,9 @@ class _Fp8SwiGLUMLPFunction(torch.autograd.Function):
             x2d = x2d.contiguous()
             rms = (norm_ops.rms_rstd(x2d, norm_w, eps), norm_w)
         (g, u), x_t, x_t_scale, w_ts, regen = _forward(
-            (gate_m, up_m), x2d, (w_gate, w_up), (None, None), out_dtype, need_dx, need_dw[:2], rms=rms
-        )
+            (gate_m, up_m), x2d, (w_gate, w_up), (None, None), out_dtype, need_dx, need_dw[:2], rms=rms,
+            training=need_grad,
+        )  # fmt: skip
         ctx.norm = (need_grad and x.requires_grad, need_dnw) if rms is not None else None
         norm_saved = (x2d, *rms) if rms is not None and need_dx else (None, None, None)
         cfg = down_m.fp8_config
@@ -116,11 +117,12 @@ class _Fp8SwiGLUMLPFunction(torch.autograd.Function):
             delayed=down_m._fp8_delayed,
             keep_scale=recompute,
             swiglu_up=u,
+            training=need_grad,
         )
         _check_nonfinite(down_m, Role.INPUT, qa)
         emulate = not fp8_gemm_supported(x2d.device)
         y, (w_t_down, w_t_down_scale), regen_down = _gemm_with_weight(
-            down_m, w_down, qa.rows, qa.rows_scale, out_dtype, need_dact, emulate
+            down_m, w_down, qa.rows, qa.rows_scale, out_dtype, need_dact, emulate, training=need_grad
         )
         ctx.modules = modules
         ctx.need = (need_dx, need_dw, need_dact)

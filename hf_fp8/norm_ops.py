@@ -117,8 +117,9 @@ class _NormFp8GroupFunction(torch.autograd.Function):
         x2d = x.reshape(-1, x.shape[-1]).contiguous()
         rstd = rms_rstd(x2d, norm_w, eps)
         outs, x_t, x_t_scale, w_ts, regen = _forward(
-            modules, x2d, weights, [None] * len(modules), out_dtype, need_dy, need_dw, rms=(rstd, norm_w)
-        )
+            modules, x2d, weights, [None] * len(modules), out_dtype, need_dy, need_dw, rms=(rstd, norm_w),
+            training=need_grad,
+        )  # fmt: skip
         ctx.modules, ctx.regen = modules, regen
         ctx.need = (need_dx, need_dnw, need_dy, need_dw)
         ctx.x_shape = x.shape

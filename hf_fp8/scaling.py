@@ -167,6 +167,7 @@ def quantize_operand(
     keep_scale: bool = False,
     swiglu_up: torch.Tensor | None = None,
     rms_norm: tuple[torch.Tensor, torch.Tensor] | None = None,
+    training: bool = True,
 ) -> QuantizedOperand:
     """Quantize a 2-D operand for ``role`` under ``config``'s recipe.
 
@@ -178,6 +179,13 @@ def quantize_operand(
 
     ``keep_scale``: the result's ``scale`` must stay valid for a later :func:`transposed_copy`
     (delayed scaling copies it out of the module's buffer; tensorwise always returns its own).
+
+    ``training=False`` (a forward without grad: evaluation, generation, a reference model, the
+    first pass of a reentrant activation checkpoint): no backward follows, so the cast changes no
+    scaling state (the non-finite flag, a diagnostic, still records inf/NaN inputs). Delayed scaling casts with the scale its slot holds (the one the last training cast
+    used, or the one the model's per-forward update prepared), without updating it and without
+    recording the amax, so the same input always gives the same codes, whatever ran before and
+    whatever else is in the batch; a slot never seeded casts tensorwise without seeding.
     """
     fmt = config.grad_format if role is Role.GRAD_OUTPUT else config.forward_format
     dtype = fmt.dtype
@@ -197,6 +205,15 @@ def quantize_operand(
             tuple(q.amax for q in (rows, t) if q is not None),
         )
 
+    if config.recipe is Recipe.DELAYED and delayed is not None and not training:
+        if delayed.seeded[role]:
+            scale_view, _ = delayed.slot_views(int(role))
+            q = Q.quantize_with_scale(
+                x, dtype, scale_view, write_y=want_rows, write_t=want_t, swiglu_up=swiglu_up, **extra
+            )
+            # no amax measured (the ``raise`` policy checks training casts only), no scale kept (no backward)
+            return QuantizedOperand(q.data, q.scale_inv, q.data_t, q.scale_inv, ())
+        delayed = None  # not seeded: tensorwise, seeding nothing
     if config.recipe is Recipe.DELAYED and delayed is not None and delayed.seeded[role]:
         slot = int(role)
         delayed.update_before_cast(slot, config, dtype)
