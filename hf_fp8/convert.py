@@ -323,11 +323,13 @@ def _switch_to_fp8_attention(model: nn.Module) -> str:
 
 
 def _maybe_patch_loss(model: nn.Module, config: Fp8Config) -> str:
-    from hf_fp8.integrations.loss import patch_loss
+    from hf_fp8.integrations.loss import patch_loss, trl_fused_lm_head
 
     if not config.fp32_loss:
         return "left as is (fp32_loss=False)"
     if not patch_loss(model):
+        if trl_fused_lm_head(model):
+            return "TRL's fused LM head (FP32 logits in chunks, computed by TRL)"
         return "not patched (not a supported HF causal LM)"
     return "FP32, chunked linear + cross-entropy (no full logits in training)"
 

@@ -22,6 +22,7 @@ Model families are listed in one table (``_CAUSAL_LM_CLASSES``).
 from __future__ import annotations
 
 import functools
+import os
 import types
 import weakref
 
@@ -30,7 +31,7 @@ from torch import nn
 
 from hf_fp8.integrations._kv_cache import cache_arg, output_cache, output_cache_field, take_cache
 
-__all__ = ["patch_loss", "unpatch_loss"]
+__all__ = ["causal_lm", "patch_loss", "trl_fused_lm_head", "unpatch_loss"]
 
 _CAUSAL_LM_CLASSES = ("LlamaForCausalLM",)
 
@@ -161,24 +162,55 @@ def _causal_lm_forward(
     return out.to_tuple() if return_dict is False else out
 
 
-def patch_loss(model: nn.Module) -> bool:
-    """Give a supported causal LM the FP32 chunked loss and FP32 logits. Returns whether it did.
+def causal_lm(model: nn.Module) -> nn.Module | None:
+    """The supported causal LM that ``model`` is or wraps (a PEFT model's base model), or None."""
+    for m in model.modules():
+        if type(m).__name__ in _CAUSAL_LM_CLASSES and hasattr(m, "lm_head"):
+            return m
+    return None
 
-    Idempotent; :func:`unpatch_loss` restores HF's forward.
+
+def trl_fused_lm_head(model: nn.Module) -> bool:
+    """Whether TRL's ``add_fused_lm_head`` replaced the forward of ``model``'s causal LM (TRL's
+    trainers do, and then compute their losses from the decoder's output themselves).
+
+    Recognised by the replacement's code: TRL keeps HF's name and signature on it (for
+    ``generate``), but the code object is its own, from TRL's sources, with the
+    ``fused_lm_head`` switch."""
+    lm = causal_lm(model) or model
+    # accelerate's mixed-precision wrapper keeps the forward it wrapped as ``_original_forward``
+    for fn in (lm.__dict__.get("forward"), lm.__dict__.get("_original_forward")):
+        code = getattr(getattr(fn, "__func__", fn), "__code__", None)
+        if code is not None and "fused_lm_head" in code.co_varnames and f"{os.sep}trl{os.sep}" in code.co_filename:
+            return True
+    return False
+
+
+def patch_loss(model: nn.Module) -> bool:
+    """Give a supported causal LM (or the one a PEFT model wraps) the FP32 chunked loss and FP32
+    logits. Returns whether it did.
+
+    Idempotent; :func:`unpatch_loss` restores HF's forward. A forward that TRL's fused LM head
+    already replaced is left to TRL (False): TRL computes its losses from the decoder's output
+    itself, with FP32 logits in chunks.
     """
-    if type(model).__name__ not in _CAUSAL_LM_CLASSES or not hasattr(model, "lm_head"):
+    lm = causal_lm(model)
+    if lm is None:
         return False
-    current = model.__dict__.get("forward")
+    current = lm.__dict__.get("forward")
     if getattr(current, "__func__", None) is not _causal_lm_forward:
         if current is not None:
+            if trl_fused_lm_head(lm):
+                return False
             raise ValueError(
                 "hf_fp8.patch_loss: this model's forward is already replaced on the instance (by another library's "
                 "hook?); patch before wrapping it"
             )
-        model.forward = types.MethodType(_causal_lm_forward, model)
+        lm.forward = types.MethodType(_causal_lm_forward, lm)
     return True
 
 
 def unpatch_loss(model: nn.Module) -> None:
-    if type(model).__name__ in _CAUSAL_LM_CLASSES:
-        model.__dict__.pop("forward", None)
+    lm = causal_lm(model)
+    if lm is not None and getattr(lm.__dict__.get("forward"), "__func__", None) is _causal_lm_forward:
+        lm.__dict__.pop("forward", None)

@@ -19,6 +19,7 @@ to add, instead of silently training in BF16.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 import warnings
 from typing import Any
@@ -28,6 +29,8 @@ import transformers
 from torch import nn
 
 from hf_fp8.config import Fp8Config, Recipe
+from hf_fp8.convert import convert
+from hf_fp8.linear import Fp8Linear
 
 __all__ = [
     "Fp8ArgumentsMixin",
@@ -35,6 +38,7 @@ __all__ = [
     "Fp8TrainerMixin",
     "Trainer",
     "TrainingArguments",
+    "TrlLossWarning",
     "apply_to_model",
     "make_training_arguments_class",
 ]
@@ -57,7 +61,8 @@ class Fp8ArgumentsMixin:
         default=False,
         metadata={
             "help": "Full-BF16 training: BF16 weights and gradients, FP32 RoPE, logits, loss and optimizer "
-            "states (hf_fp8.optim.AdamW). Excludes --fp8."
+            "states (hf_fp8.optim.AdamW). Excludes --fp8. A model that a TRL trainer loads from a path is loaded in "
+            "BF16 (model_init_kwargs dtype, float32 by TRL's default) unless model_init_kwargs sets a dtype."
         },
     )
     fp8_attention: bool = dataclasses.field(
@@ -248,9 +253,45 @@ def _validate_cuda_graph_arguments(args: Any) -> None:
         raise ValueError("--fp8_cuda_graph replays the model's own loss: --label_smoothing_factor is not applied there")
 
 
+_MADE_CLASSES: dict[type, type] = {}
+
+
 def make_training_arguments_class(base: type) -> type:
-    """``hf_fp8``'s fields added to another arguments dataclass, e.g. TRL's ``SFTConfig``."""
-    return dataclasses.dataclass(type(f"Fp8{base.__name__}", (Fp8ArgumentsMixin, base), {}))
+    """``hf_fp8``'s fields added to another arguments dataclass, e.g. TRL's ``SFTConfig``.
+
+    The class is made once per ``base`` and registered in this module under its name
+    (``Fp8SFTConfig``...), so that its instances pickle like any other arguments (the Trainer
+    saves them with every checkpoint) and copy; a process that never called this function
+    rebuilds the class from ``base`` when it unpickles them.
+    """
+    if not (isinstance(base, type) and dataclasses.is_dataclass(base)):
+        raise TypeError(
+            f"make_training_arguments_class: expected an arguments dataclass such as trl.SFTConfig, got {base!r}"
+        )
+    if issubclass(base, Fp8ArgumentsMixin):
+        return base
+    made = _MADE_CLASSES.get(base)
+    if made is not None:
+        return made
+    name = f"Fp8{base.__name__}"
+    taken = globals()
+    if name in taken:  # another base of the same name (a user's own SFTConfig beside TRL's)
+        name = next(f"{name}_{i}" for i in range(2, 10_000) if f"{name}_{i}" not in taken)
+    namespace = {
+        "__module__": __name__,
+        "__qualname__": name,
+        "__doc__": f"``{base.__module__}.{base.__qualname__}`` plus hf_fp8's fields (:class:`Fp8ArgumentsMixin`).",
+        "__reduce__": lambda self: (_new_arguments_of, (base,), dict(self.__dict__)),
+    }
+    made = dataclasses.dataclass(type(name, (Fp8ArgumentsMixin, base), namespace))
+    taken[name] = _MADE_CLASSES[base] = made
+    return made
+
+
+def _new_arguments_of(base: type):
+    """An empty instance of ``make_training_arguments_class(base)``; pickle then restores its fields."""
+    cls = make_training_arguments_class(base)
+    return cls.__new__(cls)
 
 
 def apply_to_model(model: nn.Module, config: Fp8Config, args: Any = None):
@@ -273,20 +314,117 @@ def _args_config(args: Any) -> Fp8Config | None:
     return args.fp8_config() if isinstance(args, Fp8ArgumentsMixin) else None
 
 
+def _bind_trainer_init(cls: type, pargs: tuple, kwargs: dict) -> inspect.BoundArguments | None:
+    """The call's arguments bound to the parameters of the ``__init__`` that
+    :class:`Fp8TrainerMixin` hands them to: the first class after the mixin in ``cls``'s MRO
+    whose ``__init__`` names ``args`` (TRL's DPO and KTO take ``ref_model`` second, GRPO and
+    RLOO ``reward_funcs``; a pass-through ``__init__(*args, **kwargs)`` is looked through).
+    None when they do not bind."""
+    mro = cls.__mro__
+    for klass in mro[mro.index(Fp8TrainerMixin) + 1 :]:
+        init = vars(klass).get("__init__")
+        if init is None:
+            continue
+        try:
+            signature = inspect.signature(init)
+        except (TypeError, ValueError):
+            continue
+        params = signature.parameters
+        if "args" in params and params["args"].kind in (
+            params["args"].POSITIONAL_OR_KEYWORD,
+            params["args"].KEYWORD_ONLY,
+        ):
+            try:
+                return signature.bind(None, *pargs, **kwargs)  # None: self
+            except TypeError:
+                return None
+    return None
+
+
+def _load_in_bf16(args: Any) -> None:
+    """Full-BF16 means BF16 parameters: a model the Trainer loads from a path (TRL's
+    ``model_init_kwargs``, whose default dtype is float32) is loaded in BF16 unless the
+    arguments chose a dtype."""
+    if not hasattr(args, "model_init_kwargs"):
+        return
+    kwargs = dict(args.model_init_kwargs or {})
+    if "dtype" not in kwargs and "torch_dtype" not in kwargs:
+        kwargs["dtype"] = "bfloat16"
+        args.model_init_kwargs = kwargs
+
+
+class _ConvertAtInitEnd(transformers.TrainerCallback):
+    """Converts the model the Trainer loaded itself, at the end of ``transformers.Trainer.__init__``."""
+
+    def __init__(self, config: Fp8Config) -> None:
+        self.config = config
+        self.report = None
+
+    def on_init_end(self, args, state, control, model=None, **kwargs):
+        if model is not None and self.report is None:
+            self.report = apply_to_model(model, self.config, args)
+        return control
+
+
+def _note_trl_loss(model: nn.Module | None) -> None:
+    """Say once that TRL computes the loss (its fused LM head), and where that bypasses FP8."""
+    from hf_fp8.integrations.loss import causal_lm, trl_fused_lm_head
+
+    if model is None or not trl_fused_lm_head(model):
+        return
+    lm = causal_lm(model)
+    message = (
+        "hf_fp8: this TRL trainer computes its loss itself, from the decoder's output through TRL's fused LM head "
+        "(FP32 logits and log-probabilities in chunks, like hf_fp8's loss, which it replaces); hf_fp8's FP32 "
+        "chunked loss serves the model's other calls."
+    )
+    if lm is not None and isinstance(getattr(lm, "lm_head", None), Fp8Linear):
+        message += (
+            " lm_head was converted to FP8, but TRL's head multiplies by lm_head.weight directly: it runs in the "
+            "weight's dtype, not FP8."
+        )
+    warnings.warn(message, TrlLossWarning, stacklevel=3)
+
+
+class TrlLossWarning(UserWarning):
+    """A TRL trainer computes the loss itself (its fused LM head) instead of hf_fp8's FP32 loss."""
+
+
 class Fp8TrainerMixin:
     """Mix into any ``transformers.Trainer`` subclass (first in the bases) to honour hf_fp8's arguments."""
 
-    def __init__(self, model: nn.Module | None = None, args: Any = None, *pargs, **kwargs) -> None:
+    def __init__(self, *pargs, **kwargs) -> None:
         self.fp8_report = None
+        self.fp8_ref_report = None
         self.fp8_monitor = None
+        self._fp8_graph_step = None
+        bound = _bind_trainer_init(type(self), pargs, kwargs)
+        if bound is None:  # arguments the Trainer itself will refuse: let it say why
+            super().__init__(*pargs, **kwargs)
+            return
+        model, args = bound.arguments.get("model"), bound.arguments.get("args")
         config = _args_config(args)
-        if config is not None and model is not None:
-            self.fp8_report = apply_to_model(model, config, args)
+        init_end = None
+        if config is not None:
+            if isinstance(model, nn.Module):
+                self.fp8_report = apply_to_model(model, config, args)
+            elif model is not None:
+                # a path or Hub id (TRL's idiom): the Trainer loads it; it is converted when the
+                # Trainer's __init__ ends, before the optimizer exists, as Fp8Callback does
+                if config.full_bf16:
+                    _load_in_bf16(args)
+                init_end = _ConvertAtInitEnd(config)
+                bound.arguments["callbacks"] = [*(bound.arguments.get("callbacks") or ()), init_end]
         interval = args.fp8_monitor_interval if isinstance(args, Fp8ArgumentsMixin) else 0
         if interval:
             object.__setattr__(args, _MONITORED, True)  # before Fp8Callback.on_init_end can see args
-        self._fp8_graph_step = None
-        super().__init__(model, args, *pargs, **kwargs)
+        super().__init__(*bound.args[1:], **bound.kwargs)
+        if init_end is not None:
+            self.remove_callback(init_end)
+            self.fp8_report = init_end.report
+        if config is not None:
+            self._fp8_convert_reference_model(config)
+            _note_trl_loss(self.model)
         if interval:
             from hf_fp8.monitor.callback import Fp8MonitorCallback
 
@@ -295,6 +433,25 @@ class Fp8TrainerMixin:
         if getattr(self.args, "fp8_cuda_graph", False):
             self._check_cuda_graph_trainer()
             object.__setattr__(self.args, _GRAPHED, True)
+
+    def _fp8_convert_reference_model(self, config: Fp8Config) -> None:
+        """TRL's DPO/KTO/GRPO reference model gets the policy's recipe: at the first step the two
+        compute the same log-probabilities, so the implicit reward starts at zero rather than at
+        the FP8 rounding noise of the policy against a BF16 reference. Its forwards run without
+        grad, so they change no FP8 state (delayed scaling casts with its stored scales)."""
+        ref = getattr(self, "ref_model", None)
+        if not isinstance(ref, nn.Module) or ref is self.model:
+            return
+        if any(isinstance(m, Fp8Linear) for m in ref.modules()):
+            return  # converted already (a copy of the converted policy, or converted by the caller)
+        if getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_deepspeed_enabled", False):
+            warnings.warn(
+                "hf_fp8: the reference model was already sharded by FSDP/DeepSpeed when hf_fp8 saw it, so it runs in "
+                "its own dtype, not FP8 (pass it converted: hf_fp8.convert(ref_model, ...) before the Trainer)",
+                stacklevel=3,
+            )
+            return
+        self.fp8_ref_report = convert(ref, config)
 
     def _check_cuda_graph_trainer(self) -> None:
         if not _cuda_available():
@@ -524,6 +681,9 @@ class Fp8Callback(transformers.TrainerCallback):
                 "transformers.Trainer (the same memory, stochastic rounding), or use hf_fp8.Trainer (it builds that "
                 "optimizer). To keep it anyway: --fp8_adamw false, or Fp8Callback(nearest_bf16_updates=True)."
             )
+        if config is not None and not getattr(self, "_trl_noted", False):
+            self._trl_noted = True
+            _note_trl_loss(model)
         if model is not None and optimizer is not None and getattr(self, "_amax_sync", None) is None:
             from hf_fp8.distributed import attach_amax_sync
 

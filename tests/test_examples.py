@@ -99,3 +99,18 @@ def test_deferred_adamw_example_trains_identically(capsys, examples_path):
     printed = capsys.readouterr().out
     assert out["same_losses"] and out["same_weights"], printed
     assert "losses identical: True; final weights identical: True" in printed
+
+
+@pytest.mark.parametrize("kind", ["sft", "dpo", "grpo"])
+def test_trl_example_runs_each_trainer(tmp_path, capsys, examples_path, kind):
+    pytest.importorskip("trl")
+    from transformers import AutoModelForCausalLM
+
+    trainer = importlib.import_module("trl_finetune").main(
+        ["--trainer", kind, "--output_dir", str(tmp_path), "--max_steps", "2", "--disable_tqdm", "true"]
+    )
+    text = capsys.readouterr().out
+    assert "converted to FP8 (row:e4m3/e4m3)" in text and f"{kind}: 2 steps" in text
+    assert trainer.args.fp8 == "rowwise" and type(trainer.args).__name__.startswith("Fp8")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert not any("fp8" in k for k in reloaded.state_dict())
