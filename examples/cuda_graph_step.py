@@ -29,7 +29,7 @@ from _shared import DEFAULT_TEXT, TextBlocks, load  # noqa: E402
 def main(argv: list[str] | None = None) -> dict[str, list[float]]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model_name_or_path", default=None)
-    ap.add_argument("--recipe", default="delayed", choices=["tensorwise", "rowwise", "delayed"])
+    ap.add_argument("--recipe", default=hf_fp8.Fp8Config().recipe.value, choices=["delayed", "tensorwise", "rowwise"])
     ap.add_argument("--text_file", default=str(DEFAULT_TEXT))
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--seq_len", type=int, default=256)

@@ -75,7 +75,7 @@ def run(args, device: str, defer: bool) -> tuple[list[float], list[float], dict]
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--recipe", default="delayed", choices=["tensorwise", "rowwise", "delayed"])
+    ap.add_argument("--recipe", default=hf_fp8.Fp8Config().recipe.value, choices=["delayed", "tensorwise", "rowwise"])
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--vocab", type=int, default=1024)

@@ -1,13 +1,15 @@
 """A plain accelerate training loop in FP8: the only hf_fp8 line is ``hf_fp8.Accelerator()``.
 
     accelerate launch --config_file examples/accelerate/fp8.yaml examples/finetune_accelerate.py
-    HF_FP8_RECIPE=delayed accelerate launch --config_file examples/accelerate/fp8.yaml examples/finetune_accelerate.py
+    HF_FP8_RECIPE=rowwise accelerate launch --config_file examples/accelerate/fp8.yaml examples/finetune_accelerate.py
     accelerate launch --config_file examples/accelerate/cpu.yaml examples/finetune_accelerate.py --steps 5
     accelerate launch --config_file examples/accelerate/ddp.yaml examples/finetune_accelerate.py    # 2 processes
     accelerate launch --config_file examples/accelerate/fsdp2.yaml examples/finetune_accelerate.py  # FSDP2
 
-The recipe comes from ``HF_FP8_RECIPE`` (default here: rowwise) or from accelerate's own FP8
-launch settings; ``--model_name_or_path`` trains a real checkpoint instead of the tiny default.
+The recipe comes from ``HF_FP8_RECIPE`` (default here: hf_fp8's default, delayed) or from
+accelerate's own FP8 launch settings; ``HF_FP8_AUTO_FILTER=0`` converts layers the size filter
+would keep (this script sets it for its tiny default model, whose layers are all below the
+sizes where FP8 pays off); ``--model_name_or_path`` trains a real checkpoint instead.
 """
 
 from __future__ import annotations
@@ -37,7 +39,9 @@ def main(argv: list[str] | None = None) -> list[float]:
     embedded = args.model_name_or_path is None
     if embedded:
         # the tiny default model is too small for the size filter: convert every layer but lm_head
-        os.environ.setdefault("HF_FP8_RECIPE", str(Path(__file__).parent / "accelerate" / "tiny_rowwise.json"))
+        os.environ.setdefault("HF_FP8_AUTO_FILTER", "0")
+    if "ACCELERATE_MIXED_PRECISION" not in os.environ or os.environ["ACCELERATE_MIXED_PRECISION"] != "fp8":
+        os.environ.setdefault("HF_FP8_RECIPE", hf_fp8.Fp8Config().recipe.value)
     text = Path(args.text_file).read_text()
     model, tokenizer = load(args.model_name_or_path, text)
     data = torch.utils.data.DataLoader(

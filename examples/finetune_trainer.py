@@ -1,12 +1,14 @@
-"""Fine-tune a Llama with the HF Trainer and one flag: ``--fp8 tensorwise|rowwise|delayed`` (or ``--full_bf16``).
+"""Fine-tune a Llama with the HF Trainer and one flag: ``--fp8 delayed|tensorwise|rowwise`` (or ``--full_bf16``).
 
     python examples/finetune_trainer.py                       # tiny Llama + public-domain text, CPU is fine
-    python examples/finetune_trainer.py --fp8 delayed --max_steps 60
-    python examples/finetune_trainer.py --model_name_or_path meta-llama/Llama-3.2-1B --fp8 tensorwise \\
+    python examples/finetune_trainer.py --fp8 rowwise --max_steps 60
+    python examples/finetune_trainer.py --fp8 none            # the same run in BF16, for comparison
+    python examples/finetune_trainer.py --model_name_or_path meta-llama/Llama-3.2-1B \\
         --bf16 --per_device_train_batch_size 4 --seq_len 2048 --max_steps 200 --output_dir runs/llama1b-fp8
 
 Every ``transformers.TrainingArguments`` option works; hf_fp8 adds ``--fp8``, ``--full_bf16``,
-``--fp8_auto_filter``, ``--fp8_include`` and ``--fp8_exclude``. The run ends by saving a stock HF
+``--fp8_auto_filter``, ``--fp8_include`` and ``--fp8_exclude``. Without ``--fp8`` or ``--full_bf16``
+this script uses hf_fp8's default recipe (delayed), with a checkpoint as with the tiny model. The run ends by saving a stock HF
 checkpoint (loadable without hf_fp8) and printing where.
 """
 
@@ -50,12 +52,8 @@ TINY_DEFAULTS = [
     "none",
     "--save_strategy",
     "no",
-    "--fp8",
-    "rowwise",
     "--fp8_auto_filter",
     "false",
-    "--fp8_exclude",
-    "lm_head",
     "--seed",
     "0",
 ]
@@ -65,12 +63,14 @@ ANY_DEFAULTS = ["--output_dir", "runs/finetune_trainer", "--report_to", "none"]
 def main(argv: list[str] | None = None) -> str:
     argv = list(sys.argv[1:] if argv is None else argv)
     embedded = "--model_name_or_path" not in argv
-    if "--full_bf16" in argv and embedded:  # the recipe defaults would conflict
-        defaults = [a for a in TINY_DEFAULTS]
-        i = defaults.index("--fp8")
+    defaults = list(TINY_DEFAULTS if embedded else ANY_DEFAULTS)
+    if "--full_bf16" in argv and "--fp8_auto_filter" in defaults:  # an FP8 flag: full-BF16 has no FP8 layers
+        i = defaults.index("--fp8_auto_filter")
         del defaults[i : i + 2]
-    else:
-        defaults = TINY_DEFAULTS if embedded else ANY_DEFAULTS
+    if "--fp8" not in argv and "--full_bf16" not in argv:
+        default = hf_fp8.Fp8Config().recipe.value
+        print(f"FP8 recipe: {default} (hf_fp8's default; --fp8 rowwise|tensorwise to choose, --fp8 none for BF16)")
+        defaults += ["--fp8", default]
     parser = HfArgumentParser((ScriptArguments, hf_fp8.TrainingArguments))
     script, args = parser.parse_args_into_dataclasses(args=defaults + argv)
     text = Path(script.text_file).read_text()

@@ -10,7 +10,7 @@ FP8 GEMMs and Triton kernels):
    synthetic next-token task next to an identical unconverted copy; both losses are
    printed side by side.
 
-    python examples/quickstart.py [--recipe rowwise|tensorwise|delayed] [--steps 40] [--compile inductor]
+    python examples/quickstart.py [--recipe delayed|tensorwise|rowwise] [--steps 40] [--compile inductor]
 
 ``--compile`` trains the FP8 model under ``torch.compile`` (the FP8 layers, fused norms, RoPE and
 loss are custom ops the compiler keeps whole; ``aot_eager`` needs no C++ compiler).
@@ -109,9 +109,7 @@ def train(
 
 def main(argv: list[str] | None = None) -> dict[str, list[float]]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    # rowwise by default here: on this tiny model at a high learning rate, per-tensor scaling
-    # with E5M2 gradients (tensorwise, delayed) visibly lags the FP32 loss; try --recipe tensorwise.
-    ap.add_argument("--recipe", default="rowwise", choices=["tensorwise", "rowwise", "delayed"])
+    ap.add_argument("--recipe", default=hf_fp8.Fp8Config().recipe.value, choices=["delayed", "tensorwise", "rowwise"])
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

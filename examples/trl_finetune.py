@@ -1,7 +1,7 @@
-"""TRL's trainers with one flag: SFT, DPO or GRPO with ``--fp8 tensorwise|rowwise|delayed`` (or ``--full_bf16``).
+"""TRL's trainers with one flag: SFT, DPO or GRPO with ``--fp8 delayed|tensorwise|rowwise`` (or ``--full_bf16``).
 
     python examples/trl_finetune.py --trainer sft          # tiny Llama + public-domain text, CPU is fine
-    python examples/trl_finetune.py --trainer dpo --fp8 delayed
+    python examples/trl_finetune.py --trainer dpo --fp8 rowwise
     python examples/trl_finetune.py --trainer grpo --max_steps 20
     python examples/trl_finetune.py --trainer sft --model_name_or_path Qwen/Qwen2.5-0.5B --fp8 rowwise \\
         --per_device_train_batch_size 4 --max_steps 200 --output_dir runs/sft-fp8
@@ -50,8 +50,8 @@ TRAINERS = {
 # Defaults for the embedded tiny model on a CPU; anything on the command line overrides them.
 TINY_DEFAULTS = [
     "--max_steps", "10", "--per_device_train_batch_size", "4", "--learning_rate", "1e-3", "--logging_steps", "2",
-    "--report_to", "none", "--save_strategy", "no", "--fp8", "rowwise", "--fp8_auto_filter", "false",
-    "--fp8_exclude", "lm_head", "--seed", "0", "--bf16", "false", "--gradient_checkpointing", "false",
+    "--report_to", "none", "--save_strategy", "no", "--fp8_auto_filter", "false",
+    "--seed", "0", "--bf16", "false", "--gradient_checkpointing", "false",
 ]  # fmt: skip
 ANY_DEFAULTS = ["--report_to", "none"]
 
@@ -101,10 +101,14 @@ def main(argv: list[str] | None = None):
     trainer_cls = type(f"Fp8{trainer_name}", (hf_fp8.Fp8TrainerMixin, getattr(trl, trainer_name)), {})
 
     embedded = "--model_name_or_path" not in argv
-    defaults = TINY_DEFAULTS if embedded else ANY_DEFAULTS
-    if "--full_bf16" in argv and embedded:  # the recipe defaults would conflict
-        i = defaults.index("--fp8")
-        defaults = defaults[:i] + defaults[i + 2 :]
+    defaults = list(TINY_DEFAULTS if embedded else ANY_DEFAULTS)
+    if "--full_bf16" in argv and "--fp8_auto_filter" in defaults:  # an FP8 flag: full-BF16 has no FP8 layers
+        i = defaults.index("--fp8_auto_filter")
+        del defaults[i : i + 2]
+    if "--fp8" not in argv and "--full_bf16" not in argv:
+        default = hf_fp8.Fp8Config().recipe.value
+        print(f"FP8 recipe: {default} (hf_fp8's default; --fp8 rowwise|tensorwise to choose, --fp8 none for BF16)")
+        defaults += ["--fp8", default]
     defaults = ["--output_dir", f"runs/trl_{kind}", *defaults]
     if kind == "grpo":
         defaults += ["--max_completion_length", "12", "--num_generations", "4", "--generation_batch_size", "4"]

@@ -43,12 +43,25 @@ _LAZY = {
 }
 
 
+# optional dependencies -> the pip extra that installs them
+_EXTRAS = {"accelerate": "train", "peft": "train", "trl": "trl", "matplotlib": "monitor"}
+
+
 def __getattr__(name: str):
     if name in _LAZY:
         import importlib
 
         module = _LAZY[name] if "." in _LAZY[name] else f"hf_fp8.integrations.{_LAZY[name]}"
-        return getattr(importlib.import_module(module), name)
+        try:
+            return getattr(importlib.import_module(module), name)
+        except ModuleNotFoundError as e:
+            extra = _EXTRAS.get((e.name or "").split(".")[0])
+            if extra is None:
+                raise
+            raise ImportError(
+                f"hf_fp8.{name} needs {e.name}, which is not installed: pip install 'hf_fp8[{extra}]' "
+                f"(or pip install {e.name})"
+            ) from e
     raise AttributeError(f"module 'hf_fp8' has no attribute {name!r}")
 
 

@@ -111,8 +111,8 @@ class Fp8Config:
     """Configuration of FP8 training for :func:`hf_fp8.convert`.
 
     Args:
-        recipe (`str`, `Recipe` or `None`, *optional*, defaults to `"tensorwise"`):
-            ``"tensorwise"``, ``"rowwise"`` or ``"delayed"`` (see :class:`Recipe`), or ``None`` for
+        recipe (`str`, `Recipe` or `None`, *optional*, defaults to `"delayed"`):
+            ``"delayed"``, ``"tensorwise"`` or ``"rowwise"`` (see :class:`Recipe`), or ``None`` for
             full-BF16 mode: no FP8, BF16 parameters and gradients, with FP32 RoPE, logits and loss
             (use :class:`hf_fp8.optim.AdamW` for FP32 optimizer states).
         grad_format (`str`, *optional*):
@@ -185,7 +185,7 @@ class Fp8Config:
         ```
     """
 
-    recipe: Recipe | str | None = Recipe.TENSORWISE
+    recipe: Recipe | str | None = Recipe.DELAYED
     grad_format: Fp8Format | str | None = None
     amax_history_len: int = 16
     amax_compute_algo: AmaxComputeAlgo | str = AmaxComputeAlgo.MAX

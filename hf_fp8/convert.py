@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from hf_fp8.config import Fp8Config
+from hf_fp8.config import Fp8Config, Recipe
 from hf_fp8.filter import input_sharing_siblings, passes_shape_rule
 from hf_fp8.linear import Fp8Linear
 from hf_fp8.report import ConversionReport, ModuleDecision
@@ -64,11 +64,14 @@ def _decide(
         return False, "LoRA adapter: kept in its own precision"
     if type(module) is not nn.Linear:
         return False, f"{type(module).__name__} is an nn.Linear subclass with its own behaviour"
-    if config.auto_filter:
+    # the output embedding stays in high precision whatever the auto filter says, unless an
+    # include pattern names it: auto_filter=False drops the size rule, not the accuracy rule
+    named = any(fnmatch.fnmatchcase(name, p) and p not in _MATCH_ALL for p in config.include)
+    if not named:
         if id(module) in output_embeddings or name.split(".")[-1] == "lm_head":
-            return False, "output embedding (lm_head): kept in high precision for accuracy"
+            return False, "output embedding (include names it to convert)"
         if id(module.weight) in embedding_weights:
-            return False, "weight tied to an embedding"
+            return False, "weight tied to an embedding (include names it to convert)"
     if K % 16 or N % 16:
         return False, f"in={K}, out={N}: both must be multiples of 16 for the FP8 GEMM"
     if config.auto_filter and shape_rule:
@@ -80,6 +83,7 @@ def _decide(
     return True, ""
 
 
+_MATCH_ALL = ("*", "**")  # include patterns that name nothing in particular
 _SHAPE_RULE_MARK = "\0shape:"  # prefix of a reason that is the shape rule alone (removed before reporting)
 
 
@@ -198,6 +202,8 @@ def convert(
     report = ConversionReport(
         decisions, config.short_str(), rope=_maybe_patch_rope(model, config), loss=_maybe_patch_loss(model, config)
     )
+    if not config.full_bf16:
+        _warn_low_coverage(report, config)
     if config.fp8_attention:
         report.notes.append(f"attention: {_switch_to_fp8_attention(model)}")
     if config.fused_ops:
@@ -259,6 +265,46 @@ def _warn_unmatched_patterns(config: Fp8Config, names: list[str]) -> None:
                     UserWarning,
                     stacklevel=3,
                 )
+
+
+def _warn_low_coverage(report: ConversionReport, config: Fp8Config) -> None:
+    """FP8 was asked for, but no layer (or under half of the layers the user left eligible) is
+    FP8: say so once, with the main reason and what changes it."""
+    import warnings
+
+    eligible = [
+        d
+        for d in report.decisions
+        if d.converted
+        or not (d.reason.startswith(("excluded by pattern", "not matched by the include", "output embedding")))
+        and not d.reason.startswith(("weight tied", "LoRA adapter", "already Fp8Linear"))
+    ]
+    converted = [d for d in eligible if d.converted]
+    if not eligible or 2 * len(converted) >= len(eligible):
+        return
+    kept = [d for d in eligible if not d.converted]
+    reasons: dict[str, int] = {}
+    for d in kept:
+        key = "size" if d.reason.startswith("too small for FP8") else d.reason
+        reasons[key] = reasons.get(key, 0) + 1
+    main, count = max(reasons.items(), key=lambda kv: kv[1])
+    if main == "size":
+        why = (
+            f"{count} are below the size where {config.recipe.value} FP8 pays off on an H100 (the auto filter); "
+            "Fp8Config(auto_filter=False) / --fp8_auto_filter false converts them anyway (slower there, same numerics)"
+        )
+        if config.recipe is not Recipe.DELAYED:
+            why += ", or recipe='delayed' (smaller thresholds)"
+    elif main.startswith("in="):
+        why = f"{count} have a dimension that is not a multiple of 16, which the FP8 GEMM cannot take"
+    else:
+        why = f"{count}: {main}"
+    warnings.warn(
+        f"convert: FP8 was requested ({config.short_str()}) but only {len(converted)} of {len(eligible)} eligible linear "
+        f"layers are FP8. Of the others, {why}. print(report) lists every layer and why.",
+        UserWarning,
+        stacklevel=3,
+    )
 
 
 def _value(v):

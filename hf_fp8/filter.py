@@ -105,8 +105,8 @@ def passes_shape_rule(
     th = GRAPH_THRESHOLDS.get(recipe, THRESHOLDS[recipe]) if cuda_graph else THRESHOLDS[recipe]
     if in_features * out_features >= th.min_weight_numel and min(in_features, out_features) >= th.min_dim:
         return True, ""
-    steps = "CUDA-graph steps" if cuda_graph and recipe in GRAPH_THRESHOLDS else "eager steps"
+    steps = "graph" if cuda_graph and recipe in GRAPH_THRESHOLDS else "eager"
     return False, (
-        f"too small for FP8 to pay off ({recipe.value} needs in*out >= {th.min_weight_numel / 2**20:.0f}Mi "
-        f"and both dims >= {th.min_dim}, measured on H100 with {steps}; no input-sharing sibling converted)"
+        f"too small for FP8 to pay off ({recipe.value}, H100 {steps}: in*out >= "
+        f"{th.min_weight_numel / 2**20:.0f}Mi, dims >= {th.min_dim})"
     )

@@ -25,7 +25,7 @@ from torch import nn
 
 from hf_fp8.config import Fp8Config, Recipe
 from hf_fp8.linear_ops import NonFiniteError, apply_group, is_fp8_dtype, register_module
-from hf_fp8.scaling import DelayedScalingState
+from hf_fp8.scaling import DelayedScalingState, Role
 
 __all__ = ["Fp8Linear", "NonFiniteError", "is_fp8_dtype", "shared_input_linears"]
 
@@ -37,7 +37,7 @@ class Fp8Linear(nn.Linear):
     takes ``nn.Linear``'s arguments plus ``config``.
 
     Args:
-        config (`Fp8Config`, *optional*): the recipe; defaults to ``Fp8Config()`` (tensorwise).
+        config (`Fp8Config`, *optional*): the recipe; defaults to ``Fp8Config()`` (delayed).
 
     Buffers:
         ``fp8_nonfinite`` (int32, 3, not saved): sticky flags set when the input, weight or
@@ -79,6 +79,9 @@ class Fp8Linear(nn.Linear):
         register_module(self)
         self.register_buffer("fp8_nonfinite", torch.zeros(3, dtype=torch.int32, device=device), persistent=False)
         self._fp8_delayed: DelayedScalingState | None = None
+        # set only while hf_fp8.linear._one_by_one runs this layer as a member of an input-sharing
+        # group: the shared input is cast with the group's first layer's delayed state
+        self._fp8_input_from = None
         if self.fp8_config.recipe is Recipe.DELAYED:
             L = self.fp8_config.amax_history_len
             self.register_buffer("fp8_amax_history", torch.zeros(L, 3, dtype=torch.float32, device=device))
@@ -313,10 +316,41 @@ def shared_input_linears(modules: tuple[nn.Module, ...], x: torch.Tensor) -> tup
         and not (nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
     )
     if not shareable:
-        return tuple(m(x) for m in modules)
+        return _one_by_one(modules, x)
     for m in modules:
         m._check_input(x)
     return apply_group(tuple(modules), x)
+
+
+_UNSEEDED = object()  # the group's input slot had no history yet: the members cast tensorwise, as the group does
+
+
+def _one_by_one(modules: tuple[nn.Module, ...], x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``tuple(m(x) for m in modules)`` (their hooks run), with delayed-scaling layers casting the
+    shared input as the group would: with the first layer's input scale. Otherwise a hook that
+    comes and goes (the FP8 monitor samples every N steps) would switch the other layers between
+    the group's input history and their own, and change the numbers."""
+    first = modules[0]
+    delayed = (
+        len(modules) > 1
+        and not torch.compiler.is_compiling()
+        and all(type(m) is Fp8Linear and m.fp8_config == first.fp8_config for m in modules)
+        and first._fp8_delayed is not None
+        and not is_fp8_dtype(x.dtype)
+    )
+    if not delayed:
+        return tuple(m(x) for m in modules)
+    state = first._fp8_delayed
+    seeded = state.seeded[Role.INPUT]
+    out = [first(x)]
+    source = state if seeded else _UNSEEDED
+    for m in modules[1:]:
+        m._fp8_input_from = source
+        try:
+            out.append(m(x))
+        finally:
+            m._fp8_input_from = None
+    return tuple(out)
 
 
 def linear_on_kept_input(module: nn.Module, x: torch.Tensor) -> torch.Tensor:

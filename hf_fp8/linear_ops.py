@@ -20,6 +20,7 @@ write it, so the compiled graph has nothing to order against. Eager mode keeps t
 from __future__ import annotations
 
 import contextlib
+import logging
 import weakref
 
 import torch
@@ -27,7 +28,7 @@ import torch
 from hf_fp8._backend import fp8_gemm_supported
 from hf_fp8.config import NonFinitePolicy, Recipe
 from hf_fp8.gemm import scaled_mm
-from hf_fp8.scaling import QuantizedOperand, Role, quantize_operand, transposed_copy
+from hf_fp8.scaling import DelayedScalingState, QuantizedOperand, Role, quantize_operand, transposed_copy
 
 __all__ = ["NonFiniteError", "is_fp8_dtype", "apply_group", "register_module"]
 
@@ -61,6 +62,21 @@ def _a_scale(scale: torch.Tensor) -> torch.Tensor:
 def _b_scale(scale: torch.Tensor) -> torch.Tensor:
     """Scale of a column-major ``b`` operand: scalar, or (N,) -> (1, N)."""
     return scale if scale.numel() == 1 and scale.dim() == 0 else scale.view(1, -1)
+
+
+_EMULATION_NOTED = False
+
+
+def _note_emulation(device: torch.device) -> None:
+    """Say once per process that the FP8 GEMMs are emulated here: right numbers, no speed."""
+    global _EMULATION_NOTED
+    _EMULATION_NOTED = True
+    where = "a CPU" if device.type == "cpu" else f"{device} (FP8 tensor cores need compute capability >= 8.9)"
+    logging.getLogger("hf_fp8").warning(
+        "hf_fp8: FP8 layers on %s are emulated (quantize, dequantize, FP32 matmul): the numerics of the GPU path, "
+        "but tens of times slower than BF16; FP8 speed needs an H100-class GPU",
+        where,
+    )
 
 
 # ---- the computation, shared by both paths ------------------------------------------------
@@ -102,6 +118,12 @@ def _forward(
     lead = modules[0]
     cfg = lead.fp8_config
     emulate = not fp8_gemm_supported(x2d.device)
+    if emulate and not _EMULATION_NOTED:
+        _note_emulation(x2d.device)
+    delayed, input_training = lead._fp8_delayed, training
+    source = getattr(lead, "_fp8_input_from", None)
+    if source is not None:  # one of a group run one by one: the group's input scale, no state of its own
+        delayed, input_training = (None, True) if not isinstance(source, DelayedScalingState) else (source, False)
     qx = quantize_operand(
         x2d,
         Role.INPUT,
@@ -109,10 +131,10 @@ def _forward(
         want_rows=True,
         want_t=any(need_dw) and not recast_input,
         nonfinite_flag=lead.fp8_nonfinite,
-        delayed=lead._fp8_delayed,
+        delayed=delayed,
         keep_scale=recast_input,
         rms_norm=rms,
-        training=training,
+        training=input_training,
     )
     _check_nonfinite(lead, Role.INPUT, qx)
     outs, w_ts, regen = [], [], []

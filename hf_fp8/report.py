@@ -21,10 +21,31 @@ class ModuleDecision:
 _INDEX = re.compile(r"\.(\d+)(?=\.|$)")  # lookahead: consecutive indices (blocks.1.0.w) are all found
 
 
+def _fold_leaves(names: list[str]) -> str:
+    """``a.b.q_proj, a.b.k_proj`` -> ``a.b.{q,k}_proj``: names under one parent, one line."""
+    by_parent: dict[str, list[str]] = {}
+    for n in names:
+        parent, _, leaf = n.rpartition(".")
+        by_parent.setdefault(parent, []).append(leaf)
+    parts = []
+    for parent, leaves in by_parent.items():
+        prefix = f"{parent}." if parent else ""
+        if len(leaves) == 1:
+            parts.append(prefix + leaves[0])
+            continue
+        tail = ""
+        while all(leaf.endswith(leaves[0][-1:]) for leaf in leaves) and min(map(len, leaves)) > 1:
+            tail = leaves[0][-1] + tail
+            leaves = [leaf[:-1] for leaf in leaves]
+        parts.append(prefix + "{" + ",".join(leaves) + "}" + tail)
+    return ", ".join(parts)
+
+
 @dataclasses.dataclass
 class ConversionReport:
-    """What :func:`hf_fp8.convert` did. ``print(report)`` shows a table in which layers that
-    differ only by their block index (``layers.0`` ... ``layers.31``) share one row."""
+    """What :func:`hf_fp8.convert` did. ``print(report)`` shows a summary, one line per reason
+    (:meth:`summary`); :meth:`table` a table in which layers that differ only by their block
+    index (``layers.0`` ... ``layers.31``) share one row."""
 
     decisions: list[ModuleDecision]
     config_str: str = ""
@@ -96,8 +117,33 @@ class ConversionReport:
         out.extend(self.notes)
         return "\n".join(out)
 
+    def summary(self, width: int = 100) -> str:
+        """The report in a few lines: the count, then one line per group of layers kept or converted
+        for the same reason (their names with block indices folded), RoPE, loss and notes; no line
+        longer than ``width``. :meth:`table` has one row per layer pattern and shape."""
+        groups: dict[tuple[bool, str], list[str]] = {}
+        counts: dict[tuple[bool, str], int] = {}
+        for name, _, status, reason in self._grouped_rows():
+            key = (status == "fp8", reason)
+            groups.setdefault(key, []).append(name)
+        for d in self.decisions:
+            key = (d.converted, d.reason)
+            counts[key] = counts.get(key, 0) + 1
+        out = [
+            f"{len(self.converted)} of {len(self.decisions)} linear layers converted to FP8"
+            + (f" ({self.config_str})" if self.config_str else "")
+        ]
+        for (conv, reason), names in sorted(groups.items(), key=lambda kv: not kv[0][0]):
+            label = "fp8 " if conv else "kept"
+            what = _fold_leaves(list(dict.fromkeys(names)))
+            out.append(f"  {label} {counts[(conv, reason)]:>4}  " + (f"{reason}: {what}" if reason else what))
+        out.append(f"RoPE: {self.rope}")
+        out.append(f"logits and loss: {self.loss}")
+        out.extend(self.notes)
+        return "\n".join(line if len(line) <= width else line[: width - 3] + "..." for line in out)
+
     def __str__(self) -> str:
-        return self.table()
+        return self.summary()
 
     def __repr__(self) -> str:
         return (

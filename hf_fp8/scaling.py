@@ -211,8 +211,9 @@ def quantize_operand(
             q = Q.quantize_with_scale(
                 x, dtype, scale_view, write_y=want_rows, write_t=want_t, swiglu_up=swiglu_up, **extra
             )
-            # no amax measured (the ``raise`` policy checks training casts only), no scale kept (no backward)
-            return QuantizedOperand(q.data, q.scale_inv, q.data_t, q.scale_inv, ())
+            # no amax measured (the ``raise`` policy checks training casts only)
+            kept = scale_view.clone() if keep_scale else None
+            return QuantizedOperand(q.data, q.scale_inv, q.data_t, q.scale_inv, (), kept)
         delayed = None  # not seeded: tensorwise, seeding nothing
     if config.recipe is Recipe.DELAYED and delayed is not None and delayed.seeded[role]:
         slot = int(role)

@@ -4,7 +4,8 @@ accelerate has no plugin registry (its kwargs handlers are a closed dict keyed b
 class), so hf_fp8 ships an ``accelerate.Accelerator`` subclass that converts every model it
 ``prepare()``s. The recipe is read, in order, from the ``fp8_config`` argument, from
 ``HF_FP8_RECIPE`` (``tensorwise``, ``rowwise``, ``delayed``, ``full_bf16``, or the path of an
-``Fp8Config`` JSON), or from accelerate's own FP8 launch settings
+``Fp8Config`` JSON; ``HF_FP8_AUTO_FILTER=0`` also converts the layers the size filter would keep),
+or from accelerate's own FP8 launch settings
 (``ACCELERATE_MIXED_PRECISION=fp8`` with ``ACCELERATE_FP8_FORMAT``/``_AMAX_HISTORY_LEN``/
 ``_AMAX_COMPUTE_ALGO``/``_MARGIN``, as ``accelerate launch`` sets them from a yaml's
 ``fp8_config``), translated to the closest hf_fp8 recipe. In every case accelerate's own FP8
@@ -23,6 +24,7 @@ weights before each forward, so their scales come from full tensors).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 
@@ -56,6 +58,16 @@ def config_from_environment(environ: dict[str, str] | None = None) -> Fp8Config 
     Raises:
         ValueError: a variable that names no recipe, format or number."""
     env = os.environ if environ is None else environ
+    config = _recipe_from_environment(env)
+    auto_filter = env.get("HF_FP8_AUTO_FILTER", "").strip().lower()
+    if config is None or not auto_filter:
+        return config
+    if auto_filter not in ("0", "1", "true", "false", "yes", "no"):
+        raise ValueError(f"HF_FP8_AUTO_FILTER={env['HF_FP8_AUTO_FILTER']!r}: expected 0 or 1")
+    return dataclasses.replace(config, auto_filter=auto_filter in ("1", "true", "yes"))
+
+
+def _recipe_from_environment(env) -> Fp8Config | None:
     recipe = env.get("HF_FP8_RECIPE", "").strip()
     if recipe:
         if recipe.lower() in ("full_bf16", "full-bf16", "none"):

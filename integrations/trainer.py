@@ -55,7 +55,10 @@ class Fp8ArgumentsMixin:
 
     fp8: str | None = dataclasses.field(
         default=None,
-        metadata={"help": "FP8 recipe: 'tensorwise', 'rowwise' or 'delayed', or the path of an Fp8Config JSON file."},
+        metadata={
+            "help": "FP8 recipe: 'delayed' (hf_fp8's default), 'tensorwise' or 'rowwise', the path of an Fp8Config "
+            "JSON file, or 'none'."
+        },
     )
     full_bf16: bool = dataclasses.field(
         default=False,
@@ -157,6 +160,8 @@ class Fp8ArgumentsMixin:
         self._validate_fp8()
 
     def _validate_fp8(self) -> None:
+        if isinstance(self.fp8, str) and self.fp8.strip().lower() in ("none", "off", "no", "false", ""):
+            self.fp8 = None  # --fp8 none: explicitly no FP8 (a script whose default is a recipe)
         if self.fp8 is not None and self.full_bf16:
             raise ValueError("--fp8 and --full_bf16 exclude each other: choose FP8 linear layers or full BF16")
         if self.fp8_weights and self.fp8 is None:
@@ -211,7 +216,8 @@ class Fp8ArgumentsMixin:
         if os.path.isfile(self.fp8):
             return dataclasses.replace(Fp8Config.from_json(self.fp8), **overrides)
         raise ValueError(
-            f"--fp8: got {self.fp8!r}; expected 'tensorwise', 'rowwise', 'delayed' or the path of an Fp8Config JSON file"
+            f"--fp8: got {self.fp8!r}; expected 'delayed', 'tensorwise', 'rowwise', 'none' or the path of an Fp8Config "
+            "JSON file"
         )
 
     def get_warmup_steps(self, num_training_steps: int) -> int:

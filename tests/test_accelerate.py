@@ -90,7 +90,7 @@ def test_accelerate_launch_one_cpu_process():
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "HF_FP8_"))}
     env["PYTHONPATH"] = str(ROOT / "tests") + os.pathsep + env.get("PYTHONPATH", "")
     stdout = _accelerate_launch("cpu", 8, env)
-    assert "28 of 29 linear layers converted to FP8 (row:e4m3/e4m3)" in stdout
+    assert "28 of 29 linear layers converted to FP8 (dly:e4m3/e5m2,h16,max)" in stdout
     m = re.search(r"loss: first ([0-9.]+), last ([0-9.]+); FP8 layers: (\d+)", stdout)
     assert m and float(m.group(2)) < float(m.group(1)) and m.group(3) == "28", stdout[-2000:]
 

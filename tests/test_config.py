@@ -60,7 +60,8 @@ def test_frozen_and_replace_revalidates():
 
 
 def test_short_str():
-    assert Fp8Config().short_str() == "ten:e4m3/e5m2"
+    assert Fp8Config().short_str() == "dly:e4m3/e5m2,h16,max"  # the default recipe: delayed
+    assert Fp8Config(recipe="tensorwise").short_str() == "ten:e4m3/e5m2"
     assert Fp8Config(recipe="rowwise").short_str() == "row:e4m3/e4m3"
     assert Fp8Config(recipe="delayed", amax_compute_algo="most_recent", margin=2).short_str() == (
         "dly:e4m3/e5m2,h16,most_recent,m2"

@@ -30,8 +30,8 @@ def test_keeps_parameter_objects_and_reverts():
     params_before = {n: p for n, p in model.named_parameters()}
     keys_before = set(model.state_dict())
     opt = torch.optim.SGD(model.parameters(), lr=0.1)  # built before conversion
-    report = hf_fp8.convert(model, hf_fp8.Fp8Config(auto_filter=False))
-    # 7 projections x 2 layers, and lm_head: with the auto filter off the user takes responsibility
+    report = hf_fp8.convert(model, hf_fp8.Fp8Config(auto_filter=False, include=("model.*", "lm_head")))
+    # 7 projections x 2 layers, and lm_head because an include pattern names it
     assert len(report.converted) == 15 and report["lm_head"].converted
     assert all(p is params_before[n] for n, p in model.named_parameters())
     assert isinstance(model.model.layers[0].mlp.down_proj, hf_fp8.Fp8Linear)
@@ -46,11 +46,15 @@ def test_keeps_parameter_objects_and_reverts():
     assert set(model.state_dict()) == keys_before  # no hf_fp8 keys left behind
 
 
-def test_lm_head_kept_even_without_size_filter_unless_disabled():
-    model = tiny_llama()
-    report = hf_fp8.convert(model)  # default: auto filter on
-    assert report["lm_head"].reason.startswith("output embedding")
-    assert not report["lm_head"].converted
+def test_lm_head_stays_in_high_precision_unless_include_names_it():
+    """auto_filter=False drops the size rule only: the output embedding stays in high precision
+    (what the README promises) unless an include pattern names it ('*' names nothing in particular)."""
+    for cfg in (hf_fp8.Fp8Config(), hf_fp8.Fp8Config(auto_filter=False), hf_fp8.Fp8Config(include=("*",))):
+        report = hf_fp8.convert(tiny_llama(), cfg)
+        assert report["lm_head"].reason.startswith("output embedding") and not report["lm_head"].converted
+        assert cfg.auto_filter or len(report.converted) == 14
+    report = hf_fp8.convert(tiny_llama(), hf_fp8.Fp8Config(auto_filter=False, include=("*lm_head", "model.*")))
+    assert report["lm_head"].converted and len(report.converted) == 15
 
 
 def test_auto_filter_on_llama3_8b_shapes():
@@ -141,7 +145,8 @@ def test_filter_rules_and_reasons():
     model = _meta_model()
     report = hf_fp8.convert(model, hf_fp8.Fp8Config(auto_filter=False), module_filter_fn=lambda m, n: "1" not in n)
     assert report["layers.1.up"].reason == "rejected by module_filter_fn"
-    assert report["layers.0.small"].converted and report["lm_head"].converted  # the user asked for it
+    assert report["layers.0.small"].converted  # the user asked for it
+    assert not report["lm_head"].converted  # the accuracy rule holds unless include names it
     assert not report["layers.0.odd"].converted  # the hardware rule always holds
 
 
@@ -154,7 +159,7 @@ def test_tied_weights_and_subclasses_are_kept():
     head.weight = emb.weight
     model = nn.ModuleDict({"emb": emb, "head": head, "custom": MyLinear(64, 64)})
     report = hf_fp8.convert(model, hf_fp8.Fp8Config(recipe="rowwise"))
-    assert report["head"].reason == "weight tied to an embedding"
+    assert report["head"].reason.startswith("weight tied to an embedding")
     assert "subclass" in report["custom"].reason
 
 
@@ -175,7 +180,7 @@ def test_convert_is_idempotent_and_validates_arguments():
 
 
 def test_report_is_readable_and_serializable():
-    report = hf_fp8.convert(_meta_model(3))
+    report = hf_fp8.convert(_meta_model(3), "tensorwise")
     text = report.table()
     lines = text.splitlines()
     assert lines[0].split() == ["module", "shape", "status", "reason"]
@@ -188,6 +193,13 @@ def test_report_is_readable_and_serializable():
     assert repr(report) == "ConversionReport(converted=6, kept=7, config='ten:e4m3/e5m2')"
     with pytest.raises(KeyError, match="no linear layer named"):
         report["nope"]
+    # print(report): the count, one line per reason group, RoPE, loss; no line over 100 characters
+    summary = str(report).splitlines()
+    assert summary[0] == "6 of 13 linear layers converted to FP8 (ten:e4m3/e5m2)"
+    groups = [line for line in summary if line.startswith(("  fp8", "  kept"))]
+    reasons = {line.split(None, 2)[2].split(":")[0] for line in groups if line.startswith("  kept")}
+    assert len(groups) == 1 + len(reasons) and all(len(line) <= 100 for line in summary)
+    assert any(line.startswith("  fp8 ") and "layers.{0-2}.{up,down}" in line for line in groups)
 
 
 def test_docstring_examples_run():

@@ -23,7 +23,7 @@ def test_quickstart_runs(capsys, examples_path):
     quickstart = importlib.import_module("quickstart")
     losses = quickstart.main(["--steps", "6", "--device", "cpu"])
     out = capsys.readouterr().out
-    assert "96 of 225 linear layers converted to FP8" in out  # rowwise on Llama-3-8B shapes: the MLPs
+    assert "224 of 225 linear layers converted to FP8" in out  # delayed on Llama-3-8B shapes: all but lm_head
     assert "step   loss fp8  loss fp32" in out
     assert len(losses["fp8"]) == 6 and all(v == v for v in losses["fp8"]), "no NaN"
 
@@ -45,7 +45,10 @@ def test_finetune_trainer_runs_and_saves_a_stock_checkpoint(tmp_path, capsys, ex
         ["--output_dir", str(tmp_path), "--max_steps", "4", "--disable_tqdm", "true"]
     )
     text = capsys.readouterr().out
-    assert "converted to FP8 (row:e4m3/e4m3)" in text and f"saved a stock Hugging Face checkpoint to {tmp_path}" in text
+    assert (
+        "converted to FP8 (dly:e4m3/e5m2,h16,max)" in text
+        and f"saved a stock Hugging Face checkpoint to {tmp_path}" in text
+    )
     reloaded = AutoModelForCausalLM.from_pretrained(out)
     assert not any("fp8" in k for k in reloaded.state_dict())
 
@@ -110,7 +113,7 @@ def test_trl_example_runs_each_trainer(tmp_path, capsys, examples_path, kind):
         ["--trainer", kind, "--output_dir", str(tmp_path), "--max_steps", "2", "--disable_tqdm", "true"]
     )
     text = capsys.readouterr().out
-    assert "converted to FP8 (row:e4m3/e4m3)" in text and f"{kind}: 2 steps" in text
-    assert trainer.args.fp8 == "rowwise" and type(trainer.args).__name__.startswith("Fp8")
+    assert "converted to FP8 (dly:e4m3/e5m2,h16,max)" in text and f"{kind}: 2 steps" in text
+    assert trainer.args.fp8 == "delayed" and type(trainer.args).__name__.startswith("Fp8")
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert not any("fp8" in k for k in reloaded.state_dict())

@@ -348,8 +348,10 @@ def test_step_protocol_errors():
 def _train(planted_growth: float | None, steps: int):
     """Tiny FP8 Llama on bigram batches, monitored every step. With ``planted_growth``, feature 5
     of layer 0's post-attention RMSNorm output is multiplied by growth**step (an outlier feature
-    growing as in a diverging FP8 run), feeding the MLP's gate/up projections."""
-    model = _converted_llama()
+    growing as in a diverging FP8 run), feeding the MLP's gate/up projections. Tensorwise: a
+    dynamic recipe never saturates, so the only warnings are the kurtosis detector's (under the
+    delayed recipe this high learning rate also saturates early steps, which the monitor reports)."""
+    model = _converted_llama(recipe="tensorwise")
     factor = {"value": 1.0}
     if planted_growth is not None:
 

@@ -328,6 +328,6 @@ def test_trl_loss_is_announced_once_and_matches_the_fp32_chunked_loss(tmp_path, 
 def test_trl_note_mentions_an_fp8_lm_head(tmp_path, model_path):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        _make("sft", tmp_path, model_path, fp8_exclude=None, fp8="rowwise", save_strategy="no")
+        _make("sft", tmp_path, model_path, fp8_exclude=None, fp8_include=["*lm_head", "model.*"], save_strategy="no")
     notes = [str(w.message) for w in caught if issubclass(w.category, TrlLossWarning)]
     assert len(notes) == 1 and "lm_head was converted to FP8" in notes[0]

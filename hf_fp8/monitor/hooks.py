@@ -25,6 +25,7 @@ from hf_fp8.config import Recipe
 from hf_fp8.linear import Fp8Linear
 from hf_fp8.monitor.records import LOG_NAME, append_record
 from hf_fp8.monitor.stats import input_stats
+from hf_fp8.scaling import DelayedScalingState
 
 __all__ = [
     "DEFAULT_INTERVAL",
@@ -292,7 +293,14 @@ class Fp8Monitor:
         if isinstance(module, Fp8Linear):
             recipe = module.fp8_config.recipe
             if recipe is Recipe.DELAYED:
-                scale = module.fp8_scale[0]
+                # the state the cast used: a group's first layer's when this layer ran as one of
+                # an input-sharing group (hf_fp8.linear._one_by_one), else its own; a slot with no
+                # history yet casts tensorwise (a forward without grad does not seed it)
+                state = getattr(module, "_fp8_input_from", None) or module._fp8_delayed
+                if isinstance(state, DelayedScalingState) and state.seeded[0]:
+                    scale = state.scale[0]
+                else:
+                    recipe = Recipe.TENSORWISE
         with torch.no_grad():
             self._records[name].append(input_stats(x, recipe=recipe, scale=scale))
         self._numel[name] += x.numel()
