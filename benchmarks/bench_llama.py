@@ -1,22 +1,21 @@
 """End-to-end training throughput of an HF Llama on the H100: stock BF16, Liger, torch.compile,
-torchao float8 and hf_fp8, side by side in one run.
+torchao float8 and hf_fp8, side by side in one run, each variant in its own process (--isolate).
 
-    python -m benchmarks.bench_llama [--configs 8b 1b] [--budget-s 520]
-    python -m benchmarks.bench_llama --plot benchmarks/results/llama_h100.json   # PNG bar chart
+    python -m benchmarks.bench_llama --isolate --out llama_e2e_h100.json           # the README's table
+    python -m benchmarks.bench_llama --isolate --configs 1b --steps 300 --warmup 3 \
+        --loss-window 50 --variants stock_bf16 hf_fp8 ... --out llama_1b_loss_h100.json   # loss vs BF16
+    python -m benchmarks.bench_llama --isolate --configs 8b-full --batch 1 --checkpointing   # whole 8B
 
 Models (random init, BF16 parameters, SDPA attention): Llama-3-8B layer shapes with 8 layers
-("8b": hidden 4096, MLP 14336, 32/8 heads, vocab 128256), and Llama-3.2-1B ("1b": hidden 2048,
-MLP 8192, 16 layers, 32/8 heads, tied embeddings). B=2, S=4096; every step a new batch drawn
-from a fixed random bigram chain (90% of tokens follow it), the same batches for every variant:
-learnable but not memorizable, so the losses compare training, not recall of one batch. Optimizer: torch fused AdamW (BF16 states, as stock BF16 training
-does), except hf_fp8 full-BF16 which uses hf_fp8.optim.AdamW (FP32 states, stochastic
-rounding), and the hf_fp8 FP8 variants, which use what hf_fp8.Trainer builds for BF16 parameters:
-hf_fp8.optim.AdamW with BF16 states and nearest rounding (torch's arithmetic, one kernel per
-tensor; since 2026-11-24 12:30). ..._torchadamw gives an hf_fp8 variant torch's fused AdamW,
-..._hfadamw gives any other variant hf_fp8's. Per variant: tokens/s from the median step time after warm-up, peak memory,
-and the loss of the last timed step (same data and steps for everyone), with ratios to stock
-BF16. Variants that fail are recorded with their error; the run stops adding variants when
-the time budget is spent and says which were skipped.
+("8b": hidden 4096, MLP 14336, 32/8 heads, vocab 128256), the whole Llama-3-8B ("8b-full"), and
+Llama-3.2-1B ("1b": hidden 2048, MLP 8192, 16 layers, 32/8 heads, tied embeddings). B=2, S=4096
+by default; every step a new batch drawn from a fixed random bigram chain (90% of tokens follow
+it), the same batches for every variant: learnable but not memorizable, so the losses compare
+training. Optimizer: torch's fused AdamW (BF16 states, as stock BF16 training does) for the
+peers; hf_fp8 variants use what hf_fp8.Trainer builds (see build()). Per variant: tokens/s from
+the median step time after warm-up, peak memory, every step's loss, ratios to stock BF16.
+Variants that fail are recorded with their error; the run stops adding variants when the time
+budget is spent and says which were skipped.
 """
 
 from __future__ import annotations
@@ -45,43 +44,34 @@ CONFIGS = {
 # (measured: hf_fp8 delayed 1.13x -> 1.29x when built after the Liger variant).
 VARIANTS = [
     "stock_bf16",
+    "hf_fp8",  # the default recipe (Fp8Config())
     "hf_fp8_tensorwise",
-    "hf_fp8_delayed",
-    "hf_fp8_delayed_savedwt",
     "hf_fp8_rowwise",
-    "hf_fp8_delayed_fp8attn",
-    "hf_fp8_delayed_fp8attn_all",
+    "hf_fp8_delayed",
     "hf_fp8_full_bf16",
-    "hf_fp8_delayed_compile",
-    "bf16_compile",
-    "torchao_tensorwise",
     "torchao_tensorwise_compile",
     "torchao_rowwise_compile",
     "liger",
 ]
-
-
-def _fast_launch_default() -> bool:
-    from hf_fp8.kernels import _launch
-
-    return _launch._ENABLED
-
-
-_FAST_LAUNCH_DEFAULT = None
-_LOSS_DEFAULTS = None  # hf_fp8.loss.CHUNK_BYTES, GRAD_BLOCK_BYTES as the library sets them
-_CAST_T_DEFAULTS = None  # the transposed cast's tile and mode (hf_fp8.kernels.quant.TUNING)
+LR = 1e-4  # --lr
 
 
 def build(name: str, config: dict):
-    global _FAST_LAUNCH_DEFAULT, _LOSS_DEFAULTS, _CAST_T_DEFAULTS
-    from hf_fp8.kernels import quant as hf_quant
+    """The model and optimizer of one variant. hf_fp8 variants are ``hf_fp8[_<recipe>][_<option>...]``
+    (no recipe: ``Fp8Config()``'s default), each option a public knob:
 
-    if _FAST_LAUNCH_DEFAULT is None:
-        from hf_fp8 import loss as hf_loss
-
-        _FAST_LAUNCH_DEFAULT = _fast_launch_default()
-        _LOSS_DEFAULTS = (hf_loss.CHUNK_BYTES, hf_loss.GRAD_BLOCK_BYTES)
-        _CAST_T_DEFAULTS = (hf_quant.TUNING["cast_t"], hf_quant.TUNING["cast_t_mode"])
+    - ``all``: ``auto_filter=False`` (every decoder linear in FP8, as torchao converts them);
+      ``mlponly`` / ``attnonly``: ``include`` the MLPs / the attention blocks only; ``nofp8``:
+      ``exclude=("*",)`` (FP32 RoPE and loss and the fused ops, no FP8 layer);
+    - ``fp8attn``: ``fp8_attention=True``; ``savedwt``: ``save_weight_transpose=True``;
+      ``fastacc``: ``use_fast_accum=True``;
+    - ``graph``: ``cuda_graph=True`` and each step replayed by :class:`hf_fp8.CudaGraphStep`;
+      ``compile``: each decoder layer compiled (as the other ``_compile`` variants);
+    - the optimizer: what ``hf_fp8.Trainer`` builds for BF16 parameters
+      (``hf_fp8.optim.AdamW(state_dtype=torch.bfloat16)``, stochastic rounding), ``nearest``:
+      its round-to-nearest mode, ``defer``: ``defer_step=True`` (``--fp8_defer_step``),
+      ``torchadamw``: torch's fused AdamW. Any non-hf_fp8 variant + ``_hfadamw`` gets hf_fp8's.
+    """
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import hf_fp8
@@ -102,107 +92,48 @@ def build(name: str, config: dict):
         convert_to_float8_training(
             model.model, config=Float8LinearConfig.from_recipe_name(recipe), module_filter_fn=lambda m, fqn: True
         )
-    elif name.startswith("hf_fp8_"):
-        # hf_fp8_<recipe>[_fp8attn][_all][_recast|_savedwt][_unfusedmlp][_jitlaunch][_percast][_wholeloss][_keptact]
-        # [_savedoproj][_mlponly|_attnonly|_nofp8][_fastacc][_graph][_compile]: _all converts every
-        # decoder linear (no auto filter), as torchao does; _recast re-casts weight transposes in the backward, _savedwt keeps them
-        # (save_weight_transpose=False); _unfusedmlp runs the MLP as three FP8 layers and a SwiGLU
-        # kernel (hf_fp8.mlp_ops off); _jitlaunch launches Triton kernels through the JIT (hf_fp8.kernels._launch
-        # off); _percast updates delayed scales per cast (hf_fp8.delayed off); _wholeloss holds the
-        # loss's logits gradient for all tokens at once (one weight-gradient GEMM; 512-token chunks:
-        # the loss before 2026-11-24), _chunk<N> / _block<N> set its chunk / gradient block in tokens; _keptact keeps down's transposed FP8 input from the forward
-        # (hf_fp8.mlp_ops.RECOMPUTE_DOWN_INPUT_T off; the default before 2026-11-24); _savedoproj keeps
-        # o_proj's FP8 transposed input (no re-cast from the attention output; before 2026-11-24);
-        # _fastacc: Fp8Config(use_fast_accum=True) (the forward GEMMs accumulate as torchao's do);
-        # _graph runs each step's forward and backward as one CUDA graph (hf_fp8.CudaGraphStep) and
-        # converts with Fp8Config(cuda_graph=True) (since 2026-11-24 06:05; before, the eager filter);
-        # _compile compiles each decoder layer, as the other _compile variants do; _hfcache: training
-        # steps keep HF's default KV cache (integrations.loss.STORELESS_TRAINING_CACHE off; the
-        # default before 2026-11-24 09:00); _unfusednorm: each RMSNorm writes its output and the FP8
-        # layers cast it (hf_fp8.norm_ops off; the default before 2026-11-24 10:00)
-        from hf_fp8 import embedding_ops as hf_embedding_ops
-        from hf_fp8 import loss as hf_loss
-        from hf_fp8 import mlp_ops
-        from hf_fp8 import norm_ops as hf_norm_ops
-        from hf_fp8.integrations import fused_ops as hf_fused_ops
-        from hf_fp8.integrations import loss as hf_integ_loss
-        from hf_fp8.integrations import rope as hf_rope
-        from hf_fp8.kernels import _launch
-
-        rest = name.removeprefix("hf_fp8_")
-        recipe = "full_bf16" if rest.startswith("full_bf16") else rest.split("_")[0]
-        flags = set(rest.removeprefix(recipe).split("_"))
-        mlp_ops.ENABLED = "unfusedmlp" not in flags  # read at every forward; stays until the next hf_fp8 build
-        mlp_ops.RECOMPUTE_DOWN_INPUT_T = "keptact" not in flags  # likewise
-        hf_rope.RECAST_OPROJ_INPUT = "savedoproj" not in flags  # likewise
-        hf_integ_loss.STORELESS_TRAINING_CACHE = "hfcache" not in flags  # likewise
-        hf_norm_ops.ENABLED = "unfusednorm" not in flags  # likewise
-        # _noresgrad: HF's residual adds of the gradients (hf_fp8.integrations.fused_ops.PASS_RESIDUAL
-        # off; the default before 2026-11-24 16:30); _torchemb: torch's embedding backward
-        # (hf_fp8.embedding_ops off; likewise)
-        hf_fused_ops.PASS_RESIDUAL = "noresgrad" not in flags  # likewise
-        hf_embedding_ops.ENABLED = "torchemb" not in flags  # likewise
-        hf_loss.CHUNK_BYTES, hf_loss.GRAD_BLOCK_BYTES = (1 << 28, 1 << 62) if "wholeloss" in flags else _LOSS_DEFAULTS
-        for f in flags:  # _chunk<tokens>, _block<tokens>: tokens per logits GEMM and per FP32 logits buffer
-            if f.startswith("chunk"):
-                hf_loss.CHUNK_BYTES = int(f[5:]) * 4 * config["vocab_size"]
-            elif f.startswith("block"):
-                hf_loss.GRAD_BLOCK_BYTES = int(f[5:]) * 4 * config["vocab_size"]
-        _launch._ENABLED = _FAST_LAUNCH_DEFAULT and "jitlaunch" not in flags  # likewise
-        # _oldcast: the transposed casts as before 2026-11-24 (128x64 tiles, FP32 through shared memory)
-        old_cast = ((128, 64, 4), (0,))
-        hf_quant.TUNING["cast_t"], hf_quant.TUNING["cast_t_mode"] = old_cast if "oldcast" in flags else _CAST_T_DEFAULTS
-        # weight transposes: the library's default unless a flag says otherwise (the default was True
-        # before 2026-11-24: plain variant names in older results files kept the transposes)
-        wt = {"save_weight_transpose": True} if "savedwt" in flags else {}
-        wt = {"save_weight_transpose": False} if "recast" in flags else wt
-        # _mlponly / _attnonly: every linear of the MLPs / of the attention blocks in FP8, the rest BF16;
-        # _nofp8: no FP8 layer (fused ops, FP32 RoPE and loss only)
+    elif name == "hf_fp8" or name.startswith("hf_fp8_"):
+        rest = name.removeprefix("hf_fp8").removeprefix("_")
+        recipes = ("full_bf16", "tensorwise", "rowwise", "delayed")
+        recipe = next((r for r in recipes if rest == r or rest.startswith(r + "_")), None)
+        flags = set(rest.removeprefix(recipe or "").split("_")) - {""}
+        unknown = flags - {"all", "mlponly", "attnonly", "nofp8", "fp8attn", "savedwt", "fastacc", "graph",
+                           "compile", "defer", "nearest", "torchadamw"}  # fmt: skip
+        if unknown:
+            raise ValueError(f"{name}: unknown options {sorted(unknown)} (see build()'s docstring)")
         only = {"mlponly": ("*.mlp.*",), "attnonly": ("*.self_attn.*",)}
         include = next((only[f] for f in flags if f in only), ())
+        kw = dict(recipe=None) if recipe == "full_bf16" else (dict(recipe=recipe) if recipe else {})
         fp8_cfg = hf_fp8.Fp8Config(
-            recipe=None if recipe == "full_bf16" else recipe,
+            **kw,
             fp8_attention="fp8attn" in flags,
             auto_filter="all" not in flags and not include,
             include=include,
-            exclude=("*",) if "nofp8" in flags else ("lm_head",),
+            exclude=("*",) if "nofp8" in flags else (),
             use_fast_accum="fastacc" in flags,
+            save_weight_transpose="savedwt" in flags,
             cuda_graph="graph" in flags,  # the auto filter's thresholds for graph-replayed steps
-            **wt,
         )
         report = hf_fp8.convert(model, fp8_cfg)
-        note = f"{len(report.converted)} FP8 layers"
-        if "percast" in flags:  # delayed: each cast updates its own scale (no per-forward update launch)
-            from hf_fp8.delayed import remove_delayed_update_hook
-
-            remove_delayed_update_hook(model)
+        note = f"{len(report.converted)} FP8 layers ({fp8_cfg.short_str() if fp8_cfg.recipe else 'full-BF16'})"
     if name.endswith("_compile") or "_compile_" in name:
         for layer in model.model.layers:
             layer.compile()
-    # The update at the start of the next forward (AdamW(defer_step=True) attached to the model), as
-    # hf_fp8.Trainer builds it with --fp8_defer_step true (opt-in): variants with _defer, unless _graph
-    # or _compile (the Trainer's exceptions). Plain hf_fp8 variants update in step(), the Trainer's default.
-    hf_variant = name.startswith("hf_fp8_")
+    hf_variant = name == "hf_fp8" or name.startswith("hf_fp8_")
     graphed = "_graph" in name or name.endswith("_compile") or "_compile_" in name
-    defer = not graphed and "_defer" in name
-    if name == "hf_fp8_full_bf16":
-        opt = hf_fp8.optim.AdamW(model.parameters(), lr=1e-4, full_bf16=True, seed=0, defer_step=defer)
+    defer = hf_variant and not graphed and "_defer" in name
+    if name.startswith("hf_fp8_full_bf16"):
+        opt = hf_fp8.optim.AdamW(model.parameters(), lr=LR, full_bf16=True, seed=0, defer_step=defer)
     elif name.endswith("_hfadamw") or (hf_variant and "_torchadamw" not in name):
-        # hf_fp8 variants (what hf_fp8.Trainer's --fp8 builds for BF16 parameters, --fp8_adamw) and any
-        # variant + _hfadamw: hf_fp8.optim.AdamW with torch's arithmetic and states (BF16 moments,
-        # nearest rounding), one kernel per tensor instead of torch's multi-tensor launches;
-        # hf_fp8 variants + _torchadamw: torch's fused AdamW (every hf_fp8 variant before 2026-11-24 12:30)
-        # stochastic rounding of the weights and BF16 moments, as hf_fp8.Trainer builds it (since
-        # 2026-12-06); _nearest: round to nearest (torch's arithmetic, the Trainer's default before)
         opt = hf_fp8.optim.AdamW(
             model.parameters(),
-            lr=1e-4,
+            lr=LR,
             state_dtype=torch.bfloat16,
             stochastic_rounding="_nearest" not in name,
             defer_step=defer,
         )
     else:
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+        opt = torch.optim.AdamW(model.parameters(), lr=LR, fused=True)
     if getattr(opt, "defer_step", False):
         opt.attach(model)
         note += "; update deferred to the next forward" if note else "update deferred to the next forward"
@@ -249,12 +180,7 @@ def run_variant(
         note += "; CUDA graph step"
     t_start = time.perf_counter()
     batches = bigram_batches(batch, seq, config["vocab_size"], warmup + steps)
-    # _hostwait<ms> (any variant): the host sleeps that long at each step's start (a probe of how
-    # much of a host delay there the step shows, under the GPU's power cap)
-    wait = next((float(f[8:]) for f in name.split("_") if f.startswith("hostwait")), 0.0)
-    if wait:
-        note += f"; host waits {wait:g} ms per step"
-    timed = time_training_steps(model, opt, batches, warmup, forward_backward, host_wait_s=wait / 1e3)
+    timed = time_training_steps(model, opt, batches, warmup, forward_backward)
     row = dict(
         variant=name,
         note=note,
@@ -288,6 +214,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--budget-s", type=float, default=520)
     ap.add_argument("--checkpointing", action="store_true", help="HF activation checkpointing in every variant")
+    ap.add_argument("--lr", type=float, default=LR, help="AdamW learning rate of every variant")
+    ap.add_argument(
+        "--loss-window",
+        type=int,
+        default=0,
+        help="also report each variant's mean loss over its last N steps, against stock BF16's (convergence runs: "
+        "e.g. --configs 1b --steps 300 --loss-window 50)",
+    )
     ap.add_argument("--out", default="llama_h100.json", help="results file name (in benchmarks/results/)")
     ap.add_argument("--plot", default=None, help="write a PNG bar chart from this JSON instead of running")
     ap.add_argument(
@@ -297,6 +231,7 @@ def main() -> None:
         "compiled variants leave dynamo state, so a shared process changes what later variants measure",
     )
     args = ap.parse_args()
+    globals()["LR"] = args.lr
     if args.plot:
         print(f"wrote {plot(Path(args.plot))}")
         return
@@ -331,13 +266,19 @@ def main() -> None:
             base = next(
                 (r for r in rows if r["config"] == cfg_name and r["variant"] == "stock_bf16" and "step_ms" in r), None
             )
+            if args.loss_window and "losses" in row:
+                tail = row["losses"][-args.loss_window :]
+                row["mean_loss_last"] = sum(tail) / len(tail)
             if base and "step_ms" in row:
                 row["speedup_vs_stock"] = base["step_ms"] / row["step_ms"]
                 row["mem_vs_stock"] = row["peak_mem_gb"] / base["peak_mem_gb"]
                 row["loss_vs_stock"] = row["loss"] / base["loss"]
+                if "mean_loss_last" in row and "mean_loss_last" in base:
+                    row["mean_loss_last_vs_stock"] = row["mean_loss_last"] / base["mean_loss_last"]
             print(f"{cfg_name} {json.dumps({k: v for k, v in row.items() if k != 'losses'})}", flush=True)
             payload = {"env": environment(), "batch": args.batch, "seq": args.seq, "warmup": args.warmup,
-                       "steps": args.steps, "checkpointing": args.checkpointing,
+                       "steps": args.steps, "checkpointing": args.checkpointing, "lr": args.lr,
+                       "loss_window": args.loss_window,
                        "configs": {k: CONFIGS[k] for k in args.configs}, "rows": rows}  # fmt: skip
             write_json(args.out, payload)  # after every variant: a cut-off run keeps what it measured
 
@@ -364,6 +305,7 @@ def _run_isolated(name: str, cfg_name: str, args) -> dict:
     ]
     if args.checkpointing:
         cmd.append("--checkpointing")
+    cmd += ["--lr", str(args.lr)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     path = RESULTS / tmp
     rows = json.loads(path.read_text())["rows"] if path.exists() else []
@@ -372,9 +314,8 @@ def _run_isolated(name: str, cfg_name: str, args) -> dict:
     if proc.returncode != 0 or not rows:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
         return dict(variant=name, error=f"exit status {proc.returncode}: {' | '.join(tail)[:300]}")
-    return {
-        k: v for k, v in rows[0].items() if k not in ("config", "speedup_vs_stock", "mem_vs_stock", "loss_vs_stock")
-    }
+    drop = ("config", "speedup_vs_stock", "mem_vs_stock", "loss_vs_stock", "mean_loss_last", "mean_loss_last_vs_stock")
+    return {k: v for k, v in rows[0].items() if k not in drop}
 
 
 def plot(path: Path) -> Path:

@@ -827,3 +827,40 @@ def test_cuda_graph_step_runs_a_deferred_update_before_each_replay_on_gpu():
     opts[1].flush()
     for p0, p1 in zip(models[0].parameters(), models[1].parameters(), strict=True):
         assert rel_err(p0, p1) < 1e-2
+
+
+def test_evaluation_and_monitor_leave_delayed_training_unchanged_on_gpu():
+    """The default recipe on the GPU (Triton casts, fused RMSNorm/SwiGLU/q-k-v groups, _scaled_mm):
+    forwards without grad change no FP8 buffer and give the same logits twice, and training with
+    an evaluation and a hook-carrying step in between equals training without them, bit for bit."""
+    from llama_fixtures import bigram_batches, tiny_llama
+
+    def run(interrupt: bool):
+        with hf_fp8.set_default_dtype(torch.bfloat16):
+            model = tiny_llama(seed=5, hidden_size=256, intermediate_size=512, attn_implementation="sdpa").cuda()
+        hf_fp8.convert(model, hf_fp8.Fp8Config(auto_filter=False))
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        batches = bigram_batches(2, 64, 512, seed=7)
+        probe = next(bigram_batches(3, 32, 512, seed=8)).cuda()
+        losses = []
+        for step in range(4):
+            ids = next(batches).cuda()
+            handle = None
+            if interrupt and step == 2:  # a hook on k_proj: the q/k/v group runs one layer at a time
+                handle = model.model.layers[0].self_attn.k_proj.register_forward_hook(lambda *a: None)
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+            if handle is not None:
+                handle.remove()
+            if interrupt:
+                before = {n: b.clone() for n, b in model.named_buffers() if "fp8_" in n}
+                with torch.no_grad():
+                    a, b = model(input_ids=probe).logits, model(input_ids=probe).logits
+                assert torch.equal(a, b)
+                assert all(torch.equal(b_, before[n]) for n, b_ in model.named_buffers() if "fp8_" in n)
+        return losses
+
+    assert run(True) == run(False)
