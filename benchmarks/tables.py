@@ -29,11 +29,9 @@ def _load(name: str) -> dict:
     return json.loads((RESULTS / name).read_text())
 
 
-def _env_line(env: dict) -> str:
-    return (
-        f"{env.get('gpu', '?')}, torch {env.get('torch')}, triton {env.get('triton')}, torchao {env.get('torchao')}, "
-        f"git {str(env.get('git_sha'))[:7]}"
-    )
+def _env_line(env: dict, sha: bool = True) -> str:
+    line = f"{env.get('gpu', '?')}, torch {env.get('torch')}, triton {env.get('triton')}, torchao {env.get('torchao')}"
+    return line + (f", git {str(env.get('git_sha'))[:7]}" if sha else "")
 
 
 def linear_table() -> str:
@@ -107,46 +105,6 @@ def quant_table() -> str:
     return "\n".join(out)
 
 
-def precision_table() -> str:
-    rope = _load("rope_h100.json")
-    ops = _load("precision_ops_h100.json")
-    out = [
-        f"RoPE, B=2, S=4096, 32/8 heads, head_dim 128, BF16, rope_theta=500000. {_env_line(rope['env'])}.",
-        "",
-        "| provider | fwd ms | fwd+bwd ms, per layer of an 8-layer graph | vs HF | fwd+bwd ms, one op per backward() "
-        "| same, backward on the calling thread | device time (CUDA graph) | vs HF | outputs correctly rounded |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in (r for r in rope["rows"] if r["op"] == "rope"):
-        out.append(
-            f"| {r['provider']} | {r['fwd_ms']:.3f} | {r['per_layer_fwd_bwd_ms']:.3f} | "
-            f"{r['per_layer_fwd_bwd_speedup_vs_hf']:.2f}x | {r['fwd_bwd_ms']:.3f} | {r['fwd_bwd_ms_calling_thread']:.3f} | "
-            f"{r['device_fwd_bwd_ms']:.3f} | {r['device_fwd_bwd_speedup_vs_hf']:.2f}x | {r['frac_correctly_rounded']:.4f} |"
-        )
-    out += [
-        "",
-        f"Loss, B=2, S=4096, hidden 4096, vocab 128256, BF16 operands, fwd+bwd. {_env_line(ops['env'])}.",
-        "",
-        "| provider | ms | vs HF | peak memory GB | vs HF | loss |",
-        "|---|---|---|---|---|---|",
-    ]
-    for r in (r for r in ops["rows"] if r["op"] == "loss"):
-        out.append(
-            f"| {r['provider']} | {r['fwd_bwd_ms']:.1f} | {r['time_vs_hf']:.2f}x | {r['peak_mem_gb']:.2f} | "
-            f"{r['mem_vs_hf']:.2f}x | {r['loss']:.6f} |"
-        )
-    out += [
-        "",
-        "AdamW step, the 872M parameters of 4 Llama-3-8B decoder layers.",
-        "",
-        "| optimizer | step ms | vs torch fused (BF16 params) |",
-        "|---|---|---|",
-    ]
-    for r in (r for r in ops["rows"] if r["op"] == "adamw"):
-        out.append(f"| {r['provider']} | {r['step_ms']:.2f} | {r['time_vs_torch_fused_bf16']:.2f}x |")
-    return "\n".join(out)
-
-
 def lora_table() -> str:
     data = _load("lora_h100.json")
     rows = [r for r in data["rows"] if "error" not in r]
@@ -188,30 +146,7 @@ def attention_table() -> str:
     return "\n".join(out)
 
 
-def monitor_table() -> str:
-    d = _load("monitor_h100.json")
-    t = d["step_ms"]
-    return "\n".join(
-        [
-            f"FP8 health monitor, {d['layers']}-layer Llama with Llama-3-8B shapes, B={d['batch']}, S={d['seq']}, "
-            f"{d['fp8_layers']} FP8 layers, fused AdamW. {_env_line(d['env'])}.",
-            "",
-            "| monitor | step ms (median) | vs off |",
-            "|---|---|---|",
-            f"| off | {t['off']['median']:.1f} | 1.000x |",
-            f"| idle (not a sampled step) | {t['idle']['median']:.1f} | {t['idle']['median'] / t['off']['median']:.3f}x |",
-            f"| sampled step, FP8 layers | {t['sampled']['median']:.1f} | "
-            f"{t['sampled']['median'] / t['off']['median']:.3f}x |",
-            f"| sampled step, every nn.Linear | {t['sampled_all_linear']['median']:.1f} | "
-            f"{t['sampled_all_linear']['median'] / t['off']['median']:.3f}x |",
-            "",
-            f"Amortized at the default interval ({d['interval']}): **{d['overhead_pct']:.2f}%** of step time "
-            f"({d['overhead_all_linear_pct']:.2f}% monitoring every nn.Linear).",
-        ]
-    )
-
-
-def llama_table(name: str = "llama_h100.json") -> str:
+def llama_table(name: str) -> str:
     d = _load(name)
     rows = [r for r in d["rows"] if "speedup_vs_stock" in r]
     cfg = rows[0]["config"]
@@ -261,57 +196,78 @@ def adamw_table() -> str:
     return "\n".join(out)
 
 
-def llama_profile_table(name: str = "llama_profile_h100.json") -> str:
+_NAMES = {
+    "stock_bf16": "stock BF16 (HF, torch fused AdamW)",
+    "stock_bf16_hfadamw": "stock BF16 + hf_fp8.optim.AdamW",
+    "hf_fp8": "**hf_fp8 default** (`Fp8Config()`: delayed)",
+    "hf_fp8_tensorwise": "hf_fp8 tensorwise",
+    "hf_fp8_rowwise": "hf_fp8 rowwise",
+    "hf_fp8_delayed": "hf_fp8 delayed",
+    "hf_fp8_full_bf16": "hf_fp8 full-BF16 (no FP8)",
+    "hf_fp8_all": "hf_fp8 delayed, every decoder linear",
+    "hf_fp8_tensorwise_all": "hf_fp8 tensorwise, every decoder linear",
+    "hf_fp8_rowwise_all": "hf_fp8 rowwise, every decoder linear",
+    "torchao_tensorwise_compile": "torchao float8 tensorwise + torch.compile",
+    "torchao_rowwise_compile": "torchao float8 rowwise + torch.compile",
+    "liger": "Liger-Kernel",
+}
+
+
+def e2e_table(name: str = "llama_e2e_h100.json") -> str:
+    """The README's performance table: one run, each variant in its own process."""
     d = _load(name)
-    rows = [r for r in d["rows"] if "category_ms" in r]
-    cats = sorted(
-        {c for r in rows for c in r["category_ms"]}, key=lambda c: -max(r["category_ms"].get(c, 0) for r in rows)
-    )
+    rows = [r for r in d["rows"] if "speedup_vs_stock" in r]
+    cfg = rows[0]["config"]
+    c = d["configs"][cfg]
+    best_peer = min((r for r in rows if r["variant"].startswith(("torchao", "liger"))), key=lambda r: r["step_ms"])
     out = [
-        f"GPU time of one training step by kernel category (ms per step, torch.profiler, {d['config']} config, "
-        f"B={d['batch']}, S={d['seq']}, mean of {d['steps']} steps). {_env_line(d['env'])}.",
+        f"Training step of Llama-3-8B layer shapes ({c['num_hidden_layers']} layers, hidden {c['hidden_size']}, "
+        f"MLP {c['intermediate_size']}, vocab {c['vocab_size']}), B={d['batch']}, S={d['seq']}, BF16 parameters, "
+        f"median of {d['steps']} steps after {d['warmup']}; {_env_line(d['env'], sha=False)}, {d['env']['timestamp'][:10]}; "
+        f"`{name}`.",
         "",
-        "| | " + " | ".join(r["variant"] for r in rows) + " |",
-        "|---" * (len(rows) + 1) + "|",
-        "| step (wall) | " + " | ".join(f"{r['wall_ms']:.1f}" for r in rows) + " |",
-        "| GPU busy | " + " | ".join(f"{r['gpu_busy_ms']:.1f}" for r in rows) + " |",
+        "| variant | FP8 layers | ms / step | vs stock BF16 | vs best peer | peak GB |",
+        "|---|---|---|---|---|---|",
     ]
-    for c in cats:
-        out.append(f"| {c} | " + " | ".join(f"{r['category_ms'].get(c, 0.0):.1f}" for r in rows) + " |")
-    out += [
-        "| kernels per step | " + " | ".join(f"{r['kernels_per_step']:.0f}" for r in rows) + " |",
-        "| host syncs in the profiled steps | " + " | ".join(str(sum(r["host_syncs"].values())) for r in rows) + " |",
-        "| memory before the step (params + optimizer) GB | "
-        + " | ".join(f"{r['static_mem_gb']:.1f}" for r in rows)
-        + " |",
-        "| peak GB | " + " | ".join(f"{r['peak_mem_gb']:.1f}" for r in rows) + " |",
+    for r in rows:
+        layers = r["note"].split(" FP8 layers")[0] if "FP8 layers" in r["note"] else "-"
+        out.append(
+            f"| {_NAMES.get(r['variant'], r['variant'])} | {layers} | {r['step_ms']:.1f} | "
+            f"{r['speedup_vs_stock']:.2f}x | {best_peer['step_ms'] / r['step_ms']:.2f}x | {r['peak_mem_gb']:.1f} |"
+        )
+    return "\n".join(out)
+
+
+def loss_table(name: str = "llama_1b_loss_h100.json") -> str:
+    """FP8 against BF16 over a few hundred steps: mean loss of the last steps, the same AdamW."""
+    d = _load(name)
+    rows = [r for r in d["rows"] if "mean_loss_last" in r]
+    base = next(r for r in rows if r["variant"].startswith("stock_bf16"))
+    cfg = rows[0]["config"]
+    out = [
+        f"{d['steps'] + d['warmup']} steps of the bigram stream at Llama-3.2-1B shapes ({cfg}), B={d['batch']}, "
+        f"S={d['seq']}, lr {d['lr']:g}, each with hf_fp8.optim.AdamW (stochastic rounding); mean loss of the last "
+        f"{d['loss_window']} steps; {_env_line(d['env'])}; `{name}`.",
+        "",
+        "| variant | ms / step | mean loss, last steps | vs BF16 |",
+        "|---|---|---|---|",
     ]
+    for r in rows:
+        out.append(
+            f"| {_NAMES.get(r['variant'], r['variant'])} | {r['step_ms']:.1f} | {r['mean_loss_last']:.4f} | "
+            f"{r['mean_loss_last'] / base['mean_loss_last'] - 1:+.2%} |"
+        )
     return "\n".join(out)
 
 
 SECTIONS = {
+    "e2e": e2e_table,
+    "loss": loss_table,
     "adamw": adamw_table,
-    "llama_profile": llama_profile_table,
-    "llama_e2e": lambda: llama_table("llama_e2e_h100.json"),
-    "llama_e2e_more": lambda: llama_table("llama_e2e_more_h100.json"),
-    "llama_resemb": lambda: llama_table("llama_resemb_h100.json"),
-    "llama_accept_end": lambda: llama_table("llama_accept_end_h100.json"),
-    "llama_defer": lambda: llama_table("llama_defer_h100.json"),
-    "llama_accept_defer": lambda: llama_table("llama_accept_defer_h100.json"),
-    "llama_accept_defer2": lambda: llama_table("llama_accept_defer2_h100.json"),
-    "llama_accept_defer3": lambda: llama_table("llama_accept_defer3_h100.json"),
-    "llama_accept_final": lambda: llama_table("llama_accept_final_h100.json"),
-    "llama_1b": lambda: llama_table("llama_1b_h100.json"),
-    "llama_graph": lambda: llama_table("llama_graph_h100.json"),
-    "llama_graph_1b": lambda: llama_table("llama_graph_1b_h100.json"),
-    "llama": llama_table,
-    "llama_fused": lambda: llama_table("llama_fused_h100.json"),
-    "monitor": monitor_table,
     "attention": attention_table,
     "linear": linear_table,
     "sweep": sweep_table,
     "quant": quant_table,
-    "precision": precision_table,
     "lora": lora_table,
 }
 

@@ -3,7 +3,7 @@
 One entry point::
 
     import hf_fp8
-    report = hf_fp8.convert(model, hf_fp8.Fp8Config(recipe="tensorwise"))
+    report = hf_fp8.convert(model)  # Fp8Config(): the delayed recipe, the auto filter
     print(report)
 
 Importing this package does no work: no device probing, no patching, no transformers import.
@@ -35,6 +35,7 @@ _LAZY = {
     "Fp8TrainerMixin": "trainer",
     "Fp8ArgumentsMixin": "trainer",
     "TrlLossWarning": "trainer",
+    "register_attention": "attention",
     "make_training_arguments_class": "trainer",
     "save_fp8": "export",
     "Accelerator": "accelerate_plugin",
@@ -100,6 +101,7 @@ __all__ = [
     "optim",
     "patch_loss",
     "patch_rope",
+    "register_attention",
     "reset_nonfinite",
     "revert",
     "save_fp8",

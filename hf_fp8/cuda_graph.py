@@ -12,7 +12,7 @@ Why: an eager step launches every kernel from Python, and an FP8 layer launches 
 GPU waits for the host: on the lent H100, Llama-3.2-1B shapes (16 layers, B=2, S=4096) with
 every decoder linear in FP8 took 134.4-153.8 ms per step eagerly (two runs, two hosts) and
 119.6-121.8 ms replayed as a graph (stock BF16 186.3 ms, our eager default with BF16 layers
-138.8 ms; ``benchmarks/results/llama_graph_1b_h100.json``). With Llama-3-8B shapes the eager
+138.8 ms; ``benchmarks/results/history/llama_graph_1b_h100.json``). With Llama-3-8B shapes the eager
 step is already GPU-bound: 176.3 graphed against 173.8 ms eager, 178.0 against 181.9 in another
 run (``llama_graph_h100.json``). Converting with
 ``Fp8Config(cuda_graph=True)`` gives the auto filter the thresholds measured with graphed steps

@@ -3,7 +3,7 @@
 Each delayed-scaling cast first turns its amax history into a scale and rolls the history (one
 tiny kernel), then casts. In a model that is one extra launch per cast: 3 per FP8 layer per
 step, 72 for the 24 MLP layers of an 8-layer Llama-3-8B, each ~30 us of host time on the lent
-H100's host (``benchmarks/results/host_h100.json``) for ~2 us of GPU work. TransformerEngine
+H100's host (``benchmarks/results/history/host_h100.json``) for ~2 us of GPU work. TransformerEngine
 updates every scale in one fused kernel per step for the same reason.
 
 :class:`DelayedScaleUpdateHook`, a forward pre-hook that :func:`hf_fp8.convert` registers on the

@@ -24,7 +24,7 @@ writes it whole for each K≈500 GEMM: measured on the H100 (B=2, S=4096, vocab 
 for the loss against 50.8 ms for HF's BF16 path. Blocks of ~1000 tokens accumulate 8 times per
 step into the BF16 gradient: the loss alone (fwd+bwd, B=2, S=4096, vocab 128256) took 44.9 ms
 and 1.64 GB at 512-token chunks and 1024-token blocks (two buffers), against 42.1 ms and
-3.22 GB with one block; 256-token chunks cost 50.6 ms (``benchmarks/results/loss_blocks_h100.json``).
+3.22 GB with one block; 256-token chunks cost 50.6 ms (``benchmarks/results/history/loss_blocks_h100.json``).
 
 Semantics are HF's ``ForCausalLMLoss``: labels are shifted left by one (or ``shift_labels``
 is used as given), ``ignore_index`` tokens count for nothing, and the loss is the mean over

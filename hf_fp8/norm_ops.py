@@ -19,7 +19,7 @@ its read-back less per norm in the forward and 3 add kernels (576 MB of traffic)
 backward, for one partial gradient more alive at once in the q/k/v backward (64 MB; the
 step's peak did not move). Measured on the H100 (8-layer 8B-shaped Llama, B=2, S=4096,
 delayed): 171.2-172.2 ms per step against 174.9 ms with the norms on their own
-(``benchmarks/results/llama_norm_h100.json``, ``llama_e2e_more_h100.json``).
+(``benchmarks/results/history/llama_norm_h100.json``, ``llama_e2e_more_h100.json``).
 
 It applies (:func:`norm_input_fusable`) to an RMSNorm patched by
 :func:`hf_fp8.integrations.fused_ops.patch_fused_ops` without hooks, followed by 1 to 3

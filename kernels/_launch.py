@@ -2,7 +2,7 @@
 
 ``kernel[grid](*args, **constexprs)`` binds and specializes every argument in Python before
 each launch: 20-40 us of host time per launch of our 30-argument cast kernel on the lent
-H100's host (``benchmarks/results/host_h100.json``, each piece with and without this module:
+H100's host (``benchmarks/results/history/host_h100.json``, each piece with and without this module:
 a one-launch re-cast 62 vs 81 us, a two-launch tensorwise cast 76 vs 112 us). An FP8 layer
 launches 6 to 9 such kernels per training step, a large part of why its host time was ~1.9 ms
 against 0.23 ms for ``nn.Linear``, and why a model with small FP8 layers left the GPU waiting

@@ -23,7 +23,7 @@ written per element with FP32 moments, 14 bytes with BF16 moments, in one pass.
 ``torch.optim.AdamW(fused=True)`` moves the same 14 bytes for BF16 parameters, but its
 multi-tensor launches cover at most a few hundred 64K-element chunks each (134 launches for an
 8-layer Llama-3-8B-shaped model): 20.3 ms per step on the H100, ~1.9 TB/s
-(``benchmarks/results/llama_profile_norm_h100.json``). Here each tensor is one launch whose grid
+(``benchmarks/results/history/llama_profile_norm_h100.json``). Here each tensor is one launch whose grid
 covers the whole tensor (``benchmarks/bench_adamw.py`` measures both side by side).
 """
 
@@ -59,7 +59,7 @@ def _stochastic_bf16(x, r):
 def _hash32(x):
     """A 32-bit integer hash with full avalanche ("lowbias32", C. Wellons' hash prospector):
     five integer ops per call, against Philox's ~10 rounds, which made the step compute-bound
-    (benchmarks/results/adamw_rng_probe_h100.json: stochastic rounding of weight and moments
+    (benchmarks/results/history/adamw_rng_probe_h100.json: stochastic rounding of weight and moments
     with tl.randint4x per element 6.67 ms per 2^30 elements, with two hashes 5.12, nearest 5.00)."""
     x = x ^ (x >> 16)
     x = x * 0x7FEB352D

@@ -3,7 +3,7 @@
 torch's dense embedding backward on CUDA zero-fills the whole (V, H) gradient, sorts the token
 ids, then sums each id's rows in separate segment kernels (on the H100, Llama-3 vocab 128256,
 hidden 4096, 8192 tokens: 0.32 ms of fill and ~0.6 ms of sort and scatter per step,
-``benchmarks/results/llama_profile_adamw_h100.json``). Here each program owns whole rows of the
+``benchmarks/results/history/llama_profile_adamw_h100.json``). Here each program owns whole rows of the
 gradient and writes every one of them once: zeros for an id no token has, else the FP32 sum of
 that id's output-gradient rows, rounded once. The rows of an id are summed in token order (a
 stable sort), so the result is deterministic. Traffic: the gradient written once (1.05 GB at

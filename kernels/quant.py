@@ -446,7 +446,7 @@ TUNING: dict[str, tuple[int, ...]] = {
     "programs_per_sm": (4,),  # persistent amax grid: enough loads in flight to cover HBM latency
     "cast": (32, 256, 4),
     # with a transposed copy: 64x64 tiles moving the 16-bit operand through shared memory, from
-    # every transposed cast of the 8B step (benchmarks/results/cast_transpose_h100.json: 9.32 ms
+    # every transposed cast of the 8B step (benchmarks/results/history/cast_transpose_h100.json: 9.32 ms
     # per step against 10.33 at the former 128x64, FP32 tile; same codes)
     "cast_t": (64, 64, 4),
     "cast_t_mode": (1,),  # what the transposed copy moves through shared memory (_saturate_and_store)

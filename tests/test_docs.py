@@ -18,3 +18,13 @@ def test_readme_names_the_test_command_ci_runs():
     ci = (ROOT / ".ci" / "run").read_text()
     assert "bash scripts/dev.sh test" in readme and "bash scripts/dev.sh test" in ci
     assert "bash scripts/dev.sh demo" in readme
+
+
+def test_readme_is_a_user_guide():
+    """At most ~400 lines; measurements live in benchmarks/README.md, so no commit hashes here."""
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) <= 400
+    hashes = [h for h in re.findall(r"\b[0-9a-f]{7,40}\b", readme) if re.search(r"[a-f]", h) and re.search(r"\d", h)]
+    assert not hashes, f"commit hashes in README.md: {hashes}"

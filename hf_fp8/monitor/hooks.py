@@ -40,7 +40,7 @@ __all__ = [
 # ~50 GB, some 20 ms on an H100, a few percent of that step by this estimate). Divided by 100
 # that is a few hundredths of a percent of training time, while a run of a few thousand steps
 # still gets tens of points, enough to see kurtosis climb long before the loss moves.
-# benchmarks/bench_monitor.py measures it.
+# (measured by benchmarks/bench_monitor.py, since retired: benchmarks/results/history/monitor_h100.json)
 DEFAULT_INTERVAL = 100
 # 3 for Gaussian features. One feature c times larger than the other features' RMS gives about
 # K (3K + c^4) / (K + c^2)^2 (K = hidden size): ~35 for c = 20 and ~135 for c = 30 at K = 4096.
