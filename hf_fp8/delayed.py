@@ -30,7 +30,34 @@ from hf_fp8._backend import use_triton_kernels
 from hf_fp8.config import AmaxComputeAlgo
 from hf_fp8.scaling import Role
 
-__all__ = ["DelayedScaleUpdateHook", "install_delayed_update_hook", "remove_delayed_update_hook"]
+__all__ = [
+    "DelayedScaleUpdateHook",
+    "in_backward",
+    "install_delayed_update_hook",
+    "remove_delayed_update_hook",
+    "training_forward",
+]
+
+# Whether the forward of a model carrying the update hook started with grad enabled, until it
+# ends: the first pass of a reentrant activation checkpoint runs its layers without grad inside
+# such a training forward, and its casts must still advance the delayed state (once).
+_ROOT_TRAINING = [False]
+
+
+def in_backward() -> bool:
+    """True while autograd runs a backward pass: a forward then is activation checkpointing
+    recomputing a layer (reentrant or not). torch has no public query for this; without
+    ``torch._C._current_graph_task_id`` (every torch hf_fp8 supports has it) this says False and
+    a recompute updates its scales again, as it did before."""
+    task_id = getattr(torch._C, "_current_graph_task_id", None)
+    return task_id is not None and task_id() != -1
+
+
+def training_forward() -> bool:
+    """Whether the FP8 casts called now advance the delayed-scaling state: a forward with grad, or
+    the first pass of a reentrant checkpoint inside a training forward; not a recompute (it casts
+    with the scales its first pass used), not evaluation or generation."""
+    return (torch.is_grad_enabled() or _ROOT_TRAINING[0]) and not in_backward()
 
 
 class DelayedScaleUpdateHook:
@@ -88,6 +115,7 @@ class DelayedScaleUpdateHook:
     def __call__(self, module: nn.Module, args) -> None:
         if torch.compiler.is_compiling():
             return None
+        _ROOT_TRAINING[0] = torch.is_grad_enabled() and not in_backward()
 
         # a forward without grad (evaluation, generation) casts with the scales as they are and
         # changes nothing (hf_fp8.scaling.quantize_operand(training=False))
@@ -132,11 +160,16 @@ class DelayedScaleUpdateHook:
         return addresses
 
 
+def _end_of_forward(module: nn.Module, args, output) -> None:
+    _ROOT_TRAINING[0] = False
+
+
 def install_delayed_update_hook(model: nn.Module) -> bool:
     """Register the hook on ``model`` (idempotent); True if it was added."""
     if any(isinstance(h, DelayedScaleUpdateHook) for h in model._forward_pre_hooks.values()):
         return False
     model.register_forward_pre_hook(DelayedScaleUpdateHook())
+    model.register_forward_hook(_end_of_forward)
     return True
 
 
@@ -144,3 +177,6 @@ def remove_delayed_update_hook(model: nn.Module) -> None:
     for key, h in list(model._forward_pre_hooks.items()):
         if isinstance(h, DelayedScaleUpdateHook):
             del model._forward_pre_hooks[key]
+    for key, h in list(model._forward_hooks.items()):
+        if h is _end_of_forward:
+            del model._forward_hooks[key]

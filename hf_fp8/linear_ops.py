@@ -27,6 +27,7 @@ import torch
 
 from hf_fp8._backend import fp8_gemm_supported
 from hf_fp8.config import NonFinitePolicy, Recipe
+from hf_fp8.delayed import training_forward
 from hf_fp8.gemm import scaled_mm
 from hf_fp8.scaling import DelayedScalingState, QuantizedOperand, Role, quantize_operand, transposed_copy
 
@@ -248,14 +249,17 @@ class _Fp8LinearFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, modules: tuple, out_dtype: torch.dtype, need_grad: bool, recast_input, *params):
+    def forward(
+        ctx, x: torch.Tensor, modules: tuple, out_dtype: torch.dtype, need_grad: bool, training: bool, recast_input,
+        *params,
+    ):  # fmt: skip
         weights, biases = params[0::2], params[1::2]
         need_dx = need_grad and x.requires_grad
         need_dw = [need_grad and w.requires_grad for w in weights]
         x2d = x.reshape(-1, x.shape[-1])
         recast_input = recast_input and any(need_dw)
         outs, x_t, x_t_scale, w_ts, regen = _forward(
-            modules, x2d, weights, biases, out_dtype, need_dx, need_dw, recast_input, training=need_grad
+            modules, x2d, weights, biases, out_dtype, need_dx, need_dw, recast_input, training=training
         )
         ctx.recast_input, ctx.input_scale = recast_input, x_t_scale  # (rowwise: no scale, re-derived)
         if recast_input:
@@ -285,7 +289,7 @@ class _Fp8LinearFunction(torch.autograd.Function):
         )
         if grad_x is not None:
             grad_x = grad_x.reshape(ctx.x_shape)
-        return (grad_x, None, None, None, None, *(g for pair in zip(grads_w, grads_b) for g in pair))
+        return (grad_x, None, None, None, None, None, *(g for pair in zip(grads_w, grads_b) for g in pair))
 
 
 # ---- torch.compile: custom ops -----------------------------------------------------------
@@ -448,4 +452,6 @@ def apply_group(modules: tuple, x: torch.Tensor, recast_input: bool = False) -> 
             outs = [o if m.bias is None else o + m.bias.to(out_dtype) for o, m in zip(outs, modules)]
             return tuple(o.reshape(*x.shape[:-1], o.shape[-1]) for o in outs)
         params = [p for m in modules for p in (m.weight, m.bias)]
-        return _Fp8LinearFunction.apply(x, modules, out_dtype, torch.is_grad_enabled(), recast_input, *params)
+        return _Fp8LinearFunction.apply(
+            x, modules, out_dtype, torch.is_grad_enabled(), training_forward(), recast_input, *params
+        )

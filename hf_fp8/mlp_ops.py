@@ -39,6 +39,7 @@ from torch import nn
 
 from hf_fp8 import norm_ops
 from hf_fp8._backend import fp8_gemm_supported, use_triton
+from hf_fp8.delayed import training_forward
 from hf_fp8.linear import Fp8Linear, _has_hooks
 from hf_fp8.linear_ops import _backward, _check_nonfinite, _forward, _gemm_with_weight
 from hf_fp8.scaling import Role, quantize_operand, quantize_swiglu_grads, transposed_copy
@@ -82,7 +83,9 @@ def _swiglu_backward(grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -
 
 class _Fp8SwiGLUMLPFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, modules, out_dtype, need_grad, w_gate, w_up, w_down, norm_w=None, eps=0.0, pass_input=False):
+    def forward(
+        ctx, x, modules, out_dtype, need_grad, training, w_gate, w_up, w_down, norm_w=None, eps=0.0, pass_input=False
+    ):  # fmt: skip
         # norm_w: x is the input of an RMSNorm (that weight, eps) whose output gate/up read; the
         # norm runs inside their input cast and its backward sums their input gradients
         # (hf_fp8.norm_ops). pass_input (with norm_w): x is returned too, for the residual
@@ -99,7 +102,7 @@ class _Fp8SwiGLUMLPFunction(torch.autograd.Function):
             rms = (norm_ops.rms_rstd(x2d, norm_w, eps), norm_w)
         (g, u), x_t, x_t_scale, w_ts, regen = _forward(
             (gate_m, up_m), x2d, (w_gate, w_up), (None, None), out_dtype, need_dx, need_dw[:2], rms=rms,
-            training=need_grad,
+            training=training,
         )  # fmt: skip
         ctx.norm = (need_grad and x.requires_grad, need_dnw) if rms is not None else None
         norm_saved = (x2d, *rms) if rms is not None and need_dx else (None, None, None)
@@ -117,12 +120,12 @@ class _Fp8SwiGLUMLPFunction(torch.autograd.Function):
             delayed=down_m._fp8_delayed,
             keep_scale=recompute,
             swiglu_up=u,
-            training=need_grad,
+            training=training,
         )
         _check_nonfinite(down_m, Role.INPUT, qa)
         emulate = not fp8_gemm_supported(x2d.device)
         y, (w_t_down, w_t_down_scale), regen_down = _gemm_with_weight(
-            down_m, w_down, qa.rows, qa.rows_scale, out_dtype, need_dact, emulate, training=need_grad
+            down_m, w_down, qa.rows, qa.rows_scale, out_dtype, need_dact, emulate, training=training
         )
         ctx.modules = modules
         ctx.need = (need_dx, need_dw, need_dact)
@@ -196,7 +199,7 @@ class _Fp8SwiGLUMLPFunction(torch.autograd.Function):
             grad_x = grad_x if need_x else None
         if grad_x is not None:
             grad_x = grad_x.reshape(ctx.x_shape)
-        return grad_x, None, None, None, grad_gate, grad_up, grad_down, grad_nw, None, None
+        return grad_x, None, None, None, None, grad_gate, grad_up, grad_down, grad_nw, None, None
 
 
 def fused_swiglu_mlp(
@@ -231,10 +234,11 @@ def fused_swiglu_mlp(
     with torch.autocast(device_type=device_type, enabled=False) if autocast else contextlib.nullcontext():
         if norm is None:
             y = _Fp8SwiGLUMLPFunction.apply(
-                x, (gate, up, down), out_dtype, torch.is_grad_enabled(), gate.weight, up.weight, down.weight
-            )
+                x, (gate, up, down), out_dtype, torch.is_grad_enabled(), training_forward(),
+                gate.weight, up.weight, down.weight,
+            )  # fmt: skip
             return (y, residual) if pass_input else y
         return _Fp8SwiGLUMLPFunction.apply(
-            x, (gate, up, down), out_dtype, torch.is_grad_enabled(), gate.weight, up.weight, down.weight,
-            norm.weight, float(norm.variance_epsilon), pass_input,
+            x, (gate, up, down), out_dtype, torch.is_grad_enabled(), training_forward(),
+            gate.weight, up.weight, down.weight, norm.weight, float(norm.variance_epsilon), pass_input,
         )  # fmt: skip

@@ -39,6 +39,7 @@ from torch import nn
 
 from hf_fp8._backend import use_triton
 from hf_fp8.config import Recipe
+from hf_fp8.delayed import training_forward
 from hf_fp8.linear import Fp8Linear, _has_hooks
 from hf_fp8.linear_ops import _backward, _forward
 
@@ -106,7 +107,7 @@ class _NormFp8GroupFunction(torch.autograd.Function):
     """``y_i = RMSNorm(x) W_iᵀ`` for 1 to 3 FP8 layers, the norm inside their input cast."""
 
     @staticmethod
-    def forward(ctx, x, norm_w, eps, modules, out_dtype, need_grad, pass_input, *weights):
+    def forward(ctx, x, norm_w, eps, modules, out_dtype, need_grad, training, pass_input, *weights):
         # pass_input: x is also returned (last), for the caller's residual connection: its
         # gradient then comes back to this node and joins the norm's input gradient in the
         # backward kernel (no separate BF16 add of the two, see fused_norm_linears)
@@ -118,7 +119,7 @@ class _NormFp8GroupFunction(torch.autograd.Function):
         rstd = rms_rstd(x2d, norm_w, eps)
         outs, x_t, x_t_scale, w_ts, regen = _forward(
             modules, x2d, weights, [None] * len(modules), out_dtype, need_dy, need_dw, rms=(rstd, norm_w),
-            training=need_grad,
+            training=training,
         )  # fmt: skip
         ctx.modules, ctx.regen = modules, regen
         ctx.need = (need_dx, need_dnw, need_dy, need_dw)
@@ -148,7 +149,7 @@ class _NormFp8GroupFunction(torch.autograd.Function):
         if need_dy:
             grad_x, grad_nw = rms_backward(partials, x2d, norm_w, rstd, need_dnw, residual if need_dx else None)
             grad_x = grad_x.reshape(ctx.x_shape) if need_dx else None
-        return (grad_x, grad_nw, None, None, None, None, None, *grads_w)
+        return (grad_x, grad_nw, None, None, None, None, None, None, *grads_w)
 
 
 def norm_shared_input_linears(norm: nn.Module, modules: tuple[nn.Module, ...], x: torch.Tensor):
@@ -177,5 +178,5 @@ def fused_norm_linears(norm: nn.Module, modules: tuple[nn.Module, ...], x: torch
     with torch.autocast(device_type=device_type, enabled=False) if autocast else contextlib.nullcontext():
         return _NormFp8GroupFunction.apply(
             x, norm.weight, float(norm.variance_epsilon), tuple(modules), out_dtype, torch.is_grad_enabled(),
-            pass_input, *(m.weight for m in modules),
+            training_forward(), pass_input, *(m.weight for m in modules),
         )  # fmt: skip

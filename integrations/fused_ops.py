@@ -106,14 +106,10 @@ def _decoder_forward(
 ) -> torch.Tensor:
     """HF's ``LlamaDecoderLayer.forward``, with each norm handed to the layers reading its output
     (hf_fp8's attention and MLP forwards), which run it inside their FP8 input cast when they
-    can (:mod:`hf_fp8.norm_ops`) and first otherwise. Gradient checkpointing takes HF's forward
-    (HF checkpoints it)."""
+    can (:mod:`hf_fp8.norm_ops`) and first otherwise. Under activation checkpointing HF
+    checkpoints the call of this forward, and the recompute takes the same path (its casts reuse
+    the first pass's scales: :func:`hf_fp8.delayed.training_forward`)."""
     cache = take_cache(past_key_values, kwargs)  # ``cache`` since transformers 5.24
-    if self.training and getattr(self, "gradient_checkpointing", False):
-        return type(self).forward(
-            self, hidden_states, attention_mask=attention_mask, position_ids=position_ids, use_cache=use_cache,
-            position_embeddings=position_embeddings, **{cache_arg(type(self).forward): cache}, **kwargs,
-        )  # fmt: skip
     residual = hidden_states
     # the attention / MLP forwards of hf_fp8 return the residual too (their input, through their
     # norm's node when fused): its gradient is then added inside the norm's backward kernel

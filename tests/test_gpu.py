@@ -888,3 +888,33 @@ def test_evaluation_and_monitor_leave_delayed_training_unchanged_on_gpu():
             hook.remove()
     a, b = fp8_state(grouped), fp8_state(one_by_one)
     assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing_changes_no_number_on_gpu(reentrant):
+    """The default recipe with Triton casts, the fused norm/MLP nodes and _scaled_mm: three steps with
+    HF's activation checkpointing equal three without (eager attention: a deterministic backward)."""
+    from llama_fixtures import bigram_batches, enable_activation_checkpointing, tiny_llama
+
+    def run(checkpointing: bool):
+        with hf_fp8.set_default_dtype(torch.bfloat16):
+            model = tiny_llama(seed=3, hidden_size=256, intermediate_size=512).cuda()
+        hf_fp8.convert(model, hf_fp8.Fp8Config(auto_filter=False))
+        if checkpointing:
+            enable_activation_checkpointing(model, reentrant)
+        model.train()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        batches, losses = bigram_batches(2, 64, 512, seed=1), []
+        for _ in range(3):
+            ids = next(batches).cuda()
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+        state = {n: b.clone() for n, b in model.named_buffers() if "fp8_amax_history" in n or "fp8_scale" in n}
+        return losses, state
+
+    (l0, s0), (l1, s1) = run(False), run(True)
+    assert l1 == l0
+    assert all(torch.equal(s1[n], s0[n]) for n in s0)

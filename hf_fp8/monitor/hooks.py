@@ -59,10 +59,11 @@ class Fp8MonitorWarning(UserWarning):
 
 
 def _in_backward() -> bool:
-    """True while autograd runs a backward pass. A forward call then is activation
-    checkpointing recomputing the forward (reentrant or not): the same input, seen a second time."""
-    task_id = getattr(torch._C, "_current_graph_task_id", None)
-    return task_id is not None and task_id() != -1
+    """A forward call during a backward pass is activation checkpointing recomputing the forward
+    (reentrant or not): the same input, seen a second time."""
+    from hf_fp8.delayed import in_backward
+
+    return in_backward()
 
 
 def _select(model: nn.Module, modules: str | Callable[[str, nn.Module], bool]) -> dict[str, nn.Module]:
