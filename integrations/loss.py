@@ -7,7 +7,11 @@ The patched ``LlamaForCausalLM.forward`` runs the decoder as HF does, then
   batch x seq x vocab tensor) and, in training mode, returns no logits unless the call
   passes ``return_logits=True``;
 - without labels, or in eval mode: returns FP32 logits (FP32 accumulation of the lm_head GEMM);
-- in training mode with labels, and unless the call asks for a cache (``use_cache=True`` or
+- in training mode with labels and ``position_ids`` but no attention mask (sequences packed
+  without padding, ``DataCollatorWithFlattening``): runs without a cache, so that transformers
+  finds the packed sequences and keeps each one's attention to itself (with its default cache a
+  stock HF training step attends across them);
+- otherwise in training mode with labels, and unless the call asks for a cache (``use_cache=True`` or
   ``past_key_values``): hands the decoder a cache that stores nothing (``_TrainingStepCache``)
   and returns no cache. HF's default (``config.use_cache``) copies every layer's keys and
   values into a cache that a training step never reads (16 copies, ~0.85 ms and 268 MB at an
@@ -93,6 +97,10 @@ def _training_step_cache(model: nn.Module):
     return entry[2]
 
 
+def _maybe_packed(attention_mask, position_ids) -> bool:
+    return attention_mask is None and isinstance(position_ids, torch.Tensor) and position_ids.dim() == 2
+
+
 def _causal_lm_forward(
     self,
     input_ids=None,
@@ -114,6 +122,12 @@ def _causal_lm_forward(
     return_dict = kwargs.pop("return_dict", None)
     shift_labels = kwargs.get("shift_labels")
     training_step = self.training and (labels is not None or shift_labels is not None)
+    if training_step and use_cache is None and past_key_values is None and _maybe_packed(attention_mask, position_ids):
+        # position_ids without a mask: possibly sequences packed without padding
+        # (DataCollatorWithFlattening). HF looks for packed sequences only when no cache is passed,
+        # and with its default cache a training step would attend across them (stock HF does):
+        # no cache, so that transformers' check runs and each sequence attends to itself only
+        use_cache = False
     no_store = (
         STORELESS_TRAINING_CACHE
         and training_step

@@ -289,8 +289,9 @@ def test_patched_llama_fp32_equals_stock():
 def test_training_step_cache_stores_nothing_and_keeps_hf_path(monkeypatch):
     """Training with labels: the decoder gets a cache that stores nothing (no k/v copies) and the
     step returns none; masks take HF's default path (a cache is present, so no packed-sequence
-    check on position_ids); loss and gradients are bit-identical to the patched model with
-    HF's own cache. An explicit use_cache=True, eval mode, or no labels keep HF's cache."""
+    check); loss and gradients are bit-identical to the patched model with HF's own cache. An
+    explicit use_cache=True, eval mode, or no labels keep HF's cache. position_ids without a mask
+    (possibly packed sequences) run without a cache, so that HF's packed-sequence check runs."""
     import transformers.cache_utils as cu
     import transformers.masking_utils as mu
 
@@ -303,7 +304,7 @@ def test_training_step_cache_stores_nothing_and_keeps_hf_path(monkeypatch):
 
     def loss_and_grads(**kw):
         model.zero_grad()
-        out = model(input_ids=ids, labels=ids, position_ids=pos, **kw)
+        out = model(input_ids=ids, labels=ids, **kw)
         out.loss.backward()
         return out, [p.grad.clone() for p in model.parameters()]
 
@@ -331,6 +332,11 @@ def test_training_step_cache_stores_nothing_and_keeps_hf_path(monkeypatch):
     model.train()
     model(input_ids=ids, labels=ids, use_cache=False)  # asked for no cache: HF's own path, with its check
     assert packed_checks
+    packed_checks.clear()
+    stored.clear()
+    with_pos, _ = loss_and_grads(position_ids=pos)  # maybe packed: no cache, HF's check runs
+    assert packed_checks and not stored and with_pos.past_key_values is None
+    assert_bits_equal(with_pos.loss, out.loss)  # (these rows are not packed: the same loss)
 
 
 def test_training_step_cache_is_built_once_per_config(monkeypatch):
