@@ -65,6 +65,23 @@ def load(model_name_or_path: str | None, text: str, dtype: torch.dtype | None = 
     return tiny_llama(vocab, dtype), tokenizer
 
 
+def with_recipe_defaults(argv: list[str], defaults: list[str]) -> list[str]:
+    """The scripts' default arguments for this command line: hf_fp8's default recipe unless
+    ``--fp8`` or ``--full_bf16`` is given (said on stdout, with how to choose another or none),
+    and no FP8 flag under ``--full_bf16``."""
+    import hf_fp8
+
+    defaults = list(defaults)
+    if "--full_bf16" in argv and "--fp8_auto_filter" in defaults:  # an FP8 flag: full-BF16 has no FP8 layers
+        i = defaults.index("--fp8_auto_filter")
+        del defaults[i : i + 2]
+    if "--fp8" not in argv and "--full_bf16" not in argv:
+        default = hf_fp8.Fp8Config().recipe.value
+        print(f"FP8 recipe: {default} (hf_fp8's default; --fp8 rowwise|tensorwise to choose, --fp8 none for BF16)")
+        defaults += ["--fp8", default]
+    return defaults
+
+
 class TextBlocks(torch.utils.data.Dataset):
     """The text tokenized once and cut into ``seq_len``-token causal-LM examples."""
 

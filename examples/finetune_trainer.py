@@ -24,7 +24,7 @@ from transformers import HfArgumentParser
 import hf_fp8
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _shared import DEFAULT_TEXT, TextBlocks, load  # noqa: E402
+from _shared import DEFAULT_TEXT, TextBlocks, load, with_recipe_defaults  # noqa: E402
 
 
 @dataclasses.dataclass
@@ -63,14 +63,7 @@ ANY_DEFAULTS = ["--output_dir", "runs/finetune_trainer", "--report_to", "none"]
 def main(argv: list[str] | None = None) -> str:
     argv = list(sys.argv[1:] if argv is None else argv)
     embedded = "--model_name_or_path" not in argv
-    defaults = list(TINY_DEFAULTS if embedded else ANY_DEFAULTS)
-    if "--full_bf16" in argv and "--fp8_auto_filter" in defaults:  # an FP8 flag: full-BF16 has no FP8 layers
-        i = defaults.index("--fp8_auto_filter")
-        del defaults[i : i + 2]
-    if "--fp8" not in argv and "--full_bf16" not in argv:
-        default = hf_fp8.Fp8Config().recipe.value
-        print(f"FP8 recipe: {default} (hf_fp8's default; --fp8 rowwise|tensorwise to choose, --fp8 none for BF16)")
-        defaults += ["--fp8", default]
+    defaults = with_recipe_defaults(argv, TINY_DEFAULTS if embedded else ANY_DEFAULTS)
     parser = HfArgumentParser((ScriptArguments, hf_fp8.TrainingArguments))
     script, args = parser.parse_args_into_dataclasses(args=defaults + argv)
     text = Path(script.text_file).read_text()

@@ -30,7 +30,7 @@ from transformers import HfArgumentParser
 import hf_fp8
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _shared import DEFAULT_TEXT, load  # noqa: E402
+from _shared import DEFAULT_TEXT, load, with_recipe_defaults  # noqa: E402
 
 
 @dataclasses.dataclass
@@ -101,14 +101,7 @@ def main(argv: list[str] | None = None):
     trainer_cls = type(f"Fp8{trainer_name}", (hf_fp8.Fp8TrainerMixin, getattr(trl, trainer_name)), {})
 
     embedded = "--model_name_or_path" not in argv
-    defaults = list(TINY_DEFAULTS if embedded else ANY_DEFAULTS)
-    if "--full_bf16" in argv and "--fp8_auto_filter" in defaults:  # an FP8 flag: full-BF16 has no FP8 layers
-        i = defaults.index("--fp8_auto_filter")
-        del defaults[i : i + 2]
-    if "--fp8" not in argv and "--full_bf16" not in argv:
-        default = hf_fp8.Fp8Config().recipe.value
-        print(f"FP8 recipe: {default} (hf_fp8's default; --fp8 rowwise|tensorwise to choose, --fp8 none for BF16)")
-        defaults += ["--fp8", default]
+    defaults = with_recipe_defaults(argv, TINY_DEFAULTS if embedded else ANY_DEFAULTS)
     defaults = ["--output_dir", f"runs/trl_{kind}", *defaults]
     if kind == "grpo":
         defaults += ["--max_completion_length", "12", "--num_generations", "4", "--generation_batch_size", "4"]

@@ -71,6 +71,24 @@ def train_losses(model, optimizer, steps: int, *, batch: int = 8, seq: int = 32,
     return losses
 
 
+def sgd_steps(model, batches, steps: int, *, lr: float = 0.05, device=None, after_step=None) -> list[float]:
+    """``steps`` SGD steps of ``model`` on batches drawn from the iterator ``batches`` (moved to
+    ``device``); ``after_step(model)`` runs after each; the loss of each step."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        ids = next(batches)
+        ids = ids if device is None else ids.to(device)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+        if after_step is not None:
+            after_step(model)
+    return losses
+
+
 def losses_with_norms_fused_and_not(
     model, twin, batches, lr: float = 1e-3, switch: tuple = ("hf_fp8.norm_ops", "ENABLED")
 ) -> tuple[list, list]:

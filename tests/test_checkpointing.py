@@ -9,7 +9,7 @@ import copy
 
 import pytest
 import torch
-from llama_fixtures import bigram_batches, enable_activation_checkpointing, tiny_llama
+from llama_fixtures import bigram_batches, enable_activation_checkpointing, sgd_steps, tiny_llama
 from torch.utils.checkpoint import checkpoint
 
 import hf_fp8
@@ -48,15 +48,8 @@ def test_training_with_checkpointing_equals_training_without(recipe, mode):
     runs = []
     for model in (plain, ckpt):
         model.train()
-        opt = torch.optim.SGD(model.parameters(), lr=0.05)
-        batches, losses = bigram_batches(2, 32, 512, seed=1), []
-        for _ in range(4):  # the first step seeds the delayed histories, the next ones use them
-            ids = next(batches)
-            loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            losses.append(loss.item())
+        # the first step seeds the delayed histories, the next ones use them
+        losses = sgd_steps(model, bigram_batches(2, 32, 512, seed=1), 4)
         runs.append((losses, _state(model), {n: p.detach().clone() for n, p in model.named_parameters()}))
     (l_plain, s_plain, p_plain), (l_ckpt, s_ckpt, p_ckpt) = runs
     assert l_ckpt == l_plain

@@ -7,7 +7,7 @@ import conftest
 import pytest
 import torch
 from helpers import assert_bits_equal
-from llama_fixtures import bigram_batches, tiny_llama
+from llama_fixtures import bigram_batches, sgd_steps, tiny_llama
 
 import hf_fp8
 
@@ -89,22 +89,15 @@ def test_evaluations_in_between_do_not_change_training():
     def run(evaluate: bool):
         model = tiny_llama(seed=5).to(torch.bfloat16)
         hf_fp8.convert(model, hf_fp8.Fp8Config(recipe="delayed", auto_filter=False, exclude=("lm_head",)))
-        opt = torch.optim.SGD(model.parameters(), lr=0.05)
-        batches = bigram_batches(2, 16, 512, seed=7)
         probe = next(bigram_batches(3, 24, 512, seed=8)) * 0 + 11  # a different input, all one token
-        losses = []
-        for _ in range(4):
-            ids = next(batches)
-            loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            losses.append(loss.item())
-            if evaluate:
-                model.eval()
-                with torch.no_grad():
-                    model(input_ids=probe, labels=probe)
-                model.train()
+
+        def evaluation(model):
+            model.eval()
+            with torch.no_grad():
+                model(input_ids=probe, labels=probe)
+            model.train()
+
+        losses = sgd_steps(model, bigram_batches(2, 16, 512, seed=7), 4, after_step=evaluation if evaluate else None)
         return losses, _fp8_buffers(model)
 
     plain_losses, plain_state = run(False)

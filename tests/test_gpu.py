@@ -836,7 +836,7 @@ def test_evaluation_and_monitor_leave_delayed_training_unchanged_on_gpu():
     runs one layer at a time (a hook on k_proj, as the FP8 monitor's sampled steps have) computes
     the same loss and leaves the same delayed state as the grouped step. (Its gradients may round
     differently: hooks turn off the fused RMSNorm, whose backward sums in FP32.)"""
-    from llama_fixtures import bigram_batches, tiny_llama
+    from llama_fixtures import bigram_batches, sgd_steps, tiny_llama
 
     def build():
         with hf_fp8.set_default_dtype(torch.bfloat16):
@@ -847,26 +847,20 @@ def test_evaluation_and_monitor_leave_delayed_training_unchanged_on_gpu():
     def fp8_state(model):
         return {n: b.clone() for n, b in model.named_buffers() if "fp8_amax_history" in n or "fp8_scale" in n}
 
+    probe = next(bigram_batches(3, 32, 512, seed=8)).cuda()
+
+    def evaluation(model):
+        before = fp8_state(model)
+        with torch.no_grad():
+            a, b = model(input_ids=probe).logits, model(input_ids=probe).logits
+        assert torch.equal(a, b)
+        after = fp8_state(model)
+        assert all(torch.equal(after[n], before[n]) for n in before)
+
     def run(evaluate: bool):
         model = build()
-        opt = torch.optim.SGD(model.parameters(), lr=0.05)
         batches = bigram_batches(2, 64, 512, seed=7)
-        probe = next(bigram_batches(3, 32, 512, seed=8)).cuda()
-        losses = []
-        for _ in range(4):
-            ids = next(batches).cuda()
-            loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            losses.append(loss.item())
-            if evaluate:
-                before = fp8_state(model)
-                with torch.no_grad():
-                    a, b = model(input_ids=probe).logits, model(input_ids=probe).logits
-                assert torch.equal(a, b)
-                after = fp8_state(model)
-                assert all(torch.equal(after[n], before[n]) for n in before)
+        losses = sgd_steps(model, batches, 4, device="cuda", after_step=evaluation if evaluate else None)
         return losses, fp8_state(model)
 
     (l_eval, s_eval), (l_plain, s_plain) = run(True), run(False)
@@ -894,7 +888,7 @@ def test_evaluation_and_monitor_leave_delayed_training_unchanged_on_gpu():
 def test_activation_checkpointing_changes_no_number_on_gpu(reentrant):
     """The default recipe with Triton casts, the fused norm/MLP nodes and _scaled_mm: three steps with
     HF's activation checkpointing equal three without (eager attention: a deterministic backward)."""
-    from llama_fixtures import bigram_batches, enable_activation_checkpointing, tiny_llama
+    from llama_fixtures import bigram_batches, enable_activation_checkpointing, sgd_steps, tiny_llama
 
     def run(checkpointing: bool):
         with hf_fp8.set_default_dtype(torch.bfloat16):
@@ -903,15 +897,7 @@ def test_activation_checkpointing_changes_no_number_on_gpu(reentrant):
         if checkpointing:
             enable_activation_checkpointing(model, reentrant)
         model.train()
-        opt = torch.optim.SGD(model.parameters(), lr=0.05)
-        batches, losses = bigram_batches(2, 64, 512, seed=1), []
-        for _ in range(3):
-            ids = next(batches).cuda()
-            loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            losses.append(loss.item())
+        losses = sgd_steps(model, bigram_batches(2, 64, 512, seed=1), 3, device="cuda")
         state = {n: b.clone() for n, b in model.named_buffers() if "fp8_amax_history" in n or "fp8_scale" in n}
         return losses, state
 
