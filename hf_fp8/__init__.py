@@ -15,6 +15,7 @@ from hf_fp8 import monitor, optim
 from hf_fp8._backend import fp8_gemm_supported, kernel_backend
 from hf_fp8.config import AmaxComputeAlgo, Fp8Config, Fp8Format, NonFinitePolicy, Recipe
 from hf_fp8.convert import convert, nonfinite_modules, reset_nonfinite, revert
+from hf_fp8.coverage import Fp8Coverage, fp8_coverage, reset_fp8_coverage
 from hf_fp8.cuda_graph import CudaGraphStep
 from hf_fp8.dtypes import set_default_dtype
 from hf_fp8.integrations.loss import patch_loss, unpatch_loss
@@ -78,6 +79,7 @@ __all__ = [
     "ConversionReport",
     "CudaGraphStep",
     "Fp8Config",
+    "Fp8Coverage",
     "Fp8Format",
     "Fp8Linear",
     "Fp8Monitor",
@@ -92,6 +94,7 @@ __all__ = [
     "RopePatch",
     "chunked_linear_cross_entropy",
     "convert",
+    "fp8_coverage",
     "fp8_gemm_supported",
     "kernel_backend",
     "load_fp8",
@@ -102,6 +105,7 @@ __all__ = [
     "patch_loss",
     "patch_rope",
     "register_attention",
+    "reset_fp8_coverage",
     "reset_nonfinite",
     "revert",
     "save_fp8",

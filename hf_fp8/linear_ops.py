@@ -25,9 +25,10 @@ import weakref
 
 import torch
 
+from hf_fp8 import coverage as _cov
 from hf_fp8._backend import fp8_gemm_supported
 from hf_fp8.config import NonFinitePolicy, Recipe
-from hf_fp8.delayed import training_forward
+from hf_fp8.delayed import in_backward, training_forward
 from hf_fp8.gemm import scaled_mm
 from hf_fp8.scaling import DelayedScalingState, QuantizedOperand, Role, quantize_operand, transposed_copy
 
@@ -66,6 +67,24 @@ def _b_scale(scale: torch.Tensor) -> torch.Tensor:
 
 
 _EMULATION_NOTED = False
+
+
+def count_backward(modules) -> None:
+    """hf_fp8.coverage: these layers ran their backward GEMMs in FP8."""
+    for m in modules:
+        _cov.count(m, _cov.BACKWARD)
+
+
+def _count_forward(modules, training: bool) -> None:
+    """hf_fp8.coverage: a training forward, a recompute (a forward inside a backward), or neither."""
+    if training:
+        counter = _cov.FORWARD
+    elif in_backward():
+        counter = _cov.RECOMPUTE
+    else:
+        return
+    for m in modules:
+        _cov.count(m, counter)
 
 
 def _note_emulation(device: torch.device) -> None:
@@ -121,6 +140,7 @@ def _forward(
     emulate = not fp8_gemm_supported(x2d.device)
     if emulate and not _EMULATION_NOTED:
         _note_emulation(x2d.device)
+    _count_forward(modules, training)
     delayed, input_training = lead._fp8_delayed, training
     source = getattr(lead, "_fp8_input_from", None)
     if source is not None:  # one of a group run one by one: the group's input scale, no state of its own
@@ -275,6 +295,7 @@ class _Fp8LinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grad_outs: torch.Tensor):
+        count_backward(ctx.modules)
         x_t, x_t_scale, *rest = ctx.saved_tensors
         if ctx.recast_input:  # x_t holds x: re-cast its transposed copy
             x = x_t.reshape(-1, x_t.shape[-1])
@@ -410,6 +431,8 @@ def _setup_context(ctx, inputs, output):
 
 def _op_backward(ctx, grad_outputs):
     n = ctx.n
+    if not torch.compiler.is_compiling():
+        count_backward(_lookup(ctx.keys))
     x_t, x_t_scale, *rest = ctx.saved_tensors
     weights, per_weight = rest[:n], rest[n:]
     need_dx, need_dw = ctx.need

@@ -41,7 +41,7 @@ from hf_fp8 import norm_ops
 from hf_fp8._backend import fp8_gemm_supported, use_triton
 from hf_fp8.delayed import training_forward
 from hf_fp8.linear import Fp8Linear, _has_hooks
-from hf_fp8.linear_ops import _backward, _check_nonfinite, _forward, _gemm_with_weight
+from hf_fp8.linear_ops import _backward, _check_nonfinite, _count_forward, _forward, _gemm_with_weight, count_backward
 from hf_fp8.scaling import Role, quantize_operand, quantize_swiglu_grads, transposed_copy
 
 __all__ = ["fused_swiglu_mlp_applies", "fused_swiglu_mlp"]
@@ -124,6 +124,7 @@ class _Fp8SwiGLUMLPFunction(torch.autograd.Function):
         )
         _check_nonfinite(down_m, Role.INPUT, qa)
         emulate = not fp8_gemm_supported(x2d.device)
+        _count_forward((down_m,), training)
         y, (w_t_down, w_t_down_scale), regen_down = _gemm_with_weight(
             down_m, w_down, qa.rows, qa.rows_scale, out_dtype, need_dact, emulate, training=training
         )
@@ -142,6 +143,7 @@ class _Fp8SwiGLUMLPFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, residual=None):
+        count_backward(ctx.modules)
         (x_t, x_t_scale, a_t, a_t_scale, g, u, w_gate, w_up, w_down, wt_gate, wt_up, wt_down,
          x_normed_in, rstd, norm_w) = ctx.saved_tensors  # fmt: skip
         gate_m, up_m, down_m = ctx.modules

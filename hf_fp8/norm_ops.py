@@ -41,7 +41,7 @@ from hf_fp8._backend import use_triton
 from hf_fp8.config import Recipe
 from hf_fp8.delayed import training_forward
 from hf_fp8.linear import Fp8Linear, _has_hooks
-from hf_fp8.linear_ops import _backward, _forward
+from hf_fp8.linear_ops import _backward, _forward, count_backward
 
 __all__ = ["norm_input_fusable", "norm_shared_input_linears", "fused_norm_linears", "ENABLED"]
 
@@ -132,6 +132,7 @@ class _NormFp8GroupFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grad_outs):
+        count_backward(ctx.modules)
         x_t, x_t_scale, x2d, norm_w, rstd, *rest = ctx.saved_tensors
         n = len(ctx.modules)
         weights, w_ts = rest[:n], list(zip(rest[n:], ctx.w_t_scales))

@@ -201,6 +201,10 @@ def fp8_attention_forward(
 ) -> tuple[torch.Tensor, None]:
     """HF attention-interface function: q/k/v (B, H|Hk, S, D) -> ((B, S, H, D), None)."""
     reason = _unsupported(module, query, key, attention_mask, dropout, kwargs)
+    if not torch.compiler.is_compiling():
+        from hf_fp8.coverage import count_attention
+
+        count_attention(module, "fp8" if reason is None else reason)
     if reason is not None:
         # (under torch.compile the warning would break the graph: it is given in eager mode only)
         if reason not in _warned and not torch.compiler.is_compiling():

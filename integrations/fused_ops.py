@@ -17,6 +17,7 @@ gradient in one pass (:mod:`hf_fp8.embedding_ops`). Nothing outside the model ch
 
 from __future__ import annotations
 
+import functools
 import types
 
 import torch
@@ -94,6 +95,14 @@ def _takes_norm(module: nn.Module, forward) -> bool:
     return getattr(bound, "__func__", None) is forward
 
 
+def _class_forward_checkpoints(layer: nn.Module) -> bool:
+    """Whether transformers checkpoints this layer by wrapping its class's ``forward`` (transformers
+    >= 5.2x: ``GradientCheckpointingLayer.__init_subclass__``), which an instance ``forward`` bypasses;
+    older versions checkpoint ``__call__``, around whatever ``forward`` the instance has."""
+    code = getattr(type(layer).forward, "__code__", None)
+    return code is not None and code.co_name == "forward_with_checkpointing"
+
+
 def _decoder_forward(
     self,
     hidden_states: torch.Tensor,
@@ -110,6 +119,23 @@ def _decoder_forward(
     checkpoints the call of this forward, and the recompute takes the same path (its casts reuse
     the first pass's scales: :func:`hf_fp8.delayed.training_forward`)."""
     cache = take_cache(past_key_values, kwargs)  # ``cache`` since transformers 5.24
+    inside = kwargs.pop("_hf_fp8_inside_checkpoint", False)
+    if (
+        not inside
+        and self.training
+        and getattr(self, "gradient_checkpointing", False)
+        and torch.is_grad_enabled()
+        and _class_forward_checkpoints(self)
+    ):
+        # newer transformers checkpoint the class's forward, which this instance forward replaces:
+        # checkpoint this one the same way (hidden_states positional, for the reentrant mode)
+        return self._gradient_checkpointing_func(
+            functools.partial(
+                _decoder_forward, self, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+                position_embeddings=position_embeddings, _hf_fp8_inside_checkpoint=True, **kwargs,
+            ),
+            hidden_states,
+        )  # fmt: skip
     residual = hidden_states
     # the attention / MLP forwards of hf_fp8 return the residual too (their input, through their
     # norm's node when fused): its gradient is then added inside the norm's backward kernel

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import logging
 import os
 import warnings
 from typing import Any
@@ -359,6 +360,27 @@ def _load_in_bf16(args: Any) -> None:
         args.model_init_kwargs = kwargs
 
 
+class _CoverageLine(transformers.TrainerCallback):
+    """Logs, after the first optimizer step, one line saying what ran in FP8 in it
+    (:func:`hf_fp8.fp8_coverage`): a silent fallback shows as a count below the total."""
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        if state.global_step == 0 and model is not None:
+            from hf_fp8.coverage import reset_fp8_coverage
+
+            reset_fp8_coverage(model)
+        return control
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step == 1 and model is not None and getattr(args, "should_log", True):
+            from hf_fp8.coverage import fp8_coverage
+
+            coverage = fp8_coverage(model)
+            if coverage.layers or coverage.attention:
+                logging.getLogger("hf_fp8").warning("hf_fp8, step 1: %s", coverage.summary())
+        return control
+
+
 class _ConvertAtInitEnd(transformers.TrainerCallback):
     """Converts the model the Trainer loaded itself, at the end of ``transformers.Trainer.__init__``."""
 
@@ -431,6 +453,8 @@ class Fp8TrainerMixin:
         if config is not None:
             self._fp8_convert_reference_model(config)
             _note_trl_loss(self.model)
+            if not any(isinstance(c, (_CoverageLine, Fp8Callback)) for c in self.callback_handler.callbacks):
+                self.add_callback(_CoverageLine())
         if interval:
             from hf_fp8.monitor.callback import Fp8MonitorCallback
 
@@ -620,6 +644,7 @@ class Fp8Callback(transformers.TrainerCallback):
         self.nearest_bf16_updates = nearest_bf16_updates
         self.report = None
         self.monitor = None
+        self._coverage = _CoverageLine()
 
     def on_init_end(self, args, state, control, model=None, **kwargs):
         interval = getattr(args, "fp8_monitor_interval", 0)
@@ -647,6 +672,7 @@ class Fp8Callback(transformers.TrainerCallback):
         # again after an evaluation that ran in between)
         if control.should_save:
             self._save_state(args, state, model)
+        self._coverage.on_step_end(args, state, control, model=model, **kwargs)
         return self._monitor_event("on_step_end", args, state, control, model=model, **kwargs)
 
     def on_epoch_end(self, args, state, control, model=None, **kwargs):
@@ -732,6 +758,7 @@ class Fp8Callback(transformers.TrainerCallback):
         return control
 
     def on_step_begin(self, args, state, control, **kwargs):
+        self._coverage.on_step_begin(args, state, control, **kwargs)
         return self._monitor_event("on_step_begin", args, state, control, **kwargs)
 
     def on_log(self, args, state, control, logs=None, **kwargs):

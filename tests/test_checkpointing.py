@@ -52,6 +52,9 @@ def test_training_with_checkpointing_equals_training_without(recipe, mode):
         losses = sgd_steps(model, bigram_batches(2, 32, 512, seed=1), 4)
         runs.append((losses, _state(model), {n: p.detach().clone() for n, p in model.named_parameters()}))
     (l_plain, s_plain, p_plain), (l_ckpt, s_ckpt, p_ckpt) = runs
+    # the checkpointed run did recompute every FP8 layer (else this test would prove nothing)
+    assert all(r == 4 for _, r, _ in hf_fp8.fp8_coverage(ckpt).layers.values())
+    assert all(r == 0 for _, r, _ in hf_fp8.fp8_coverage(plain).layers.values())
     assert l_ckpt == l_plain
     for name in s_plain:  # histories advanced once per step, to the same amaxes
         assert torch.equal(s_ckpt[name], s_plain[name]), name
