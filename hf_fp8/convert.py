@@ -272,13 +272,11 @@ def _warn_low_coverage(report: ConversionReport, config: Fp8Config) -> None:
     FP8: say so once, with the main reason and what changes it."""
     import warnings
 
-    eligible = [
-        d
-        for d in report.decisions
-        if d.converted
-        or not (d.reason.startswith(("excluded by pattern", "not matched by the include", "output embedding")))
-        and not d.reason.startswith(("weight tied", "LoRA adapter", "already Fp8Linear"))
-    ]
+    # not eligible: what the user's patterns or the model's structure keep, never the size rule
+    kept_by_choice = (
+        "excluded by pattern", "not matched by the include", "output embedding", "weight tied", "LoRA adapter",
+    )  # fmt: skip
+    eligible = [d for d in report.decisions if d.converted or not d.reason.startswith(kept_by_choice)]
     converted = [d for d in eligible if d.converted]
     if not eligible or 2 * len(converted) >= len(eligible):
         return

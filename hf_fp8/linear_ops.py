@@ -133,8 +133,9 @@ def _forward(
     ``recast_input``: no Xᵀ (None); the second value is then the scale that re-casts it from X
     in the backward (:func:`hf_fp8.scaling.transposed_copy`), for an X the caller keeps.
     ``rms=(rstd, weight)``: the layers' input is the RMSNorm output of ``x2d``, computed inside
-    its cast (:mod:`hf_fp8.norm_ops`). ``training``: grad was enabled where the forward was
-    called; False casts change no scaling state (:func:`hf_fp8.scaling.quantize_operand`)."""
+    its cast (:mod:`hf_fp8.norm_ops`). ``training``: :func:`hf_fp8.delayed.training_forward` where
+    the forward was called; False (evaluation, generation, a checkpoint's recompute) casts change
+    no scaling state (:func:`hf_fp8.scaling.quantize_operand`)."""
     lead = modules[0]
     cfg = lead.fp8_config
     emulate = not fp8_gemm_supported(x2d.device)
@@ -349,7 +350,8 @@ def _fp8_linear_op(
 ) -> list[torch.Tensor]:
     """[y_0 .. y_n-1, Xᵀ, its scale, (Wᵀ_i, its scale, regen scale_i) for each weight] without bias (the
     caller adds it in the graph, where autograd differentiates it); absent ones as empty tensors.
-    ``training``: grad was enabled at the call (inside the op it is not)."""
+    ``training``: grad was enabled at the call (inside the op it is not; under ``torch.compile``
+    a checkpoint's recompute is not told apart)."""
     no_bias = [None] * len(weights)
     outs, x_t, x_t_scale, w_ts, regen = _forward(
         _lookup(keys), x2d, weights, no_bias, out_dtype, need_dx, need_dw, training=training
@@ -400,10 +402,12 @@ def _fp8_linear_backward_op(
     """[dX, dW_0 .. dW_n-1]; absent ones as empty tensors. ``per_weight``: the forward's (Wᵀ, its
     scale, regen scale) triples, flattened."""
     n = len(weights)
+    modules = _lookup(keys)
+    count_backward(modules)  # the op's body runs at every backward, compiled or not
     w_ts = [(_or_none(per_weight[3 * i]), _or_none(per_weight[3 * i + 1])) for i in range(n)]
     regen = [_or_none(per_weight[3 * i + 2]) for i in range(n)]
     grad_x, grads_w, _ = _backward(
-        _lookup(keys), grads2d, _or_none(x_t), _or_none(x_t_scale), weights, w_ts, regen,
+        modules, grads2d, _or_none(x_t), _or_none(x_t_scale), weights, w_ts, regen,
         x_dtype, need_dx, need_dw, [False] * n,
     )  # fmt: skip
     like = grads2d[0]
@@ -431,8 +435,6 @@ def _setup_context(ctx, inputs, output):
 
 def _op_backward(ctx, grad_outputs):
     n = ctx.n
-    if not torch.compiler.is_compiling():
-        count_backward(_lookup(ctx.keys))
     x_t, x_t_scale, *rest = ctx.saved_tensors
     weights, per_weight = rest[:n], rest[n:]
     need_dx, need_dw = ctx.need

@@ -303,8 +303,6 @@ def _new_arguments_of(base: type):
 
 def apply_to_model(model: nn.Module, config: Fp8Config, args: Any = None):
     """Convert ``model`` for ``config`` and mark ``args`` as applied. Returns the report."""
-    from hf_fp8.convert import convert
-
     report = convert(model, config)
     if args is not None:
         object.__setattr__(args, _APPLIED, True)

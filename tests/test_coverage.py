@@ -97,3 +97,13 @@ def test_trainer_logs_the_coverage_after_its_first_step(tmp_path, caplog):
         trainer.train()
     lines = [r.getMessage() for r in caplog.records if "step 1:" in r.getMessage()]
     assert lines == ["hf_fp8, step 1: FP8 layers: 14/14 ran their forward in FP8, 14/14 their backward"]
+
+
+def test_compiled_steps_are_counted_too():
+    """Under torch.compile the FP8 layers run as custom ops, whose bodies count at every call."""
+    net = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.ReLU(), torch.nn.Linear(96, 32))
+    hf_fp8.convert(net, hf_fp8.Fp8Config(auto_filter=False))
+    compiled = torch.compile(net, backend="aot_eager", fullgraph=True)
+    for _ in range(2):
+        compiled(torch.randn(16, 64)).square().mean().backward()
+    assert set(hf_fp8.fp8_coverage(net).layers.values()) == {(2, 0, 2)}
