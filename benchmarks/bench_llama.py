@@ -5,6 +5,8 @@ torchao float8 and hf_fp8, side by side in one run, each variant in its own proc
     python -m benchmarks.bench_llama --isolate --configs 1b --steps 300 --warmup 3 \
         --loss-window 50 --variants stock_bf16 hf_fp8 ... --out llama_1b_loss_h100.json   # loss vs BF16
     python -m benchmarks.bench_llama --isolate --configs 8b-full --batch 1 --checkpointing   # whole 8B
+    python -m benchmarks.bench_llama --isolate --configs 8b-full --batch 1 --checkpointing --pad-frac 0.25 \
+        --variants stock_bf16 hf_fp8 hf_fp8_fp8attn ...                                    # padded SFT batches
 
 Models (random init, BF16 parameters, SDPA attention): Llama-3-8B layer shapes with 8 layers
 ("8b": hidden 4096, MLP 14336, 32/8 heads, vocab 128256), the whole Llama-3-8B ("8b-full"), and
@@ -159,8 +161,31 @@ def bigram_batches(batch: int, seq: int, vocab: int, n: int) -> list[torch.Tenso
     return _BATCHES[key]
 
 
+def padded(batches: list[torch.Tensor], pad_frac: float) -> list[dict]:
+    """SFT-style padded batches: row b of each batch keeps its first ``seq * (1 - f_b)`` tokens and
+    is right-padded (pad id 0, attention mask 0, label -100) to the batch's length, with f_b spread
+    evenly over the rows so that the batch's mean padding fraction is ``pad_frac``."""
+    out = []
+    for ids in batches:
+        B, S = ids.shape
+        fracs = [pad_frac * 2 * (b + 0.5) / B for b in range(B)]
+        if max(fracs) >= 1:
+            raise ValueError(f"--pad-frac {pad_frac}: row padding {max(fracs):.2f} leaves no tokens (B={B})")
+        lengths = torch.tensor([round(S * (1 - f)) for f in fracs], device=ids.device)
+        mask = (torch.arange(S, device=ids.device)[None, :] < lengths[:, None]).long()
+        out.append(dict(input_ids=ids * mask, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)))
+    return out
+
+
 def run_variant(
-    name: str, config: dict, batch: int, seq: int, warmup: int, steps: int, checkpointing: bool = False
+    name: str,
+    config: dict,
+    batch: int,
+    seq: int,
+    warmup: int,
+    steps: int,
+    checkpointing: bool = False,
+    pad_frac: float = 0.0,
 ) -> dict:
     model, opt, note = build(name, config)
     if checkpointing:  # HF's activation checkpointing (every decoder layer recomputed in the backward)
@@ -180,7 +205,20 @@ def run_variant(
         note += "; CUDA graph step"
     t_start = time.perf_counter()
     batches = bigram_batches(batch, seq, config["vocab_size"], warmup + steps)
+    if pad_frac:
+        batches = padded(batches, pad_frac)
+        note += f"; {pad_frac:.0%} padding"
+    hf_fp8_attention = getattr(model.config, "_attn_implementation", None) == "hf_fp8"
+    if hf_fp8_attention:
+        import hf_fp8
+
+        hf_fp8.reset_fp8_coverage(model)
     timed = time_training_steps(model, opt, batches, warmup, forward_backward)
+    if hf_fp8_attention:  # what attention ran: the FP8 kernel, or a fallback and why
+        from hf_fp8.integrations.attention import _backward_path
+
+        seen = set().union(*(s.keys() for s in hf_fp8.fp8_coverage(model).attention.values()))
+        note += f"; attention: {', '.join(sorted(seen))}; backward: {_backward_path.get('last')}"
     row = dict(
         variant=name,
         note=note,
@@ -214,6 +252,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--budget-s", type=float, default=520)
     ap.add_argument("--checkpointing", action="store_true", help="HF activation checkpointing in every variant")
+    ap.add_argument(
+        "--pad-frac",
+        type=float,
+        default=0.0,
+        help="SFT-style right-padded batches with this mean fraction of padding (attention mask, labels -100)",
+    )
     ap.add_argument("--lr", type=float, default=LR, help="AdamW learning rate of every variant")
     ap.add_argument(
         "--loss-window",
@@ -251,8 +295,9 @@ def main() -> None:
                     row = _run_isolated(name, cfg_name, args)
                 else:
                     row = run_variant(
-                        name, CONFIGS[cfg_name], args.batch, args.seq, args.warmup, args.steps, args.checkpointing
-                    )
+                        name, CONFIGS[cfg_name], args.batch, args.seq, args.warmup, args.steps, args.checkpointing,
+                        args.pad_frac,
+                    )  # fmt: skip
             except Exception as e:  # noqa: BLE001  a failed variant is a result too
                 import traceback
 
@@ -277,7 +322,7 @@ def main() -> None:
                     row["mean_loss_last_vs_stock"] = row["mean_loss_last"] / base["mean_loss_last"]
             print(f"{cfg_name} {json.dumps({k: v for k, v in row.items() if k != 'losses'})}", flush=True)
             payload = {"env": environment(), "batch": args.batch, "seq": args.seq, "warmup": args.warmup,
-                       "steps": args.steps, "checkpointing": args.checkpointing, "lr": args.lr,
+                       "steps": args.steps, "checkpointing": args.checkpointing, "pad_frac": args.pad_frac, "lr": args.lr,
                        "loss_window": args.loss_window,
                        "configs": {k: CONFIGS[k] for k in args.configs}, "rows": rows}  # fmt: skip
             write_json(args.out, payload)  # after every variant: a cut-off run keeps what it measured
@@ -305,7 +350,7 @@ def _run_isolated(name: str, cfg_name: str, args) -> dict:
     ]
     if args.checkpointing:
         cmd.append("--checkpointing")
-    cmd += ["--lr", str(args.lr)]
+    cmd += ["--lr", str(args.lr), "--pad-frac", str(args.pad_frac)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     path = RESULTS / tmp
     rows = json.loads(path.read_text())["rows"] if path.exists() else []

@@ -76,7 +76,9 @@ def time_training_steps(
     ``forward_backward(ids) -> loss`` replaces the eager forward and backward (a
     :class:`hf_fp8.CudaGraphStep`: its capture, in the first step, counts in the peak).
     ``host_wait_s``: the host sleeps this long at the start of each timed step, the GPU idle
-    (a probe: how much of a host delay at a step's start the step's time shows)."""
+    (a probe: how much of a host delay at a step's start the step's time shows). A batch may be
+    a dict of model inputs (padded batches: ``input_ids``, ``attention_mask``, ``labels``);
+    tokens/s then counts the real (unpadded) tokens."""
     import time
 
     cuda = torch.cuda.is_available()
@@ -90,7 +92,12 @@ def time_training_steps(
         t0 = time.perf_counter()
         if host_wait_s:
             time.sleep(host_wait_s)
-        if forward_backward is None:
+        if isinstance(ids, dict):
+            if forward_backward is not None:
+                raise ValueError("time_training_steps: padded (dict) batches need the eager step")
+            loss = model(**ids).loss
+            loss.backward()
+        elif forward_backward is None:
             loss = model(input_ids=ids, labels=ids).loss
             loss.backward()
         else:
@@ -104,7 +111,7 @@ def time_training_steps(
     ms = statistics.median(times) * 1e3
     return dict(
         step_ms=ms,
-        tokens_per_s=ids.numel() / (ms / 1e3),
+        tokens_per_s=(int(ids["attention_mask"].sum()) if isinstance(ids, dict) else ids.numel()) / (ms / 1e3),
         peak_mem_gb=torch.cuda.max_memory_allocated() / 1e9 if cuda else 0.0,
         # a CUDA graph's replays use its private pool without allocating: only what is reserved shows them
         peak_reserved_gb=torch.cuda.max_memory_reserved() / 1e9 if cuda else 0.0,

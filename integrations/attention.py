@@ -5,10 +5,13 @@ Forward: Q, K, V in E4M3 with per-(batch, head) scales and P.V in FP8
 elsewhere (``attention_reference``). Backward: BF16, by PyTorch's cuDNN (else FlashAttention-2)
 attention backward on the original (unquantized) Q, K, V with our output and log-sum-exp,
 i.e. the gradient of exact attention evaluated through our forward's statistics; where neither
-op runs, by recomputing BF16 SDPA. Cases the kernel does not take (an explicit mask: padding or packed
-sequences; dropout; head_dim outside 64/128; a query shorter than the keys, i.e. KV-cache
-decoding; sliding windows or attention sinks) run HF's own SDPA attention instead, with a
-one-time warning naming the reason.
+op runs, by recomputing BF16 SDPA. Padded batches run the kernel too: HF's boolean mask is checked
+(once per mask, one host sync) to be causal attention over real keys, and the kernel takes the
+key-padding vector (left or right padding); the backward then runs cuDNN's with the mask as a
+bias (else the recompute). Cases the kernel does not take (any other mask: packed sequences' block
+masks, custom masks, masks under torch.compile; dropout; head_dim outside 64/128; a query shorter
+than the keys, i.e. KV-cache decoding; sliding windows or attention sinks) run HF's own SDPA
+attention instead, with a one-time warning naming the reason.
 
 Register once per process with :func:`register_attention` (``hf_fp8.convert`` does it when
 ``Fp8Config(fp8_attention=True)``), then ``from_pretrained(..., attn_implementation="hf_fp8")``
@@ -20,12 +23,20 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 
 import torch
 
 from hf_fp8._backend import use_triton_kernels
 
-__all__ = ["ATTN_IMPLEMENTATION", "register_attention", "fp8_attention", "fp8_attention_forward", "fallback_reasons"]
+__all__ = [
+    "ATTN_IMPLEMENTATION",
+    "register_attention",
+    "fp8_attention",
+    "fp8_attention_forward",
+    "fallback_reasons",
+    "key_padding_of",
+]
 
 ATTN_IMPLEMENTATION = "hf_fp8"
 _warned: set[str] = set()
@@ -39,17 +50,41 @@ def fallback_reasons() -> set[str]:
     return set(_warned)
 
 
-def _bf16_backward(kind, dout, q, k, v, out, lse, causal, scale):
+def _keep(kv_valid: torch.Tensor, causal: bool) -> torch.Tensor:
+    """(B, 1, S, S) bool: which keys each query attends to under key padding."""
+    S = kv_valid.shape[-1]
+    keep = kv_valid[:, None, None, :]
+    if causal:
+        keep = keep & torch.ones(S, S, dtype=torch.bool, device=kv_valid.device).tril()
+    return keep
+
+
+def _queries_with_keys(kv_valid: torch.Tensor, causal: bool) -> torch.Tensor:
+    """(B, S) bool: queries with at least one real key to attend to (the others output 0)."""
+    if causal:
+        return kv_valid.cumsum(-1) > 0
+    return kv_valid.any(-1, keepdim=True).expand_as(kv_valid)
+
+
+def _bf16_backward(kind, dout, q, k, v, out, lse, causal, scale, kv_valid=None):
     """PyTorch's cuDNN or FlashAttention-2 backward fed our output and log-sum-exp (both take the
-    natural-log LSE of the scaled scores); K/V expanded for GQA, their gradients summed back."""
+    natural-log LSE of the scaled scores); K/V expanded for GQA, their gradients summed back.
+    Key padding (cuDNN only): the mask as an additive bias; rows without a real key carry
+    log-sum-exp +inf from the forward, so their probabilities, hence gradients, are 0."""
     groups = q.shape[1] // k.shape[1]
     ke = k.repeat_interleave(groups, dim=1) if groups > 1 else k
     ve = v.repeat_interleave(groups, dim=1) if groups > 1 else v
     empty = torch.empty(0, dtype=torch.int64, device=q.device)
     S_q, S_k = q.shape[2], k.shape[2]
+    if kv_valid is not None and kind != "cudnn":
+        raise TypeError(f"the {kind} backward takes no attention mask")
     if kind == "cudnn":
+        bias = None
+        if kv_valid is not None:
+            zero = torch.zeros((), dtype=q.dtype, device=q.device)
+            bias = torch.where(_keep(kv_valid, causal), zero, float("-inf")).contiguous()
         dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
-            dout, q, ke, ve, out, lse.unsqueeze(-1), empty, empty, None, None, None, S_q, S_k, 0.0, causal, scale=scale
+            dout, q, ke, ve, out, lse.unsqueeze(-1), empty, empty, bias, None, None, S_q, S_k, 0.0, causal, scale=scale
         )
     else:
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
@@ -62,44 +97,56 @@ def _bf16_backward(kind, dout, q, k, v, out, lse, causal, scale):
     return dq, dk, dv
 
 
-def _recompute_backward(dout, q, k, v, causal, scale):
+def _recompute_backward(dout, q, k, v, causal, scale, kv_valid=None):
+    mask = None
+    if kv_valid is not None:
+        # rows without a real key attend to every key here (their dout is 0): no NaN
+        mask = _keep(kv_valid, causal) | ~_queries_with_keys(kv_valid, causal)[:, None, :, None]
     with torch.enable_grad():
         qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
         o = torch.nn.functional.scaled_dot_product_attention(
-            qq, kk, vv, is_causal=causal, scale=scale, enable_gqa=kk.shape[1] != qq.shape[1]
-        )
+            qq, kk, vv, attn_mask=mask, is_causal=causal and mask is None, scale=scale,
+            enable_gqa=kk.shape[1] != qq.shape[1],
+        )  # fmt: skip
         return torch.autograd.grad(o, (qq, kk, vv), dout)
 
 
-def _attention_backward(dout, q, k, v, out, lse, causal, scale):
+def _attention_backward(dout, q, k, v, out, lse, causal, scale, kv_valid=None):
     dout_bhsd = dout.transpose(1, 2)
+    if kv_valid is not None:
+        # the forward's output is 0 (a constant) on queries without a real key: no gradient there
+        dout_bhsd = dout_bhsd * _queries_with_keys(kv_valid, causal)[:, None, :, None].to(dout.dtype)
+    padded = "_padded" if kv_valid is not None else ""
     if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
         for kind in BACKWARD_ORDER:
-            if f"{kind}_error" in _backward_path:
+            if f"{kind}{padded}_error" in _backward_path:
                 continue  # failed once in this process: do not pay for the failure every step
+            if padded and kind != "cudnn":
+                continue  # FlashAttention's backward takes no mask
             try:
-                grads = _bf16_backward(kind, dout_bhsd, q, k, v, out.transpose(1, 2), lse, causal, scale)
-                _backward_path["last"] = kind
+                grads = _bf16_backward(kind, dout_bhsd, q, k, v, out.transpose(1, 2), lse, causal, scale, kv_valid)
+                _backward_path["last"] = kind + padded
                 return grads
             except (RuntimeError, TypeError) as e:
-                _backward_path[f"{kind}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
-    _backward_path["last"] = "recompute"
-    return _recompute_backward(dout_bhsd, q, k, v, causal, scale)
+                _backward_path[f"{kind}{padded}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+    _backward_path["last"] = "recompute" + padded
+    return _recompute_backward(dout_bhsd, q, k, v, causal, scale, kv_valid)
 
 
 class _Fp8AttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, causal: bool, scale: float):
+    def forward(ctx, q, k, v, causal: bool, scale: float, kv_valid: torch.Tensor | None = None):
         from hf_fp8.kernels.attention import fp8_attention_fwd
 
-        out, lse = fp8_attention_fwd(q, k, v, causal=causal, scale=scale)
-        ctx.save_for_backward(q, k, v, out, lse)
+        out, lse = fp8_attention_fwd(q, k, v, causal=causal, scale=scale, kv_valid=kv_valid)
+        ctx.save_for_backward(q, k, v, out, lse, kv_valid)
         ctx.causal, ctx.scale = causal, scale
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        return (*_attention_backward(dout, *ctx.saved_tensors, ctx.causal, ctx.scale), None, None)
+        q, k, v, out, lse, kv_valid = ctx.saved_tensors
+        return (*_attention_backward(dout, q, k, v, out, lse, ctx.causal, ctx.scale, kv_valid), None, None, None)
 
 
 # torch.compile: the Triton forward and the backward's backend choice run as opaque custom ops.
@@ -152,27 +199,73 @@ _fp8_attention_op.register_autograd(_attn_op_backward, setup_context=_attn_setup
 
 
 def fp8_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True, scale: float | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = True,
+    scale: float | None = None,
+    kv_valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """FP8 attention of q (B, H, S, D), k/v (B, Hk, S, D) -> (B, S, H, D), differentiable.
 
-    Triton kernel on FP8-capable GPUs, the torch emulation elsewhere.
+    ``kv_valid`` (B, S) bool marks real tokens (key padding); a query with no real key to
+    attend to outputs 0. Triton kernel on FP8-capable GPUs, the torch emulation elsewhere.
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if use_triton_kernels(q):
         if torch.compiler.is_compiling():
+            if kv_valid is not None:
+                raise NotImplementedError("fp8_attention: key padding under torch.compile")
             return _fp8_attention_op(q, k, v, causal, scale)[0]
-        return _Fp8AttentionFunction.apply(q, k, v, causal, scale)
+        return _Fp8AttentionFunction.apply(q, k, v, causal, scale, kv_valid)
     from hf_fp8.kernels.attention_reference import fp8_attention_reference
 
-    return fp8_attention_reference(q, k, v, causal=causal, scale=scale)
+    return fp8_attention_reference(q, k, v, causal=causal, scale=scale, kv_valid=kv_valid)
+
+
+# The last mask checked, so that the other layers of the same forward (and its recompute) reuse the answer.
+_last_mask: list = []  # [weakref to the mask, its version, causal, (kv_valid or None, reason or None)]
+_MASK_REASON = "an attention mask other than causal key padding (packed sequences' block masks or a custom mask)"
+
+
+def key_padding_of(mask: torch.Tensor, batch: int, seq: int, causal: bool) -> tuple[torch.Tensor | None, str | None]:
+    """``(kv_valid, None)`` when ``mask`` (HF's boolean (B|1, 1, S, S) mask, True = attend) is
+    (causal attention) & (key padding), else ``(None, reason)``. ``kv_valid`` is ``None`` too when
+    no token is padding. Rows of queries with no real key (left padding) may be all False or, as
+    some transformers versions make them, all True: their outputs are not used.
+
+    Checking takes one host sync per distinct mask; HF passes the same mask object to every layer.
+    """
+    if _last_mask and _last_mask[0]() is mask and _last_mask[1] == mask._version and _last_mask[2] == causal:
+        return _last_mask[3]
+    result = _check_key_padding(mask, batch, seq, causal)
+    _last_mask[:] = [weakref.ref(mask), mask._version, causal, result]
+    return result
+
+
+def _check_key_padding(mask, batch, seq, causal):
+    if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1 or tuple(mask.shape[-2:]) != (seq, seq):
+        return None, f"an attention mask that is not boolean (batch, 1, {seq}, {seq})"
+    if mask.shape[0] not in (1, batch):
+        return None, _MASK_REASON
+    m = mask[:, 0].expand(batch, seq, seq)
+    valid = m[:, -1, :] if causal else m[:, 0, :]  # the last query of a causal mask sees every real key
+    expected = _keep(valid, causal)[:, 0]
+    seen = expected.any(-1)
+    rows_agree = (m == expected).all(-1)
+    uniform = m.all(-1) | ~m.any(-1)
+    ok, no_padding = torch.stack([(rows_agree | (~seen & uniform)).all(), valid.all()]).tolist()
+    if not ok:
+        return None, _MASK_REASON
+    return (None if no_padding else valid), None
 
 
 def _unsupported(module, query, key, attention_mask, dropout, kwargs) -> str | None:
     from hf_fp8.kernels.attention import SUPPORTED_HEAD_DIMS
 
-    if attention_mask is not None:
-        return "an explicit attention mask (padding, packed sequences or a custom mask)"
+    if attention_mask is not None and torch.compiler.is_compiling():
+        return "an attention mask under torch.compile (checking it needs its values)"
     if dropout and getattr(module, "training", True):
         return f"attention dropout {dropout} > 0"
     if query.shape[-1] not in SUPPORTED_HEAD_DIMS:
@@ -201,6 +294,10 @@ def fp8_attention_forward(
 ) -> tuple[torch.Tensor, None]:
     """HF attention-interface function: q/k/v (B, H|Hk, S, D) -> ((B, S, H, D), None)."""
     reason = _unsupported(module, query, key, attention_mask, dropout, kwargs)
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    kv_valid = None
+    if reason is None and attention_mask is not None:
+        kv_valid, reason = key_padding_of(attention_mask, query.shape[0], query.shape[2], causal)
     if not torch.compiler.is_compiling():
         from hf_fp8.coverage import count_attention
 
@@ -219,8 +316,7 @@ def fp8_attention_forward(
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
         )
-    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    return fp8_attention(query, key, value, causal=causal, scale=scaling), None
+    return fp8_attention(query, key, value, causal=causal, scale=scaling, kv_valid=kv_valid), None
 
 
 def register_attention() -> str:

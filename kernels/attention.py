@@ -98,16 +98,23 @@ def _cast_rows_kernel(
 
 
 @triton.jit
-def _head_amax_kernel(x_ptr, amax_ptr, S, H, sx_b, sx_h, sx_s, D: tl.constexpr, BLOCK_S: tl.constexpr):
+def _head_amax_kernel(
+    x_ptr, amax_ptr, valid_ptr, S, H, sx_b, sx_h, sx_s,
+    D: tl.constexpr, BLOCK_S: tl.constexpr, HAS_PAD: tl.constexpr,
+):  # fmt: skip
     # per-(batch, head) max|x| by atomic max of tile maxima; NaN counts as inf (the scale guard
-    # then gives scale 1, as for inf)
+    # then gives scale 1, as for inf). With key padding, over the real tokens only: padding's
+    # values must not change the scale the real tokens get.
     pid_s = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
     s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
     d = tl.arange(0, D)
-    x = tl.load(x_ptr + b * sx_b + h * sx_h + s[:, None] * sx_s + d[None, :], mask=(s < S)[:, None], other=0.0)
+    rows = s < S
+    if HAS_PAD:
+        rows = rows & (tl.load(valid_ptr + b * S + s, mask=s < S, other=0) != 0)
+    x = tl.load(x_ptr + b * sx_b + h * sx_h + s[:, None] * sx_s + d[None, :], mask=rows[:, None], other=0.0)
     a = tl.abs(x.to(tl.float32))
     a = tl.where(a != a, float("inf"), a)
     tl.atomic_max(amax_ptr + bh, tl.max(tl.max(a, 1), 0))
@@ -140,9 +147,9 @@ def _cast_heads_kernel(
 
 @triton.jit
 def _attn_inner(
-    acc, m_i, l_i, q8, q_row_scale, k_ptr, vt_ptr, desc_k, desc_v, bhk, offs_m, lo, hi, S,
+    acc, m_i, l_i, q8, q_row_scale, k_ptr, vt_ptr, desc_k, desc_v, valid_ptr, b, bhk, offs_m, lo, hi, S,
     D: tl.constexpr, BLOCK_N: tl.constexpr, MASK_DIAGONAL: tl.constexpr, P_SCALE_C: tl.constexpr,
-    USE_TMA: tl.constexpr,
+    USE_TMA: tl.constexpr, HAS_PAD: tl.constexpr,
 ):  # fmt: skip
     d = tl.arange(0, D)
     for start_n in range(lo, hi, BLOCK_N):
@@ -156,10 +163,17 @@ def _attn_inner(
         keep = in_range[None, :]
         if MASK_DIAGONAL:
             keep = keep & (offs_m[:, None] >= cols[None, :])
+        if HAS_PAD:
+            keep = keep & (tl.load(valid_ptr + b * S + cols, mask=in_range, other=0) != 0)[None, :]
         qk = tl.where(keep, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
-        alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(qk - m_new[:, None])
+        m_sub = m_new
+        if HAS_PAD:
+            # a row may have seen no real key yet (left padding): subtract 0 instead of -inf,
+            # which keeps its (zero) sums free of NaN; its maximum stays -inf
+            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_sub)
+        p = tl.math.exp2(qk - m_sub[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         if USE_TMA:
             v = tl.trans(desc_v.load([bhk.to(tl.int32), 0, start_n]).reshape(D, BLOCK_N))  # a (D, BLOCK_N) tile of Vᵀ
@@ -172,10 +186,11 @@ def _attn_inner(
 
 @triton.jit
 def _attn_fwd_kernel(
-    q_ptr, k_ptr, vt_ptr, desc_k, desc_v, o_ptr, lse_ptr, k_sinv_ptr, v_sinv_ptr,
+    q_ptr, k_ptr, vt_ptr, desc_k, desc_v, valid_ptr, o_ptr, lse_ptr, k_sinv_ptr, v_sinv_ptr,
     softmax_scale_log2, S, H, HK, sq_b, sq_h, sq_s, so_b, so_s, so_h,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
     P_SCALE_C: tl.constexpr, LN2: tl.constexpr, FP8_MAX: tl.constexpr, USE_TMA: tl.constexpr,
+    HAS_PAD: tl.constexpr,
 ):  # fmt: skip
     start_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -197,22 +212,30 @@ def _attn_fwd_kernel(
     if CAUSAL:
         # key blocks strictly before this query block: no mask; then the diagonal block
         acc, m_i, l_i = _attn_inner(
-            acc, m_i, l_i, q8, q_row_scale, k_ptr, vt_ptr, desc_k, desc_v, bhk, offs_m,
-            0, start_m * BLOCK_M, S, D, BLOCK_N, False, P_SCALE_C, USE_TMA,
+            acc, m_i, l_i, q8, q_row_scale, k_ptr, vt_ptr, desc_k, desc_v, valid_ptr, b, bhk, offs_m,
+            0, start_m * BLOCK_M, S, D, BLOCK_N, False, P_SCALE_C, USE_TMA, HAS_PAD,
         )  # fmt: skip
         acc, m_i, l_i = _attn_inner(
-            acc, m_i, l_i, q8, q_row_scale, k_ptr, vt_ptr, desc_k, desc_v, bhk, offs_m,
-            start_m * BLOCK_M, (start_m + 1) * BLOCK_M, S, D, BLOCK_N, True, P_SCALE_C, USE_TMA,
+            acc, m_i, l_i, q8, q_row_scale, k_ptr, vt_ptr, desc_k, desc_v, valid_ptr, b, bhk, offs_m,
+            start_m * BLOCK_M, (start_m + 1) * BLOCK_M, S, D, BLOCK_N, True, P_SCALE_C, USE_TMA, HAS_PAD,
         )  # fmt: skip
     else:
         acc, m_i, l_i = _attn_inner(
-            acc, m_i, l_i, q8, q_row_scale, k_ptr, vt_ptr, desc_k, desc_v, bhk, offs_m,
-            0, S, S, D, BLOCK_N, False, P_SCALE_C, USE_TMA,
+            acc, m_i, l_i, q8, q_row_scale, k_ptr, vt_ptr, desc_k, desc_v, valid_ptr, b, bhk, offs_m,
+            0, S, S, D, BLOCK_N, False, P_SCALE_C, USE_TMA, HAS_PAD,
         )  # fmt: skip
-    out = acc * (tl.load(v_sinv_ptr + bhk) / P_SCALE_C) / l_i[:, None]
+    if HAS_PAD:
+        # a query with no real key to attend to (a left-padding row): output 0 and log-sum-exp
+        # +inf, so that a backward fed these gives the row zero probabilities and gradients
+        seen = l_i > 0
+        out = acc * (tl.load(v_sinv_ptr + bhk) / P_SCALE_C) / tl.where(seen, l_i, 1.0)[:, None]
+        lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * LN2, float("inf"))
+    else:
+        out = acc * (tl.load(v_sinv_ptr + bhk) / P_SCALE_C) / l_i[:, None]
+        lse = (m_i + tl.math.log2(l_i)) * LN2
     o_offs = b * so_b + offs_m[:, None] * so_s + h * so_h + d[None, :]
     tl.store(o_ptr + o_offs, out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
-    tl.store(lse_ptr + bh * S + offs_m, (m_i + tl.math.log2(l_i)) * LN2, mask=row_ok)
+    tl.store(lse_ptr + bh * S + offs_m, lse, mask=row_ok)
 
 
 def _interpret() -> bool:
@@ -249,11 +272,14 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return y, scale_inv
 
 
-def quantize_heads(x: torch.Tensor, *, transpose: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_heads(
+    x: torch.Tensor, *, transpose: bool = False, valid: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, H, S, D) with unit stride along D -> (E4M3 codes, FP32 scale_inv (B, H)).
 
     Codes are contiguous (B, H, S, D), or (B, H, D, S) with ``transpose=True``. Two kernels:
-    per-head amax (atomic max of tile maxima), then scale, saturate and cast.
+    per-head amax (atomic max of tile maxima), then scale, saturate and cast. ``valid`` (B, S)
+    bool: the amax is taken over those tokens only (key padding); every token is cast.
     """
     x = _bhsd(x)
     B, H, S, D = x.shape
@@ -267,27 +293,34 @@ def quantize_heads(x: torch.Tensor, *, transpose: bool = False) -> tuple[torch.T
     launch(
         _head_amax_kernel,
         grid,
-        (
-            x,
-            amax,
-            S,
-            H,
-            x.stride(0),
-            x.stride(1),
-            x.stride(2),
-        ),
-        dict(D=D, BLOCK_S=BLOCK_S),
+        (x, amax, amax if valid is None else valid, S, H, x.stride(0), x.stride(1), x.stride(2)),
+        dict(D=D, BLOCK_S=BLOCK_S, HAS_PAD=valid is not None),  # (amax: an unread stand-in pointer)
         4,
     )
     launch(_cast_heads_kernel, grid, (x, y, amax, scale_inv, S, H, x.stride(0), x.stride(1), x.stride(2), y.stride(0), y.stride(1), sy_s, sy_d,), dict(D=D, BLOCK_S=BLOCK_S, FP8_MAX=E4M3_MAX), 4)  # fmt: skip
     return y, scale_inv
 
 
+def _valid_bytes(valid: torch.Tensor | None) -> torch.Tensor | None:
+    """(B, S) key-padding mask as contiguous int8 (1 = a real token) for the kernels' loads."""
+    return None if valid is None else valid.to(torch.int8).contiguous()
+
+
 def fp8_attention_fwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True, scale: float | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = True,
+    scale: float | None = None,
+    kv_valid: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """FP8 attention forward: q (B, H, S, D), k/v (B, Hk, S, D) -> (out (B, S, H, D) in q's dtype,
-    log-sum-exp (B, H, S) FP32, natural log). Callers check shapes (see ``integrations.attention``)."""
+    log-sum-exp (B, H, S) FP32, natural log). Callers check shapes (see ``integrations.attention``).
+
+    ``kv_valid`` (B, S) bool: key padding. Queries attend to real keys only (and, if causal, to
+    those at or before them); K and V scales come from the real tokens; a query with no real key
+    to attend to (left padding) gets output 0 and log-sum-exp +inf."""
     B, H, S, D = q.shape
     Hk = k.shape[1]
     if D not in SUPPORTED_HEAD_DIMS:
@@ -295,9 +328,12 @@ def fp8_attention_fwd(
     if H % Hk:
         raise ValueError(f"fp8_attention_fwd: {H} query heads is not a multiple of {Hk} key/value heads")
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    if kv_valid is not None and kv_valid.shape != (B, S):
+        raise ValueError(f"fp8_attention_fwd: kv_valid of shape {tuple(kv_valid.shape)}, expected {(B, S)}")
     q = _bhsd(q)
-    k8, k_sinv = quantize_heads(k)
-    v8t, v_sinv = quantize_heads(v, transpose=True)
+    valid8 = _valid_bytes(kv_valid)
+    k8, k_sinv = quantize_heads(k, valid=valid8)
+    v8t, v_sinv = quantize_heads(v, transpose=True, valid=valid8)
     out = torch.empty((B, S, H, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, S), dtype=torch.float32, device=q.device)
     if _interpret():
@@ -313,9 +349,9 @@ def fp8_attention_fwd(
         desc_v = TensorDescriptor(v8t, [B * Hk, D, S], [D * S, S, 1], [1, D, BLOCK_N])
     grid = (cdiv(S, BLOCK_M), B * H)
     _attn_fwd_kernel[grid](
-        q, k8, v8t, desc_k, desc_v, out, lse, k_sinv, v_sinv, scale / _LN2, S, H, Hk,
+        q, k8, v8t, desc_k, desc_v, lse if valid8 is None else valid8, out, lse, k_sinv, v_sinv, scale / _LN2, S, H, Hk,
         q.stride(0), q.stride(1), q.stride(2), out.stride(0), out.stride(1), out.stride(2),
         D=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, CAUSAL=causal, P_SCALE_C=P_SCALE, LN2=_LN2, FP8_MAX=E4M3_MAX,
-        USE_TMA=use_tma, num_warps=num_warps, num_stages=num_stages,
+        USE_TMA=use_tma, HAS_PAD=valid8 is not None, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return out, lse

@@ -44,10 +44,15 @@ def _scales(amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return scale, torch.ones_like(scale) / scale
 
 
-def head_scales(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def head_scales(x: torch.Tensor, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-(batch, head) scale and its inverse for x (B, H, S, D): 448 / amax, guarded like the
-    linear layers' scales (zero, inf or NaN amax gives scale 1)."""
-    return _scales(x.detach().abs().amax(dim=(2, 3)))
+    linear layers' scales (zero, inf or NaN amax gives scale 1). ``valid`` (B, S) bool: the amax
+    over those tokens only (key padding)."""
+    a = x.detach().abs()
+    if valid is not None:
+        a = a.masked_fill(~valid[:, None, :, None], 0.0)
+    # NaN counts as inf (the kernel's rule), whatever amax's NaN propagation
+    return _scales(torch.where(torch.isnan(a), torch.full_like(a, float("inf")), a).amax(dim=(2, 3)))
 
 
 def quantize_rows_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,9 +62,9 @@ def quantize_rows_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return y.to(torch.float8_e4m3fn), scale_inv
 
 
-def quantize_heads_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, H, S, D) -> (E4M3 codes (B, H, S, D), FP32 scale_inv (B, H))."""
-    scale, scale_inv = head_scales(x)
+def quantize_heads_reference(x: torch.Tensor, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, H, S, D) -> (E4M3 codes (B, H, S, D), FP32 scale_inv (B, H)); ``valid`` as in :func:`head_scales`."""
+    scale, scale_inv = head_scales(x, valid)
     y = _saturate(x, x.float() * scale[:, :, None, None])
     return y.to(torch.float8_e4m3fn), scale_inv
 
@@ -78,16 +83,18 @@ def fp8_attention_reference(
     causal: bool = True,
     scale: float | None = None,
     compute_dtype: torch.dtype = torch.float32,
+    kv_valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """FP8 attention of q (B, H, S, D), k/v (B, Hk, S, D) (GQA when Hk < H); returns (B, S, H, D)
     in q's dtype. Differentiable (straight-through quantization); ``compute_dtype=float64`` gives
-    the exact value of the quantized function."""
+    the exact value of the quantized function. ``kv_valid`` (B, S) bool: key padding, as in the
+    kernel (real keys only, K/V scales from real tokens, output 0 for a query with no real key)."""
     B, H, S, D = q.shape
     Hk = k.shape[1]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     deq = []
     for t, per_row in ((q, True), (k, False), (v, False)):
-        codes, scale_inv = quantize_rows_reference(t) if per_row else quantize_heads_reference(t)
+        codes, scale_inv = quantize_rows_reference(t) if per_row else quantize_heads_reference(t, kv_valid)
         scale_inv = scale_inv[..., None] if per_row else scale_inv[:, :, None, None]
         deq.append(_ste(t.to(compute_dtype), codes.to(compute_dtype) * scale_inv.to(compute_dtype)))
     qd, kd, vd = deq
@@ -95,11 +102,17 @@ def fp8_attention_reference(
         kd = kd.repeat_interleave(H // Hk, dim=1)
         vd = vd.repeat_interleave(H // Hk, dim=1)
     s = (qd @ kd.transpose(-1, -2)) * scale
+    keep = torch.ones(S, S, dtype=torch.bool, device=q.device)
     if causal:
-        s = s.masked_fill(torch.ones(S, S, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+        keep = keep.tril()
+    if kv_valid is not None:
+        keep = keep[None, None] & kv_valid[:, None, None, :]
+    # a query with no key to attend to (left padding): finite scores, output 0 below
+    seen = keep.any(dim=-1, keepdim=True)
+    s = s.masked_fill(~keep, float("-inf")).masked_fill(~seen, 0.0)
     m = s.amax(dim=-1, keepdim=True)
     p = torch.exp(s - m)
     l = p.sum(dim=-1, keepdim=True)  # noqa: E741  (FP32 sum of the unquantized P, as in the kernel)
     p8 = (p.float() * P_SCALE).to(torch.float8_e4m3fn).to(compute_dtype) / P_SCALE  # P is FP32 in the kernel
-    out = (_ste(p, p8) @ vd) / l
+    out = ((_ste(p, p8) @ vd) / l).masked_fill(~seen, 0.0)
     return out.transpose(1, 2).to(q.dtype)

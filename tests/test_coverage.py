@@ -13,6 +13,7 @@ from llama_fixtures import enable_activation_checkpointing, tiny_llama
 from transformers import DataCollatorWithFlattening
 
 import hf_fp8
+from hf_fp8.integrations import attention as A
 
 
 def _model(**kw):
@@ -66,17 +67,22 @@ def test_fp8_attention_counts_the_kernel_and_names_each_fallback():
     ids = torch.randint(1, 512, (2, 16))
     mask = torch.ones_like(ids)
     mask[0, :5] = 0  # left padding
-    with warnings.catch_warnings():  # the fallback warns once per reason and process
-        warnings.simplefilter("ignore")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # padding: the FP8 kernel takes the mask, no fallback
         _step(model, input_ids=ids, attention_mask=mask)
     cov = hf_fp8.fp8_coverage(model, reset=True)
-    assert all("fp8" not in seen and len(seen) == 1 for seen in cov.attention.values())
-    assert "FP8 attention: 0/2 modules ran the FP8 kernel (fell back for:" in cov.summary()
+    assert set(map(frozenset, (s.items() for s in cov.attention.values()))) == {frozenset({("fp8", 1)})}
 
+    # packed sequences with an explicit block-diagonal mask (what HF builds from packed position_ids
+    # without hf_fp8's loss forward): not key padding, the fallback names it
     batch = DataCollatorWithFlattening()([{"input_ids": s} for s in ([3, 4, 5, 6], [7, 8, 9])])
-    model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"]).loss.backward()
+    block = torch.block_diag(torch.ones(4, 4), torch.ones(3, 3)).bool().tril()[None, None]
+    with warnings.catch_warnings():  # the fallback warns once per reason and process
+        warnings.simplefilter("ignore")
+        model.model(input_ids=batch["input_ids"], attention_mask=block).last_hidden_state.sum().backward()
     cov = hf_fp8.fp8_coverage(model)
-    assert all("fp8" not in seen for seen in cov.attention.values())  # packed: an explicit block mask
+    assert all(set(seen) == {A._MASK_REASON} for seen in cov.attention.values()), cov.attention
+    assert "FP8 attention: 0/2 modules ran the FP8 kernel (fell back for:" in cov.summary()
 
 
 def test_trainer_logs_the_coverage_after_its_first_step(tmp_path, caplog):

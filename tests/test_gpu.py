@@ -333,6 +333,44 @@ def test_fp8_attention_kernel_on_gpu(causal):
         assert rel_err(got, ref) < 0.1, rel_err(got, ref)
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_fp8_attention_with_key_padding_on_gpu(causal):
+    """Padded batches (left and right padding): the kernel against its reference, and the padded
+    backward (cuDNN with the mask as a bias, else the recompute) against exact masked attention."""
+    from hf_fp8.integrations import attention as A
+    from hf_fp8.kernels.attention import fp8_attention_fwd
+    from hf_fp8.kernels.attention_reference import fp8_attention_reference
+
+    torch.manual_seed(0)
+    B, H, Hk, S, D = 3, 8, 2, 1024, 128
+    q = torch.randn(B, S, H, D, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+    k = torch.randn(B, Hk, S, D, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(B, Hk, S, D, device="cuda", dtype=torch.bfloat16)
+    pos = torch.arange(S, device="cuda")[None]
+    valid = (pos >= torch.tensor([[0], [300], [0]], device="cuda")) & (
+        pos < torch.tensor([[S], [S], [700]], device="cuda")
+    )
+    out, lse = fp8_attention_fwd(q, k, v, causal=causal, kv_valid=valid)
+    quantized = fp8_attention_reference(q, k, v, causal=causal, kv_valid=valid, compute_dtype=torch.float64)
+    rows = A._queries_with_keys(valid, causal)
+    assert torch.isfinite(out).all() and (out[~rows] == 0).all()
+    assert rel_err(out[rows], quantized[rows]) < 0.03  # as the CPU test
+    keep = A._keep(valid, causal) | ~rows[:, None, :, None]
+    g = H // Hk
+    qq, kk, vv = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    do = torch.randn(B, S, H, D, device="cuda", dtype=torch.bfloat16)
+    A.fp8_attention(qq, kk, vv, causal=causal, kv_valid=valid).backward(do)
+    print("padded backward path", A._backward_path)
+    qe, ke, ve = (t.detach().float().requires_grad_() for t in (q, k, v))
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        qe, ke.repeat_interleave(g, 1), ve.repeat_interleave(g, 1), attn_mask=keep
+    ).transpose(1, 2)
+    (ref * rows[:, :, None, None]).backward(do.float())
+    for got, want in ((qq.grad, qe.grad), (kk.grad, ke.grad), (vv.grad, ve.grad)):
+        assert torch.isfinite(got).all()
+        assert rel_err(got, want) < 0.1, rel_err(got, want)  # as the unpadded GPU test
+
+
 def test_fused_rms_norm_and_swiglu_on_gpu():
     from hf_fp8.kernels.norm_swiglu import rms_norm, swiglu
 

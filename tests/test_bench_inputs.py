@@ -1,0 +1,38 @@
+"""The benchmark's padded-SFT batches (``bench_llama --pad-frac``): the padding fraction asked for,
+masks and labels that match, and the timing loop's dict batches (tiny model, CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from llama_fixtures import tiny_llama
+
+from benchmarks.bench_llama import padded
+from benchmarks.common import time_training_steps
+
+
+@pytest.mark.parametrize("batch", [1, 2, 4])
+def test_padded_batches_have_the_mean_padding_asked_for(batch):
+    ids = torch.randint(1, 512, (batch, 400))
+    (b,) = padded([ids], 0.25)
+    mask = b["attention_mask"]
+    assert (1 - mask.float().mean()).item() == pytest.approx(0.25, abs=0.01)
+    # right padding: every row a prefix of real tokens; pads are id 0 with label -100
+    assert torch.equal(mask, mask.cummin(-1).values)
+    assert torch.equal(b["input_ids"][mask == 1], ids[mask == 1]) and (b["input_ids"][mask == 0] == 0).all()
+    assert torch.equal(b["labels"] == -100, mask == 0)
+    with pytest.raises(ValueError, match="leaves no tokens"):
+        padded([ids], 0.7 if batch > 1 else 1.0)
+
+
+def test_timing_loop_takes_padded_batches_and_counts_real_tokens():
+    model = tiny_llama()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    batches = padded([torch.randint(1, 512, (2, 32)) for _ in range(3)], 0.25)
+    timed = time_training_steps(model, opt, batches, warmup=1)
+    assert len(timed["losses"]) == 3 and all(torch.isfinite(torch.tensor(timed["losses"])))
+    real = int(batches[-1]["attention_mask"].sum())
+    assert real == 48  # 2 x 32 tokens, 25% padding
+    assert timed["tokens_per_s"] == pytest.approx(real / (timed["step_ms"] / 1e3))
+    with pytest.raises(ValueError, match="eager step"):
+        time_training_steps(model, opt, batches, warmup=0, forward_backward=lambda ids: None)
