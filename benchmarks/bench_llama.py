@@ -1,4 +1,4 @@
-"""End-to-end training throughput of an HF Llama on the H100: stock BF16, Liger, torch.compile,
+"""End-to-end training throughput of an HF Llama (or Qwen2.5, Qwen3, Mistral) on the H100: stock BF16, Liger, torch.compile,
 torchao float8 and hf_fp8, side by side in one run, each variant in its own process (--isolate).
 
     python -m benchmarks.bench_llama --isolate --out llama_e2e_h100.json           # the README's table
@@ -7,10 +7,13 @@ torchao float8 and hf_fp8, side by side in one run, each variant in its own proc
     python -m benchmarks.bench_llama --isolate --configs 8b-full --batch 1 --checkpointing   # whole 8B
     python -m benchmarks.bench_llama --isolate --configs 8b-full --batch 1 --checkpointing --pad-frac 0.25 \
         --variants stock_bf16 hf_fp8 hf_fp8_fp8attn ...                                    # padded SFT batches
+    python -m benchmarks.bench_llama --isolate --configs 8b qwen2.5-7b qwen3-8b mistral-7b \
+        --variants stock_bf16 hf_fp8 torchao_tensorwise_compile                            # model families
 
 Models (random init, BF16 parameters, SDPA attention): Llama-3-8B layer shapes with 8 layers
 ("8b": hidden 4096, MLP 14336, 32/8 heads, vocab 128256), the whole Llama-3-8B ("8b-full"), and
-Llama-3.2-1B ("1b": hidden 2048, MLP 8192, 16 layers, 32/8 heads, tied embeddings). B=2, S=4096
+Llama-3.2-1B ("1b": hidden 2048, MLP 8192, 16 layers, 32/8 heads, tied embeddings), and 8 layers of
+Qwen2.5-7B, Qwen3-8B and Mistral-7B ("qwen2.5-7b", "qwen3-8b", "mistral-7b"). B=2, S=4096
 by default; every step a new batch drawn from a fixed random bigram chain (90% of tokens follow
 it), the same batches for every variant: learnable but not memorizable, so the losses compare
 training. Optimizer: torch's fused AdamW (BF16 states, as stock BF16 training does) for the
@@ -39,7 +42,25 @@ CONFIGS = {
     # the whole Llama-3-8B (fits one 80 GB GPU with activation checkpointing at B=1, S=4096)
     "8b-full": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                     num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
+    # other families' layer shapes, 8 layers each (hf_fp8's family table): q/k/v biases (Qwen2.5),
+    # q/k norms and head_dim 128 (Qwen3), rope_theta 1e6 (all three)
+    "qwen2.5-7b": dict(model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=8,
+                       num_attention_heads=28, num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False,
+                       rope_theta=1e6),
+    "qwen3-8b": dict(model_type="qwen3", hidden_size=4096, intermediate_size=12288, num_hidden_layers=8,
+                     num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936,
+                     tie_word_embeddings=False, rope_theta=1e6),
+    "mistral-7b": dict(model_type="mistral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=8,
+                       num_attention_heads=32, num_key_value_heads=8, vocab_size=32768, tie_word_embeddings=False,
+                       rope_theta=1e6, sliding_window=None),
 }  # fmt: skip
+# model_type -> (transformers config class, causal-LM class, Liger's patch function)
+FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", "apply_liger_kernel_to_llama"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", "apply_liger_kernel_to_qwen2"),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", "apply_liger_kernel_to_qwen3"),
+    "mistral": ("MistralConfig", "MistralForCausalLM", "apply_liger_kernel_to_mistral"),
+}
 
 # Liger last: apply_liger_kernel_to_llama patches transformers' Llama classes for the whole
 # process (RMSNorm, SwiGLU, RoPE, loss), so every model built after it would run Liger's kernels
@@ -74,19 +95,22 @@ def build(name: str, config: dict):
       its round-to-nearest mode, ``defer``: ``defer_step=True`` (``--fp8_defer_step``),
       ``torchadamw``: torch's fused AdamW. Any non-hf_fp8 variant + ``_hfadamw`` gets hf_fp8's.
     """
-    from transformers import LlamaConfig, LlamaForCausalLM
+    import transformers
 
     import hf_fp8
 
-    cfg = LlamaConfig(**config, max_position_embeddings=8192, rope_theta=500000.0, attn_implementation="sdpa")
+    config = dict(config)
+    config_cls, model_cls, liger_fn = (getattr(transformers, n, n) for n in FAMILIES[config.pop("model_type", "llama")])
+    config.setdefault("rope_theta", 500000.0)
+    cfg = config_cls(**config, max_position_embeddings=8192, attn_implementation="sdpa")
     torch.manual_seed(0)
     with torch.device("cuda"), hf_fp8.set_default_dtype(torch.bfloat16):
-        model = LlamaForCausalLM(cfg)
+        model = model_cls(cfg)
     note = ""
     if name == "liger":
-        from liger_kernel.transformers import apply_liger_kernel_to_llama
+        import liger_kernel.transformers
 
-        apply_liger_kernel_to_llama(model=model)
+        getattr(liger_kernel.transformers, liger_fn)(model=model)
     elif name.startswith("torchao_"):
         from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 

@@ -142,10 +142,10 @@ class Fp8Config:
         nonfinite (`str`, *optional*, defaults to `"record"`):
             ``"record"`` or ``"raise"`` (see :class:`NonFinitePolicy`).
         fp32_rope (`bool`, *optional*, defaults to `True`):
-            For supported HF models (Llama), also rotate q/k in FP32 and keep the RoPE buffers
-            FP32 (:func:`hf_fp8.patch_rope`).
+            For supported HF model families (Llama, Mistral, Qwen2, Qwen3), also rotate q/k in
+            FP32 and keep the RoPE buffers FP32 (:func:`hf_fp8.patch_rope`).
         fp32_loss (`bool`, *optional*, defaults to `True`):
-            For supported HF causal LMs (Llama), compute logits and loss in FP32 with the
+            For supported HF causal LMs (the same families), compute logits and loss in FP32 with the
             chunked linear + cross-entropy, never materializing full logits in training
             (:func:`hf_fp8.patch_loss`).
         fp8_weights (`bool`, *optional*, defaults to `False`):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -214,6 +215,7 @@ def convert(
             report.notes.append(f"fused RMSNorm, SwiGLU and embedding-gradient kernels in {fused} modules")
     if config.full_bf16:
         report.notes.append("full-BF16: train with hf_fp8.optim.AdamW(..., full_bf16=True) for FP32 optimizer states")
+    _warn_unsupported_family(model, config)
     logger.info("hf_fp8.convert: %d of %d linear layers converted", len(report.converted), len(decisions))
     return report
 
@@ -254,7 +256,6 @@ def _check_not_converted_differently(model: nn.Module, config: Fp8Config) -> Non
 def _warn_unmatched_patterns(config: Fp8Config, names: list[str]) -> None:
     """A pattern that matches no linear layer is almost always a typo or another model's naming:
     the user asked for something that does nothing."""
-    import warnings
 
     for field in ("include", "exclude"):
         for pattern in getattr(config, field):
@@ -267,10 +268,37 @@ def _warn_unmatched_patterns(config: Fp8Config, names: list[str]) -> None:
                 )
 
 
+def _warn_unsupported_family(model: nn.Module, config: Fp8Config) -> None:
+    """One warning for an HF model whose family hf_fp8 does not patch: its linear layers are FP8,
+    the rest stays HF's, and the user should know which of the requested parts that is."""
+    from hf_fp8.integrations.families import family_of, supported_model_types
+
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type is None or family_of(model) is not None:
+        return
+    missing = [
+        what
+        for what, wanted in (
+            ("FP32 RoPE", config.fp32_rope),
+            ("FP32 chunked loss", config.fp32_loss),
+            ("fused RMSNorm/SwiGLU", config.fused_ops),
+        )
+        if wanted
+    ]
+    if not missing:
+        return
+    warnings.warn(
+        f"convert: model_type {model_type!r} is not in hf_fp8's model-family table ({', '.join(supported_model_types())}): "
+        f"its linear layers are converted, but {', '.join(missing)} are not applied (HF's own code runs there). "
+        "Adding a Llama-like family is one entry in hf_fp8/integrations/families.py.",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
 def _warn_low_coverage(report: ConversionReport, config: Fp8Config) -> None:
     """FP8 was asked for, but no layer (or under half of the layers the user left eligible) is
     FP8: say so once, with the main reason and what changes it."""
-    import warnings
 
     # not eligible: what the user's patterns or the model's structure keep, never the size rule
     kept_by_choice = (
@@ -323,7 +351,6 @@ def _hide_fp8_state_from_save_pretrained(model: nn.Module) -> None:
 
 
 def _check_full_bf16_dtypes(model: nn.Module) -> None:
-    import warnings
 
     dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
     if torch.float16 in dtypes:

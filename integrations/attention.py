@@ -10,8 +10,8 @@ op runs, by recomputing BF16 SDPA. Padded batches run the kernel too: HF's boole
 key-padding vector (left or right padding); the backward then runs cuDNN's with the mask as a
 bias (else the recompute). Cases the kernel does not take (any other mask: packed sequences' block
 masks, custom masks, masks under torch.compile; dropout; head_dim outside 64/128; a query shorter
-than the keys, i.e. KV-cache decoding; sliding windows or attention sinks) run HF's own SDPA
-attention instead, with a one-time warning naming the reason.
+than the keys, i.e. KV-cache decoding; a sliding window shorter than the sequence; attention
+sinks) run HF's own SDPA attention instead, with a one-time warning naming the reason.
 
 Register once per process with :func:`register_attention` (``hf_fp8.convert`` does it when
 ``Fp8Config(fp8_attention=True)``), then ``from_pretrained(..., attn_implementation="hf_fp8")``
@@ -272,8 +272,9 @@ def _unsupported(module, query, key, attention_mask, dropout, kwargs) -> str | N
         return f"head_dim {query.shape[-1]} (supported: {SUPPORTED_HEAD_DIMS})"
     if query.shape[2] != key.shape[2]:
         return "query and key lengths differ (KV-cache decoding)"
-    if kwargs.get("sliding_window") is not None:
-        return "sliding-window attention"
+    window = kwargs.get("sliding_window")
+    if window is not None and key.shape[2] > window:  # (within the window it changes nothing)
+        return "a sliding window shorter than the sequence"
     if kwargs.get("s_aux") is not None:
         return "attention sinks"
     if query.shape[1] % key.shape[1]:
@@ -333,8 +334,8 @@ def register_attention() -> str:
 def _causal_mask_or_none(sdpa_mask):
     """SDPA's mask function, except that a plain causal mask is ``None`` under torch.compile too.
 
-    A plain causal mask: no padding mask given, no sliding window, keys from position 0, as many
-    queries as keys. HF's SDPA path then passes no mask (``is_causal`` does it) in eager mode,
+    A plain causal mask: no padding mask given, no sliding window shorter than the keys, keys
+    from position 0, as many queries as keys. HF's SDPA path then passes no mask (``is_causal`` does it) in eager mode,
     but while compiling, transformers 5.17 with torch 2.11 (the H100's) materializes the mask,
     which sent every compiled FP8-attention call to the BF16 fallback. Deciding this needs no
     tensor values, so it holds under tracing; anything else goes to ``sdpa_mask`` unchanged.
@@ -349,7 +350,7 @@ def _causal_mask_or_none(sdpa_mask):
             q_offset = kwargs.get("q_offset", 0)
             if (
                 kwargs.get("mask_function") is causal_mask_function
-                and kwargs.get("local_size") is None
+                and (kwargs.get("local_size") is None or kwargs.get("kv_length", 0) < kwargs["local_size"])
                 and kwargs.get("kv_offset", 0) == 0
                 and isinstance(q_offset, int)
                 and q_offset == 0

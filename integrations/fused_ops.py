@@ -1,6 +1,7 @@
-"""Fused RMSNorm and SwiGLU for HF Llama models: per-instance forwards, reversible.
+"""Fused RMSNorm and SwiGLU for HF Llama-family models: per-instance forwards, reversible.
 
-``patch_fused_ops(model)`` gives every ``LlamaRMSNorm`` a forward that runs
+``patch_fused_ops(model)`` gives every ``LlamaRMSNorm`` (``Qwen3RMSNorm``, ...: the family's
+norm class, Qwen3's q/k norms included) a forward that runs
 :func:`hf_fp8.kernels.norm_swiglu.rms_norm` and every ``LlamaMLP`` (SiLU activation) a forward
 that runs ``down_proj(swiglu(gate_proj(x), up_proj(x)))`` (gate and up as one FP8 node
 sharing the input's quantization when both are ``Fp8Linear``, see
@@ -12,7 +13,8 @@ inside its FP8 layers' input cast when it can (:mod:`hf_fp8.norm_ops`: the norm'
 never written in BF16, and its backward sums the layers' input gradients and the residual's
 gradient, see ``PASS_RESIDUAL``). The input embedding gets a backward that writes its weight
 gradient in one pass (:mod:`hf_fp8.embedding_ops`). Nothing outside the model changes, and
-``unpatch_fused_ops`` restores HF's forwards. Model families are listed in one table.
+``unpatch_fused_ops`` restores HF's forwards. Model families are listed in one table
+(:mod:`hf_fp8.integrations.families`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from torch import nn
 from hf_fp8._backend import use_triton
 from hf_fp8.embedding_ops import embedding_fusable, embedding_lookup
 from hf_fp8.integrations._kv_cache import cache_arg, take_cache
+from hf_fp8.integrations.families import family_of
 from hf_fp8.integrations.rope import _attention_forward
 from hf_fp8.linear import shared_input_linears
 from hf_fp8.mlp_ops import fused_swiglu_mlp, fused_swiglu_mlp_applies
@@ -33,7 +36,6 @@ from hf_fp8.norm_ops import fused_norm_linears, norm_input_fusable
 
 __all__ = ["patch_fused_ops", "unpatch_fused_ops"]
 
-_CLASSES = {"llama": {"norm": ("LlamaRMSNorm",), "mlp": ("LlamaMLP",), "decoder": ("LlamaDecoderLayer",)}}
 _MARK = "_hf_fp8_fused"
 # The decoder layer takes its residuals back from the attention and MLP forwards, so that each
 # residual's gradient is added inside the norm's backward kernel (no BF16 add kernel; FP32, one
@@ -113,7 +115,7 @@ def _decoder_forward(
     position_embeddings=None,
     **kwargs,
 ) -> torch.Tensor:
-    """HF's ``LlamaDecoderLayer.forward``, with each norm handed to the layers reading its output
+    """HF's ``LlamaDecoderLayer.forward`` (every family in the table has it), with each norm handed to the layers reading its output
     (hf_fp8's attention and MLP forwards), which run it inside their FP8 input cast when they
     can (:mod:`hf_fp8.norm_ops`) and first otherwise. Under activation checkpointing HF
     checkpoints the call of this forward, and the recompute takes the same path (its casts reuse
@@ -172,24 +174,25 @@ def _is_silu(mlp: nn.Module) -> bool:
 
 
 def patch_fused_ops(model: nn.Module) -> int:
-    """Fuse RMSNorm and SwiGLU in an HF Llama model, and give its input embedding hf_fp8's
-    weight-gradient kernel; returns the number of modules patched.
+    """Fuse RMSNorm and SwiGLU in an HF model of a supported family, and give its input
+    embedding hf_fp8's weight-gradient kernel; returns the number of modules patched (0 for
+    a family not in :mod:`hf_fp8.integrations.families`).
 
     Idempotent; MLPs with another activation than SiLU are left alone.
     """
-    table = _CLASSES.get(getattr(getattr(model, "config", None), "model_type", None))
-    if table is None:
+    family = family_of(model)
+    if family is None:
         return 0
     n = 0
     for m in model.modules():
         name = type(m).__name__
         if getattr(m, _MARK, False):
             continue
-        if name in table["norm"] and hasattr(m, "variance_epsilon"):
+        if name == family.norm and hasattr(m, "variance_epsilon"):
             m.forward = types.MethodType(_norm_forward, m)
-        elif name in table["mlp"] and _is_silu(m):
+        elif name == family.mlp and _is_silu(m):
             m.forward = types.MethodType(_mlp_forward, m)
-        elif name in table["decoder"] and all(
+        elif name == family.decoder and all(
             hasattr(m, a) for a in ("input_layernorm", "post_attention_layernorm", "self_attn", "mlp")
         ):
             m.forward = types.MethodType(_decoder_forward, m)

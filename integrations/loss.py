@@ -1,6 +1,7 @@
 """FP32 logits and loss for HF causal LMs: a per-instance forward, reversible.
 
-The patched ``LlamaForCausalLM.forward`` runs the decoder as HF does, then
+The patched ``LlamaForCausalLM.forward`` (or the family's: every causal LM in
+:mod:`hf_fp8.integrations.families` has Llama's) runs the decoder as HF does, then
 
 - with ``labels`` (or ``shift_labels``): computes the loss with
   :func:`hf_fp8.loss.chunked_linear_cross_entropy` (FP32 logits per chunk, never the full
@@ -20,7 +21,7 @@ The patched ``LlamaForCausalLM.forward`` runs the decoder as HF does, then
   host sync in eager mode and an explicit 4-D mask under tracing. With a cache present, as in
   HF's default, that check is skipped, and the stand-in keeps that path.
 
-Model families are listed in one table (``_CAUSAL_LM_CLASSES``).
+Model families are listed in one table (:mod:`hf_fp8.integrations.families`).
 """
 
 from __future__ import annotations
@@ -34,10 +35,11 @@ import torch
 from torch import nn
 
 from hf_fp8.integrations._kv_cache import cache_arg, output_cache, output_cache_field, take_cache
+from hf_fp8.integrations.families import FAMILIES
 
 __all__ = ["causal_lm", "patch_loss", "trl_fused_lm_head", "unpatch_loss"]
 
-_CAUSAL_LM_CLASSES = ("LlamaForCausalLM",)
+_CAUSAL_LM_CLASSES = frozenset(f.causal_lm for f in FAMILIES.values())
 
 # Whether training steps with labels get the cache stand-in (read at every forward; the
 # benchmarks turn it off to measure HF's default cache).

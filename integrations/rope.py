@@ -1,4 +1,4 @@
-"""FP32 RoPE for HF Llama models: patch the rotary path per instance, reversibly.
+"""FP32 RoPE for HF Llama-family models: patch the rotary path per instance, reversibly.
 
 Stock HF computes cos/sin in FP32, rounds them to the model dtype and rotates q/k there;
 ``model.to(torch.bfloat16)`` also rounds ``inv_freq``. :func:`patch_rope` instead
@@ -8,13 +8,14 @@ Stock HF computes cos/sin in FP32, rounds them to the model dtype and rotates q/
   ``.to(bfloat16)`` / ``.half()`` (the rotary module's ``_apply`` restores them);
 - makes the rotary module return the position ids and FP32 ``inv_freq`` instead of cos/sin
   tensors (HF's ``dynamic_rope_update`` still runs, so dynamic/longrope types keep working);
-- gives each ``LlamaAttention`` a forward that rotates q/k with the FP32 kernel
-  (:mod:`hf_fp8.kernels.rope`) and hands them to HF's attention interface in the model's
-  compute dtype, exactly as HF's own forward does otherwise.
+- gives each attention module (``LlamaAttention``, ``Qwen3Attention``, ...) a forward that
+  rotates q/k with the FP32 kernel (:mod:`hf_fp8.kernels.rope`), after the family's q/k norms
+  where it has them (Qwen3), and hands them to HF's attention interface in the model's
+  compute dtype with the family's sliding window, exactly as HF's own forward does otherwise.
 
 Nothing outside the model changes: no module-level function of transformers is replaced,
 and the returned :class:`RopePatch` undoes everything. Model families are listed in one
-table (``_ATTENTION_CLASSES``).
+table (:mod:`hf_fp8.integrations.families`).
 """
 
 from __future__ import annotations
@@ -29,13 +30,12 @@ from torch import nn
 
 from hf_fp8._backend import use_triton
 from hf_fp8.integrations._kv_cache import cache_arg, take_cache
+from hf_fp8.integrations.families import ModelFamily, family_of, supported_model_types
 from hf_fp8.linear import linear_on_kept_input, shared_input_linears
 from hf_fp8.norm_ops import fused_norm_linears, norm_input_fusable
 
 __all__ = ["RopeInputs", "RopePatch", "patch_rope", "unpatch_rope", "fp32_rope"]
 
-# model family -> attention classes whose forward we know (same structure as Llama's)
-_ATTENTION_CLASSES = {"llama": ("LlamaAttention",)}
 _PINNED = ("inv_freq", "original_inv_freq")
 
 
@@ -157,6 +157,11 @@ def _attention_forward(
             hidden_states = _hf_fp8_norm(hidden_states)
         q, k, v = shared_input_linears(projections, hidden_states)
     q, k, v = q.view(hidden_shape), k.view(hidden_shape), v.view(hidden_shape).transpose(1, 2)
+    family: ModelFamily | None = self.__dict__.get("_hf_fp8_family")
+    if family is not None and family.qk_norm:  # Qwen3: RMSNorm over head_dim before RoPE, as HF
+        q, k = self.q_norm(q), self.k_norm(k)
+    if family is not None and family.sliding_window is not None:
+        kwargs["sliding_window"] = family.window_of(self)  # what HF's own forward passes
     q, k = fp32_rope(q, k, position_embeddings.position_ids, position_embeddings.inv_freq, position_embeddings.scaling)
     q, k = q.transpose(1, 2), k.transpose(1, 2)
 
@@ -207,8 +212,8 @@ class RopePatch:
 
     def undo(self) -> None:
         for m in self.attention_modules:
-            m.__dict__.pop("forward", None)
-            m.__dict__.pop("_hf_fp8_rope", None)
+            for attr in ("forward", "_hf_fp8_rope", "_hf_fp8_family"):
+                m.__dict__.pop(attr, None)
         for m in self.rotary_modules:
             for attr in ("forward", "_apply", "_hf_fp8_rope"):
                 m.__dict__.pop(attr, None)
@@ -227,15 +232,16 @@ def _is_rotary(m: nn.Module) -> bool:
 
 
 def _attention_classes(model: nn.Module) -> tuple[str, ...]:
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    return _ATTENTION_CLASSES.get(model_type, ())
+    family = family_of(model)
+    return (family.attention,) if family is not None else ()
 
 
 def patch_rope(model: nn.Module) -> RopePatch:
-    """Rotate q/k in FP32 in every attention layer of an HF Llama model, and pin RoPE buffers to FP32.
+    """Rotate q/k in FP32 in every attention layer of an HF model of a supported family (Llama,
+    Mistral, Qwen2, Qwen3), and pin RoPE buffers to FP32.
 
-    Idempotent. Raises ``ValueError`` for model families it does not know (the table
-    ``_ATTENTION_CLASSES``), rather than silently leaving BF16 RoPE in place.
+    Idempotent. Raises ``ValueError`` for model families it does not know (the table in
+    :mod:`hf_fp8.integrations.families`), rather than silently leaving BF16 RoPE in place.
 
     Example:
         ```python
@@ -254,11 +260,11 @@ def patch_rope(model: nn.Module) -> RopePatch:
     existing = getattr(model, "_hf_fp8_rope_patch", None)
     if isinstance(existing, RopePatch) and existing.active:
         return existing
-    classes = _attention_classes(model)
-    if not classes:
+    family = family_of(model)
+    if family is None:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         raise ValueError(
-            f"hf_fp8.patch_rope: model_type {model_type!r} is not supported (supported: {sorted(_ATTENTION_CLASSES)})"
+            f"hf_fp8.patch_rope: model_type {model_type!r} is not supported (supported: {supported_model_types()})"
         )
     patch = RopePatch()
     forward = _make_rotary_forward()
@@ -271,8 +277,14 @@ def patch_rope(model: nn.Module) -> RopePatch:
             m.forward = types.MethodType(forward, m)
             m._apply = types.MethodType(_keep_fp32_apply, m)
             patch.rotary_modules.append(m)
-        elif type(m).__name__ in classes:
+        elif type(m).__name__ == family.attention:
+            if family.qk_norm and not (hasattr(m, "q_norm") and hasattr(m, "k_norm")):
+                patch.undo()
+                raise ValueError(
+                    f"hf_fp8.patch_rope: {type(m).__name__} has no q_norm/k_norm, which {family.prefix} has"
+                )
             m.forward = types.MethodType(_attention_forward, m)
+            m._hf_fp8_family = family
             patch.attention_modules.append(m)
     if not patch.rotary_modules or not patch.attention_modules:
         patch.undo()

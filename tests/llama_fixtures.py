@@ -32,6 +32,41 @@ def tiny_llama(seed: int = 0, **overrides):
     return LlamaForCausalLM(copy.deepcopy(tiny_llama_config(**overrides)))
 
 
+FAMILY_CLASSES = {  # model_type -> (config class, causal-LM class), in transformers
+    "llama": ("LlamaConfig", "LlamaForCausalLM"),
+    "mistral": ("MistralConfig", "MistralForCausalLM"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+}
+
+
+def tiny_family(model_type: str, seed: int = 0, **overrides):
+    """A tiny random model of one HF family (the shapes of ``tiny_llama``, head_dim 32, Qwen's
+    and Mistral's rope_theta 1e6; Qwen2 keeps its q/k/v biases, Qwen3 its q/k norms)."""
+    import transformers
+
+    config_cls, model_cls = (getattr(transformers, n) for n in FAMILY_CLASSES[model_type])
+    kw = dict(
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        vocab_size=512,
+        max_position_embeddings=256,
+        attn_implementation="eager",
+        tie_word_embeddings=False,
+    )
+    if model_type != "llama":
+        kw["rope_theta"] = 1e6
+    else:
+        kw["rope_theta"] = 500000.0
+    kw.update(overrides)
+    torch.manual_seed(seed)
+    return model_cls(config_cls(**kw))
+
+
 def llama3_8b_config_on_meta(num_layers: int = 2):
     """Llama-3-8B layer shapes (hidden 4096, MLP 14336, 32/8 heads, vocab 128256)."""
     return tiny_llama_config(

@@ -36,3 +36,20 @@ def test_timing_loop_takes_padded_batches_and_counts_real_tokens():
     assert timed["tokens_per_s"] == pytest.approx(real / (timed["step_ms"] / 1e3))
     with pytest.raises(ValueError, match="eager step"):
         time_training_steps(model, opt, batches, warmup=0, forward_backward=lambda ids: None)
+
+
+@pytest.mark.parametrize("name", ["8b", "qwen2.5-7b", "qwen3-8b", "mistral-7b"])
+def test_benchmark_configs_build_their_family_and_convert_every_decoder_linear(name):
+    """The benchmark's model configs (on the meta device, one layer): the family's classes, and
+    every decoder linear convertible to FP8 (dimensions multiples of 16)."""
+    import transformers
+
+    import hf_fp8
+    from benchmarks.bench_llama import CONFIGS, FAMILIES
+
+    config = dict(CONFIGS[name], num_hidden_layers=1)
+    config_cls, model_cls, _ = (getattr(transformers, n, n) for n in FAMILIES[config.pop("model_type", "llama")])
+    with torch.device("meta"):
+        model = model_cls(config_cls(**config))
+    report = hf_fp8.convert(model, hf_fp8.Fp8Config(auto_filter=False))
+    assert len(report.converted) == 7 and report.rope.startswith("FP32 rotation")

@@ -49,15 +49,17 @@ def _hf_bf16_rotation(x, position_ids, inv_freq):
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
-def test_llama3_theta_long_sequence_is_correctly_rounded():
-    """rope_theta=500000, S=8192, head_dim 128, BF16: >= 99.9% of outputs equal the correctly
-    rounded rotation (stock HF's BF16 path gets about 2/3), forward and backward."""
+@pytest.mark.parametrize("theta", [500000.0, 1e6], ids=["llama3", "qwen_mistral"])
+def test_long_sequence_is_correctly_rounded(theta):
+    """rope_theta 500000 (Llama-3) and 1e6 (Qwen2/2.5/3, Mistral v0.3), S=8192, head_dim 128,
+    BF16: >= 99.9% of outputs equal the correctly rounded rotation (stock HF's BF16 path gets
+    about 2/3), forward and backward."""
     torch.manual_seed(0)
     S, D = 8192, 128
     q = torch.randn(1, S, 4, D, dtype=torch.bfloat16)
     k = torch.randn(1, S, 2, D, dtype=torch.bfloat16)  # GQA: 4 query heads, 2 key heads
     pos = torch.arange(S).view(1, S)
-    inv = _inv_freq(500000.0, D)
+    inv = _inv_freq(theta, D)
     qo, ko = rope_fwd(q, k, pos, inv)
     exact_q, exact_k = _exact_rotation(q, pos, inv), _exact_rotation(k, pos, inv)
     frac_q = (qo == exact_q).float().mean().item()
