@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # What the H100 proves, by named step (each backs a claim in README.md or benchmarks/README.md):
-#   tests e2e loss full8b linear sweep quant attention lora adamw scaling
+#   tests e2e loss full8b padded families linear sweep quant attention lora adamw scaling
 # Usage (from the repo root on the GPU machine): bash benchmarks/run_gpu.sh [step ...] (default: tests e2e loss)
 # Set HF_FP8_GIT_SHA=<the commit sent> from the calling machine: the copy there may carry a stale .git.
 set -u
@@ -15,7 +15,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__, torch.cuda.get_device_name())"
 steps=${*:-tests e2e loss}
 iso="python3 -m benchmarks.bench_llama --isolate"
-show() { grep -v Warning | grep -E "^(1b|8b)|skipped|Error|error|Traceback|fault|loss" | cut -c1-260; }
+show() { grep -v Warning | grep -E "^(1b|8b|qwen|mistral)|skipped|Error|error|Traceback|fault|loss" | cut -c1-260; }
 for s in $steps; do
   echo "=== $s ($(date +%T))"
   case $s in
@@ -28,6 +28,10 @@ for s in $steps; do
     loss) $iso --configs 1b --steps 300 --warmup 3 --loss-window 50 --budget-s 560 --out llama_1b_loss_h100.json --variants stock_bf16_hfadamw hf_fp8_all hf_fp8_tensorwise_all hf_fp8_rowwise_all 2>&1 | show ;;
     # the whole Llama-3-8B on one GPU: B=1, S=4096, activation checkpointing
     full8b) $iso --configs 8b-full --batch 1 --checkpointing --budget-s 560 --out llama_8b_full_ckpt_h100.json --variants stock_bf16 hf_fp8 torchao_tensorwise_compile 2>&1 | show ;;
+    # padded SFT batches (25% padding) on the whole 8B: FP8 attention (with the padding mask) against SDPA
+    padded) $iso --configs 8b-full --batch 1 --checkpointing --pad-frac 0.25 --budget-s 560 --out llama_8b_full_ckpt_padded_h100.json --variants hf_fp8_fp8attn hf_fp8 stock_bf16 torchao_tensorwise_compile 2>&1 | show ;;
+    # the model families: 8 layers of Llama-3-8B, Qwen2.5-7B, Qwen3-8B and Mistral-7B, B=2, S=4096
+    families) $iso --configs 8b qwen2.5-7b qwen3-8b mistral-7b --budget-s 560 --out families_h100.json --variants stock_bf16 hf_fp8 torchao_tensorwise_compile 2>&1 | show ;;
     linear) python3 -m benchmarks.bench_linear --budget-s 230 2>&1 | grep -v Warning | tail -40 ;;
     sweep) python3 -m benchmarks.bench_linear --sweep --budget-s 150 2>&1 | tail -60 ;;
     quant) python3 -m benchmarks.bench_quant --sweep-blocks 2>&1 | tail -40 ;;
@@ -35,7 +39,7 @@ for s in $steps; do
     lora) python3 -m benchmarks.bench_lora 2>&1 | grep -v Warning | tail -12 ;;
     adamw) python3 -m benchmarks.bench_adamw --sweep 2>&1 | grep -v Warning | cut -c1-260 | tail -30 ;;
     scaling) torchrun --nproc-per-node "${NGPU:-1}" -m benchmarks.bench_scaling 2>&1 | grep -v Warning | tail -12 ;;
-    *) echo "unknown step $s (tests e2e loss full8b linear sweep quant attention lora adamw scaling)" ;;
+    *) echo "unknown step $s (tests e2e loss full8b padded families linear sweep quant attention lora adamw scaling)" ;;
   esac
 done
 echo "=== done $(date +%T)"

@@ -210,6 +210,7 @@ _NAMES = {
     "torchao_tensorwise_compile": "torchao float8 tensorwise + torch.compile",
     "torchao_rowwise_compile": "torchao float8 rowwise + torch.compile",
     "liger": "Liger-Kernel",
+    "hf_fp8_fp8attn": "hf_fp8 default + FP8 attention",
 }
 
 
@@ -260,8 +261,63 @@ def loss_table(name: str = "llama_1b_loss_h100.json") -> str:
     return "\n".join(out)
 
 
+_FAMILY_NAMES = {"8b": "Llama-3-8B", "qwen2.5-7b": "Qwen2.5-7B", "qwen3-8b": "Qwen3-8B", "mistral-7b": "Mistral-7B"}
+
+
+def families_table(name: str = "families_h100.json") -> str:
+    """Each model family's layer shapes: the default recipe and torchao against stock, in one run."""
+    d = _load(name)
+    by = {(r["config"], r["variant"]): r for r in d["rows"] if "step_ms" in r}
+    configs = [c for c in d["configs"] if (c, "stock_bf16") in by]
+    llama = by.get(("8b", "hf_fp8"))
+    out = [
+        f"Training step, {d['configs'][configs[0]]['num_hidden_layers']} layers of each model's shapes, B={d['batch']}, "
+        f"S={d['seq']}, BF16 parameters, median of {d['steps']} steps after {d['warmup']}, each variant in its own "
+        f"process; {_env_line(d['env'], sha=False)}; `{name}`.",
+        "",
+        "| model shapes | stock BF16 ms | hf_fp8 default ms | vs stock | vs Llama's speed-up | torchao tensorwise + "
+        "compile ms | vs stock | hf_fp8 vs torchao |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for c in configs:
+        stock, ours, ao = (by.get((c, v)) for v in ("stock_bf16", "hf_fp8", "torchao_tensorwise_compile"))
+        sp = stock["step_ms"] / ours["step_ms"] if ours else None
+        rel = f"{sp / (by[('8b', 'stock_bf16')]['step_ms'] / llama['step_ms']):.2f}" if (sp and llama) else "-"
+        out.append(
+            f"| {_FAMILY_NAMES.get(c, c)} | {stock['step_ms']:.1f} | "
+            + (f"{ours['step_ms']:.1f} | {sp:.2f}x | {rel} | " if ours else "- | - | - | ")
+            + (f"{ao['step_ms']:.1f} | {stock['step_ms'] / ao['step_ms']:.2f}x | " if ao else "- | - | ")
+            + (f"{ao['step_ms'] / ours['step_ms']:.2f}x |" if (ao and ours) else "- |")
+        )
+    return "\n".join(out)
+
+
+def padded_table(name: str = "llama_8b_full_ckpt_padded_h100.json") -> str:
+    """Padded SFT batches on the whole 8B: FP8 attention (taking the padding mask) against SDPA."""
+    d = _load(name)
+    rows = [r for r in d["rows"] if "step_ms" in r]
+    base = next(r for r in rows if r["variant"] == "stock_bf16")
+    out = [
+        f"The whole Llama-3-8B, B={d['batch']}, S={d['seq']}, {d['pad_frac']:.0%} padding (right-padded, attention "
+        f"mask, labels -100), activation checkpointing, median of {d['steps']} steps after {d['warmup']}, each "
+        f"variant in its own process; {_env_line(d['env'], sha=False)}; `{name}`.",
+        "",
+        "| variant | ms / step | vs stock BF16 | real tokens / s | peak GB | attention |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        attention = r["note"].split("attention: ")[1].split(";")[0] if "attention: " in r["note"] else "SDPA"
+        out.append(
+            f"| {_NAMES.get(r['variant'], r['variant'])} | {r['step_ms']:.1f} | {base['step_ms'] / r['step_ms']:.2f}x | "
+            f"{r['tokens_per_s']:.0f} | {r['peak_mem_gb']:.1f} | {attention} |"
+        )
+    return "\n".join(out)
+
+
 SECTIONS = {
     "e2e": e2e_table,
+    "families": families_table,
+    "padded": padded_table,
     "loss": loss_table,
     "adamw": adamw_table,
     "attention": attention_table,
@@ -288,8 +344,11 @@ def main() -> None:
             path.write_text(render(path.read_text()))
             print(f"updated {path}")
     else:
-        for fn in SECTIONS.values():
-            print(fn(), end="\n\n")
+        for name, fn in SECTIONS.items():
+            try:
+                print(fn(), end="\n\n")
+            except FileNotFoundError as e:
+                print(f"({name}: no results file yet: {e.filename})\n")
 
 
 if __name__ == "__main__":
