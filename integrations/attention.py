@@ -266,6 +266,8 @@ def _unsupported(module, query, key, attention_mask, dropout, kwargs) -> str | N
 
     if attention_mask is not None and torch.compiler.is_compiling():
         return "an attention mask under torch.compile (checking it needs its values)"
+    if attention_mask is not None and attention_mask.is_cuda and torch.cuda.is_current_stream_capturing():
+        return "an attention mask while a CUDA graph is captured (checking it needs its values)"
     if dropout and getattr(module, "training", True):
         return f"attention dropout {dropout} > 0"
     if query.shape[-1] not in SUPPORTED_HEAD_DIMS:
