@@ -5,13 +5,15 @@ Forward: Q, K, V in E4M3 with per-(batch, head) scales and P.V in FP8
 elsewhere (``attention_reference``). Backward: BF16, by PyTorch's cuDNN (else FlashAttention-2)
 attention backward on the original (unquantized) Q, K, V with our output and log-sum-exp,
 i.e. the gradient of exact attention evaluated through our forward's statistics; where neither
-op runs, by recomputing BF16 SDPA. Padded batches run the kernel too: HF's boolean mask is checked
-(once per mask, one host sync) to be causal attention over real keys, and the kernel takes the
-key-padding vector (left or right padding); the backward then runs cuDNN's with the mask as a
-bias (else the recompute). Cases the kernel does not take (any other mask: packed sequences' block
-masks, custom masks, masks under torch.compile; dropout; head_dim outside 64/128; a query shorter
-than the keys, i.e. KV-cache decoding; a sliding window shorter than the sequence; attention
-sinks) run HF's own SDPA attention instead, with a one-time warning naming the reason.
+op runs, by recomputing BF16 SDPA. Masked batches run the kernel too when each query attends to
+one contiguous range of keys, which HF's masks for left or right padding and for packed
+sequences (``DataCollatorWithFlattening``) are: the boolean mask is read once per mask object
+(one host sync) into per-query key ranges, the kernel visits only the key blocks in range, and
+K/V scales come from the tokens some query attends to; the backward then runs cuDNN's with the
+mask as a bias (else the recompute). Cases the kernel does not take (other masks, masks under
+torch.compile or CUDA-graph capture; dropout; head_dim outside 64/128; a query shorter than the
+keys, i.e. KV-cache decoding; attention sinks) run HF's own SDPA attention instead, with a
+one-time warning naming the reason. Sliding windows come with HF's mask, read like any other.
 
 Register once per process with :func:`register_attention` (``hf_fp8.convert`` does it when
 ``Fp8Config(fp8_attention=True)``), then ``from_pretrained(..., attn_implementation="hf_fp8")``
@@ -24,6 +26,7 @@ from __future__ import annotations
 import math
 import warnings
 import weakref
+from typing import NamedTuple
 
 import torch
 
@@ -35,7 +38,8 @@ __all__ = [
     "fp8_attention",
     "fp8_attention_forward",
     "fallback_reasons",
-    "key_padding_of",
+    "MaskPlan",
+    "mask_plan",
 ]
 
 ATTN_IMPLEMENTATION = "hf_fp8"
@@ -50,39 +54,46 @@ def fallback_reasons() -> set[str]:
     return set(_warned)
 
 
-def _keep(kv_valid: torch.Tensor, causal: bool) -> torch.Tensor:
-    """(B, 1, S, S) bool: which keys each query attends to under key padding."""
-    S = kv_valid.shape[-1]
-    keep = kv_valid[:, None, None, :]
-    if causal:
-        keep = keep & torch.ones(S, S, dtype=torch.bool, device=kv_valid.device).tril()
-    return keep
+class MaskPlan(NamedTuple):
+    """How the kernel takes a mask: per-query key ranges ``lo``/``hi`` (int32 (B, S); query i
+    attends to keys lo[i]..hi[i], empty when lo > hi) and ``kv_valid`` ((B, S) bool, the tokens
+    whose K/V set the scales; None: all)."""
+
+    lo: torch.Tensor
+    hi: torch.Tensor
+    kv_valid: torch.Tensor | None
 
 
-def _queries_with_keys(kv_valid: torch.Tensor, causal: bool) -> torch.Tensor:
-    """(B, S) bool: queries with at least one real key to attend to (the others output 0)."""
-    if causal:
-        return kv_valid.cumsum(-1) > 0
-    return kv_valid.any(-1, keepdim=True).expand_as(kv_valid)
+def _keep(plan: MaskPlan) -> torch.Tensor:
+    """(B, 1, S, S) bool: which keys each query attends to."""
+    from hf_fp8.kernels.attention_reference import keep_from_ranges
+
+    return keep_from_ranges(plan.lo, plan.hi)
 
 
-def _bf16_backward(kind, dout, q, k, v, out, lse, causal, scale, kv_valid=None):
+def _queries_with_keys(plan: MaskPlan) -> torch.Tensor:
+    """(B, S) bool: queries with a key to attend to (the others output 0)."""
+    return plan.lo <= plan.hi
+
+
+def _bf16_backward(kind, dout, q, k, v, out, lse, causal, scale, plan=None):
     """PyTorch's cuDNN or FlashAttention-2 backward fed our output and log-sum-exp (both take the
     natural-log LSE of the scaled scores); K/V expanded for GQA, their gradients summed back.
-    Key padding (cuDNN only): the mask as an additive bias; rows without a real key carry
-    log-sum-exp +inf from the forward, so their probabilities, hence gradients, are 0."""
+    A mask (cuDNN only): as an additive bias; rows without a key carry log-sum-exp +inf from
+    the forward, so their probabilities, hence gradients, are 0."""
     groups = q.shape[1] // k.shape[1]
     ke = k.repeat_interleave(groups, dim=1) if groups > 1 else k
     ve = v.repeat_interleave(groups, dim=1) if groups > 1 else v
     empty = torch.empty(0, dtype=torch.int64, device=q.device)
     S_q, S_k = q.shape[2], k.shape[2]
-    if kv_valid is not None and kind != "cudnn":
+    if plan is not None and kind != "cudnn":
         raise TypeError(f"the {kind} backward takes no attention mask")
     if kind == "cudnn":
         bias = None
-        if kv_valid is not None:
+        if plan is not None:
             zero = torch.zeros((), dtype=q.dtype, device=q.device)
-            bias = torch.where(_keep(kv_valid, causal), zero, float("-inf")).contiguous()
+            bias = torch.where(_keep(plan), zero, float("-inf")).contiguous()
+            causal = False  # the bias has it
         dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
             dout, q, ke, ve, out, lse.unsqueeze(-1), empty, empty, bias, None, None, S_q, S_k, 0.0, causal, scale=scale
         )
@@ -97,11 +108,11 @@ def _bf16_backward(kind, dout, q, k, v, out, lse, causal, scale, kv_valid=None):
     return dq, dk, dv
 
 
-def _recompute_backward(dout, q, k, v, causal, scale, kv_valid=None):
+def _recompute_backward(dout, q, k, v, causal, scale, plan=None):
     mask = None
-    if kv_valid is not None:
-        # rows without a real key attend to every key here (their dout is 0): no NaN
-        mask = _keep(kv_valid, causal) | ~_queries_with_keys(kv_valid, causal)[:, None, :, None]
+    if plan is not None:
+        # rows without a key attend to every key here (their dout is 0): no NaN
+        mask = _keep(plan) | ~_queries_with_keys(plan)[:, None, :, None]
     with torch.enable_grad():
         qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
         o = torch.nn.functional.scaled_dot_product_attention(
@@ -111,12 +122,12 @@ def _recompute_backward(dout, q, k, v, causal, scale, kv_valid=None):
         return torch.autograd.grad(o, (qq, kk, vv), dout)
 
 
-def _attention_backward(dout, q, k, v, out, lse, causal, scale, kv_valid=None):
+def _attention_backward(dout, q, k, v, out, lse, causal, scale, plan=None):
     dout_bhsd = dout.transpose(1, 2)
-    if kv_valid is not None:
-        # the forward's output is 0 (a constant) on queries without a real key: no gradient there
-        dout_bhsd = dout_bhsd * _queries_with_keys(kv_valid, causal)[:, None, :, None].to(dout.dtype)
-    padded = "_padded" if kv_valid is not None else ""
+    if plan is not None:
+        # the forward's output is 0 (a constant) on queries without a key: no gradient there
+        dout_bhsd = dout_bhsd * _queries_with_keys(plan)[:, None, :, None].to(dout.dtype)
+    padded = "_masked" if plan is not None else ""
     if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
         for kind in BACKWARD_ORDER:
             if f"{kind}{padded}_error" in _backward_path:
@@ -124,29 +135,32 @@ def _attention_backward(dout, q, k, v, out, lse, causal, scale, kv_valid=None):
             if padded and kind != "cudnn":
                 continue  # FlashAttention's backward takes no mask
             try:
-                grads = _bf16_backward(kind, dout_bhsd, q, k, v, out.transpose(1, 2), lse, causal, scale, kv_valid)
+                grads = _bf16_backward(kind, dout_bhsd, q, k, v, out.transpose(1, 2), lse, causal, scale, plan)
                 _backward_path["last"] = kind + padded
                 return grads
             except (RuntimeError, TypeError) as e:
                 _backward_path[f"{kind}{padded}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
     _backward_path["last"] = "recompute" + padded
-    return _recompute_backward(dout_bhsd, q, k, v, causal, scale, kv_valid)
+    return _recompute_backward(dout_bhsd, q, k, v, causal, scale, plan)
 
 
 class _Fp8AttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, causal: bool, scale: float, kv_valid: torch.Tensor | None = None):
+    def forward(ctx, q, k, v, causal: bool, scale: float, plan: MaskPlan | None = None):
         from hf_fp8.kernels.attention import fp8_attention_fwd
 
-        out, lse = fp8_attention_fwd(q, k, v, causal=causal, scale=scale, kv_valid=kv_valid)
-        ctx.save_for_backward(q, k, v, out, lse, kv_valid)
+        ranges = None if plan is None else (plan.lo, plan.hi)
+        kv_valid = None if plan is None else plan.kv_valid
+        out, lse = fp8_attention_fwd(q, k, v, causal=causal, scale=scale, kv_valid=kv_valid, key_ranges=ranges)
+        ctx.save_for_backward(q, k, v, out, lse, *(ranges or (None, None)))
         ctx.causal, ctx.scale = causal, scale
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse, kv_valid = ctx.saved_tensors
-        return (*_attention_backward(dout, q, k, v, out, lse, ctx.causal, ctx.scale, kv_valid), None, None, None)
+        q, k, v, out, lse, lo, hi = ctx.saved_tensors
+        plan = None if lo is None else MaskPlan(lo, hi, None)
+        return (*_attention_backward(dout, q, k, v, out, lse, ctx.causal, ctx.scale, plan), None, None, None)
 
 
 # torch.compile: the Triton forward and the backward's backend choice run as opaque custom ops.
@@ -206,59 +220,77 @@ def fp8_attention(
     causal: bool = True,
     scale: float | None = None,
     kv_valid: torch.Tensor | None = None,
+    mask: MaskPlan | None = None,
 ) -> torch.Tensor:
     """FP8 attention of q (B, H, S, D), k/v (B, Hk, S, D) -> (B, S, H, D), differentiable.
 
-    ``kv_valid`` (B, S) bool marks real tokens (key padding); a query with no real key to
-    attend to outputs 0. Triton kernel on FP8-capable GPUs, the torch emulation elsewhere.
+    ``kv_valid`` (B, S) bool marks real tokens (key padding: one contiguous run per row);
+    ``mask`` (a :class:`MaskPlan`, see :func:`mask_plan`) any mask of contiguous key ranges. A
+    query with no key to attend to outputs 0. Triton kernel on FP8-capable GPUs, the torch
+    emulation elsewhere.
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if mask is None and kv_valid is not None:
+        from hf_fp8.kernels.attention_reference import key_ranges_from_padding
+
+        mask = MaskPlan(*key_ranges_from_padding(kv_valid, causal), kv_valid)
     if use_triton_kernels(q):
         if torch.compiler.is_compiling():
-            if kv_valid is not None:
-                raise NotImplementedError("fp8_attention: key padding under torch.compile")
+            if mask is not None:
+                raise NotImplementedError("fp8_attention: masks under torch.compile")
             return _fp8_attention_op(q, k, v, causal, scale)[0]
-        return _Fp8AttentionFunction.apply(q, k, v, causal, scale, kv_valid)
+        return _Fp8AttentionFunction.apply(q, k, v, causal, scale, mask)
     from hf_fp8.kernels.attention_reference import fp8_attention_reference
 
-    return fp8_attention_reference(q, k, v, causal=causal, scale=scale, kv_valid=kv_valid)
+    ranges = None if mask is None else (mask.lo, mask.hi)
+    kv_valid = None if mask is None else mask.kv_valid
+    return fp8_attention_reference(q, k, v, causal=causal, scale=scale, kv_valid=kv_valid, key_ranges=ranges)
 
 
-# The last mask checked, so that the other layers of the same forward (and its recompute) reuse the answer.
-_last_mask: list = []  # [weakref to the mask, its version, causal, (kv_valid or None, reason or None)]
-_MASK_REASON = "an attention mask other than causal key padding (packed sequences' block masks or a custom mask)"
+# The last mask read, so that the other layers of the same forward (and its recompute) reuse it.
+_last_mask: list = []  # [weakref to the mask, its version, causal, (plan or None, reason or None)]
+_MASK_REASON = "an attention mask whose rows are not contiguous key ranges (a custom mask)"
+_WINDOW_REASON = "a sliding window shorter than the sequence without a mask that has it"
 
 
-def key_padding_of(mask: torch.Tensor, batch: int, seq: int, causal: bool) -> tuple[torch.Tensor | None, str | None]:
-    """``(kv_valid, None)`` when ``mask`` (HF's boolean (B|1, 1, S, S) mask, True = attend) is
-    (causal attention) & (key padding), else ``(None, reason)``. ``kv_valid`` is ``None`` too when
-    no token is padding. Rows of queries with no real key (left padding) may be all False or, as
-    some transformers versions make them, all True: their outputs are not used.
+def mask_plan(mask: torch.Tensor, batch: int, seq: int, causal: bool) -> tuple[MaskPlan | None, str | None]:
+    """How the kernel takes ``mask`` (HF's boolean (B|1, 1, S, S) mask, True = attend):
+    ``(plan, None)`` when every query attends to one contiguous range of keys (causal
+    attention, left or right padding, packed sequences); ``(None, None)`` when the mask is plain
+    causal (or full, if not ``causal``) attention, which needs no mask; else ``(None, reason)``.
+    Rows with no key (left padding) output 0 in the kernel, where SDPA gives NaN or, as some
+    transformers versions make such rows attend everywhere, values no loss reads.
 
-    Checking takes one host sync per distinct mask; HF passes the same mask object to every layer.
+    Reading it takes one host sync per distinct mask; HF passes the same mask object to every layer.
     """
     if _last_mask and _last_mask[0]() is mask and _last_mask[1] == mask._version and _last_mask[2] == causal:
         return _last_mask[3]
-    result = _check_key_padding(mask, batch, seq, causal)
+    result = _read_mask(mask, batch, seq, causal)
     _last_mask[:] = [weakref.ref(mask), mask._version, causal, result]
     return result
 
 
-def _check_key_padding(mask, batch, seq, causal):
+def _read_mask(mask, batch, seq, causal):
     if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1 or tuple(mask.shape[-2:]) != (seq, seq):
         return None, f"an attention mask that is not boolean (batch, 1, {seq}, {seq})"
     if mask.shape[0] not in (1, batch):
-        return None, _MASK_REASON
+        return None, f"an attention mask for {mask.shape[0]} sequences in a batch of {batch}"
     m = mask[:, 0].expand(batch, seq, seq)
-    valid = m[:, -1, :] if causal else m[:, 0, :]  # the last query of a causal mask sees every real key
-    expected = _keep(valid, causal)[:, 0]
-    seen = expected.any(-1)
-    rows_agree = (m == expected).all(-1)
-    uniform = m.all(-1) | ~m.any(-1)
-    ok, no_padding = torch.stack([(rows_agree | (~seen & uniform)).all(), valid.all()]).tolist()
+    pos = torch.arange(seq, device=m.device)
+    count = m.sum(-1)
+    some = count > 0
+    lo = torch.where(some, m.int().argmax(-1), seq)
+    hi = torch.where(some, seq - 1 - m.flip(-1).int().argmax(-1), -1)
+    contiguous = ((hi - lo + 1 == count) | ~some).all()
+    plain = ((lo == 0) & (hi == (pos if causal else seq - 1))).all()
+    kv_valid = m.any(-2)  # the keys some query attends to: their K/V set the scales
+    ok, is_plain, all_valid = torch.stack([contiguous, plain, kv_valid.all()]).tolist()
     if not ok:
         return None, _MASK_REASON
-    return (None if no_padding else valid), None
+    if is_plain:
+        return None, None
+    plan = MaskPlan(lo.to(torch.int32).contiguous(), hi.to(torch.int32).contiguous(), None if all_valid else kv_valid)
+    return plan, None
 
 
 def _unsupported(module, query, key, attention_mask, dropout, kwargs) -> str | None:
@@ -275,8 +307,9 @@ def _unsupported(module, query, key, attention_mask, dropout, kwargs) -> str | N
     if query.shape[2] != key.shape[2]:
         return "query and key lengths differ (KV-cache decoding)"
     window = kwargs.get("sliding_window")
-    if window is not None and key.shape[2] > window:  # (within the window it changes nothing)
-        return "a sliding window shorter than the sequence"
+    if window is not None and key.shape[2] > window and attention_mask is None:
+        # (within the window it changes nothing; beyond it, HF's mask carries it: read as key ranges)
+        return _WINDOW_REASON
     if kwargs.get("s_aux") is not None:
         return "attention sinks"
     if query.shape[1] % key.shape[1]:
@@ -298,9 +331,12 @@ def fp8_attention_forward(
     """HF attention-interface function: q/k/v (B, H|Hk, S, D) -> ((B, S, H, D), None)."""
     reason = _unsupported(module, query, key, attention_mask, dropout, kwargs)
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    kv_valid = None
+    plan = None
     if reason is None and attention_mask is not None:
-        kv_valid, reason = key_padding_of(attention_mask, query.shape[0], query.shape[2], causal)
+        plan, reason = mask_plan(attention_mask, query.shape[0], query.shape[2], causal)
+        window = kwargs.get("sliding_window")
+        if reason is None and plan is None and window is not None and key.shape[2] > window:
+            reason = _WINDOW_REASON  # a window that matters, and a mask without it: do not guess
     if not torch.compiler.is_compiling():
         from hf_fp8.coverage import count_attention
 
@@ -319,7 +355,7 @@ def fp8_attention_forward(
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
         )
-    return fp8_attention(query, key, value, causal=causal, scale=scaling, kv_valid=kv_valid), None
+    return fp8_attention(query, key, value, causal=causal, scale=scaling, mask=plan), None
 
 
 def register_attention() -> str:

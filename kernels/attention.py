@@ -38,9 +38,10 @@ import triton
 import triton.language as tl
 
 from ._launch import cdiv, interpreting, launch
-from .attention_reference import E4M3_MAX, P_SCALE, fp8_attention_reference
+from .attention_reference import E4M3_MAX, P_SCALE, fp8_attention_reference, key_ranges_from_padding
 
 __all__ = [
+    "key_ranges_from_padding",
     "quantize_heads",
     "quantize_rows",
     "fp8_attention_fwd",
@@ -147,9 +148,9 @@ def _cast_heads_kernel(
 
 @triton.jit
 def _attn_inner(
-    acc, m_i, l_i, q8, q_row_scale, k_ptr, vt_ptr, desc_k, desc_v, valid_ptr, b, bhk, offs_m, lo, hi, S,
+    acc, m_i, l_i, q8, q_row_scale, k_ptr, vt_ptr, desc_k, desc_v, row_lo, row_hi, bhk, offs_m, lo, hi, S,
     D: tl.constexpr, BLOCK_N: tl.constexpr, MASK_DIAGONAL: tl.constexpr, P_SCALE_C: tl.constexpr,
-    USE_TMA: tl.constexpr, HAS_PAD: tl.constexpr,
+    USE_TMA: tl.constexpr, HAS_RANGES: tl.constexpr,
 ):  # fmt: skip
     d = tl.arange(0, D)
     for start_n in range(lo, hi, BLOCK_N):
@@ -163,14 +164,14 @@ def _attn_inner(
         keep = in_range[None, :]
         if MASK_DIAGONAL:
             keep = keep & (offs_m[:, None] >= cols[None, :])
-        if HAS_PAD:
-            keep = keep & (tl.load(valid_ptr + b * S + cols, mask=in_range, other=0) != 0)[None, :]
+        if HAS_RANGES:
+            keep = keep & (cols[None, :] >= row_lo[:, None]) & (cols[None, :] <= row_hi[:, None])
         qk = tl.where(keep, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         m_sub = m_new
-        if HAS_PAD:
-            # a row may have seen no real key yet (left padding): subtract 0 instead of -inf,
-            # which keeps its (zero) sums free of NaN; its maximum stays -inf
+        if HAS_RANGES:
+            # a row may have met no key of its range yet: subtract 0 instead of -inf, which keeps
+            # its (zero) sums free of NaN; its maximum stays -inf
             m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.math.exp2(m_i - m_sub)
         p = tl.math.exp2(qk - m_sub[:, None])
@@ -186,11 +187,11 @@ def _attn_inner(
 
 @triton.jit
 def _attn_fwd_kernel(
-    q_ptr, k_ptr, vt_ptr, desc_k, desc_v, valid_ptr, o_ptr, lse_ptr, k_sinv_ptr, v_sinv_ptr,
+    q_ptr, k_ptr, vt_ptr, desc_k, desc_v, lo_ptr, hi_ptr, o_ptr, lse_ptr, k_sinv_ptr, v_sinv_ptr,
     softmax_scale_log2, S, H, HK, sq_b, sq_h, sq_s, so_b, so_s, so_h,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
     P_SCALE_C: tl.constexpr, LN2: tl.constexpr, FP8_MAX: tl.constexpr, USE_TMA: tl.constexpr,
-    HAS_PAD: tl.constexpr,
+    HAS_RANGES: tl.constexpr,
 ):  # fmt: skip
     start_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -209,28 +210,37 @@ def _attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
-    if CAUSAL:
-        # key blocks strictly before this query block: no mask; then the diagonal block
+    if HAS_RANGES:
+        # each query attends to the keys lo..hi of its row (the mask: causal, padding, packed
+        # sequences; empty: lo = S, hi = -1): only the key blocks some row of this tile reaches
+        row_lo = tl.load(lo_ptr + b * S + offs_m, mask=row_ok, other=S)
+        row_hi = tl.load(hi_ptr + b * S + offs_m, mask=row_ok, other=-1)
+        first = (tl.min(row_lo, 0) // BLOCK_N) * BLOCK_N
         acc, m_i, l_i = _attn_inner(
-            acc, m_i, l_i, q8, q_row_scale, k_ptr, vt_ptr, desc_k, desc_v, valid_ptr, b, bhk, offs_m,
-            0, start_m * BLOCK_M, S, D, BLOCK_N, False, P_SCALE_C, USE_TMA, HAS_PAD,
+            acc, m_i, l_i, q8, q_row_scale, k_ptr, vt_ptr, desc_k, desc_v, row_lo, row_hi, bhk, offs_m,
+            first, tl.max(row_hi, 0) + 1, S, D, BLOCK_N, False, P_SCALE_C, USE_TMA, True,
         )  # fmt: skip
-        acc, m_i, l_i = _attn_inner(
-            acc, m_i, l_i, q8, q_row_scale, k_ptr, vt_ptr, desc_k, desc_v, valid_ptr, b, bhk, offs_m,
-            start_m * BLOCK_M, (start_m + 1) * BLOCK_M, S, D, BLOCK_N, True, P_SCALE_C, USE_TMA, HAS_PAD,
-        )  # fmt: skip
-    else:
-        acc, m_i, l_i = _attn_inner(
-            acc, m_i, l_i, q8, q_row_scale, k_ptr, vt_ptr, desc_k, desc_v, valid_ptr, b, bhk, offs_m,
-            0, S, S, D, BLOCK_N, False, P_SCALE_C, USE_TMA, HAS_PAD,
-        )  # fmt: skip
-    if HAS_PAD:
-        # a query with no real key to attend to (a left-padding row): output 0 and log-sum-exp
-        # +inf, so that a backward fed these gives the row zero probabilities and gradients
+        # a query with no key to attend to (a left-padding row): output 0 and log-sum-exp +inf,
+        # so that a backward fed these gives the row zero probabilities and gradients
         seen = l_i > 0
         out = acc * (tl.load(v_sinv_ptr + bhk) / P_SCALE_C) / tl.where(seen, l_i, 1.0)[:, None]
         lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * LN2, float("inf"))
     else:
+        if CAUSAL:
+            # key blocks strictly before this query block: no mask; then the diagonal block
+            acc, m_i, l_i = _attn_inner(
+                acc, m_i, l_i, q8, q_row_scale, k_ptr, vt_ptr, desc_k, desc_v, offs_m, offs_m, bhk, offs_m,
+                0, start_m * BLOCK_M, S, D, BLOCK_N, False, P_SCALE_C, USE_TMA, False,
+            )  # fmt: skip
+            acc, m_i, l_i = _attn_inner(
+                acc, m_i, l_i, q8, q_row_scale, k_ptr, vt_ptr, desc_k, desc_v, offs_m, offs_m, bhk, offs_m,
+                start_m * BLOCK_M, (start_m + 1) * BLOCK_M, S, D, BLOCK_N, True, P_SCALE_C, USE_TMA, False,
+            )  # fmt: skip
+        else:
+            acc, m_i, l_i = _attn_inner(
+                acc, m_i, l_i, q8, q_row_scale, k_ptr, vt_ptr, desc_k, desc_v, offs_m, offs_m, bhk, offs_m,
+                0, S, S, D, BLOCK_N, False, P_SCALE_C, USE_TMA, False,
+            )  # fmt: skip
         out = acc * (tl.load(v_sinv_ptr + bhk) / P_SCALE_C) / l_i[:, None]
         lse = (m_i + tl.math.log2(l_i)) * LN2
     o_offs = b * so_b + offs_m[:, None] * so_s + h * so_h + d[None, :]
@@ -314,13 +324,17 @@ def fp8_attention_fwd(
     causal: bool = True,
     scale: float | None = None,
     kv_valid: torch.Tensor | None = None,
+    key_ranges: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """FP8 attention forward: q (B, H, S, D), k/v (B, Hk, S, D) -> (out (B, S, H, D) in q's dtype,
     log-sum-exp (B, H, S) FP32, natural log). Callers check shapes (see ``integrations.attention``).
 
-    ``kv_valid`` (B, S) bool: key padding. Queries attend to real keys only (and, if causal, to
-    those at or before them); K and V scales come from the real tokens; a query with no real key
-    to attend to (left padding) gets output 0 and log-sum-exp +inf."""
+    Masks. ``key_ranges = (lo, hi)``, int (B, S) each: query i of row b attends to keys
+    ``lo[b, i] .. hi[b, i]`` (inclusive; ``causal`` is then ignored: the ranges say it), which
+    covers causal attention, left or right padding and packed sequences; a query with an empty
+    range (lo > hi) gets output 0 and log-sum-exp +inf. ``kv_valid`` (B, S) bool: the tokens
+    whose K and V set the scales (padding's values must not move the real tokens'); without
+    ``key_ranges``, also key padding itself (one contiguous run of real tokens per row)."""
     B, H, S, D = q.shape
     Hk = k.shape[1]
     if D not in SUPPORTED_HEAD_DIMS:
@@ -330,6 +344,12 @@ def fp8_attention_fwd(
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     if kv_valid is not None and kv_valid.shape != (B, S):
         raise ValueError(f"fp8_attention_fwd: kv_valid of shape {tuple(kv_valid.shape)}, expected {(B, S)}")
+    if key_ranges is None and kv_valid is not None:
+        key_ranges = key_ranges_from_padding(kv_valid, causal)
+    if key_ranges is not None:
+        if any(tuple(r.shape) != (B, S) for r in key_ranges):
+            raise ValueError(f"fp8_attention_fwd: key_ranges must be two {(B, S)} tensors")
+        key_ranges = tuple(r.to(device=q.device, dtype=torch.int32).contiguous() for r in key_ranges)
     q = _bhsd(q)
     valid8 = _valid_bytes(kv_valid)
     k8, k_sinv = quantize_heads(k, valid=valid8)
@@ -349,9 +369,9 @@ def fp8_attention_fwd(
         desc_v = TensorDescriptor(v8t, [B * Hk, D, S], [D * S, S, 1], [1, D, BLOCK_N])
     grid = (cdiv(S, BLOCK_M), B * H)
     _attn_fwd_kernel[grid](
-        q, k8, v8t, desc_k, desc_v, lse if valid8 is None else valid8, out, lse, k_sinv, v_sinv, scale / _LN2, S, H, Hk,
+        q, k8, v8t, desc_k, desc_v, *(key_ranges or (lse, lse)), out, lse, k_sinv, v_sinv, scale / _LN2, S, H, Hk,
         q.stride(0), q.stride(1), q.stride(2), out.stride(0), out.stride(1), out.stride(2),
         D=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, CAUSAL=causal, P_SCALE_C=P_SCALE, LN2=_LN2, FP8_MAX=E4M3_MAX,
-        USE_TMA=use_tma, HAS_PAD=valid8 is not None, num_warps=num_warps, num_stages=num_stages,
+        USE_TMA=use_tma, HAS_RANGES=key_ranges is not None, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return out, lse

@@ -17,6 +17,8 @@ import math
 import torch
 
 __all__ = [
+    "key_ranges_from_padding",
+    "keep_from_ranges",
     "P_SCALE",
     "E4M3_MAX",
     "head_scales",
@@ -69,6 +71,30 @@ def quantize_heads_reference(x: torch.Tensor, valid: torch.Tensor | None = None)
     return y.to(torch.float8_e4m3fn), scale_inv
 
 
+def key_ranges_from_padding(kv_valid: torch.Tensor, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-query key ranges (lo, hi), int32 (B, S), of attention over one contiguous run of real
+    tokens per row (left or right padding), causal or not: a query attends to the real keys
+    (at or before it if causal). Queries with none get the empty range (S, -1)."""
+    B, S = kv_valid.shape
+    pos = torch.arange(S, device=kv_valid.device)
+    count = kv_valid.sum(-1, keepdim=True)
+    first = torch.where(count > 0, kv_valid.int().argmax(-1, keepdim=True), S)
+    last = first + count - 1
+    if not torch.equal(kv_valid, (pos >= first) & (pos <= last)):
+        raise ValueError("key padding must mark one contiguous run of real tokens per row (left or right padding)")
+    lo = first.expand(B, S)
+    hi = torch.minimum(last, pos) if causal else last.expand(B, S)
+    empty = hi < lo
+    lo, hi = torch.where(empty, S, lo), torch.where(empty, -1, hi)
+    return lo.to(torch.int32).contiguous(), hi.to(torch.int32).contiguous()
+
+
+def keep_from_ranges(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """(B, 1, S, S) bool from per-query key ranges: query i attends to keys lo[i]..hi[i]."""
+    pos = torch.arange(lo.shape[-1], device=lo.device)
+    return ((pos >= lo[..., None]) & (pos <= hi[..., None]))[:, None]
+
+
 def _ste(x: torch.Tensor, quantized_value: torch.Tensor) -> torch.Tensor:
     """Forward: the quantized value; backward: identity (straight-through), like the GPU path,
     whose backward differentiates the unquantized attention."""
@@ -84,11 +110,13 @@ def fp8_attention_reference(
     scale: float | None = None,
     compute_dtype: torch.dtype = torch.float32,
     kv_valid: torch.Tensor | None = None,
+    key_ranges: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """FP8 attention of q (B, H, S, D), k/v (B, Hk, S, D) (GQA when Hk < H); returns (B, S, H, D)
     in q's dtype. Differentiable (straight-through quantization); ``compute_dtype=float64`` gives
-    the exact value of the quantized function. ``kv_valid`` (B, S) bool: key padding, as in the
-    kernel (real keys only, K/V scales from real tokens, output 0 for a query with no real key)."""
+    the exact value of the quantized function. ``kv_valid`` and ``key_ranges`` as in the kernel
+    (``fp8_attention_fwd``): K/V scales from the valid tokens, each query's keys from its range,
+    output 0 for a query with none."""
     B, H, S, D = q.shape
     Hk = k.shape[1]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
@@ -102,11 +130,13 @@ def fp8_attention_reference(
         kd = kd.repeat_interleave(H // Hk, dim=1)
         vd = vd.repeat_interleave(H // Hk, dim=1)
     s = (qd @ kd.transpose(-1, -2)) * scale
-    keep = torch.ones(S, S, dtype=torch.bool, device=q.device)
-    if causal:
-        keep = keep.tril()
-    if kv_valid is not None:
-        keep = keep[None, None] & kv_valid[:, None, None, :]
+    if key_ranges is None and kv_valid is not None:
+        key_ranges = key_ranges_from_padding(kv_valid, causal)
+    if key_ranges is not None:
+        keep = keep_from_ranges(*key_ranges)
+    else:
+        keep = torch.ones(S, S, dtype=torch.bool, device=q.device)
+        keep = keep.tril() if causal else keep
     # a query with no key to attend to (left padding): finite scores, output 0 below
     seen = keep.any(dim=-1, keepdim=True)
     s = s.masked_fill(~keep, float("-inf")).masked_fill(~seen, 0.0)

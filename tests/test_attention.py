@@ -14,6 +14,8 @@ from hf_fp8.integrations import attention as A
 from hf_fp8.kernels.attention import fp8_attention_fwd, quantize_heads, quantize_rows
 from hf_fp8.kernels.attention_reference import (
     fp8_attention_reference,
+    keep_from_ranges,
+    key_ranges_from_padding,
     quantize_heads_reference,
     quantize_rows_reference,
 )
@@ -151,20 +153,26 @@ def test_hf_llama_with_fp8_attention_tracks_sdpa():
     assert cos > 0.95  # emulated quantization through two layers; measured ~0.99
 
 
+def _holes(S=16, every=2):
+    """A causal (1, 1, S, S) mask whose rows skip keys: no contiguous range per query."""
+    pos = torch.arange(S)
+    return (torch.ones(S, S, dtype=torch.bool).tril() & ((pos % every == 0)[None, :] | torch.eye(S, dtype=torch.bool)))[
+        None, None
+    ]
+
+
 @pytest.mark.parametrize(
     "kwargs, reason",
     [
-        # a block-diagonal mask (two packed sequences): not causal key padding
-        (
-            dict(attention_mask=torch.block_diag(torch.ones(8, 8), torch.ones(8, 8)).bool().tril()[None, None]),
-            "other than causal key padding",
-        ),  # fmt: skip
+        # a causal mask with holes: a row's keys are not one contiguous range
+        (dict(attention_mask=_holes()), "not contiguous key ranges"),
         (dict(dropout=0.1), "dropout"),
         (dict(head_dim=32), "head_dim 32"),
         (dict(q_len=1), "KV-cache decoding"),
     ],
 )
 def test_unsupported_cases_fall_back_to_sdpa_with_one_warning(kwargs, reason):
+    kwargs = dict(kwargs)
     head_dim = kwargs.pop("head_dim", 64)
     q_len = kwargs.pop("q_len", 16)
     module = torch.nn.Module()
@@ -179,7 +187,7 @@ def test_unsupported_cases_fall_back_to_sdpa_with_one_warning(kwargs, reason):
     assert out.shape == (1, q_len, 4, head_dim)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # second time: no warning
-        mask = None if "mask" not in reason else torch.eye(16, dtype=torch.bool)[None, None]  # another custom mask
+        mask = None if "contiguous" not in reason else _holes(every=3)  # another custom mask
         A.fp8_attention_forward(module, q, k, v, mask, **kwargs)
 
 
@@ -232,7 +240,8 @@ def _masked_exact(q, k, v, valid, causal):
 
 
 def _queries_with_keys(valid, causal):
-    return valid.cumsum(-1) > 0 if causal else valid.any(-1, keepdim=True).expand_as(valid)
+    lo, hi = key_ranges_from_padding(valid, causal)
+    return lo <= hi
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -273,47 +282,83 @@ def test_key_padding_quantizes_keys_and_values_with_the_real_tokens_scales():
     assert torch.equal(scale_inv, torch.ones_like(real) / (torch.full_like(real, 448.0) / real))
 
 
-@pytest.mark.parametrize("fix_empty_rows", [False, True])
+def _packed_mask(lengths, causal=True):
+    """(1, 1, S, S): sequences packed one after the other, each attending to itself only."""
+    block = torch.block_diag(*(torch.ones(n, n) for n in lengths)).bool()
+    return (block.tril() if causal else block)[None, None]
+
+
 @pytest.mark.parametrize("causal", [True, False])
-def test_hf_padding_masks_are_recognized_and_other_masks_are_not(causal, fix_empty_rows):
+def test_masks_of_contiguous_key_ranges_are_read_exactly_and_others_fall_back(causal):
     valid = _padding(3, 16, (0, 5, 0), (0, 0, 4))
-    kv, reason = A.key_padding_of(_hf_mask(valid, causal, fix_empty_rows), 3, 16, causal)
-    assert reason is None and torch.equal(kv, valid)
-    # a mask of one sample broadcast over the batch; no padding at all: no key-padding vector
-    kv, reason = A.key_padding_of(_hf_mask(valid[2:], causal).clone(), 3, 16, causal)
-    assert reason is None and torch.equal(kv, valid[2:].expand(3, -1))
-    assert A.key_padding_of(_hf_mask(torch.ones(3, 16, dtype=torch.bool), causal).clone(), 3, 16, causal) == (
-        None,
-        None,
-    )
-    # not key padding: packed sequences (block diagonal), a query-side mask, a causal mask where a
-    # bidirectional one is expected (and the other way round), a float mask, a sliding window
-    block = torch.block_diag(torch.ones(8, 8), torch.ones(8, 8)).bool()
-    band = torch.ones(16, 16, dtype=torch.bool).tril() & ~torch.ones(16, 16, dtype=torch.bool).tril(-4)
-    others = [
-        (block.tril() if causal else block)[None, None].expand(3, 1, 16, 16).clone(),
-        _hf_mask(valid, causal) & valid[:, None, :, None],
-        _hf_mask(valid, not causal),
-        band[None, None].expand(3, 1, 16, 16).clone(),
-    ]
-    for mask in others:
-        kv, reason = A.key_padding_of(mask, 3, 16, causal)
-        assert kv is None and "other than causal key padding" in reason
-    kv, reason = A.key_padding_of(torch.zeros(3, 1, 16, 16), 3, 16, causal)
-    assert kv is None and "not boolean" in reason
+    pos = torch.arange(16)
+    band = (pos[None, :] <= pos[:, None]) & (pos[None, :] > pos[:, None] - 4)  # a sliding window of 4
+    readable = {
+        "padding": _hf_mask(valid, causal),
+        "padding, empty rows attending everywhere": _hf_mask(valid, causal, fix_empty_rows=True),
+        "one sample's mask broadcast over the batch": _hf_mask(valid[2:], causal).clone(),
+        "packed sequences": _packed_mask((5, 8, 3), causal).expand(3, 1, 16, 16).clone(),
+        "a query-side mask too": _hf_mask(valid, causal) & valid[:, None, :, None],
+        "a sliding window": band[None, None].expand(3, 1, 16, 16).clone(),
+    }
+    for what, mask in readable.items():
+        plan, reason = A.mask_plan(mask, 3, 16, causal)
+        assert reason is None and plan is not None, what
+        # the ranges are the mask, row for row (empty rows: lo > hi)
+        assert torch.equal(keep_from_ranges(plan.lo, plan.hi), mask.expand(3, 1, 16, 16)), what
+        # the K/V scales come from the keys some query attends to
+        assert plan.kv_valid is None or torch.equal(plan.kv_valid, mask.expand(3, 1, 16, 16)[:, 0].any(-2)), what
+    plan, reason = A.mask_plan(_hf_mask(valid, causal), 3, 16, causal)
+    assert torch.equal(plan.kv_valid, valid)
+    # plain causal (or full) attention needs no mask
+    assert A.mask_plan(_hf_mask(torch.ones(3, 16, dtype=torch.bool), causal).clone(), 3, 16, causal) == (None, None)
+    # not readable: keys with holes, a float mask, a mask for another batch size
+    for mask, words in (
+        (_holes().expand(3, 1, 16, 16).clone(), "not contiguous key ranges"),
+        (torch.zeros(3, 1, 16, 16), "not boolean"),
+        (_hf_mask(valid[:2], causal), "for 2 sequences in a batch of 3"),
+    ):
+        plan, reason = A.mask_plan(mask, 3, 16, causal)
+        assert plan is None and words in reason
 
 
-def test_the_mask_check_runs_once_per_mask(monkeypatch):
+def test_the_mask_is_read_once_per_mask_object(monkeypatch):
     valid = _padding()
     mask = _hf_mask(valid)
     calls = []
-    check = A._check_key_padding
-    monkeypatch.setattr(A, "_check_key_padding", lambda *a: calls.append(1) or check(*a))
+    read = A._read_mask
+    monkeypatch.setattr(A, "_read_mask", lambda *a: calls.append(1) or read(*a))
     for _ in range(3):  # every layer of a forward gets the same mask object
-        assert torch.equal(A.key_padding_of(mask, 2, 24, True)[0], valid)
+        assert torch.equal(A.mask_plan(mask, 2, 24, True)[0].kv_valid, valid)
     assert len(calls) == 1
-    mask[1, 0, -1, 0] = True  # changed in place: checked again (and no longer key padding)
-    assert A.key_padding_of(mask, 2, 24, True)[0] is None and len(calls) == 2
+    mask[0, 0, 10, 3] = False  # changed in place: read again (a hole now)
+    assert A.mask_plan(mask, 2, 24, True)[0] is None and len(calls) == 2
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_kernel_with_packed_sequences_against_float64_and_each_sequence_alone(causal):
+    B, H, Hk, S, D = 1, 4, 2, 96, 64
+    lengths = (40, 7, 49)  # boundaries inside the kernel's key blocks
+    q, k, v = _qkv(B, H, Hk, S, D)
+    plan, _ = A.mask_plan(_packed_mask(lengths, causal), B, S, causal)
+    out, lse = fp8_attention_fwd(q, k, v, causal=causal, key_ranges=(plan.lo, plan.hi))
+    quantized = fp8_attention_reference(
+        q, k, v, causal=causal, key_ranges=(plan.lo, plan.hi), compute_dtype=torch.float64
+    )
+    assert _rel(out, quantized) < 0.03  # as the unmasked test
+    g = H // Hk
+    exact = torch.nn.functional.scaled_dot_product_attention(
+        q.double(), k.double().repeat_interleave(g, 1), v.double().repeat_interleave(g, 1),
+        attn_mask=_packed_mask(lengths, causal),
+    ).transpose(1, 2)  # fmt: skip
+    assert _rel(out, exact) < 0.08
+    start = 0
+    for n in lengths:  # each sequence alone: the same attention but for the K/V scales of the pack
+        sl = slice(start, start + n)
+        alone, _ = fp8_attention_fwd(q[:, :, sl], k[:, :, sl], v[:, :, sl], causal=causal)
+        # two FP8 evaluations (the pack's K/V scales, the sequence's), each ~5% from exact
+        assert _rel(out[:, sl], alone) < 0.08 and _rel(out[:, sl], exact[:, sl]) < 0.08
+        start += n
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -338,7 +383,7 @@ def test_padded_batch_through_the_hf_function_runs_fp8_and_matches_float64(backe
     g = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(out.dtype)
     out.backward(g)
     if backend == "triton":
-        assert A._backward_path["last"] == "recompute_padded"
+        assert A._backward_path["last"] == "recompute_masked"
     qe, ke, ve = (t.detach().double().requires_grad_() for t in (q, k, v))
     (_masked_exact(qe, ke, ve, valid, True) * rows[:, :, None, None]).backward(g.double())
     for got, want in ((q.grad, qe.grad), (k.grad, ke.grad), (v.grad, ve.grad)):

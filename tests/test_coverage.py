@@ -73,13 +73,18 @@ def test_fp8_attention_counts_the_kernel_and_names_each_fallback():
     cov = hf_fp8.fp8_coverage(model, reset=True)
     assert set(map(frozenset, (s.items() for s in cov.attention.values()))) == {frozenset({("fp8", 1)})}
 
-    # packed sequences with an explicit block-diagonal mask (what HF builds from packed position_ids
-    # without hf_fp8's loss forward): not key padding, the fallback names it
+    # packed sequences with an explicit block-diagonal mask (what HF builds from packed position_ids):
+    # contiguous key ranges, the FP8 kernel; a mask with holes falls back, the reason named
     batch = DataCollatorWithFlattening()([{"input_ids": s} for s in ([3, 4, 5, 6], [7, 8, 9])])
     block = torch.block_diag(torch.ones(4, 4), torch.ones(3, 3)).bool().tril()[None, None]
+    model.model(input_ids=batch["input_ids"], attention_mask=block).last_hidden_state.sum().backward()
+    cov = hf_fp8.fp8_coverage(model, reset=True)
+    assert set(map(frozenset, (s.items() for s in cov.attention.values()))) == {frozenset({("fp8", 1)})}
+    holes = block.clone()
+    holes[..., 3, 1] = False
     with warnings.catch_warnings():  # the fallback warns once per reason and process
         warnings.simplefilter("ignore")
-        model.model(input_ids=batch["input_ids"], attention_mask=block).last_hidden_state.sum().backward()
+        model.model(input_ids=batch["input_ids"], attention_mask=holes).last_hidden_state.sum().backward()
     cov = hf_fp8.fp8_coverage(model)
     assert all(set(seen) == {A._MASK_REASON} for seen in cov.attention.values()), cov.attention
     assert "FP8 attention: 0/2 modules ran the FP8 kernel (fell back for:" in cov.summary()

@@ -339,7 +339,7 @@ def test_fp8_attention_with_key_padding_on_gpu(causal):
     backward (cuDNN with the mask as a bias, else the recompute) against exact masked attention."""
     from hf_fp8.integrations import attention as A
     from hf_fp8.kernels.attention import fp8_attention_fwd
-    from hf_fp8.kernels.attention_reference import fp8_attention_reference
+    from hf_fp8.kernels.attention_reference import fp8_attention_reference, key_ranges_from_padding
 
     torch.manual_seed(0)
     B, H, Hk, S, D = 3, 8, 2, 1024, 128
@@ -352,10 +352,11 @@ def test_fp8_attention_with_key_padding_on_gpu(causal):
     )
     out, lse = fp8_attention_fwd(q, k, v, causal=causal, kv_valid=valid)
     quantized = fp8_attention_reference(q, k, v, causal=causal, kv_valid=valid, compute_dtype=torch.float64)
-    rows = A._queries_with_keys(valid, causal)
+    plan = A.MaskPlan(*key_ranges_from_padding(valid, causal), valid)
+    rows = A._queries_with_keys(plan)
     assert torch.isfinite(out).all() and (out[~rows] == 0).all()
     assert rel_err(out[rows], quantized[rows]) < 0.03  # as the CPU test
-    keep = A._keep(valid, causal) | ~rows[:, None, :, None]
+    keep = A._keep(plan) | ~rows[:, None, :, None]
     g = H // Hk
     qq, kk, vv = (t.detach().clone().requires_grad_() for t in (q, k, v))
     do = torch.randn(B, S, H, D, device="cuda", dtype=torch.bfloat16)
