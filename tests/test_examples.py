@@ -117,3 +117,28 @@ def test_trl_example_runs_each_trainer(tmp_path, capsys, examples_path, kind):
     assert trainer.args.fp8 == "delayed" and type(trainer.args).__name__.startswith("Fp8")
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert not any("fp8" in k for k in reloaded.state_dict())
+
+
+@pytest.mark.parametrize("batching, model_type", [("padded", "llama"), ("packed", "qwen3"), ("padded", "mistral")])
+def test_sft_example_runs_fp8_attention_on_padded_and_packed_batches(batching, model_type, tmp_path, examples_path):
+    out = importlib.import_module("sft_fp8_attention").main(
+        [
+            "--output_dir",
+            str(tmp_path),
+            "--max_steps",
+            "4",
+            "--disable_tqdm",
+            "true",
+            "--use_cpu",
+            "true",
+            "--batching",
+            batching,
+            "--model_type",
+            model_type,
+            "--logging_steps",
+            "1",
+        ]  # fmt: skip
+    )
+    seen = [set(s) for s in out["coverage"].attention.values()]
+    assert seen and all(s == {"fp8"} for s in seen), seen  # the kernel ran on every mask, no fallback
+    assert len(out["losses"]) >= 1 and all(v == v for v in out["losses"])
