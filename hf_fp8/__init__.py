@@ -18,6 +18,7 @@ from hf_fp8.convert import convert, nonfinite_modules, reset_nonfinite, revert
 from hf_fp8.coverage import Fp8Coverage, fp8_coverage, reset_fp8_coverage
 from hf_fp8.cuda_graph import CudaGraphStep
 from hf_fp8.dtypes import set_default_dtype
+from hf_fp8.frozen_fp8 import FrozenFp8Linear
 from hf_fp8.integrations.loss import patch_loss, unpatch_loss
 from hf_fp8.integrations.rope import RopePatch, patch_rope, unpatch_rope
 from hf_fp8.linear import Fp8Linear, NonFiniteError
@@ -41,6 +42,7 @@ _LAZY = {
     "save_fp8": "export",
     "Accelerator": "accelerate_plugin",
     "load_fp8": "export",
+    "from_pretrained": "published",
     "Fp8MonitorCallback": "hf_fp8.monitor.callback",  # a full module path: not under integrations
 }
 
@@ -98,6 +100,8 @@ __all__ = [
     "fp8_gemm_supported",
     "kernel_backend",
     "load_fp8",
+    "from_pretrained",
+    "FrozenFp8Linear",
     "make_training_arguments_class",
     "monitor",
     "nonfinite_modules",

@@ -63,6 +63,8 @@ def _decide(
         return False, "not matched by the include patterns"
     if ".lora_" in f".{name}" or name.startswith("lora_"):
         return False, "LoRA adapter: kept in its own precision"
+    if getattr(module, "has_fp8_weight", False) and type(module).__name__ == "FrozenFp8Linear":
+        return False, "frozen FP8 weights of a published checkpoint (its codes and scales, kept)"
     if type(module) is not nn.Linear:
         return False, f"{type(module).__name__} is an nn.Linear subclass with its own behaviour"
     # the output embedding stays in high precision whatever the auto filter says, unless an
@@ -303,6 +305,7 @@ def _warn_low_coverage(report: ConversionReport, config: Fp8Config) -> None:
     # not eligible: what the user's patterns or the model's structure keep, never the size rule
     kept_by_choice = (
         "excluded by pattern", "not matched by the include", "output embedding", "weight tied", "LoRA adapter",
+        "frozen FP8 weights of a published checkpoint",
     )  # fmt: skip
     eligible = [d for d in report.decisions if d.converted or not d.reason.startswith(kept_by_choice)]
     converted = [d for d in eligible if d.converted]

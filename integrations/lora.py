@@ -1,4 +1,5 @@
-"""PEFT LoRA on layers whose base weight is FP8 only (``Fp8Config(fp8_weights=True)``).
+"""PEFT LoRA on layers whose base weight is FP8 only (``Fp8Config(fp8_weights=True)``, or a
+published FP8 checkpoint's frozen layers from :func:`hf_fp8.from_pretrained`).
 
 A stock PEFT LoRA layer wraps an :class:`~hf_fp8.Fp8Linear` as it wraps any ``nn.Linear``,
 and training needs nothing more: the base forward is ours, the adapters take the layer's
@@ -64,11 +65,15 @@ def _build_lora_class() -> type:
     return _Fp8LoraLinear
 
 
-def _fp8_weight_base(target: nn.Module) -> Fp8Linear | None:
+def _fp8_weight_base(target: nn.Module) -> nn.Module | None:
+    """The base layer with FP8-only weights (an :class:`Fp8Linear` with ``fp8_weights``, or a
+    :class:`~hf_fp8.frozen_fp8.FrozenFp8Linear` from a published FP8 checkpoint), or None."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
+    from hf_fp8.frozen_fp8 import FrozenFp8Linear
+
     base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-    return base if isinstance(base, Fp8Linear) and base.has_fp8_weight else None
+    return base if isinstance(base, (Fp8Linear, FrozenFp8Linear)) and base.has_fp8_weight else None
 
 
 def enable_peft_fp8_weights() -> bool:

@@ -142,3 +142,12 @@ def test_sft_example_runs_fp8_attention_on_padded_and_packed_batches(batching, m
     seen = [set(s) for s in out["coverage"].attention.values()]
     assert seen and all(s == {"fp8"} for s in seen), seen  # the kernel ran on every mask, no fallback
     assert len(out["losses"]) >= 1 and all(v == v for v in out["losses"])
+
+
+def test_lora_published_fp8_example(tmp_path, examples_path):
+    from transformers import AutoModelForCausalLM
+
+    out = importlib.import_module("lora_published_fp8").main(["--output_dir", str(tmp_path), "--steps", "6"])
+    assert out["losses"][-1] < out["losses"][0]
+    merged = AutoModelForCausalLM.from_pretrained(out["merged"])  # stock transformers reads the merged model
+    assert not any("fp8" in k or "lora" in k for k in merged.state_dict())
