@@ -92,7 +92,9 @@ def _bf16_backward(kind, dout, q, k, v, out, lse, causal, scale, plan=None):
         bias = None
         if plan is not None:
             zero = torch.zeros((), dtype=q.dtype, device=q.device)
-            bias = torch.where(_keep(plan), zero, float("-inf")).contiguous()
+            bias = torch.where(_keep(plan), zero, float("-inf"))
+            # one (B, 1, S, S) mask, broadcast over the heads as SDPA's cuDNN forward passes it
+            bias = bias.expand(q.shape[0], q.shape[1], S_q, S_k)
             causal = False  # the bias has it
         dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
             dout, q, ke, ve, out, lse.unsqueeze(-1), empty, empty, bias, None, None, S_q, S_k, 0.0, causal, scale=scale
