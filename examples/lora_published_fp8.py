@@ -7,7 +7,8 @@
 block, any block shape, sharded) and compressed-tensors FP8 (per tensor, channel or block): the
 quantized linears keep the checkpoint's E4M3 codes and scales (one byte per weight, frozen),
 the rest loads in BF16. PEFT's LoRA trains adapters on top; ``merge_and_unload`` gives a
-high-precision model (dequantized base + delta, rounded once), saved as a stock checkpoint.
+high-precision model (dequantized base + delta, rounded once), saved as a stock checkpoint and
+in FP8 with the checkpoint's own block layout (``hf_fp8.save_fp8``: untouched layers bit for bit).
 Without ``--checkpoint`` a tiny Llama is saved in the fine-grained format (``hf_fp8.save_fp8``,
 128x128 blocks) and fine-tuned from there.
 """
@@ -79,7 +80,9 @@ def main(argv: list[str] | None = None) -> dict:
     merged.save_pretrained(out / "merged")
     tokenizer.save_pretrained(out / "merged")
     print(f"saved the merged model (a stock checkpoint) to {(out / 'merged').resolve()}")
-    return {"losses": losses, "merged": str(out / "merged")}
+    hf_fp8.save_fp8(merged, out / "merged-fp8", tokenizer=tokenizer)
+    print(f"saved it in FP8, in the checkpoint's own block layout, to {(out / 'merged-fp8').resolve()}")
+    return {"losses": losses, "merged": str(out / "merged"), "merged_fp8": str(out / "merged-fp8")}
 
 
 if __name__ == "__main__":

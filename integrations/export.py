@@ -3,8 +3,9 @@
 Format, as ``transformers.integrations.finegrained_fp8`` reads it:
 
 - every quantized linear layer ``<name>`` stores ``<name>.weight`` as ``float8_e4m3fn`` (N, K)
-  and ``<name>.weight_scale_inv`` as FP32 (ceil(N/128), ceil(K/128)): each 128x128 block of
-  the weight is ``fp8 * weight_scale_inv[block]``;
+  and ``<name>.weight_scale_inv`` as FP32 (ceil(N/bm), ceil(K/bn)): each bm x bn block of
+  the weight (128x128 by default; a published checkpoint's own layout after
+  :func:`hf_fp8.from_pretrained`) is ``fp8 * weight_scale_inv[block]``;
 - ``config.json`` carries ``quantization_config = {"quant_method": "fp8", "activation_scheme":
   "dynamic", "weight_block_size": [128, 128], "modules_to_not_convert": [...]}``: layers
   listed there (lm_head here) keep their high-precision weights.
@@ -29,17 +30,19 @@ _E4M3 = torch.float8_e4m3fn
 _E4M3_MAX = float(torch.finfo(_E4M3).max)
 
 
-def quantize_blockwise(w: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, K) weight -> (FP8 (N, K), FP32 scale_inv (ceil(N/b), ceil(K/b))); partial edge blocks allowed."""
+def quantize_blockwise(w: torch.Tensor, block: int | tuple[int, int] = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, K) weight -> (FP8 (N, K), FP32 scale_inv (ceil(N/bm), ceil(K/bn))) for ``block = b`` or
+    ``(bm, bn)`` (rows x columns per scale); partial edge blocks allowed."""
     N, K = w.shape
-    nb, kb = -(-N // block), -(-K // block)
-    padded = torch.zeros(nb * block, kb * block, dtype=torch.float32, device=w.device)
+    bm, bn = (block, block) if isinstance(block, int) else (int(block[0]), int(block[1]))
+    nb, kb = -(-N // bm), -(-K // bn)
+    padded = torch.zeros(nb * bm, kb * bn, dtype=torch.float32, device=w.device)
     padded[:N, :K] = w.float()
-    tiles = padded.view(nb, block, kb, block)
+    tiles = padded.view(nb, bm, kb, bn)
     amax = tiles.abs().amax(dim=(1, 3))
     scale = torch.where(amax > 0, _E4M3_MAX / torch.where(amax > 0, amax, torch.ones_like(amax)), torch.ones_like(amax))
     q = (tiles * scale[:, None, :, None]).clamp(-_E4M3_MAX, _E4M3_MAX).to(_E4M3)
-    return q.view(nb * block, kb * block)[:N, :K].contiguous(), (1.0 / scale).to(torch.float32)
+    return q.view(nb * bm, kb * bn)[:N, :K].contiguous(), (1.0 / scale).to(torch.float32)
 
 
 def dequantize_blockwise(
@@ -102,7 +105,7 @@ def save_fp8(
     *,
     keep: tuple[str, ...] = ("lm_head",),
     state_dict: dict[str, torch.Tensor] | None = None,
-    block_size: int | None = None,
+    block_size: int | tuple[int, int] | None = None,
     max_shard_size: int | str | None = None,
     tokenizer=None,
     push_to_hub: str | bool = False,
@@ -118,12 +121,14 @@ def save_fp8(
         keep: module names left in the model's own dtype (``modules_to_not_convert``).
         state_dict: the full state dict to write instead of ``model.state_dict()`` (a sharded
             model's, gathered; see :func:`hf_fp8.distributed.save_fp8_consolidated`).
-        block_size: the square ``weight_block_size``. transformers' loader needs every quantized
-            weight's shape to be a multiple of it (one size for the whole checkpoint), so by
-            default it is the largest of 128, 64, 32 and 16 that divides every layer's dims
-            (hidden 576 with k/v 192: 64). A layer that no size divides (or, with an explicit
-            size, that size does not divide) is kept in its own dtype and listed in
-            ``modules_to_not_convert``, with a warning.
+        block_size: the ``weight_block_size``, ``b`` or ``(rows, cols)``. transformers' loader
+            needs every quantized weight's shape to be a multiple of it (one size for the whole
+            checkpoint). Default: the block of the published checkpoint the model was loaded
+            from (:func:`hf_fp8.from_pretrained`), whose layers still holding their codes are
+            then written bit for bit (a LoRA-merged layer is quantized once, in that layout);
+            else the largest of 128, 64, 32 and 16 that divides every layer's dims (hidden 576
+            with k/v 192: 64). A layer that the block does not divide is kept in its own dtype
+            and listed in ``modules_to_not_convert``, with a warning.
         max_shard_size: shard the weights as ``save_pretrained`` does (``"5GB"``, or bytes):
             ``model-00001-of-0000N.safetensors`` and ``model.safetensors.index.json``. Default: one file.
         tokenizer: a tokenizer or processor to save beside the weights (``save_pretrained``).
@@ -147,13 +152,18 @@ def save_fp8(
         if not any(name == k or name.endswith("." + k) for k in keep) and f"{name}.weight" in state
     ]
     shapes = {name: tuple(state[f"{name}.weight"].shape) for name in candidates}
+    stored = _stored_fp8_layers(model)  # a published checkpoint's layers, codes as loaded
+    blocks = {layer.fp8_weight_block for layer in stored.values()} - {None}
+    if block_size is None and len(blocks) == 1:
+        block_size = next(iter(blocks))
     block = block_size or _block_for(shapes.values())
-    undivided = [name for name, (n, k) in shapes.items() if n % block or k % block]
+    bm, bn = (block, block) if isinstance(block, int) else (int(block[0]), int(block[1]))
+    undivided = [name for name, (n, k) in shapes.items() if n % bm or k % bn]
     if undivided:
         import warnings
 
         warnings.warn(
-            f"save_fp8: {len(undivided)} layers have dims that weight_block_size [{block}, {block}] does not divide "
+            f"save_fp8: {len(undivided)} layers have dims that weight_block_size [{bm}, {bn}] does not divide "
             f"(e.g. {undivided[0]}: {shapes[undivided[0]]}); transformers' loader would refuse them, so they are "
             "written in their own dtype and listed in modules_to_not_convert",
             UserWarning,
@@ -163,14 +173,18 @@ def save_fp8(
     for name in candidates:
         if name in undivided:
             continue
-        q, s = quantize_blockwise(state[f"{name}.weight"], block)  # dequantized already for FP8-only weights
+        layer = stored.get(name)
+        if layer is not None and layer.fp8_weight_block == (bm, bn):  # the checkpoint's own codes, as read
+            q, s = layer.weight.detach(), layer.fp8_weight_scale_inv
+        else:  # dequantized already for FP8-only weights
+            q, s = quantize_blockwise(state[f"{name}.weight"], (bm, bn))
         state[f"{name}.weight"] = q
         state[f"{name}.weight_scale_inv"] = s
     cfg = config.to_dict()
     cfg["quantization_config"] = {
         "quant_method": "fp8",
         "activation_scheme": "dynamic",
-        "weight_block_size": [block, block],
+        "weight_block_size": [bm, bn],
         "modules_to_not_convert": not_converted,
     }
     # Written beside the final names, then renamed into place, config last: an export that fails
@@ -210,6 +224,13 @@ def save_fp8(
     if push_to_hub:
         _push(directory, push_to_hub)
     return str(directory)
+
+
+def _stored_fp8_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """``{name: layer}`` of the frozen layers that still hold a published checkpoint's FP8 codes."""
+    from hf_fp8.frozen_fp8 import FrozenFp8Linear
+
+    return {name: m for name, m in model.named_modules() if isinstance(m, FrozenFp8Linear) and m.has_fp8_weight}
 
 
 def _weight_files(tensors: dict[str, torch.Tensor], max_shard_size: int | str | None) -> dict[str, object]:

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import hf_fp8
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
@@ -151,3 +153,5 @@ def test_lora_published_fp8_example(tmp_path, examples_path):
     assert out["losses"][-1] < out["losses"][0]
     merged = AutoModelForCausalLM.from_pretrained(out["merged"])  # stock transformers reads the merged model
     assert not any("fp8" in k or "lora" in k for k in merged.state_dict())
+    fp8_model, _ = hf_fp8.from_pretrained(out["merged_fp8"])  # and the FP8 export loads again
+    assert sum(isinstance(m, hf_fp8.FrozenFp8Linear) for m in fp8_model.modules()) == 28

@@ -218,3 +218,46 @@ def test_clear_errors(tmp_path):
         hf_fp8.from_pretrained(tmp_path)
     with pytest.raises(FileNotFoundError):
         hf_fp8.from_pretrained(tmp_path / "nowhere")
+
+
+def test_lora_merged_model_exports_in_the_checkpoints_own_block_layout(tmp_path):
+    """Load (blocks 32x64) -> LoRA -> merge -> save_fp8: the layers LoRA did not touch keep the
+    checkpoint's codes and scales bit for bit, the merged ones are quantized once in the same
+    layout, and transformers' own FP8 loader reads the export."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, FineGrainedFP8Config
+
+    from hf_fp8.integrations.export import quantize_blockwise
+
+    src = tiny_family(
+        "llama", hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2, head_dim=64
+    )
+    (tmp_path / "src").mkdir()
+    quantized = _write_checkpoint(tmp_path / "src", src, "fp8", (32, 64))
+    model, _ = hf_fp8.from_pretrained(tmp_path / "src", dtype=torch.float32)
+    pm = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    ids = torch.randint(1, 512, (2, 16), generator=torch.Generator().manual_seed(3))
+    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        pm(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    merged = pm.merge_and_unload()
+    hf_fp8.save_fp8(merged, tmp_path / "out")
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    assert cfg["weight_block_size"] == [32, 64]
+    out = load_file(tmp_path / "out" / "model.safetensors")
+    for name, (codes, scale) in quantized.items():
+        got, got_scale = out[f"{name}.weight"], out[f"{name}.weight_scale_inv"]
+        if name.endswith(("q_proj", "v_proj")):  # merged: base + delta quantized once, same layout
+            want, want_scale = quantize_blockwise(merged.get_submodule(name).weight.detach(), (32, 64))
+        else:  # untouched: the checkpoint's own codes and scales
+            want, want_scale = codes, scale
+        assert torch.equal(got.view(torch.uint8), want.view(torch.uint8)) and torch.equal(got_scale, want_scale), name
+    theirs = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "out", quantization_config=FineGrainedFP8Config(dequantize=True), dtype=torch.float32
+    )
+    ours, _ = hf_fp8.from_pretrained(tmp_path / "out", hf_fp8.Fp8Config(exclude=("*",)), dtype=torch.float32)
+    with torch.no_grad():
+        a, b = ours(input_ids=ids).logits, theirs(input_ids=ids).logits
+    assert ((a - b).norm() / b.norm()).item() < 1e-5  # the same dequantized weights
