@@ -253,6 +253,9 @@ def fp8_attention(
 _last_mask: list = []  # [weakref to the mask, its version, causal, (plan or None, reason or None)]
 _MASK_REASON = "an attention mask whose rows are not contiguous key ranges (a custom mask)"
 _WINDOW_REASON = "a sliding window shorter than the sequence without a mask that has it"
+# Reading a mask makes byte-sized temporaries of its rows, this many elements at a time (16 MB;
+# all at once would be 128 MB for B=8, S=4096)
+_MASK_CHUNK_ELEMENTS = 1 << 24
 
 
 def mask_plan(mask: torch.Tensor, batch: int, seq: int, causal: bool) -> tuple[MaskPlan | None, str | None]:
@@ -279,13 +282,24 @@ def _read_mask(mask, batch, seq, causal):
         return None, f"an attention mask for {mask.shape[0]} sequences in a batch of {batch}"
     m = mask[:, 0].expand(batch, seq, seq)
     pos = torch.arange(seq, device=m.device)
-    count = m.sum(-1)
-    some = count > 0
-    lo = torch.where(some, m.int().argmax(-1), seq)
-    hi = torch.where(some, seq - 1 - m.flip(-1).int().argmax(-1), -1)
-    contiguous = ((hi - lo + 1 == count) | ~some).all()
+    los, his, oks = [], [], []
+    kv_valid = torch.zeros(batch, seq, dtype=torch.bool, device=m.device)
+    rows = max(1, _MASK_CHUNK_ELEMENTS // (batch * seq))  # query rows per chunk, bounding the temporaries
+    for r0 in range(0, seq, rows):
+        part = m[:, r0 : r0 + rows]
+        count = part.sum(-1)
+        some = count > 0
+        lo = torch.where(some, part.to(torch.uint8).argmax(-1), seq)
+        hi = torch.where(some, lo + count - 1, -1)
+        # contiguous: the True keys of a row are lo .. lo + count - 1, i.e. the last True key is hi
+        last = seq - 1 - part.flip(-1).to(torch.uint8).argmax(-1)
+        oks.append(((last == hi) | ~some).all())
+        los.append(lo)
+        his.append(hi)
+        kv_valid |= part.any(-2)  # the keys some query attends to: their K/V set the scales
+    lo, hi = torch.cat(los, 1), torch.cat(his, 1)
+    contiguous = torch.stack(oks).all()
     plain = ((lo == 0) & (hi == (pos if causal else seq - 1))).all()
-    kv_valid = m.any(-2)  # the keys some query attends to: their K/V set the scales
     ok, is_plain, all_valid = torch.stack([contiguous, plain, kv_valid.all()]).tolist()
     if not ok:
         return None, _MASK_REASON

@@ -311,7 +311,12 @@ def _read_checkpoint_tensors(directory: str) -> dict[str, torch.Tensor]:
         with open(index) as f:
             weight_map = json.load(f).get("weight_map", {})
         tensors: dict[str, torch.Tensor] = {}
-        for shard in sorted(set(weight_map.values())):
+        shards = sorted(set(weight_map.values()))
+        if len(shards) > 1:
+            from tqdm.auto import tqdm
+
+            shards = tqdm(shards, desc="Loading checkpoint shards", unit="shard")
+        for shard in shards:
             path = os.path.join(directory, shard)
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"load_fp8: {index} lists {shard}, which is not in {directory}")

@@ -322,6 +322,17 @@ def test_masks_of_contiguous_key_ranges_are_read_exactly_and_others_fall_back(ca
         assert plan is None and words in reason
 
 
+def test_masks_read_in_chunks_of_rows_give_the_same_plan(monkeypatch):
+    valid = _padding(3, 16, (0, 5, 0), (0, 0, 4))
+    mask = _packed_mask((5, 8, 3)).expand(3, 1, 16, 16) & _hf_mask(valid)
+    whole, _ = A._read_mask(mask, 3, 16, True)
+    monkeypatch.setattr(A, "_MASK_CHUNK_ELEMENTS", 3 * 16 * 5)  # 5 rows at a time
+    chunked, _ = A._read_mask(mask, 3, 16, True)
+    assert all(torch.equal(a, b) for a, b in zip(whole, chunked))
+    holes = _holes().expand(3, 1, 16, 16).clone()
+    assert A._read_mask(holes, 3, 16, True) == (None, A._MASK_REASON)
+
+
 def test_the_mask_is_read_once_per_mask_object(monkeypatch):
     valid = _padding()
     mask = _hf_mask(valid)
