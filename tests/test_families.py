@@ -155,7 +155,7 @@ def test_fp8_export_round_trip(model_type, tmp_path):
     assert _rel(b, a) < 0.05  # weights rounded once more to FP8 with 128x128 blocks
 
 
-@pytest.mark.parametrize("model_type", ["mistral", "qwen3"])
+@pytest.mark.parametrize("model_type", ["mistral", "qwen2", "qwen3"])  # Llama: test_trainer.py
 def test_trainer_flag(model_type, tmp_path):
     from test_trainer import _args, _Data
 
