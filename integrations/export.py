@@ -340,7 +340,9 @@ def load_fp8(
     ``weight_block_size = [rows, columns]``, one scale per output channel or per tensor. The
     weights may be in ``model.safetensors`` or in shards listed by ``model.safetensors.index.json``.
     Then the model is converted with ``fp8_config`` (an :class:`hf_fp8.Fp8Config`, a recipe name, or
-    ``None`` to leave it unconverted). Returns ``(model, report)``.
+    ``None`` to leave it unconverted). Returns ``(model, report)``. For full training: every weight
+    becomes trainable in ``dtype``. For adapters on frozen FP8 weights kept as stored (no
+    high-precision copy), use :func:`hf_fp8.from_pretrained`.
 
     Raises:
         FileNotFoundError: ``directory`` is not a checkpoint folder, or a shard it lists is missing.
