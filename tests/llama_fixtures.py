@@ -6,23 +6,23 @@ import copy
 
 import torch
 
+TINY = dict(
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=512,
+    max_position_embeddings=256,
+    rope_theta=500000.0,
+    attn_implementation="eager",  # SDPA in BF16 is very slow on CPUs (see CPU-NOTES)
+)
+
 
 def tiny_llama_config(**overrides):
     from transformers import LlamaConfig
 
-    kw = dict(
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=512,
-        max_position_embeddings=256,
-        rope_theta=500000.0,
-        attn_implementation="eager",  # SDPA in BF16 is very slow on CPUs (see CPU-NOTES)
-    )
-    kw.update(overrides)
-    return LlamaConfig(**kw)
+    return LlamaConfig(**{**TINY, **overrides})
 
 
 def tiny_llama(seed: int = 0, **overrides):
@@ -46,25 +46,11 @@ def tiny_family(model_type: str, seed: int = 0, **overrides):
     import transformers
 
     config_cls, model_cls = (getattr(transformers, n) for n in FAMILY_CLASSES[model_type])
-    kw = dict(
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=32,
-        vocab_size=512,
-        max_position_embeddings=256,
-        attn_implementation="eager",
-        tie_word_embeddings=False,
-    )
+    kw = {**TINY, "head_dim": 32, "tie_word_embeddings": False}
     if model_type != "llama":
         kw["rope_theta"] = 1e6
-    else:
-        kw["rope_theta"] = 500000.0
-    kw.update(overrides)
     torch.manual_seed(seed)
-    return model_cls(config_cls(**kw))
+    return model_cls(config_cls(**{**kw, **overrides}))
 
 
 def llama3_8b_config_on_meta(num_layers: int = 2):
