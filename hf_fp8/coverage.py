@@ -32,10 +32,13 @@ def count_attention(module: nn.Module, outcome: str) -> None:
 @dataclasses.dataclass
 class Fp8Coverage:
     """Counts since the last reset. ``layers``: name -> (forwards, recomputes, backwards) of each
-    FP8 layer; ``attention``: name -> {"fp8" or a fallback reason: calls}."""
+    FP8 layer; ``attention``: name -> {"fp8" or a fallback reason: calls}; ``dequantized``: the
+    frozen layers of a published FP8 checkpoint (:class:`~hf_fp8.frozen_fp8.FrozenFp8Linear`),
+    whose GEMMs run on the weight dequantized on the fly, not in FP8."""
 
     layers: dict[str, tuple[int, int, int]]
     attention: dict[str, dict[str, int]]
+    dequantized: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def idle_layers(self) -> list[str]:
@@ -57,6 +60,11 @@ class Fp8Coverage:
             reasons = sorted({r for seen in self.attention.values() for r in seen if r != "fp8"})
             if reasons:
                 line += f" (fell back for: {'; '.join(reasons)})"
+        if self.dequantized:
+            line += (
+                f"; {len(self.dequantized)} frozen FP8-weight layers (published checkpoint) compute on their "
+                "dequantized weights, not FP8 GEMMs"
+            )
         return line
 
     def __str__(self) -> str:
@@ -66,18 +74,21 @@ class Fp8Coverage:
 def fp8_coverage(model: nn.Module, reset: bool = False) -> Fp8Coverage:
     """What ran in FP8 in ``model`` since the last :func:`reset_fp8_coverage` (or since conversion);
     ``reset=True`` starts a new count after reading this one."""
+    from hf_fp8.frozen_fp8 import FrozenFp8Linear
     from hf_fp8.linear import Fp8Linear
 
-    layers, attention = {}, {}
+    layers, attention, dequantized = {}, {}, []
     for name, m in model.named_modules():
         if isinstance(m, Fp8Linear):
             d = m.__dict__
             layers[name] = (d.get(FORWARD, 0), d.get(RECOMPUTE, 0), d.get(BACKWARD, 0))
+        elif isinstance(m, FrozenFp8Linear) and m.has_fp8_weight:
+            dequantized.append(name)
         elif ATTENTION in m.__dict__ or _uses_fp8_attention(m):
             attention[name] = dict(m.__dict__.get(ATTENTION, {}))
     if reset:
         reset_fp8_coverage(model)
-    return Fp8Coverage(layers, attention)
+    return Fp8Coverage(layers, attention, dequantized)
 
 
 def reset_fp8_coverage(model: nn.Module) -> None:

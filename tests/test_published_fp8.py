@@ -170,6 +170,8 @@ def test_lora_trains_on_a_block_fp8_checkpoint_with_exact_gradients_and_merges(t
         opt.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.5, losses  # it learns
+    cov = hf_fp8.fp8_coverage(pm)  # the frozen layers say how they compute
+    assert len(cov.dequantized) == 14 and "14 frozen FP8-weight layers" in cov.summary()
     layer = pm.base_model.model.model.layers[0].self_attn.q_proj
     expected = layer.base_layer.dense_weight(torch.float32) + layer.get_delta_weight("default").detach()
     merged = pm.merge_and_unload()
