@@ -284,22 +284,40 @@ def _remove_stale_weights(directory: str | os.PathLike, keep: set[str]) -> None:
                 os.remove(path)
 
 
-def _local_folder(path: str) -> str:
+def _local_folder(path: str, caller: str = "load_fp8") -> str:
     """``path`` itself if it is a folder, else a Hub repo id downloaded (config and safetensors)."""
     if os.path.isdir(path):
         return path
     looks_like_repo = path.count("/") == 1 and not path.startswith((".", "/")) and not os.path.exists(path)
     if not looks_like_repo:
-        raise FileNotFoundError(f"load_fp8: {path!r} is not a folder (nor a Hub repo id like 'org/name')")
+        raise FileNotFoundError(f"{caller}: {path!r} is not a folder (nor a Hub repo id like 'org/name')")
     from huggingface_hub import snapshot_download
 
     try:
         return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"])
     except Exception as e:  # noqa: BLE001  offline, no such repo, no access: say which and why
-        raise FileNotFoundError(f"load_fp8: {path!r} is not a local folder, and the Hub download failed: {e}") from e
+        raise FileNotFoundError(f"{caller}: {path!r} is not a local folder, and the Hub download failed: {e}") from e
 
 
-def _read_checkpoint_tensors(directory: str) -> dict[str, torch.Tensor]:
+def _quantized_config(path: str, caller: str):
+    """(local folder, the checkpoint's config without its quantization_config, that config as a
+    dict) for a folder or Hub id, with errors naming ``caller``."""
+    from transformers import AutoConfig
+
+    directory = _local_folder(str(path), caller)
+    if not os.path.isfile(os.path.join(directory, "config.json")):
+        raise FileNotFoundError(f"{caller}: {directory} has no config.json")
+    config = AutoConfig.from_pretrained(directory)
+    qcfg = getattr(config, "quantization_config", None)
+    if qcfg is None:
+        raise ValueError(
+            f"{caller}: {directory} has no quantization_config; load it with transformers' from_pretrained"
+        )
+    del config.quantization_config
+    return directory, config, qcfg if isinstance(qcfg, dict) else qcfg.to_dict()
+
+
+def _read_checkpoint_tensors(directory: str, caller: str = "load_fp8") -> dict[str, torch.Tensor]:
     """Every tensor of ``model.safetensors``, or of the shards ``model.safetensors.index.json`` lists."""
     from safetensors.torch import load_file
 
@@ -319,10 +337,10 @@ def _read_checkpoint_tensors(directory: str) -> dict[str, torch.Tensor]:
         for shard in shards:
             path = os.path.join(directory, shard)
             if not os.path.isfile(path):
-                raise FileNotFoundError(f"load_fp8: {index} lists {shard}, which is not in {directory}")
+                raise FileNotFoundError(f"{caller}: {index} lists {shard}, which is not in {directory}")
             tensors.update(load_file(path))
         return tensors
-    raise FileNotFoundError(f"load_fp8: {directory} has neither model.safetensors nor model.safetensors.index.json")
+    raise FileNotFoundError(f"{caller}: {directory} has neither model.safetensors nor model.safetensors.index.json")
 
 
 def load_fp8(
@@ -348,20 +366,12 @@ def load_fp8(
         FileNotFoundError: ``directory`` is not a checkpoint folder, or a shard it lists is missing.
         ValueError: not an FP8 checkpoint, a scale whose shape fits no granularity, missing keys.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    directory = _local_folder(str(directory))
-    if not os.path.isfile(os.path.join(directory, "config.json")):
-        raise FileNotFoundError(f"load_fp8: {directory} has no config.json")
-    config = AutoConfig.from_pretrained(directory)
-    qcfg = getattr(config, "quantization_config", None)
-    if qcfg is None:
-        raise ValueError(f"load_fp8: {directory} has no quantization_config; load it with from_pretrained")
-    qcfg = qcfg if isinstance(qcfg, dict) else qcfg.to_dict()
+    directory, config, qcfg = _quantized_config(directory, "load_fp8")
     if qcfg.get("quant_method") != "fp8":
         raise ValueError(f"load_fp8: quant_method is {qcfg.get('quant_method')!r}, expected 'fp8'")
     block_size = qcfg.get("weight_block_size")
-    del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=dtype).to(device)
     raw = _read_checkpoint_tensors(directory)
     state = {}

@@ -29,19 +29,16 @@ __all__ = ["from_pretrained", "published_fp8_layout"]
 _FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
-def published_fp8_layout(qcfg: dict) -> tuple[str, tuple[int, int] | None, list[str]]:
-    """(scale tensor suffix, weight block or None, modules left unquantized) of a checkpoint's
-    ``quantization_config``; a ``ValueError`` naming what is not FP8 weight quantization."""
+def published_fp8_layout(qcfg: dict) -> tuple[str, tuple[int, int] | None]:
+    """(scale tensor suffix, weight block or None) of a checkpoint's ``quantization_config``; a
+    ``ValueError`` naming what is not FP8 weight quantization. (Which modules are quantized is
+    read from the tensors: a weight stored in FP8 with a scale beside it.)"""
     method = qcfg.get("quant_method")
     if method == "fp8":
         block = qcfg.get("weight_block_size")
         if block is not None and (len(block) != 2 or not all(int(b) > 0 for b in block)):
             raise ValueError(f"weight_block_size must be [rows, cols] > 0, got {block!r}")
-        return (
-            "weight_scale_inv",
-            None if block is None else (int(block[0]), int(block[1])),
-            list(qcfg.get("modules_to_not_convert") or []),
-        )
+        return "weight_scale_inv", None if block is None else (int(block[0]), int(block[1]))
     if method == "compressed-tensors":
         groups = qcfg.get("config_groups") or {}
         layouts = set()
@@ -61,7 +58,7 @@ def published_fp8_layout(qcfg: dict) -> tuple[str, tuple[int, int] | None, list[
                 )
         if len(layouts) > 1:
             raise ValueError(f"compressed-tensors: groups with different block layouts {sorted(map(str, layouts))}")
-        return "weight_scale", next(iter(layouts), None), list(qcfg.get("ignore") or [])
+        return "weight_scale", next(iter(layouts), None)
     raise ValueError(f"quant_method {method!r} is not an FP8 checkpoint format (fp8, compressed-tensors)")
 
 
@@ -82,22 +79,15 @@ def from_pretrained(
         FileNotFoundError: not a checkpoint folder, or a shard it lists is missing.
         ValueError: not an FP8 checkpoint; a scale whose shape fits no layout; missing or unused keys.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     import hf_fp8
     from hf_fp8.frozen_fp8 import FrozenFp8Linear
-    from hf_fp8.integrations.export import _local_folder, _read_checkpoint_tensors
+    from hf_fp8.integrations.export import _quantized_config, _read_checkpoint_tensors
 
-    directory = _local_folder(str(path))
-    if not os.path.isfile(os.path.join(directory, "config.json")):
-        raise FileNotFoundError(f"from_pretrained: {directory} has no config.json")
-    config = AutoConfig.from_pretrained(directory)
-    qcfg = getattr(config, "quantization_config", None)
-    if qcfg is None:
-        raise ValueError(f"from_pretrained: {directory} has no quantization_config; load it with transformers")
-    qcfg = qcfg if isinstance(qcfg, dict) else qcfg.to_dict()
+    directory, config, qcfg = _quantized_config(path, "from_pretrained")
     try:
-        scale_suffix, block, _unquantized = published_fp8_layout(qcfg)
+        scale_suffix, block = published_fp8_layout(qcfg)
     except ValueError as e:
         raise ValueError(f"from_pretrained: {directory}: {e}") from None
     if qcfg.get("quant_method") == "compressed-tensors":
@@ -109,10 +99,9 @@ def from_pretrained(
                 UserWarning,
                 stacklevel=2,
             )
-    del config.quantization_config
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    raw = _read_checkpoint_tensors(directory)
+    raw = _read_checkpoint_tensors(directory, "from_pretrained")
     state, frozen = {}, {}
     for key, value in raw.items():
         if key.endswith((".weight_scale_inv", ".weight_scale", ".input_scale")):
