@@ -87,7 +87,8 @@ def build(name: str, config: dict):
       ``mlponly`` / ``attnonly``: ``include`` the MLPs / the attention blocks only; ``nofp8``:
       ``exclude=("*",)`` (FP32 RoPE and loss and the fused ops, no FP8 layer);
     - ``fp8attn``: ``fp8_attention=True``; ``savedwt``: ``save_weight_transpose=True``;
-      ``fastacc``: ``use_fast_accum=True``;
+      ``fastacc``: ``use_fast_accum=True``; ``recomputeall``: ``keep_activations=0`` (with
+      ``--checkpointing``, every layer recomputed, as transformers does);
     - ``graph``: ``cuda_graph=True`` and each step replayed by :class:`hf_fp8.CudaGraphStep`;
       ``compile``: each decoder layer compiled (as the other ``_compile`` variants);
     - the optimizer: what ``hf_fp8.Trainer`` builds for BF16 parameters
@@ -124,7 +125,7 @@ def build(name: str, config: dict):
         recipe = next((r for r in recipes if rest == r or rest.startswith(r + "_")), None)
         flags = set(rest.removeprefix(recipe or "").split("_")) - {""}
         unknown = flags - {"all", "mlponly", "attnonly", "nofp8", "fp8attn", "savedwt", "fastacc", "graph",
-                           "compile", "defer", "nearest", "torchadamw"}  # fmt: skip
+                           "compile", "defer", "nearest", "torchadamw", "recomputeall"}  # fmt: skip
         if unknown:
             raise ValueError(f"{name}: unknown options {sorted(unknown)} (see build()'s docstring)")
         only = {"mlponly": ("*.mlp.*",), "attnonly": ("*.self_attn.*",)}
@@ -139,6 +140,7 @@ def build(name: str, config: dict):
             use_fast_accum="fastacc" in flags,
             save_weight_transpose="savedwt" in flags,
             cuda_graph="graph" in flags,  # the auto filter's thresholds for graph-replayed steps
+            keep_activations=0 if "recomputeall" in flags else "auto",
         )
         report = hf_fp8.convert(model, fp8_cfg)
         note = f"{len(report.converted)} FP8 layers ({fp8_cfg.short_str() if fp8_cfg.recipe else 'full-BF16'})"
@@ -243,6 +245,11 @@ def run_variant(
 
         seen = set().union(*(s.keys() for s in hf_fp8.fp8_coverage(model).attention.values()))
         note += f"; attention: {', '.join(sorted(seen))}; backward: {_backward_path.get('last')}"
+    if checkpointing and name.startswith("hf_fp8"):  # how many layers kept their activations (keep_activations)
+        from hf_fp8.recompute import recompute_plans
+
+        for plan in recompute_plans(model):
+            note += f"; kept activations: {plan.last_kept}/{plan.last_checkpointed} layers ({plan.last_reason})"
     row = dict(
         variant=name,
         note=note,

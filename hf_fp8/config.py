@@ -172,6 +172,16 @@ class Fp8Config:
             launch overhead smaller layers pay in FP8: every decoder linear of a Llama-3.2-1B
             shape, where eager steps keep them all in BF16. Changes which layers are converted,
             nothing else.
+        keep_activations (`str` or `int`, *optional*, defaults to `"auto"`):
+            Under activation checkpointing (``model.gradient_checkpointing_enable()``), how many
+            of the last checkpointed decoder layers keep their activations instead of recomputing
+            them in the backward. ``"auto"``: as many as fit in the memory the layers' gradients
+            take only later in the step, so the peak stays at or below full recompute's (measured
+            on the device; nothing is kept on the CPU, with several processes, under gradient
+            accumulation or before the first backward: :mod:`hf_fp8.recompute`). ``0``:
+            recompute every checkpointed layer (transformers' behaviour); ``n``: the last ``n``,
+            whatever memory they take. The results are the same bit for bit either way; only
+            speed and memory change. Applies to the families of :mod:`hf_fp8.integrations.families`.
 
     Example:
         ```python
@@ -202,6 +212,7 @@ class Fp8Config:
     fused_ops: bool = True
     save_weight_transpose: bool = False
     cuda_graph: bool = False
+    keep_activations: str | int = "auto"
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen: set once, here)
@@ -245,6 +256,16 @@ class Fp8Config:
         ):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"Fp8Config.{name}: got {getattr(self, name)!r}; expected True or False")
+        keep = self.keep_activations
+        if isinstance(keep, str) and keep.strip().isdigit():  # from a CLI flag or hand-written JSON
+            keep = int(keep)
+            set_("keep_activations", keep)
+        if not (keep == "auto" or (isinstance(keep, int) and not isinstance(keep, bool) and keep >= 0)):
+            raise ValueError(
+                f"Fp8Config.keep_activations: got {keep!r}; expected 'auto' (keep as many layers' activations as "
+                "the memory of gradients still to come allows), 0 (recompute every checkpointed layer) or a number "
+                "of last layers to keep"
+            )
         if self.fp8_attention and self.recipe is None:
             raise ValueError(
                 "Fp8Config.fp8_attention: full-BF16 mode (recipe=None) means no FP8; use a recipe with FP8 attention"

@@ -215,6 +215,18 @@ def convert(
         fused = patch_fused_ops(model)
         if fused:
             report.notes.append(f"fused RMSNorm, SwiGLU and embedding-gradient kernels in {fused} modules")
+    if config.keep_activations != 0:
+        from hf_fp8.recompute import install_selective_recompute
+
+        if install_selective_recompute(model, config.keep_activations):
+            report.notes.append(
+                f"activation checkpointing (when enabled) keeps the last layers' activations: keep_activations="
+                f"{config.keep_activations!r}"
+            )
+    else:
+        from hf_fp8.recompute import remove_selective_recompute
+
+        remove_selective_recompute(model)
     if config.full_bf16:
         report.notes.append("full-BF16: train with hf_fp8.optim.AdamW(..., full_bf16=True) for FP32 optimizer states")
     _warn_unsupported_family(model, config)
@@ -284,6 +296,7 @@ def _warn_unsupported_family(model: nn.Module, config: Fp8Config) -> None:
             ("FP32 RoPE", config.fp32_rope),
             ("FP32 chunked loss", config.fp32_loss),
             ("fused RMSNorm/SwiGLU", config.fused_ops),
+            ("selective recompute under activation checkpointing", config.keep_activations != 0),
         )
         if wanted
     ]
@@ -423,7 +436,9 @@ def revert(model: nn.Module) -> int:
     unpatch_loss(model)
     unpatch_fused_ops(model)
     from hf_fp8.delayed import remove_delayed_update_hook
+    from hf_fp8.recompute import remove_selective_recompute
 
+    remove_selective_recompute(model)
     remove_delayed_update_hook(model)
     previous_attn = model.__dict__.pop("_hf_fp8_previous_attn", None)
     if previous_attn is not None:

@@ -39,6 +39,9 @@ class Fp8Coverage:
     layers: dict[str, tuple[int, int, int]]
     attention: dict[str, dict[str, int]]
     dequantized: list[str] = dataclasses.field(default_factory=list)
+    # activation checkpointing in the last training forward: (layers that kept their activations,
+    # layers checkpointed, why) per decoder stack (Fp8Config.keep_activations)
+    recompute: list[tuple[int, int, str]] = dataclasses.field(default_factory=list)
 
     @property
     def idle_layers(self) -> list[str]:
@@ -60,6 +63,12 @@ class Fp8Coverage:
             reasons = sorted({r for seen in self.attention.values() for r in seen if r != "fp8"})
             if reasons:
                 line += f" (fell back for: {'; '.join(reasons)})"
+        for kept, checkpointed, reason in self.recompute:
+            if checkpointed:
+                line += (
+                    f"; activation checkpointing: {kept}/{checkpointed} layers kept their activations, "
+                    f"{checkpointed - kept} recomputed ({reason})"
+                )
         if self.dequantized:
             line += (
                 f"; {len(self.dequantized)} frozen FP8-weight layers (published checkpoint) compute on their "
@@ -86,9 +95,12 @@ def fp8_coverage(model: nn.Module, reset: bool = False) -> Fp8Coverage:
             dequantized.append(name)
         elif ATTENTION in m.__dict__ or _uses_fp8_attention(m):
             attention[name] = dict(m.__dict__.get(ATTENTION, {}))
+    from hf_fp8.recompute import recompute_plans
+
+    recompute = [(p.last_kept, p.last_checkpointed, p.last_reason) for p in recompute_plans(model)]
     if reset:
         reset_fp8_coverage(model)
-    return Fp8Coverage(layers, attention, dequantized)
+    return Fp8Coverage(layers, attention, dequantized, recompute)
 
 
 def reset_fp8_coverage(model: nn.Module) -> None:
