@@ -101,6 +101,15 @@ class Fp8ArgumentsMixin:
             "(the default of Fp8Config). Same results either way."
         },
     )
+    fp8_keep_activations: str | None = dataclasses.field(
+        default=None,
+        metadata={
+            "help": "With --gradient_checkpointing: 'auto' (Fp8Config's default) lets the last decoder layers keep "
+            "their activations instead of recomputing them, as many as the memory of the gradients still to come "
+            "holds (peak at or below full recompute's, same numbers bit for bit); 0 recomputes every layer "
+            "(transformers' behaviour); N keeps the last N whatever they take."
+        },
+    )
     fp8_monitor_interval: int = dataclasses.field(
         default=0,
         metadata={
@@ -169,6 +178,11 @@ class Fp8ArgumentsMixin:
             raise ValueError("--fp8_weights needs --fp8 (tensorwise or delayed): it stores FP8 layers' weights in FP8")
         if self.fp8_attention and self.fp8 is None:
             raise ValueError("--fp8_attention needs --fp8 (a recipe for the linear layers)")
+        if self.fp8_keep_activations is not None and self.fp8 is None and not self.full_bf16:
+            raise ValueError(
+                "--fp8_keep_activations needs --fp8 or --full_bf16: it sets how hf_fp8's converted model recomputes "
+                "under --gradient_checkpointing"
+            )
         interval = self.fp8_monitor_interval
         if isinstance(interval, bool) or not isinstance(interval, int) or interval < 0:
             raise ValueError(
@@ -193,7 +207,8 @@ class Fp8ArgumentsMixin:
     def fp8_config(self) -> Fp8Config | None:
         """The :class:`Fp8Config` these arguments ask for (``None``: no hf_fp8)."""
         if self.full_bf16:
-            return Fp8Config(recipe=None)
+            keep = {} if self.fp8_keep_activations is None else {"keep_activations": self.fp8_keep_activations}
+            return Fp8Config(recipe=None, **keep)
         if self.fp8 is None:
             return None
         # only what was given on the command line overrides a JSON config's fields
@@ -212,6 +227,8 @@ class Fp8ArgumentsMixin:
             overrides["save_weight_transpose"] = self.fp8_save_weight_transpose
         if self.fp8_cuda_graph:  # the auto filter's thresholds for graph-replayed steps
             overrides["cuda_graph"] = True
+        if self.fp8_keep_activations is not None:
+            overrides["keep_activations"] = self.fp8_keep_activations
         if self.fp8.lower() in {r.value for r in Recipe}:
             return Fp8Config(recipe=self.fp8, **overrides)
         if os.path.isfile(self.fp8):
@@ -789,7 +806,7 @@ def _trainer_state_matches(folder: str, state) -> bool:
 class TrainingArguments(Fp8ArgumentsMixin, transformers.TrainingArguments):
     """``transformers.TrainingArguments`` plus ``--fp8``, ``--full_bf16``, ``--fp8_attention``,
     ``--fp8_auto_filter``, ``--fp8_include``, ``--fp8_exclude``, ``--fp8_weights``, ``--fp8_save_weight_transpose``,
-    ``--fp8_monitor_interval`` and ``--fp8_cuda_graph`` (see :class:`Fp8ArgumentsMixin`)."""
+    ``--fp8_keep_activations``, ``--fp8_monitor_interval`` and ``--fp8_cuda_graph`` (see :class:`Fp8ArgumentsMixin`)."""
 
 
 class Trainer(Fp8TrainerMixin, transformers.Trainer):

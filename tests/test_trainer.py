@@ -100,11 +100,19 @@ def test_cli_flags_parse_and_serialize(tmp_path):
         (dict(fp8_attention=True), "--fp8_attention needs --fp8"),
         (dict(fp8_weights=True), "--fp8_weights needs --fp8"),
         (dict(fp8="rowwise", fp8_weights=True), "scaled per column"),
+        (dict(fp8_keep_activations="2"), "--fp8_keep_activations needs --fp8 or --full_bf16"),
+        (dict(fp8="delayed", fp8_keep_activations="most"), "keep_activations"),
     ],
 )
 def test_conflicting_arguments(tmp_path, kw, match):
     with pytest.raises(ValueError, match=match):
         _args(tmp_path, **kw)
+
+
+def test_keep_activations_flag_reaches_the_config(tmp_path):
+    assert _args(tmp_path, fp8="delayed").fp8_config().keep_activations == "auto"
+    assert _args(tmp_path, fp8="delayed", fp8_keep_activations="0").fp8_config().keep_activations == 0
+    assert _args(tmp_path, full_bf16=True, fp8_keep_activations="3").fp8_config().keep_activations == 3
 
 
 def test_accelerate_fp8_env_conflict(tmp_path, monkeypatch):
