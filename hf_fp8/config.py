@@ -49,14 +49,25 @@ class Recipe(_StrEnum):
     - ``delayed``: one scale per tensor from a history of past amaxes (TransformerEngine's
       recipe). The cast needs no reduction before it, so quantization is a single pass that
       also records the current amax into the history.
+    - ``blockwise``: DeepSeek-V3's scheme: activations and gradients in 1x128 tiles, weights
+      in 128x128 blocks, E4M3 everywhere, one FP32 scale per tile or block. The weights'
+      blocks are those of transformers' fine-grained FP8 checkpoints (``weight_block_size``
+      [128, 128]), so :func:`hf_fp8.save_fp8` exports exactly the quantization the model
+      trained against. Layers whose dimensions are not multiples of 128 stay in high precision.
     """
 
     TENSORWISE = "tensorwise"
     ROWWISE = "rowwise"
     DELAYED = "delayed"
+    BLOCKWISE = "blockwise"
+
+    @property
+    def per_tensor(self) -> bool:
+        """One scale per tensor (tensorwise, delayed): what the fused norm and SwiGLU casts take."""
+        return self in (Recipe.TENSORWISE, Recipe.DELAYED)
 
     def short_str(self) -> str:
-        return {"tensorwise": "ten", "rowwise": "row", "delayed": "dly"}[self.value]
+        return {"tensorwise": "ten", "rowwise": "row", "delayed": "dly", "blockwise": "blk"}[self.value]
 
 
 class Fp8Format(_StrEnum):
@@ -112,13 +123,13 @@ class Fp8Config:
 
     Args:
         recipe (`str`, `Recipe` or `None`, *optional*, defaults to `"delayed"`):
-            ``"delayed"``, ``"tensorwise"`` or ``"rowwise"`` (see :class:`Recipe`), or ``None`` for
+            ``"delayed"``, ``"tensorwise"``, ``"rowwise"`` or ``"blockwise"`` (see :class:`Recipe`), or ``None`` for
             full-BF16 mode: no FP8, BF16 parameters and gradients, with FP32 RoPE, logits and loss
             (use :class:`hf_fp8.optim.AdamW` for FP32 optimizer states).
         grad_format (`str`, *optional*):
             FP8 format of the output gradient: ``"e5m2"`` (default for tensorwise and delayed,
-            TransformerEngine's HYBRID format) or ``"e4m3"`` (default and only choice for rowwise,
-            whose per-row scales make E4M3's smaller range enough). Forward operands are always E4M3.
+            TransformerEngine's HYBRID format) or ``"e4m3"`` (default and only choice for rowwise
+            and blockwise, whose per-row or per-tile scales make E4M3's smaller range enough). Forward operands are always E4M3.
         amax_history_len (`int`, *optional*, defaults to 16):
             Length of the delayed recipe's amax history (ignored by the other recipes).
         amax_compute_algo (`str`, *optional*, defaults to `"max"`):
@@ -224,10 +235,11 @@ class Fp8Config:
             if self.grad_format is not None:
                 raise ValueError("Fp8Config.grad_format: must be None in full-BF16 mode (recipe=None): there is no FP8")
         elif self.grad_format is None:
-            set_("grad_format", Fp8Format.E4M3 if self.recipe is Recipe.ROWWISE else Fp8Format.E5M2)
-        if self.recipe is Recipe.ROWWISE and self.grad_format is not Fp8Format.E4M3:
+            set_("grad_format", Fp8Format.E5M2 if self.recipe.per_tensor else Fp8Format.E4M3)
+        if self.recipe in (Recipe.ROWWISE, Recipe.BLOCKWISE) and self.grad_format is not Fp8Format.E4M3:
             raise ValueError(
-                f"Fp8Config.grad_format: got {self.grad_format.value!r} with recipe 'rowwise'; rowwise scaling "
+                f"Fp8Config.grad_format: got {self.grad_format.value!r} with recipe {self.recipe.value!r}; "
+                f"{self.recipe.value} scaling "
                 "supports only 'e4m3' (the FP8 GEMM with per-row scales takes E4M3 operands)"
             )
         for name in ("amax_history_len", "margin"):
@@ -272,6 +284,12 @@ class Fp8Config:
             )
         if self.fp8_weights and self.recipe is None:
             raise ValueError("Fp8Config.fp8_weights: full-BF16 mode (recipe=None) has no FP8 layers to store in FP8")
+        if self.fp8_weights and self.recipe is Recipe.BLOCKWISE:
+            raise ValueError(
+                "Fp8Config.fp8_weights: needs recipe 'tensorwise' or 'delayed'. For adapters on blockwise FP8 "
+                "weights, load a block-scaled checkpoint with hf_fp8.from_pretrained (its codes and block scales stay "
+                "the frozen weights)."
+            )
         if self.fp8_weights and self.recipe is Recipe.ROWWISE:
             raise ValueError(
                 "Fp8Config.fp8_weights: needs recipe 'tensorwise' or 'delayed'. With 'rowwise', the input-gradient "

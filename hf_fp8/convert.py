@@ -77,6 +77,8 @@ def _decide(
             return False, "weight tied to an embedding (include names it to convert)"
     if K % 16 or N % 16:
         return False, f"in={K}, out={N}: both must be multiples of 16 for the FP8 GEMM"
+    if config.recipe is Recipe.BLOCKWISE and (K % 128 or N % 128):
+        return False, f"in={K}, out={N}: blockwise FP8 needs multiples of 128 (its weights' 128x128 blocks)"
     if config.auto_filter and shape_rule:
         ok, reason = passes_shape_rule(K, N, config.recipe, config.cuda_graph)
         if not ok:

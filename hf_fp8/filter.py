@@ -70,6 +70,8 @@ THRESHOLDS: dict[Recipe, ShapeThreshold] = {
     Recipe.TENSORWISE: ShapeThreshold(min_weight_numel=29_360_128, min_dim=2048),
     Recipe.DELAYED: ShapeThreshold(min_weight_numel=16_777_216, min_dim=4096),
     Recipe.ROWWISE: ShapeThreshold(min_weight_numel=33_554_432, min_dim=4096),
+    # not measured yet: rowwise's (the other recipe whose casts reduce per row before they write)
+    Recipe.BLOCKWISE: ShapeThreshold(min_weight_numel=33_554_432, min_dim=4096),
 }
 
 # Steps replayed as CUDA graphs (Fp8Config(cuda_graph=True)): derived by derive_thresholds.py

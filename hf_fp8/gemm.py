@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["scaled_mm"]
+__all__ = ["BLOCKWISE_GEMMS", "blockwise_gemm_supported", "scaled_mm", "scaled_mm_blockwise"]
 
 _FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
@@ -66,5 +66,95 @@ def scaled_mm(
     else:
         out = torch._scaled_mm(
             a, b, scale_a=scale_a, scale_b=scale_b, out_dtype=gemm_dtype, use_fast_accum=use_fast_accum
+        )
+    return out if out.dtype == out_dtype else out.to(out_dtype)
+
+
+# ---- blockwise scales (DeepSeek-V3's 1x128 tiles and 128x128 blocks) -----------------------
+TILE = 128
+# (a's scaling, b's scaling) pairs Hopper's cuBLAS runs (>= 12.9): tiles x blocks (forward and
+# input gradient, the weight in blocks) and tiles x tiles (weight gradient)
+BLOCKWISE_GEMMS = (("1x128", "128x128"), ("1x128", "1x128"))
+
+
+def blockwise_gemm_supported() -> bool:
+    """Whether this torch has the scaled-mm API that takes blockwise scales (torch >= 2.10)."""
+    F = torch.nn.functional
+    return hasattr(F, "scaled_mm") and hasattr(F, "ScalingType")
+
+
+def _check_blockwise(a, b, scale_a, scale_b, blocks) -> None:
+    if blocks not in BLOCKWISE_GEMMS:
+        raise ValueError(f"scaled_mm_blockwise: blocks {blocks!r} is not one of {BLOCKWISE_GEMMS}")
+    _check_operands(a, b, torch.ones(()), torch.ones(()))
+    (M, K), N = a.shape, b.shape[1]
+    G = -(-K // TILE)
+    want_b = (N, G) if blocks[1] == "1x128" else (-(-N // TILE), G)
+    if tuple(scale_a.shape) != (M, G) or tuple(scale_b.shape) != want_b:
+        raise ValueError(
+            f"scaled_mm_blockwise: a ({M}, {K}) in 1x128 tiles needs scale_a ({M}, {G}), and b ({K}, {N}) in "
+            f"{blocks[1]} {'tiles' if blocks[1] == '1x128' else 'blocks'} scale_b {want_b} (the scales of bᵀ's rows); "
+            f"got {tuple(scale_a.shape)} and {tuple(scale_b.shape)}"
+        )
+
+
+def _outer_dim_major(scale: torch.Tensor) -> torch.Tensor:
+    """The same (R, G) scales stored column by column (stride (1, R)), as cuBLAS reads 1x128 scales."""
+    return scale if scale.stride(0) == 1 else scale.t().contiguous().t()
+
+
+def _block_scales_for_cublas(scale: torch.Tensor) -> torch.Tensor:
+    """(Nb, G) block scales as cuBLAS reads them: (G4, Nb) with stride (1, G4), G padded to a
+    multiple of 4 (16-byte aligned columns)."""
+    Nb, G = scale.shape
+    G4 = -(-G // 4) * 4
+    if G4 != G:
+        scale = torch.nn.functional.pad(scale, (0, G4 - G))
+    return scale.contiguous().t()
+
+
+def scaled_mm_blockwise(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale_a: torch.Tensor,
+    scale_b: torch.Tensor,
+    *,
+    blocks: tuple[str, str],
+    out_dtype: torch.dtype,
+    emulate: bool,
+) -> torch.Tensor:
+    """``a @ b`` with blockwise dequantization factors, FP32 accumulation, in ``out_dtype``.
+
+    Args:
+        a (`torch.Tensor`): (M, K) FP8, row-major, in 1x128 tiles along K: ``scale_a`` (M, ceil(K/128)).
+        b (`torch.Tensor`): (K, N) FP8, column-major (the ``.t()`` of a contiguous (N, K) ``bᵀ``);
+            ``scale_b`` is the scale of ``bᵀ``'s rows: (N, ceil(K/128)) for ``"1x128"`` tiles,
+            (ceil(N/128), ceil(K/128)) for ``"128x128"`` blocks.
+        blocks: ``(a's scaling, b's scaling)``, one of :data:`BLOCKWISE_GEMMS`.
+
+    The GPU accumulates each 128-wide slice of K in FP32 and adds it in with its two scales; the
+    emulation does the same slice by slice, so the two differ only by summation order. The
+    GEMM's result is BF16 on the GPU (cast afterwards); the emulation rounds through BF16 too.
+    """
+    _check_blockwise(a, b, scale_a, scale_b, blocks)
+    if emulate:
+        (M, K), N = a.shape, b.shape[1]
+        acc = torch.zeros((M, N), dtype=torch.float32, device=a.device)
+        for g in range(-(-K // TILE)):
+            ks = slice(g * TILE, min(K, (g + 1) * TILE))
+            sb = scale_b[:, g] if blocks[1] == "1x128" else scale_b[:, g].repeat_interleave(TILE)[:N]
+            acc += (a[:, ks].float() @ b[ks, :].float()) * scale_a[:, g : g + 1] * sb[None, :]
+        out = acc.to(torch.bfloat16)
+    else:
+        if not blockwise_gemm_supported():
+            raise RuntimeError(
+                "scaled_mm_blockwise: this torch has no torch.nn.functional.scaled_mm with blockwise scales "
+                f"(torch {torch.__version__}); the blockwise recipe needs torch >= 2.10 built with CUDA >= 12.9"
+            )
+        F = torch.nn.functional
+        kind = {"1x128": F.ScalingType.BlockWise1x128, "128x128": F.ScalingType.BlockWise128x128}
+        sb = _outer_dim_major(scale_b) if blocks[1] == "1x128" else _block_scales_for_cublas(scale_b)
+        out = F.scaled_mm(
+            a, b, _outer_dim_major(scale_a), kind[blocks[0]], sb, kind[blocks[1]], output_dtype=torch.bfloat16
         )
     return out if out.dtype == out_dtype else out.to(out_dtype)

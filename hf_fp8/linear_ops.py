@@ -29,7 +29,7 @@ from hf_fp8 import coverage as _cov
 from hf_fp8._backend import fp8_gemm_supported
 from hf_fp8.config import NonFinitePolicy, Recipe
 from hf_fp8.delayed import in_backward, training_forward
-from hf_fp8.gemm import scaled_mm
+from hf_fp8.gemm import scaled_mm, scaled_mm_blockwise
 from hf_fp8.scaling import DelayedScalingState, QuantizedOperand, Role, quantize_operand, transposed_copy
 
 __all__ = ["NonFiniteError", "is_fp8_dtype", "apply_group", "register_module"]
@@ -64,6 +64,19 @@ def _a_scale(scale: torch.Tensor) -> torch.Tensor:
 def _b_scale(scale: torch.Tensor) -> torch.Tensor:
     """Scale of a column-major ``b`` operand: scalar, or (N,) -> (1, N)."""
     return scale if scale.numel() == 1 and scale.dim() == 0 else scale.view(1, -1)
+
+
+def _gemm(cfg, a, b, scale_a, scale_b, *, b_blocks: str, out_dtype, emulate: bool, use_fast_accum: bool = False):
+    """One FP8 GEMM of ``cfg``'s recipe: ``a`` row-major with its rows' scales, ``b`` column-major
+    with the scales of ``bᵀ``'s rows. ``b_blocks``: how a blockwise recipe scaled ``b``
+    (``"128x128"`` a weight, ``"1x128"`` an activation)."""
+    if cfg.recipe is Recipe.BLOCKWISE:
+        return scaled_mm_blockwise(
+            a, b, scale_a, scale_b, blocks=("1x128", b_blocks), out_dtype=out_dtype, emulate=emulate
+        )
+    return scaled_mm(
+        a, b, _a_scale(scale_a), _b_scale(scale_b), out_dtype=out_dtype, use_fast_accum=use_fast_accum, emulate=emulate
+    )
 
 
 _EMULATION_NOTED = False
@@ -180,11 +193,13 @@ def _gemm_with_weight(module, weight, a_rows, a_scale, out_dtype, need_dx: bool,
     re-casts Wᵀ in the backward or None)."""
     keep_t = need_dx and module.fp8_config.save_weight_transpose and not is_fp8_dtype(weight.dtype)
     qw = _quantize_weight(module, weight, want_t=keep_t, keep_scale=need_dx and not keep_t, training=training)
-    out = scaled_mm(
+    out = _gemm(
+        module.fp8_config,
         a_rows,
         qw.rows.t(),
-        _a_scale(a_scale),
-        _b_scale(qw.rows_scale),
+        a_scale,
+        qw.rows_scale,
+        b_blocks="128x128",
         out_dtype=out_dtype,
         use_fast_accum=module.fp8_config.use_fast_accum,
         emulate=emulate,
@@ -236,9 +251,10 @@ def _backward(
             if need_dx:
                 # dX (M, K) = dY (M, N) @ W (N, K); W as column-major b is Wᵀ's row-major copy, transposed.
                 w_t, w_t_scale = w_ts[i] if w_ts[i][0] is not None else _weight_transposed(module, weight, regen[i])
-                gx = scaled_mm(
-                    qg.rows, w_t.t(), _a_scale(qg.rows_scale), _b_scale(w_t_scale), out_dtype=x_dtype, emulate=emulate
-                )
+                gx = _gemm(
+                    module.fp8_config, qg.rows, w_t.t(), qg.rows_scale, w_t_scale, b_blocks="128x128",
+                    out_dtype=x_dtype, emulate=emulate,
+                )  # fmt: skip
                 del w_t
                 # several layers: their input gradients add up, as autograd would add them
                 if not sum_dx:
@@ -247,9 +263,10 @@ def _backward(
                     grad_x = gx if grad_x is None else grad_x.add_(gx)
             if need_dw[i]:
                 # dW (N, K) = dYᵀ (N, M) @ X (M, K); both transposed copies are zero-padded along M.
-                grad_w = scaled_mm(
-                    qg.t, x_t.t(), _a_scale(qg.t_scale), _b_scale(x_t_scale), out_dtype=weight.dtype, emulate=emulate
-                )
+                grad_w = _gemm(
+                    module.fp8_config, qg.t, x_t.t(), qg.t_scale, x_t_scale, b_blocks="1x128",
+                    out_dtype=weight.dtype, emulate=emulate,
+                )  # fmt: skip
         if need_db[i]:
             grad_b = g2d.sum(0, dtype=torch.float32).to(module.bias.dtype)
         grads_w.append(grad_w)
@@ -367,22 +384,24 @@ def _(x2d, weights, keys, out_dtype, need_dx, need_dw, training):
     f32 = dict(dtype=torch.float32)
     if any(need_dw):
         cfg = _lookup(keys)[0].fp8_config
-        rowwise = cfg.recipe is Recipe.ROWWISE
-        x_t = x2d.new_empty((K, (M + 15) // 16 * 16), dtype=cfg.forward_format.dtype)
-        x_t_scale = x2d.new_empty((K,) if rowwise else (), **f32)
+        Mp = (M + 15) // 16 * 16
+        x_t = x2d.new_empty((K, Mp), dtype=cfg.forward_format.dtype)
+        scale_shape = {Recipe.ROWWISE: (K,), Recipe.BLOCKWISE: (K, -(-Mp // 128))}.get(cfg.recipe, ())
+        x_t_scale = x2d.new_empty(scale_shape, **f32)
     else:
         x_t = x_t_scale = x2d.new_empty(0)
     per_weight = []
     for m, w in zip(_lookup(keys), weights):
         cfg = m.fp8_config
-        rowwise = cfg.recipe is Recipe.ROWWISE
         keep_t = need_dx and cfg.save_weight_transpose and not is_fp8_dtype(w.dtype)
         if keep_t:
             N, K = w.shape
             w_t = x2d.new_empty((K, N), dtype=cfg.forward_format.dtype)
-            per_weight += [w_t, x2d.new_empty((K,) if rowwise else (), **f32), x2d.new_empty(0)]
+            scale_shape = {Recipe.ROWWISE: (K,), Recipe.BLOCKWISE: (-(-K // 128), -(-N // 128))}.get(cfg.recipe, ())
+            per_weight += [w_t, x2d.new_empty(scale_shape, **f32), x2d.new_empty(0)]
         else:
-            regen = x2d.new_empty((), **f32) if not rowwise and not is_fp8_dtype(w.dtype) else x2d.new_empty(0)
+            per_tensor = cfg.recipe.per_tensor and not is_fp8_dtype(w.dtype)
+            regen = x2d.new_empty((), **f32) if per_tensor else x2d.new_empty(0)
             per_weight += [x2d.new_empty(0), x2d.new_empty(0), regen]
     return [*outs, x_t, x_t_scale, *per_weight]
 

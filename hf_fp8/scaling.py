@@ -12,7 +12,9 @@ dY         input-grad GEMM, ``a``       weight-grad GEMM, ``a``
 
 Tensorwise and delayed scaling share one scale between both copies, so a single fused
 pass writes both. Rowwise scaling reduces along the GEMM's K dimension, which is a
-different axis for the two copies, so each copy has its own scales.
+different axis for the two copies, so each copy has its own scales; so does blockwise
+scaling for activations and gradients (1x128 tiles along each copy's rows), while a weight's
+128x128 blocks give both copies the same codes.
 
 The weight's transposed copy is not made in the forward: it would be saved for backward,
 one byte per weight element per layer for the whole forward (1.4 GB over the 24 MLP layers
@@ -30,6 +32,7 @@ import torch
 
 from hf_fp8 import quantize as Q
 from hf_fp8.config import AmaxComputeAlgo, Fp8Config, Recipe
+from hf_fp8.kernels import blockwise_reference as B
 
 __all__ = [
     "Role",
@@ -51,9 +54,10 @@ class Role(enum.IntEnum):
 
 class QuantizedOperand(NamedTuple):
     rows: torch.Tensor | None  # (R, C) FP8 row-major
-    rows_scale: torch.Tensor | None  # () or (R,)
+    # () or (R,); blockwise: (R, ceil(C/128)) tiles, or (ceil(R/128), ceil(C/128)) for a weight's blocks
+    rows_scale: torch.Tensor | None
     t: torch.Tensor | None  # (C, pad16(R)) FP8
-    t_scale: torch.Tensor | None  # () or (C,)
+    t_scale: torch.Tensor | None  # () or (C,); blockwise: the scale of t's rows, as for rows
     amaxes: tuple[torch.Tensor, ...]  # read only by the ``raise`` non-finite policy
     # per-tensor recipes: the FP32 multiplier the cast used, for :func:`transposed_copy`
     scale: torch.Tensor | None = None
@@ -192,6 +196,10 @@ def quantize_operand(
     flag = flag_slot(nonfinite_flag, role)
 
     extra = {} if rms_norm is None else {"rms_norm": rms_norm}
+    if config.recipe is Recipe.BLOCKWISE:
+        if rms_norm is not None:
+            raise ValueError("quantize_operand: rms_norm is for per-tensor recipes (delayed, tensorwise)")
+        return _quantize_blockwise(x, role, dtype, want_rows, want_t, flag, swiglu_up)
     if config.recipe is Recipe.ROWWISE:
         if rms_norm is not None:
             raise ValueError("quantize_operand: rms_norm is for per-tensor recipes (delayed, tensorwise)")
@@ -244,6 +252,26 @@ def quantize_operand(
     return QuantizedOperand(q.data, q.scale_inv, q.data_t, q.scale_inv, (q.amax,), scale)
 
 
+def _quantize_blockwise(x, role, dtype, want_rows, want_t, flag, swiglu_up) -> QuantizedOperand:
+    """Weights in 128x128 blocks (both copies the same codes, transposed), activations and
+    gradients in 1x128 tiles along each copy's rows (the GEMMs' K)."""
+    if role is Role.WEIGHT:
+        if swiglu_up is not None:
+            raise ValueError("quantize_operand: swiglu_up is for activations, not weights")
+        q = B.quantize_blocks(x, dtype, nonfinite_flag=flag)
+        t = (q.data.t().contiguous(), q.scale_inv.t().contiguous()) if want_t else (None, None)
+        return QuantizedOperand(q.data if want_rows else None, q.scale_inv, *t, (q.amax,))
+    rows = B.quantize_tiles(x, dtype, nonfinite_flag=flag, swiglu_up=swiglu_up) if want_rows else None
+    t = B.quantize_tiles_transposed(x, dtype, nonfinite_flag=flag, swiglu_up=swiglu_up) if want_t else None
+    return QuantizedOperand(
+        rows.data if rows else None,
+        rows.scale_inv if rows else None,
+        t.data_t if t else None,
+        t.scale_inv if t else None,
+        tuple(q.amax for q in (rows, t) if q is not None),
+    )
+
+
 def quantize_swiglu_grads(
     grad: torch.Tensor,
     gate: torch.Tensor,
@@ -262,7 +290,7 @@ def quantize_swiglu_grads(
     (rowwise; both copies of non-BF16 gradients; delayed states seeded differently): the caller
     then takes the unfused path.
     """
-    if config.recipe is Recipe.ROWWISE or (want_rows and want_t and gate.dtype != torch.bfloat16):
+    if not config.recipe.per_tensor or (want_rows and want_t and gate.dtype != torch.bfloat16):
         return None
     fmt = config.grad_format
     slot = int(Role.GRAD_OUTPUT)
@@ -300,6 +328,9 @@ def transposed_copy(
     computed now and ``scale`` is ignored.
     """
     fmt = config.grad_format if role is Role.GRAD_OUTPUT else config.forward_format
+    if config.recipe is Recipe.BLOCKWISE:  # computed now, as the forward's cast would have
+        q = _quantize_blockwise(x, role, fmt.dtype, False, True, None, swiglu_up)
+        return q.t, q.t_scale
     if config.recipe is Recipe.ROWWISE:
         t = Q.quantize_colwise_transposed(x, fmt.dtype, swiglu_up=swiglu_up)
         return t.data_t, t.scale_inv

@@ -102,7 +102,25 @@ def test_scaled_mm_matches_emulation(rowwise):
     assert rel_err(emu, real) < (5e-4 if out == torch.float32 else 4e-3)
 
 
-@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise", "delayed"])
+@pytest.mark.parametrize("blocks", [("1x128", "128x128"), ("1x128", "1x128")])
+def test_blockwise_scaled_mm_matches_emulation(blocks):
+    """torch's blockwise scaled mm (cuBLAS >= 12.9) reads hf_fp8's scale layouts as the emulation does."""
+    from hf_fp8.gemm import scaled_mm_blockwise
+    from hf_fp8.kernels import blockwise_reference as B
+
+    M, Kd, N = 1000, 1024, 768
+    a = B.quantize_tiles(_rand((M, Kd), torch.bfloat16), torch.float8_e4m3fn)
+    quantize_b = B.quantize_tiles if blocks[1] == "1x128" else B.quantize_blocks
+    b = quantize_b(_rand((N, Kd), torch.bfloat16), torch.float8_e4m3fn)
+    args = (a.data, b.data.t(), a.scale_inv, b.scale_inv)
+    real = scaled_mm_blockwise(*args, blocks=blocks, out_dtype=torch.bfloat16, emulate=False)
+    emu = scaled_mm_blockwise(*args, blocks=blocks, out_dtype=torch.bfloat16, emulate=True)
+    # BF16 output: the GPU's FP8 accumulation (1.3e-4, test_scaled_mm_matches_emulation) plus at
+    # most a 1-ulp flip (2^-8) where the two straddle a rounding boundary
+    assert rel_err(emu, real) < 4e-3
+
+
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise", "delayed", "blockwise"])
 @pytest.mark.parametrize("param_dtype", [torch.bfloat16, torch.float32])
 def test_fp8_linear_real_equals_emulated(recipe, param_dtype):
     torch.manual_seed(0)
@@ -123,7 +141,8 @@ def test_fp8_linear_real_equals_emulated(recipe, param_dtype):
         results.append((y.cpu(), xi.grad.cpu(), mod.weight.grad.cpu(), mod.bias.grad.cpu()))
     # FP32 outputs: the GPU's FP8 accumulation (see test_scaled_mm_matches_emulation), measured
     # 1.2e-4. BF16 outputs: BF16 rounding of both, 2^-8 per element at most.
-    tol = 5e-4 if param_dtype == torch.float32 and recipe != "rowwise" else 8e-3
+    # rowwise and blockwise GEMMs produce BF16 on the GPU (and in the emulation)
+    tol = 5e-4 if param_dtype == torch.float32 and recipe not in ("rowwise", "blockwise") else 8e-3
     for name, c, r in zip(("y", "dx", "dw", "db"), *results):
         assert rel_err(c, r) < tol, f"{name}: {rel_err(c, r)}"
     ref = torch.nn.functional.linear(x.double(), base.weight.double(), base.bias.double())
