@@ -11,7 +11,9 @@ Format, as ``transformers.integrations.finegrained_fp8`` reads it:
   listed there (lm_head here) keep their high-precision weights.
 
 Block scales follow the loader's own quantizer: ``scale_inv = amax(block) / 448`` (1 for an
-all-zero block). :func:`load_fp8` reads such a checkpoint on any machine (dequantizing on
+all-zero block). Layers trained with the ``blockwise`` recipe are written with the codes and
+scales their forward computed with (128x128 blocks), so the served weights are the
+quantization the model trained against. :func:`load_fp8` reads such a checkpoint on any machine (dequantizing on
 the CPU) into a trainable model and converts it for FP8 training again.
 """
 
@@ -153,7 +155,10 @@ def save_fp8(
     ]
     shapes = {name: tuple(state[f"{name}.weight"].shape) for name in candidates}
     stored = _stored_fp8_layers(model)  # a published checkpoint's layers, codes as loaded
+    trained = _blockwise_trained_layers(model)  # the blockwise recipe's layers: its own codes
     blocks = {layer.fp8_weight_block for layer in stored.values()} - {None}
+    if trained:
+        blocks.add((BLOCK, BLOCK))
     if block_size is None and len(blocks) == 1:
         block_size = next(iter(blocks))
     block = block_size or _block_for(shapes.values())
@@ -176,6 +181,11 @@ def save_fp8(
         layer = stored.get(name)
         if layer is not None and layer.fp8_weight_block == (bm, bn):  # the checkpoint's own codes, as read
             q, s = layer.weight.detach(), layer.fp8_weight_scale_inv
+        elif name in trained and (bm, bn) == (BLOCK, BLOCK):  # what the blockwise forward computed with
+            from hf_fp8.kernels.blockwise_reference import quantize_blocks
+
+            qb = quantize_blocks(state[f"{name}.weight"], torch.float8_e4m3fn)
+            q, s = qb.data, qb.scale_inv
         else:  # dequantized already for FP8-only weights
             q, s = quantize_blockwise(state[f"{name}.weight"], (bm, bn))
         state[f"{name}.weight"] = q
@@ -224,6 +234,18 @@ def save_fp8(
     if push_to_hub:
         _push(directory, push_to_hub)
     return str(directory)
+
+
+def _blockwise_trained_layers(model: nn.Module) -> set[str]:
+    """Names of the FP8 layers that train with the blockwise recipe (128x128 weight blocks)."""
+    from hf_fp8.config import Recipe
+    from hf_fp8.linear import Fp8Linear
+
+    return {
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, Fp8Linear) and m.fp8_config.recipe is Recipe.BLOCKWISE and not m.has_fp8_weight
+    }
 
 
 def _stored_fp8_layers(model: nn.Module) -> dict[str, nn.Module]:
