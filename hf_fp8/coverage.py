@@ -92,7 +92,11 @@ def fp8_coverage(model: nn.Module, reset: bool = False) -> Fp8Coverage:
             d = m.__dict__
             layers[name] = (d.get(FORWARD, 0), d.get(RECOMPUTE, 0), d.get(BACKWARD, 0))
         elif isinstance(m, FrozenFp8Linear) and m.has_fp8_weight:
-            dequantized.append(name)
+            if m.fp8_gemm:  # blockwise FP8 GEMMs on the codes: counted like an FP8 layer
+                d = m.__dict__
+                layers[name] = (d.get(FORWARD, 0), d.get(RECOMPUTE, 0), d.get(BACKWARD, 0))
+            else:
+                dequantized.append(name)
         elif ATTENTION in m.__dict__ or _uses_fp8_attention(m):
             attention[name] = dict(m.__dict__.get(ATTENTION, {}))
     from hf_fp8.recompute import recompute_plans

@@ -8,7 +8,15 @@ byte per weight) and its scales exactly as read, and computes ``x Wᵀ`` and the
 ``dY W`` from the weight dequantized on the fly (FP32 product of code and scale, one rounding
 to the input's dtype, which is what transformers' own dequantization computes), a transient
 per call: the step holds the codes, never a dense copy. The GEMMs run in the input's dtype
-(BF16 on a GPU); block-scaled FP8 GEMMs that read the codes directly are not used yet.
+(BF16 on a GPU).
+
+With ``fp8_gemm`` (set by :func:`hf_fp8.from_pretrained` under the ``blockwise`` recipe, for
+128x128 blocks), the GEMMs read the codes directly instead: the input (and, in the backward,
+the output gradient) is cast to E4M3 in 1x128 tiles, as transformers' own FP8 layers and the
+checkpoints' ``activation_scheme: dynamic`` serve them, and Hopper's blockwise scaled GEMM
+(:func:`hf_fp8.gemm.scaled_mm_blockwise`; its exact emulation elsewhere) multiplies them with
+the weight's codes and block scales. Nothing dense is made, and the backward keeps only the
+codes (the weight is frozen: no weight gradient, so no input is saved).
 
 ``state_dict()`` gives the dequantized weight in ``compute_dtype`` (a stock checkpoint, as an
 :class:`~hf_fp8.Fp8Linear` with FP8-only weights gives); PEFT LoRA wraps the layer like any
@@ -21,7 +29,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["FrozenFp8Linear", "dequantize"]
+__all__ = ["FrozenFp8Linear", "dequantize", "fp8_gemm_layout"]
 
 _FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 
@@ -63,6 +71,57 @@ class _DequantizedLinear(torch.autograd.Function):
         return dx, None, None, None, dbias
 
 
+class _BlockFp8Linear(torch.autograd.Function):
+    """``x Wᵀ + b`` and ``dX = dY W`` as FP8 GEMMs on the codes: 1x128 tiles x 128x128 blocks."""
+
+    @staticmethod
+    def forward(ctx, x, codes, scale, bias, module):
+        ctx.save_for_backward(codes, scale)
+        ctx.has_bias, ctx.module = bias is not None, module
+        out = _tiles_times_blocks(x.reshape(-1, x.shape[-1]), codes, scale, x.dtype)
+        out = out.reshape(*x.shape[:-1], codes.shape[0])
+        return out if bias is None else out + bias.to(out.dtype)
+
+    @staticmethod
+    def backward(ctx, dout):
+        from hf_fp8 import coverage
+
+        codes, scale = ctx.saved_tensors
+        dx = None
+        if ctx.needs_input_grad[0]:
+            coverage.count(ctx.module, coverage.BACKWARD)
+            # dY W: W as the column-major b is Wᵀ's row-major codes (a transient byte per weight),
+            # its 128x128 blocks the same codes transposed
+            dx = _tiles_times_blocks(dout.reshape(-1, dout.shape[-1]), codes.t().contiguous(), scale.t(), dout.dtype)
+            dx = dx.reshape(*dout.shape[:-1], codes.shape[1])
+        dbias = dout.reshape(-1, dout.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None
+        return dx, None, None, dbias, None
+
+
+def _tiles_times_blocks(a: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype):
+    """``a`` (M, K) cast to E4M3 in 1x128 tiles, times the (N, K) codes in 128x128 blocks, transposed."""
+    from hf_fp8._backend import fp8_gemm_supported
+    from hf_fp8.gemm import scaled_mm_blockwise
+    from hf_fp8.kernels.blockwise_reference import quantize_tiles
+
+    qa = quantize_tiles(a, torch.float8_e4m3fn)
+    return scaled_mm_blockwise(
+        qa.data, codes.t(), qa.scale_inv, scale, blocks=("1x128", "128x128"), out_dtype=out_dtype,
+        emulate=not fp8_gemm_supported(a.device),
+    )  # fmt: skip
+
+
+def fp8_gemm_layout(module: nn.Module) -> bool:
+    """Whether a frozen layer's codes can feed the blockwise FP8 GEMM: 128x128 blocks, both
+    dimensions multiples of 128, E4M3 codes."""
+    return (
+        getattr(module, "fp8_weight_block", None) == (128, 128)
+        and module.weight.dtype == torch.float8_e4m3fn
+        and module.in_features % 128 == 0
+        and module.out_features % 128 == 0
+    )
+
+
 class FrozenFp8Linear(nn.Linear):
     """A frozen ``nn.Linear`` whose weight is a checkpoint's FP8 codes with their scales.
 
@@ -96,6 +155,8 @@ class FrozenFp8Linear(nn.Linear):
         self.register_buffer("fp8_weight_scale_inv", scale.float().reshape(shape).clone(), persistent=False)
         self.fp8_weight_block = None if block is None else (int(block[0]), int(block[1]))
         self.compute_dtype = compute_dtype
+        # blockwise FP8 GEMMs on the codes instead of dequantizing (see the module docstring)
+        self.fp8_gemm = False
 
     @property
     def has_fp8_weight(self) -> bool:
@@ -113,6 +174,14 @@ class FrozenFp8Linear(nn.Linear):
             return nn.functional.linear(
                 x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype)
             )
+        if self.fp8_gemm:
+            from hf_fp8 import coverage
+            from hf_fp8.delayed import in_backward, training_forward
+
+            counter = coverage.FORWARD if training_forward() else (coverage.RECOMPUTE if in_backward() else None)
+            if counter is not None:
+                coverage.count(self, counter)
+            return _BlockFp8Linear.apply(x, self.weight, self.fp8_weight_scale_inv, self.bias, self)
         return _DequantizedLinear.apply(x, self.weight, self.fp8_weight_scale_inv, self.fp8_weight_block, self.bias)
 
     def _apply(self, fn, recurse=True):
@@ -137,7 +206,8 @@ class FrozenFp8Linear(nn.Linear):
             scales = f"per {self.fp8_weight_block[0]}x{self.fp8_weight_block[1]} block"
         else:
             scales = "per tensor" if self.fp8_weight_scale_inv.numel() == 1 else "per output channel"
-        return f"{super().extra_repr()}, weight=fp8 codes (frozen), scales {scales}, compute {self.compute_dtype}"
+        gemm = "blockwise FP8 GEMMs" if self.fp8_gemm else f"dequantized, compute {self.compute_dtype}"
+        return f"{super().extra_repr()}, weight=fp8 codes (frozen), scales {scales}, {gemm}"
 
 
 def _scale_shapes(N: int, K: int, block: tuple[int, int] | None) -> list[tuple[int, ...]]:

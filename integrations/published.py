@@ -72,7 +72,11 @@ def from_pretrained(
     """Load a published FP8 checkpoint (local folder or Hub id) for fine-tuning: its quantized
     linears keep the stored FP8 codes and scales, frozen (:class:`~hf_fp8.frozen_fp8.FrozenFp8Linear`),
     the rest loads in ``dtype`` on ``device``; then :func:`hf_fp8.convert` with ``fp8_config``
-    (default ``Fp8Config()``). Returns ``(model, report)``. Train adapters on it with PEFT
+    (an ``Fp8Config`` or a recipe name; default ``Fp8Config()``). With the ``"blockwise"`` recipe
+    the frozen layers stored in 128x128 blocks also compute in FP8: their GEMMs read the codes
+    with the block scales and take the activations in 1x128 E4M3 tiles, as the checkpoint is
+    served; otherwise they compute on the weights dequantized on the fly, activations in
+    ``dtype``. Returns ``(model, report)``. Train adapters on it with PEFT
     (``peft.get_peft_model``); ``merge_and_unload()`` gives high-precision merged weights.
 
     Raises:
@@ -82,7 +86,8 @@ def from_pretrained(
     from transformers import AutoModelForCausalLM
 
     import hf_fp8
-    from hf_fp8.frozen_fp8 import FrozenFp8Linear
+    from hf_fp8.config import Recipe
+    from hf_fp8.frozen_fp8 import FrozenFp8Linear, fp8_gemm_layout
     from hf_fp8.integrations.export import _quantized_config, _read_checkpoint_tensors
 
     directory, config, qcfg = _quantized_config(path, "from_pretrained")
@@ -150,7 +155,19 @@ def from_pretrained(
             m.weight.requires_grad_(False)
             if m.bias is not None:
                 m.bias.requires_grad_(False)
-    report = hf_fp8.convert(model, hf_fp8.Fp8Config() if fp8_config is None else fp8_config)
+    fp8_config = hf_fp8.Fp8Config() if fp8_config is None else fp8_config
+    if isinstance(fp8_config, str):
+        fp8_config = hf_fp8.Fp8Config(recipe=fp8_config)
+    report = hf_fp8.convert(model, fp8_config)
+    if frozen and fp8_config.recipe is Recipe.BLOCKWISE:  # the frozen layers' GEMMs in FP8 too
+        layers = [m for m in model.modules() if isinstance(m, FrozenFp8Linear)]
+        for m in layers:
+            m.fp8_gemm = fp8_gemm_layout(m)
+        gemm = sum(m.fp8_gemm for m in layers)
+        report.notes.append(
+            f"{gemm} of {len(layers)} frozen layers run blockwise FP8 GEMMs on their codes"
+            + ("" if gemm == len(layers) else " (the others: not 128x128 E4M3 blocks; they dequantize)")
+        )
     if frozen:
         from hf_fp8.integrations.lora import enable_peft_fp8_weights
 

@@ -263,3 +263,52 @@ def test_lora_merged_model_exports_in_the_checkpoints_own_block_layout(tmp_path)
     with torch.no_grad():
         a, b = ours(input_ids=ids).logits, theirs(input_ids=ids).logits
     assert ((a - b).norm() / b.norm()).item() < 1e-5  # the same dequantized weights
+
+
+def test_blockwise_recipe_runs_the_frozen_block_layers_as_fp8_gemms_on_their_codes(tmp_path):
+    """Under the blockwise recipe, frozen 128x128-block layers take their input (and output
+    gradient) in 1x128 E4M3 tiles and multiply the stored codes with their block scales, as the
+    checkpoint is served; LoRA trains on top, and the coverage report counts them as FP8 layers."""
+    from helpers import rel_err
+
+    from hf_fp8.kernels import blockwise_reference as B
+
+    src = tiny_family(
+        "llama", hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2, head_dim=128
+    )
+    _write_checkpoint(tmp_path, src, "fp8", (128, 128))
+    model, report = hf_fp8.from_pretrained(tmp_path, "blockwise", dtype=torch.float32)
+    assert any("14 of 14 frozen layers run blockwise FP8 GEMMs" in n for n in report.notes), report.notes
+    layer = model.model.layers[0].mlp.down_proj
+    assert isinstance(layer, FrozenFp8Linear) and layer.fp8_gemm and "blockwise FP8 GEMMs" in repr(layer)
+    # one layer against a float64 evaluation of the quantized function: x and dY in 1x128 tiles,
+    # the stored codes in their blocks; each GEMM's result is BF16 (as on the GPU): 2^-8 relative
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(40, 512, generator=g).requires_grad_()
+    dy = torch.randn(40, 256, generator=g)
+    y = layer(x)
+    y.backward(dy)
+    W = B.dequantize_blocks(layer.weight, layer.fp8_weight_scale_inv).double()
+    qx, qg = B.quantize_tiles(x.detach(), torch.float8_e4m3fn), B.quantize_tiles(dy, torch.float8_e4m3fn)
+    assert rel_err(B.dequantize_tiles(qx.data, qx.scale_inv).double() @ W.t(), y) < 2.0**-8
+    assert rel_err(B.dequantize_tiles(qg.data, qg.scale_inv).double() @ W, x.grad) < 2.0**-8
+    # LoRA on top learns, and the report counts the frozen layers' FP8 forwards and backwards
+    pm = peft.get_peft_model(model, peft.LoraConfig(r=8, target_modules=list(LINEARS)))
+    hf_fp8.reset_fp8_coverage(pm)
+    ids = torch.randint(1, 512, (2, 24), generator=torch.Generator().manual_seed(2))
+    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=3e-3)
+    losses = []
+    for _ in range(20):
+        loss = pm(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.5, losses
+    cov = hf_fp8.fp8_coverage(pm)
+    frozen = [n for n in cov.layers if "base_layer" in n]
+    assert len(frozen) == 14 and not cov.dequantized
+    # every backward ran its input-gradient GEMM in FP8, except where the input needs no gradient
+    # (layer 0's q/k/v read the frozen embedding's normed output)
+    first = ("layers.0.self_attn.q_proj", "layers.0.self_attn.k_proj", "layers.0.self_attn.v_proj")
+    assert all(cov.layers[n] == (20, 0, 0 if any(f in n for f in first) else 20) for n in frozen), cov.layers
