@@ -121,7 +121,7 @@ def build(name: str, config: dict):
         )
     elif name == "hf_fp8" or name.startswith("hf_fp8_"):
         rest = name.removeprefix("hf_fp8").removeprefix("_")
-        recipes = ("full_bf16", "tensorwise", "rowwise", "delayed")
+        recipes = ("full_bf16", "tensorwise", "rowwise", "delayed", "blockwise")
         recipe = next((r for r in recipes if rest == r or rest.startswith(r + "_")), None)
         flags = set(rest.removeprefix(recipe or "").split("_")) - {""}
         unknown = flags - {"all", "mlponly", "attnonly", "nofp8", "fp8attn", "savedwt", "fastacc", "graph",

@@ -1,10 +1,14 @@
 """LoRA fine-tuning on the H100: stock BF16 LoRA vs LoRA on hf_fp8 FP8 layers, with and without
 FP8-only base weights, on an HF Llama with Llama-3-8B layer shapes.
 
-    python -m benchmarks.bench_lora [--layers 8] [--batch 2] [--seq 4096] [--steps 12]
+    python -m benchmarks.bench_lora [--layers 8] [--batch 2] [--seq 4096] [--steps 12] [--variants ...]
 
 LoRA r=16 on q/k/v/o/gate/up/down, adapters FP32 (PEFT's default), AdamW on the adapters,
-BF16 model. Per variant: bytes of the frozen base weights (the LoRA-targeted linear layers, and
+BF16 model. ``published_fp8_*``: the targeted layers hold a block-FP8 checkpoint's weights (E4M3
+codes in 128x128 blocks, as :func:`hf_fp8.from_pretrained` loads them: ``FrozenFp8Linear``),
+computing on the weights dequantized on the fly (``_dequant``) or with blockwise FP8 GEMMs on
+the codes (``_blockwise``, what ``from_pretrained(path, "blockwise")`` sets up); stock BF16 LoRA
+on the same (dequantized) weights is the baseline. Per variant: bytes of the frozen base weights (the LoRA-targeted linear layers, and
 all frozen parameters including the BF16 embedding and lm_head), peak memory of a training
 step, median step time over the timed steps after warm-up, tokens/s, last loss.
 """
@@ -19,6 +23,13 @@ import torch
 from benchmarks.common import environment, warm_up_gpu, write_json
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+VARIANTS = (
+    "stock_bf16_lora",
+    "hf_fp8_lora_bf16_weights",
+    "hf_fp8_lora_fp8_weights",
+    "published_fp8_lora_dequant",
+    "published_fp8_lora_blockwise",
+)
 
 
 def build(layers: int):
@@ -41,6 +52,21 @@ def build(layers: int):
     return model
 
 
+def _to_published_blocks(model, fp8_gemm: bool) -> None:
+    """The targeted linears as a 128x128-block FP8 checkpoint's frozen layers (codes and scales)."""
+    from hf_fp8.frozen_fp8 import FrozenFp8Linear
+    from hf_fp8.kernels.blockwise_reference import quantize_blocks
+
+    for name, module in list(model.named_modules()):
+        if name.rpartition(".")[2] in TARGETS:
+            q = quantize_blocks(module.weight.detach(), torch.float8_e4m3fn)
+            frozen = FrozenFp8Linear(q.data, q.scale_inv, (128, 128), compute_dtype=torch.bfloat16)
+            frozen.fp8_gemm = fp8_gemm
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, frozen)
+    torch.cuda.empty_cache()
+
+
 def run_variant(name: str, layers: int, batch: int, seq: int, steps: int, warmup: int) -> dict:
     import peft
 
@@ -48,7 +74,9 @@ def run_variant(name: str, layers: int, batch: int, seq: int, steps: int, warmup
 
     model = build(layers)
     model.requires_grad_(False)
-    if name != "stock_bf16_lora":
+    if name.startswith("published_fp8"):
+        _to_published_blocks(model, fp8_gemm=name.endswith("_blockwise"))
+    elif name != "stock_bf16_lora":
         cfg = hf_fp8.Fp8Config(recipe="tensorwise", fp8_weights=(name == "hf_fp8_lora_fp8_weights"))
         report = hf_fp8.convert(model, cfg)
         print(f"{name}: {len(report.converted)} layers converted", flush=True)
@@ -88,10 +116,12 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=4096)
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS, help="the first is the baseline")
+    ap.add_argument("--out", default="lora_h100.json")
     args = ap.parse_args()
     warm_up_gpu()
     rows = []
-    for name in ("stock_bf16_lora", "hf_fp8_lora_bf16_weights", "hf_fp8_lora_fp8_weights"):
+    for name in args.variants:
         try:
             rows.append(run_variant(name, args.layers, args.batch, args.seq, args.steps, args.warmup))
         except Exception as e:  # noqa: BLE001  a failed variant is a result too
@@ -113,7 +143,7 @@ def main() -> None:
             f"step {r['step_ms']:.1f} ms ({r['speedup_vs_stock']:.2f}x), loss {r['loss']:.4f}",
             flush=True,
         )
-    print(f"wrote {write_json('lora_h100.json', {'env': environment(), 'rows': rows})}")
+    print(f"wrote {write_json(args.out, {'env': environment(), 'rows': rows})}")
 
 
 if __name__ == "__main__":
