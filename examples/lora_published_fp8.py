@@ -6,7 +6,10 @@
 ``hf_fp8.from_pretrained`` reads transformers' fine-grained FP8 format (``weight_scale_inv`` per
 block, any block shape, sharded) and compressed-tensors FP8 (per tensor, channel or block): the
 quantized linears keep the checkpoint's E4M3 codes and scales (one byte per weight, frozen),
-the rest loads in BF16. PEFT's LoRA trains adapters on top; ``merge_and_unload`` gives a
+the rest loads in BF16. Under ``--recipe blockwise`` (the default) the layers stored in 128x128
+blocks multiply their codes directly (blockwise FP8 GEMMs, activations in 1x128 E4M3 tiles, as
+the checkpoint is served); ``--recipe delayed`` computes on them dequantized on the fly. PEFT's
+LoRA trains adapters on top; ``merge_and_unload`` gives a
 high-precision model (dequantized base + delta, rounded once), saved as a stock checkpoint and
 in FP8 with the checkpoint's own block layout (``hf_fp8.save_fp8``: untouched layers bit for bit).
 Without ``--checkpoint`` a tiny Llama is saved in the fine-grained format (``hf_fp8.save_fp8``,
@@ -43,6 +46,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--seq_len", type=int, default=64)
     ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--recipe", default="blockwise", help="hf_fp8 recipe (blockwise: FP8 GEMMs on 128x128-block codes)")
     args = ap.parse_args(argv)
     import peft
 
@@ -57,7 +61,7 @@ def main(argv: list[str] | None = None) -> dict:
 
         tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, report = hf_fp8.from_pretrained(args.checkpoint, device=device)
+    model, report = hf_fp8.from_pretrained(args.checkpoint, args.recipe, device=device)
     print(report)
     frozen = [m for m in model.modules() if isinstance(m, hf_fp8.FrozenFp8Linear)]
     gb = sum(m.weight.numel() for m in frozen) / 1e9
