@@ -19,6 +19,7 @@ from hf_fp8.coverage import Fp8Coverage, fp8_coverage, reset_fp8_coverage
 from hf_fp8.cuda_graph import CudaGraphStep
 from hf_fp8.dtypes import set_default_dtype
 from hf_fp8.frozen_fp8 import FrozenFp8Linear
+from hf_fp8.fsdp_fp8 import enable_fp8_all_gather
 from hf_fp8.integrations.loss import patch_loss, unpatch_loss
 from hf_fp8.integrations.rope import RopePatch, patch_rope, unpatch_rope
 from hf_fp8.linear import Fp8Linear, NonFiniteError
@@ -96,6 +97,7 @@ __all__ = [
     "RopePatch",
     "chunked_linear_cross_entropy",
     "convert",
+    "enable_fp8_all_gather",
     "fp8_coverage",
     "fp8_gemm_supported",
     "kernel_backend",

@@ -192,6 +192,11 @@ class Fp8Linear(nn.Linear):
         if self.has_fp8_weight:
             # A stock checkpoint: the weight dequantized to the dtype it had before conversion.
             destination[prefix + "weight"] = self.dense_weight()
+        saved = destination.get(prefix + "weight")
+        inner = getattr(saved, "_data", None)
+        if inner is not None and type(saved).__name__ == "Fp8GatherWeight":
+            # FSDP2's FP8 all-gather wrapper (hf_fp8.fsdp_fp8): checkpoints hold the plain weight
+            destination[prefix + "weight"] = inner if keep_vars is False else saved
 
     # ---- FP8-only weights (Fp8Config(fp8_weights=True)) ----------------------------------------
     @property

@@ -121,6 +121,9 @@ def _quantize_weight(
     if is_fp8_dtype(weight.dtype):
         # FP8-only weight (fp8_weights=True): already quantized with one per-tensor scale.
         return QuantizedOperand(weight, module.fp8_weight_scale_inv, None, None, ())
+    codes = getattr(weight, "_codes", None)
+    if codes is not None:  # gathered by FSDP2 in FP8 (hf_fp8.fsdp_fp8): cast before the gather
+        return QuantizedOperand(codes, weight._scale_inv, None, None, ())
     qw = quantize_operand(
         weight,
         Role.WEIGHT,
@@ -211,6 +214,9 @@ def _weight_transposed(module, weight: torch.Tensor, scale: torch.Tensor | None)
     """(Wᵀ FP8, its scale) for the input-gradient GEMM, made now rather than saved from the forward."""
     if is_fp8_dtype(weight.dtype):  # N is a multiple of 16: the transpose needs no padding
         return weight.t().contiguous(), module.fp8_weight_scale_inv
+    codes = getattr(weight, "_codes", None)
+    if codes is not None:  # gathered in FP8: one per-tensor scale, so Wᵀ is the codes transposed
+        return codes.t().contiguous(), weight._scale_inv
     return transposed_copy(weight, Role.WEIGHT, module.fp8_config, scale)
 
 

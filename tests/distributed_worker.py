@@ -17,7 +17,7 @@ GLOBAL_BATCH, SEQ, STEPS = 4, 32, 6
 
 
 def main(mode: str, recipe: str, rank: int, world: int, port: int, out: str, vocab: int) -> None:
-    """mode: single | ddp | fsdp2 | fsdp2_save (train STEPS, checkpoint at STEPS // 2 into
+    """mode: single | ddp | fsdp2 | fsdp2_fp8ag (FP8 all-gather of the FP8 layers' weights) | fsdp2_save (train STEPS, checkpoint at STEPS // 2 into
     <out>.ckpt/) | fsdp2_resume (load that checkpoint, train the remaining steps)."""
     torch.set_num_threads(1)  # several processes on 2 cores: oversubscription makes steps 20-70x slower
     import torch.distributed as dist
@@ -46,6 +46,10 @@ def main(mode: str, recipe: str, rank: int, world: int, port: int, out: str, voc
         from torch.distributed.fsdp import fully_shard
 
         mesh = init_device_mesh("cpu", (world,))
+        if mode == "fsdp2_fp8ag" or os.environ.get("HF_FP8_TEST_FP8AG"):
+            from hf_fp8.fsdp_fp8 import enable_fp8_all_gather
+
+            enable_fp8_all_gather(core)
         for layer in core.model.layers:
             fully_shard(layer, mesh=mesh)
         fully_shard(core, mesh=mesh)
@@ -57,6 +61,10 @@ def main(mode: str, recipe: str, rank: int, world: int, port: int, out: str, voc
         opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     if not os.environ.get("HF_FP8_TEST_NO_AMAX_SYNC"):
         attach_amax_sync(opt, core)
+    seen_weights = set()  # what an FP8 layer's forward gets as its weight (FSDP2: the unsharded param)
+    probe = next(m for m in core.modules() if isinstance(m, hf_fp8.Fp8Linear)) if not full_bf16 else None
+    if probe is not None:
+        probe.register_forward_pre_hook(lambda m, a: seen_weights.add(type(m.weight).__name__))
     data = bigram_batches(GLOBAL_BATCH, SEQ, vocab, seed=0)
     per_rank = GLOBAL_BATCH // world
     losses = []
@@ -95,6 +103,9 @@ def main(mode: str, recipe: str, rank: int, world: int, port: int, out: str, voc
             mean /= world
         losses.append(mean.item())
     result = {"losses": losses}
+    # the layers whose weights were last gathered in FP8 (their shard cast before the gather)
+    result["fp8_gathered"] = sum("_fp8_gather_scale" in m.__dict__ for m in core.modules())
+    result["weight_types"] = sorted(seen_weights)
     delayed = [m for m in core.modules() if isinstance(m, hf_fp8.Fp8Linear) and m._fp8_delayed is not None]
     if delayed:
         result["amax_history"] = [m.fp8_amax_history.tolist() for m in delayed]

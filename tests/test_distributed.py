@@ -22,11 +22,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(mode: str, recipe: str, world: int, tmp_path: Path, vocab: int = 512, sync: bool = True) -> list[dict]:
+def _run(
+    mode: str, recipe: str, world: int, tmp_path: Path, vocab: int = 512, sync: bool = True, fp8_all_gather=False
+) -> list[dict]:
     """Per-rank results (losses averaged over ranks; the delayed layers' amax histories)."""
     out = tmp_path / f"{mode}-{recipe}-{world}-{vocab}-{sync}.json"
     port = _free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if fp8_all_gather:  # any fsdp2 mode with the FP8 layers' weights gathered in FP8
+        env["HF_FP8_TEST_FP8AG"] = "1"
     if not sync:
         env["HF_FP8_TEST_NO_AMAX_SYNC"] = "1"
     procs = [
@@ -90,6 +94,20 @@ def test_fsdp2_matches_ddp_and_one_process_with_delayed_scaling(single, tmp_path
     assert fsdp[0]["amax_history"] == fsdp[1]["amax_history"]
 
 
+@pytest.mark.parametrize("recipe", ["tensorwise", "delayed", "bf16_delayed"])
+def test_fsdp2_fp8_all_gather_trains_exactly_as_the_high_precision_gather(recipe, tmp_path):
+    """Each rank casts its shard with the scale every rank shares (tensorwise: the all-reduced amax;
+    delayed: the synced history's), so the gathered codes are those the cast of the gathered weight
+    gives: the same losses and amax histories bit for bit, at one byte per weight on the wire."""
+    fp8 = _run("fsdp2_fp8ag", recipe, 2, tmp_path)
+    ref = _run("fsdp2", recipe, 2, tmp_path)
+    assert fp8[0]["fp8_gathered"] == 14 and ref[0]["fp8_gathered"] == 0  # every decoder linear, gathered in FP8
+    assert fp8[0]["weight_types"] == ["Fp8GatheredWeight"] and ref[0]["weight_types"] == ["Parameter"]
+    assert fp8[0]["losses"] == ref[0]["losses"]
+    assert fp8[0].get("amax_history") == ref[0].get("amax_history")
+    assert fp8[0]["losses"][-1] < fp8[0]["losses"][0]
+
+
 def test_fsdp2_with_bf16_parameters_and_stochastic_rounding(single, tmp_path):
     """The default optimizer for BF16 parameters (BF16 moments, stochastic rounding) on FSDP2 shards:
     each rank updates and rounds its own shard (its random draws differ from one process's, so the
@@ -123,13 +141,16 @@ def test_sync_is_a_no_op_in_one_process():
     assert attach_amax_sync(torch.optim.SGD(model.parameters(), lr=0.1), model) is None
 
 
-def test_fsdp2_checkpoints_consolidate_and_resume_exactly(tmp_path):
+@pytest.mark.parametrize("fp8_all_gather", [False, True], ids=["bf16-gather", "fp8-gather"])
+def test_fsdp2_checkpoints_consolidate_and_resume_exactly(tmp_path, fp8_all_gather):
     from transformers import LlamaForCausalLM
 
     import hf_fp8
 
-    saved = _run("fsdp2_save", "delayed", 2, tmp_path)
-    resumed = _run("fsdp2_resume", "delayed", 2, tmp_path)
+    saved = _run("fsdp2_save", "delayed", 2, tmp_path, fp8_all_gather=fp8_all_gather)
+    resumed = _run("fsdp2_resume", "delayed", 2, tmp_path, fp8_all_gather=fp8_all_gather)
+    if fp8_all_gather:
+        assert saved[0]["weight_types"] == resumed[0]["weight_types"] == ["Fp8GatheredWeight"]
     half = len(saved[0]["losses"]) // 2
     # same world size, sharded model + optimizer + FP8 state restored: bit-exact on CPU
     assert resumed[0]["losses"] == saved[0]["losses"][half:]
