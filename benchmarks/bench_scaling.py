@@ -1,9 +1,13 @@
 """Data-parallel scaling of FP8 training on several GPUs (not run: no multi-GPU machine was lent).
 
     torchrun --nproc-per-node 8 -m benchmarks.bench_scaling [--strategy ddp fsdp2] [--layers 8]
+    torchrun --nproc-per-node 8 -m benchmarks.bench_scaling --strategy fsdp2 --layers 32 --batch 1 \
+        --checkpointing --precision bf16 delayed delayed_fp8ag torchao_fp8ag     # the whole 8B
 
 For each strategy (DDP, FSDP2 ``fully_shard`` per decoder layer) and each precision (stock BF16,
-hf_fp8 tensorwise, hf_fp8 delayed with the per-step amax all-reduce), trains an HF Llama with
+hf_fp8 tensorwise, hf_fp8 delayed with the per-step amax all-reduce; ``_fp8ag``: FSDP2 gathers the
+FP8 layers' weights in FP8, :func:`hf_fp8.enable_fp8_all_gather`; ``torchao_fp8ag``: torchao
+float8 tensorwise with its FP8 all-gather, each decoder layer compiled), trains an HF Llama with
 Llama-3-8B layer shapes, B=2 x S=4096 per GPU, and reports tokens/s per GPU, peak memory and
 the last loss. Run it once with ``--nproc-per-node 1`` as the baseline: scaling efficiency is
 tokens/s per GPU at N GPUs divided by tokens/s at 1. Rank 0 writes
@@ -28,6 +32,7 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=4096)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--checkpointing", action="store_true", help="HF activation checkpointing")
     args = ap.parse_args()
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -50,8 +55,24 @@ def main() -> None:
             torch.manual_seed(0)
             with torch.device("cuda"), hf_fp8.set_default_dtype(torch.bfloat16):
                 model = LlamaForCausalLM(cfg)
-            if precision != "bf16":
-                hf_fp8.convert(model, hf_fp8.Fp8Config(recipe=precision))
+            fp8_gather = precision.endswith("_fp8ag")
+            if fp8_gather and strategy != "fsdp2":
+                continue  # an all-gather is FSDP's
+            if precision.startswith("torchao"):
+                from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+
+                convert_to_float8_training(
+                    model.model, config=Float8LinearConfig(enable_fsdp_float8_all_gather=fp8_gather),
+                    module_filter_fn=lambda m, fqn: True,
+                )  # fmt: skip
+                for layer in model.model.layers:
+                    layer.compile()
+            elif precision != "bf16":
+                hf_fp8.convert(model, hf_fp8.Fp8Config(recipe=precision.removesuffix("_fp8ag")))
+                if fp8_gather:
+                    hf_fp8.enable_fp8_all_gather(model)
+            if args.checkpointing:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             core = model
             if strategy == "ddp":
                 model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank])
