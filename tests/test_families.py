@@ -222,7 +222,7 @@ def test_a_family_not_in_the_table_gets_fp8_linears_and_one_warning():
     with pytest.warns(UserWarning, match="model_type 'gemma' is not in hf_fp8's model-family table") as record:
         report = hf_fp8.convert(model, hf_fp8.Fp8Config(recipe="rowwise", auto_filter=False))
     assert len([w for w in record if "family table" in str(w.message)]) == 1
-    assert "FP32 RoPE, FP32 chunked loss, fused RMSNorm/SwiGLU" in str(record[0].message)
+    assert "FP32 RoPE, FP32 chunked loss, fused RMSNorm/SwiGLU, selective recompute" in str(record[0].message)
     assert len(report.converted) == 14 and report.rope.startswith("not patched")
     ids = torch.randint(1, 512, (2, 8))
     model(input_ids=ids, labels=ids).loss.backward()  # trains
@@ -230,5 +230,7 @@ def test_a_family_not_in_the_table_gets_fp8_linears_and_one_warning():
         warnings.simplefilter("error")  # nothing requested that is missing: no warning
         hf_fp8.convert(
             transformers.GemmaForCausalLM(cfg),
-            hf_fp8.Fp8Config(recipe="rowwise", auto_filter=False, fp32_rope=False, fp32_loss=False, fused_ops=False),
+            hf_fp8.Fp8Config(
+                recipe="rowwise", auto_filter=False, fp32_rope=False, fp32_loss=False, fused_ops=False, keep_activations=0
+            ),
         )
