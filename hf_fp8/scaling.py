@@ -205,13 +205,7 @@ def quantize_operand(
             raise ValueError("quantize_operand: rms_norm is for per-tensor recipes (delayed, tensorwise)")
         rows = Q.quantize_rowwise(x, dtype, nonfinite_flag=flag, swiglu_up=swiglu_up) if want_rows else None
         t = Q.quantize_colwise_transposed(x, dtype, nonfinite_flag=flag, swiglu_up=swiglu_up) if want_t else None
-        return QuantizedOperand(
-            rows.data if rows else None,
-            rows.scale_inv if rows else None,
-            t.data_t if t else None,
-            t.scale_inv if t else None,
-            tuple(q.amax for q in (rows, t) if q is not None),
-        )
+        return _operand_from_copies(rows, t)
 
     if config.recipe is Recipe.DELAYED and delayed is not None and not training:
         if delayed.seeded[role]:
@@ -263,6 +257,11 @@ def _quantize_blockwise(x, role, dtype, want_rows, want_t, flag, swiglu_up) -> Q
         return QuantizedOperand(q.data if want_rows else None, q.scale_inv, *t, (q.amax,))
     rows = B.quantize_tiles(x, dtype, nonfinite_flag=flag, swiglu_up=swiglu_up) if want_rows else None
     t = B.quantize_tiles_transposed(x, dtype, nonfinite_flag=flag, swiglu_up=swiglu_up) if want_t else None
+    return _operand_from_copies(rows, t)
+
+
+def _operand_from_copies(rows, t) -> QuantizedOperand:
+    """The operand of two independently scaled casts (rowwise, blockwise tiles): either may be None."""
     return QuantizedOperand(
         rows.data if rows else None,
         rows.scale_inv if rows else None,
