@@ -390,7 +390,7 @@ def _(x2d, weights, keys, out_dtype, need_dx, need_dw, training):
     f32 = dict(dtype=torch.float32)
     if any(need_dw):
         cfg = _lookup(keys)[0].fp8_config
-        Mp = (M + 15) // 16 * 16
+        Mp = (M + 127) // 128 * 128 if cfg.recipe is Recipe.BLOCKWISE else (M + 15) // 16 * 16
         x_t = x2d.new_empty((K, Mp), dtype=cfg.forward_format.dtype)
         scale_shape = {Recipe.ROWWISE: (K,), Recipe.BLOCKWISE: (K, -(-Mp // 128))}.get(cfg.recipe, ())
         x_t_scale = x2d.new_empty(scale_shape, **f32)
