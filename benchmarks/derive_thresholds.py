@@ -41,6 +41,8 @@ def derive(path: Path = DEFAULT) -> dict[str, tuple[int, int]]:
 
 IN_MODEL = Path(__file__).parent / "results" / "llama_groups_h100.json"
 IN_MODEL_GRAPH = Path(__file__).parent / "results" / "llama_groups_graph_h100.json"  # the same, steps as CUDA graphs
+# other families' shapes (Qwen2.5-7B: hidden 3584), the default recipe with no FP8 layer and with all
+IN_MODEL_FAMILIES = Path(__file__).parent / "results" / "llama_groups_families_h100.json"
 # the layer groups each in-model variant converts (besides the lm_head, never converted)
 _GROUPS_OF = {"all": ("attention", "mlp"), "mlponly": ("mlp",), "attnonly": ("attention",), "nofp8": ()}
 
@@ -54,12 +56,16 @@ def _leaders(config: dict, group: str) -> list[tuple[int, int]]:
     return [(h, i), (i, h)]  # gate_proj (up follows it), down_proj
 
 
-def in_model_choices(path: Path = IN_MODEL, recipe: str = "delayed", suffix: str = "") -> list[tuple[int, int, bool]]:
-    """(in, out, converted by the fastest variant at its model size) for each group's leading layers.
-    ``suffix``: only variants ending with it (``"_graph"``: steps replayed as CUDA graphs)."""
+def in_model_choices(
+    path: Path | tuple[Path, ...] = (IN_MODEL, IN_MODEL_FAMILIES), recipe: str = "delayed", suffix: str = ""
+) -> list[tuple[int, int, bool]]:
+    """(in, out, converted by the fastest variant at its model size) for each group's leading layers,
+    over one results file or several. ``suffix``: only variants ending with it (``"_graph"``: steps
+    replayed as CUDA graphs). Model sizes with no variant of ``recipe`` are skipped."""
     from benchmarks.bench_llama import CONFIGS
 
-    rows = [r for r in json.loads(Path(path).read_text())["rows"] if "step_ms" in r]
+    paths = (path,) if isinstance(path, (str, Path)) else path
+    rows = [r for p in paths for r in json.loads(Path(p).read_text())["rows"] if "step_ms" in r]
     prefix = f"hf_fp8_{recipe}_"
     out = []
     for cfg in sorted({r["config"] for r in rows}):
@@ -68,7 +74,10 @@ def in_model_choices(path: Path = IN_MODEL, recipe: str = "delayed", suffix: str
             for r in rows
             if r["config"] == cfg and r["variant"].endswith(suffix)
         }
-        best = min((v for v in _GROUPS_OF if v in timed), key=timed.__getitem__)
+        measured = [v for v in _GROUPS_OF if v in timed]
+        if not measured:
+            continue
+        best = min(measured, key=timed.__getitem__)
         out += [
             (k, n, group in _GROUPS_OF[best])
             for group in ("attention", "mlp")
@@ -77,7 +86,9 @@ def in_model_choices(path: Path = IN_MODEL, recipe: str = "delayed", suffix: str
     return out
 
 
-def derive_in_model(path: Path = IN_MODEL, recipe: str = "delayed", suffix: str = "") -> tuple[int, int]:
+def derive_in_model(
+    path: Path | tuple[Path, ...] = (IN_MODEL, IN_MODEL_FAMILIES), recipe: str = "delayed", suffix: str = ""
+) -> tuple[int, int]:
     """(min_weight_numel, min_dim) from whole-model steps: at each model size, the fastest of
     ``hf_fp8_<recipe>_{nofp8,all,mlponly,attnonly}``; the smallest weight and the smallest
     dimension any fastest variant converts, if those keep every layer a fastest variant keeps
@@ -99,6 +110,6 @@ if __name__ == "__main__":
         print(f"{recipe:10s} min_weight_numel={numel:>11,d}  min_dim={dim}  (each layer alone, {path.name})")
     for recipe in ("tensorwise", "delayed"):
         numel, dim = derive_in_model(recipe=recipe)
-        print(f"{recipe:10s} min_weight_numel={numel:>11,d}  min_dim={dim}  (in a model, {IN_MODEL.name})")
+        print(f"{recipe:10s} min_weight_numel={numel:>11,d}  min_dim={dim}  (in a model, {IN_MODEL.name} + {IN_MODEL_FAMILIES.name})")
         numel, dim = derive_in_model(IN_MODEL_GRAPH, recipe, "_graph")
         print(f"{recipe:10s} min_weight_numel={numel:>11,d}  min_dim={dim}  (graph steps, {IN_MODEL_GRAPH.name})")

@@ -105,14 +105,14 @@ def quant_table() -> str:
     return "\n".join(out)
 
 
-def lora_table() -> str:
-    data = _load("lora_h100.json")
+def lora_table(name: str = "lora_h100.json", base: str = "tensorwise recipe with the default filter") -> str:
+    data = _load(name)
     rows = [r for r in data["rows"] if "error" not in r]
     r0 = rows[0]
     out = [
         f"LoRA r=16 on q/k/v/o/gate/up/down (FP32 adapters), {r0['layers']}-layer Llama with Llama-3-8B shapes, "
-        f"B={r0['batch']}, S={r0['seq']}, BF16 model, tensorwise recipe with the default filter. "
-        f"{_env_line(data['env'])}.",
+        f"B={r0['batch']}, S={r0['seq']}, BF16 model, {base}. "
+        f"{_env_line(data['env'])}; `{name}`.",
         "",
         "| variant | LoRA-targeted base weights GB | vs stock | all frozen params GB | vs stock | peak GB | vs stock "
         "| step ms | speedup | loss |",
@@ -211,6 +211,8 @@ _NAMES = {
     "torchao_rowwise_compile": "torchao float8 rowwise + torch.compile",
     "liger": "Liger-Kernel",
     "hf_fp8_fp8attn": "hf_fp8 default + FP8 attention",
+    "hf_fp8_recomputeall": "hf_fp8 default, every layer recomputed (`keep_activations=0`)",
+    "hf_fp8_blockwise": "hf_fp8 blockwise",
 }
 
 
@@ -292,6 +294,32 @@ def families_table(name: str = "families_h100.json") -> str:
     return "\n".join(out)
 
 
+def full8b_table(name: str = "llama_8b_full_ckpt_h100.json") -> str:
+    """The whole Llama-3-8B on one GPU with activation checkpointing: the default (selective
+    recompute) and every layer recomputed, against stock and the peers, in one run."""
+    d = _load(name)
+    rows = [r for r in d["rows"] if "step_ms" in r]
+    stock = next(r for r in rows if r["variant"] == "stock_bf16")
+    ao = next((r for r in rows if r["variant"] == "torchao_tensorwise_compile"), None)
+    out = [
+        f"The whole Llama-3-8B (32 layers), B={d['batch']}, S={d['seq']}, HF activation checkpointing, BF16 parameters, "
+        f"median of {d['steps']} steps after {d['warmup']}, each variant in its own process; "
+        f"{_env_line(d['env'], sha=False)}; `{name}`.",
+        "",
+        "| variant | ms / step | vs stock BF16 | vs torchao + compile | peak GB allocated | recompute |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        kept = r["note"].split("kept activations: ")[1].split(" (")[0] if "kept activations: " in r["note"] else None
+        recompute = f"{kept} kept their activations, the rest recomputed" if kept else "every layer recomputed"
+        vs_ao = f"{ao['step_ms'] / r['step_ms']:.2f}x" if ao else "-"
+        out.append(
+            f"| {_NAMES.get(r['variant'], r['variant'])} | {r['step_ms']:.1f} | {stock['step_ms'] / r['step_ms']:.2f}x | "
+            f"{vs_ao} | {r['peak_allocated_gb']:.2f} | {recompute} |"
+        )
+    return "\n".join(out)
+
+
 def padded_table(name: str = "llama_8b_full_ckpt_padded_h100.json") -> str:
     """Padded SFT batches on the whole 8B: FP8 attention (taking the padding mask) against SDPA."""
     d = _load(name)
@@ -317,6 +345,10 @@ def padded_table(name: str = "llama_8b_full_ckpt_padded_h100.json") -> str:
 SECTIONS = {
     "e2e": e2e_table,
     "families": families_table,
+    "full8b": full8b_table,
+    "lora_published": lambda: lora_table(
+        "lora_published_h100.json", "LoRA-targeted layers as a 128x128-block FP8 checkpoint's frozen codes"
+    ),
     "padded": padded_table,
     "loss": loss_table,
     "adamw": adamw_table,

@@ -20,7 +20,11 @@ Where the numbers come from (H100):
   fastest at each size and the smallest weight and dimension it converts: 8B-shaped, all
   (179.0 ms against 185.0 for the MLPs only: the q/o projections, 4096x4096, pay inside this
   model though 0.75x timed alone); 1B-shaped (hidden 2048), none (140.4 ms; the MLPs only
-  141.9, all 181.4). Hence 16.8M weights with both dimensions >= 4096.
+  141.9, all 181.4); and Qwen2.5-7B-shaped (hidden 3584, MLP 18944;
+  ``benchmarks/results/llama_groups_families_h100.json``), all 183.8 ms against 228.0 with none.
+  Hence 12.8M weights (3584x3584) with both dimensions >= 3584. (With 16.8M and 4096, derived
+  before the Qwen measurement, the default converted none of Qwen2.5-7B's layers: 1.20x stock
+  instead of 1.48x.)
 - tensorwise and rowwise: each layer timed alone at M=8192 (``python -m benchmarks.bench_linear
   --sweep``, ``benchmarks/results/linear_sweep_h100.json``), the smallest measured weight from
   which every larger measured shape was faster in FP8. For tensorwise this agrees with the
@@ -62,13 +66,13 @@ class ShapeThreshold:
     min_dim: int  # min(in_features, out_features)
 
 
-# Derived by benchmarks/derive_thresholds.py: delayed from the in-model group sweep
-# (benchmarks/results/llama_groups_h100.json), tensorwise and rowwise from the per-layer sweep
+# Derived by benchmarks/derive_thresholds.py: delayed from the in-model group sweeps
+# (benchmarks/results/llama_groups_h100.json, llama_groups_families_h100.json), tensorwise and rowwise from the per-layer sweep
 # (benchmarks/results/linear_sweep_h100.json). tests/test_filter.py checks that these still
 # match those files, and that tensorwise's agree with its in-model runs.
 THRESHOLDS: dict[Recipe, ShapeThreshold] = {
     Recipe.TENSORWISE: ShapeThreshold(min_weight_numel=29_360_128, min_dim=2048),
-    Recipe.DELAYED: ShapeThreshold(min_weight_numel=16_777_216, min_dim=4096),
+    Recipe.DELAYED: ShapeThreshold(min_weight_numel=12_845_056, min_dim=3584),
     Recipe.ROWWISE: ShapeThreshold(min_weight_numel=33_554_432, min_dim=4096),
     # not measured yet: rowwise's (the other recipe whose casts reduce per row before they write)
     Recipe.BLOCKWISE: ShapeThreshold(min_weight_numel=33_554_432, min_dim=4096),
