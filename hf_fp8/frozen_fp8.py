@@ -102,7 +102,7 @@ def _tiles_times_blocks(a: torch.Tensor, codes: torch.Tensor, scale: torch.Tenso
     """``a`` (M, K) cast to E4M3 in 1x128 tiles, times the (N, K) codes in 128x128 blocks, transposed."""
     from hf_fp8._backend import fp8_gemm_supported
     from hf_fp8.gemm import scaled_mm_blockwise
-    from hf_fp8.kernels.blockwise_reference import quantize_tiles
+    from hf_fp8.quantize import quantize_tiles
 
     qa = quantize_tiles(a, torch.float8_e4m3fn)
     return scaled_mm_blockwise(

@@ -24,6 +24,9 @@ __all__ = [
     "swiglu_backward_quantize",
     "delayed_scale_update_many",
     "amax_to_scale",
+    "quantize_tiles",
+    "quantize_tiles_transposed",
+    "quantize_blocks",
 ]
 
 
@@ -93,3 +96,27 @@ def swiglu_backward_quantize(
 
 
 amax_to_scale = _ref.amax_to_scale_reference
+
+
+# ---- the blockwise recipe: 1x128 tiles (Triton on FP8 GPUs), 128x128 weight blocks (torch) ----
+def quantize_tiles(x: torch.Tensor, fp8_dtype: torch.dtype, **kwargs: Any) -> Fp8Quantized:
+    if use_triton_kernels(x):
+        from hf_fp8.kernels.blockwise import quantize_tiles as fn
+    else:
+        from hf_fp8.kernels.blockwise_reference import quantize_tiles as fn
+    return fn(x, fp8_dtype, **kwargs)
+
+
+def quantize_tiles_transposed(x: torch.Tensor, fp8_dtype: torch.dtype, **kwargs: Any) -> Fp8Quantized:
+    if use_triton_kernels(x):
+        from hf_fp8.kernels.blockwise import quantize_tiles_transposed as fn
+    else:
+        from hf_fp8.kernels.blockwise_reference import quantize_tiles_transposed as fn
+    return fn(x, fp8_dtype, **kwargs)
+
+
+def quantize_blocks(w: torch.Tensor, fp8_dtype: torch.dtype, **kwargs: Any) -> Fp8Quantized:
+    """Weights: once per layer and step, a few torch passes (no kernel of its own)."""
+    from hf_fp8.kernels.blockwise_reference import quantize_blocks as fn
+
+    return fn(w, fp8_dtype, **kwargs)

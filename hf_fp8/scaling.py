@@ -32,7 +32,6 @@ import torch
 
 from hf_fp8 import quantize as Q
 from hf_fp8.config import AmaxComputeAlgo, Fp8Config, Recipe
-from hf_fp8.kernels import blockwise_reference as B
 
 __all__ = [
     "Role",
@@ -252,11 +251,11 @@ def _quantize_blockwise(x, role, dtype, want_rows, want_t, flag, swiglu_up) -> Q
     if role is Role.WEIGHT:
         if swiglu_up is not None:
             raise ValueError("quantize_operand: swiglu_up is for activations, not weights")
-        q = B.quantize_blocks(x, dtype, nonfinite_flag=flag)
+        q = Q.quantize_blocks(x, dtype, nonfinite_flag=flag)
         t = (q.data.t().contiguous(), q.scale_inv.t().contiguous()) if want_t else (None, None)
         return QuantizedOperand(q.data if want_rows else None, q.scale_inv, *t, (q.amax,))
-    rows = B.quantize_tiles(x, dtype, nonfinite_flag=flag, swiglu_up=swiglu_up) if want_rows else None
-    t = B.quantize_tiles_transposed(x, dtype, nonfinite_flag=flag, swiglu_up=swiglu_up) if want_t else None
+    rows = Q.quantize_tiles(x, dtype, nonfinite_flag=flag, swiglu_up=swiglu_up) if want_rows else None
+    t = Q.quantize_tiles_transposed(x, dtype, nonfinite_flag=flag, swiglu_up=swiglu_up) if want_t else None
     return _operand_from_copies(rows, t)
 
 

@@ -186,3 +186,49 @@ def test_export_writes_the_codes_it_trained_with_and_transformers_reads_them(tmp
     layer = model.get_submodule(name)
     q = B.quantize_blocks(layer.weight.detach(), E4M3)
     assert torch.equal(served, B.dequantize_blocks(q.data, q.scale_inv).to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("shape", [(1, 16), (7, 300), (130, 256)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_tile_casts_are_bit_exact_against_the_reference(shape, dtype):
+    """The Triton kernel (under the interpreter) writes the reference's bits: codes, scale_inv,
+    amax, for both copies, ragged edges and zero padding included, and sets the non-finite flag."""
+    import conftest
+
+    if not conftest.INTERPRETER_PATCHED:
+        pytest.skip("needs TRITON_INTERPRET=1 (set by conftest)")
+    from hf_fp8.kernels import blockwise as K
+
+    x = _rand(*shape, seed=7).to(dtype)
+    for kernel, reference in ((K.quantize_tiles, B.quantize_tiles), (K.quantize_tiles_transposed, B.quantize_tiles_transposed)):
+        got, want = kernel(x, E4M3), reference(x, E4M3)
+        for name in ("data", "data_t", "scale_inv", "amax"):
+            a, b = getattr(got, name), getattr(want, name)
+            assert (a is None) == (b is None), name
+            if a is not None:
+                assert_bits_equal(a, b, f"{kernel.__name__}.{name}")
+    bad = x.clone()
+    bad[0, 0] = float("inf")
+    flag = torch.zeros(1, dtype=torch.int32)
+    q = K.quantize_tiles(bad, E4M3, nonfinite_flag=flag)
+    assert flag.item() == 1 and torch.isnan(q.data[0, 0].float())
+    assert torch.equal(q.data.view(torch.uint8), B.quantize_tiles(bad, E4M3).data.view(torch.uint8))
+
+
+def test_the_layer_computes_the_same_bits_with_the_triton_casts():
+    import conftest
+
+    if not conftest.INTERPRETER_PATCHED:
+        pytest.skip("needs TRITON_INTERPRET=1 (set by conftest)")
+    base = torch.nn.Linear(256, 128, bias=False).to(torch.bfloat16)
+    x = _rand(40, 256, seed=8).to(torch.bfloat16)
+    results = []
+    for backend in ("torch", "triton"):
+        layer = hf_fp8.Fp8Linear.from_linear(copy.deepcopy(base), hf_fp8.Fp8Config(recipe="blockwise"))
+        xi = x.clone().requires_grad_()
+        with hf_fp8.kernel_backend(backend):
+            y = layer(xi)
+            y.float().pow(2).sum().backward()
+        results.append((y, xi.grad, layer.weight.grad))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
