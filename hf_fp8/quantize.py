@@ -98,7 +98,7 @@ def swiglu_backward_quantize(
 amax_to_scale = _ref.amax_to_scale_reference
 
 
-# ---- the blockwise recipe: 1x128 tiles (Triton on FP8 GPUs), 128x128 weight blocks (torch) ----
+# ---- the blockwise recipe: 1x128 tiles and 128x128 weight blocks ----------------------------
 def quantize_tiles(x: torch.Tensor, fp8_dtype: torch.dtype, **kwargs: Any) -> Fp8Quantized:
     if use_triton_kernels(x):
         from hf_fp8.kernels.blockwise import quantize_tiles as fn
@@ -116,7 +116,8 @@ def quantize_tiles_transposed(x: torch.Tensor, fp8_dtype: torch.dtype, **kwargs:
 
 
 def quantize_blocks(w: torch.Tensor, fp8_dtype: torch.dtype, **kwargs: Any) -> Fp8Quantized:
-    """Weights: once per layer and step, a few torch passes (no kernel of its own)."""
-    from hf_fp8.kernels.blockwise_reference import quantize_blocks as fn
-
+    if use_triton_kernels(w) and w.stride(1) == 1:
+        from hf_fp8.kernels.blockwise import quantize_blocks as fn
+    else:
+        from hf_fp8.kernels.blockwise_reference import quantize_blocks as fn
     return fn(w, fp8_dtype, **kwargs)

@@ -1,4 +1,5 @@
-"""Triton kernel of the blockwise recipe's activation and gradient casts: 1x128 tiles, one pass.
+"""Triton kernels of the blockwise recipe's casts, one pass each: activations and gradients in
+1x128 tiles, weights in 128x128 blocks (:func:`quantize_blocks`, one program per block).
 
 Each program loads a (BLOCK_R, 128) tile of the operand, takes each row's amax (the tile's),
 scales, saturates and writes the E4M3 codes, the tile's ``scale_inv`` and amax: the same bits as
@@ -22,7 +23,7 @@ from .blockwise_reference import TILE
 from .quant import _abs_bits, _reciprocal, _saturate, _scale_from_amax
 from .quant_reference import MIN_AMAX, Fp8Quantized, _check_fp8, _operand, pad_to
 
-__all__ = ["quantize_tiles", "quantize_tiles_transposed"]
+__all__ = ["quantize_blocks", "quantize_tiles", "quantize_tiles_transposed"]
 
 
 @triton.jit
@@ -51,6 +52,41 @@ def _tile_cast_kernel(
     if HAS_FLAG:  # the int32 sticky non-finite flag
         bad = tl.max(tl.where(row_mask & ~(amax < float("inf")), 1, 0), axis=0)
         tl.store(flag_ptr, 1, mask=bad > 0)
+
+
+@triton.jit
+def _block_cast_kernel(
+    w_ptr, y_ptr, s_ptr, amax_ptr, flag_ptr, R, C, stride_wr, stride_yr, GC,
+    FP8_MAX: tl.constexpr, MIN_AMAX_C: tl.constexpr, HAS_FLAG: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """One 128x128 block of the weight: its amax, scale, codes and ``scale_inv``."""
+    br, bc = tl.program_id(0), tl.program_id(1)
+    rows = br * BLOCK + tl.arange(0, BLOCK)
+    cols = bc * BLOCK + tl.arange(0, BLOCK)
+    mask = (rows < R)[:, None] & (cols < C)[None, :]
+    w = tl.load(w_ptr + rows.to(tl.int64)[:, None] * stride_wr + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    amax = tl.max(tl.max(_abs_bits(w), axis=1), axis=0).to(tl.float32, bitcast=True)
+    scale = _scale_from_amax(amax, FP8_MAX, MIN_AMAX_C)
+    y = _saturate(w * scale, w, FP8_MAX)
+    tl.store(y_ptr + rows.to(tl.int64)[:, None] * stride_yr + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(s_ptr + br * GC + bc, _reciprocal(scale))
+    tl.store(amax_ptr + br * GC + bc, amax)
+    if HAS_FLAG:
+        tl.store(flag_ptr, 1, mask=~(amax < float("inf")))
+
+
+def quantize_blocks(w: torch.Tensor, fp8_dtype: torch.dtype, *, nonfinite_flag: torch.Tensor | None = None):
+    """:func:`~hf_fp8.kernels.blockwise_reference.quantize_blocks`, in one pass."""
+    R, C = w.shape
+    GR, GC = -(-R // TILE), -(-C // TILE)
+    y = torch.empty((R, C), dtype=fp8_dtype, device=w.device)
+    s = torch.empty((GR, GC), dtype=torch.float32, device=w.device)
+    amax = torch.empty((GR, GC), dtype=torch.float32, device=w.device)
+    _block_cast_kernel[(GR, GC)](
+        w, y, s, amax, nonfinite_flag if nonfinite_flag is not None else s, R, C, w.stride(0), y.stride(0), GC,
+        FP8_MAX=_check_fp8(fp8_dtype), MIN_AMAX_C=MIN_AMAX, HAS_FLAG=nonfinite_flag is not None, BLOCK=TILE,
+    )  # fmt: skip
+    return Fp8Quantized(y, None, s, amax)
 
 
 def _launch(x: torch.Tensor, fp8_dtype: torch.dtype, c_out: int, nonfinite_flag) -> Fp8Quantized:

@@ -191,8 +191,9 @@ def test_export_writes_the_codes_it_trained_with_and_transformers_reads_them(tmp
 @pytest.mark.parametrize("shape", [(1, 16), (7, 300), (130, 256)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_tile_casts_are_bit_exact_against_the_reference(shape, dtype):
-    """The Triton kernel (under the interpreter) writes the reference's bits: codes, scale_inv,
-    amax, for both copies, ragged edges and zero padding included, and sets the non-finite flag."""
+    """The Triton kernels (under the interpreter) write the reference's bits: codes, scale_inv,
+    amax, for both tile copies and the weight blocks, ragged edges and zero padding included, and
+    set the non-finite flag."""
     import conftest
 
     if not conftest.INTERPRETER_PATCHED:
@@ -207,6 +208,10 @@ def test_triton_tile_casts_are_bit_exact_against_the_reference(shape, dtype):
             assert (a is None) == (b is None), name
             if a is not None:
                 assert_bits_equal(a, b, f"{kernel.__name__}.{name}")
+    w = _rand(max(shape[0], 130), shape[1] + 60, seed=9).to(dtype)  # partial blocks on both axes
+    got, want = K.quantize_blocks(w, E4M3), B.quantize_blocks(w, E4M3)
+    for name in ("data", "scale_inv", "amax"):
+        assert_bits_equal(getattr(got, name), getattr(want, name), f"quantize_blocks.{name}")
     bad = x.clone()
     bad[0, 0] = float("inf")
     flag = torch.zeros(1, dtype=torch.int32)

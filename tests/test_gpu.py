@@ -120,6 +120,19 @@ def test_blockwise_scaled_mm_matches_emulation(blocks):
     assert rel_err(emu, real) < 4e-3
 
 
+def test_blockwise_cast_kernels_bit_exact_on_gpu():
+    from hf_fp8.kernels import blockwise as K
+    from hf_fp8.kernels import blockwise_reference as B
+
+    x = _rand((1000, 1100), torch.bfloat16)
+    for kernel, reference in ((K.quantize_tiles, B.quantize_tiles), (K.quantize_tiles_transposed, B.quantize_tiles_transposed),
+                              (K.quantize_blocks, B.quantize_blocks)):  # fmt: skip
+        got, want = kernel(x, torch.float8_e4m3fn), reference(x, torch.float8_e4m3fn)
+        for name in ("data", "data_t", "scale_inv", "amax"):
+            if getattr(want, name) is not None:
+                assert_bits_equal(getattr(got, name), getattr(want, name), f"{kernel.__name__}.{name}")
+
+
 @pytest.mark.parametrize("recipe", ["tensorwise", "rowwise", "delayed", "blockwise"])
 @pytest.mark.parametrize("param_dtype", [torch.bfloat16, torch.float32])
 def test_fp8_linear_real_equals_emulated(recipe, param_dtype):
