@@ -377,7 +377,8 @@ def _load_in_bf16(args: Any) -> None:
 
 class _CoverageLine(transformers.TrainerCallback):
     """Logs, after the first optimizer step, one line saying what ran in FP8 in it
-    (:func:`hf_fp8.fp8_coverage`): a silent fallback shows as a count below the total."""
+    (:func:`hf_fp8.fp8_coverage`): a silent fallback shows as a count below the total. After the
+    second, under activation checkpointing, what selective recompute chose (it measures in the first)."""
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         if state.global_step == 0 and model is not None:
@@ -393,6 +394,16 @@ class _CoverageLine(transformers.TrainerCallback):
             coverage = fp8_coverage(model)
             if coverage.layers or coverage.attention:
                 logging.getLogger("hf_fp8").warning("hf_fp8, step 1: %s", coverage.summary())
+        if state.global_step == 2 and model is not None and getattr(args, "should_log", True):
+            # selective recompute measures in step 1 and decides from step 2 on: say what it chose
+            from hf_fp8.recompute import recompute_plans
+
+            for plan in recompute_plans(model):
+                if plan.last_checkpointed:
+                    logging.getLogger("hf_fp8").warning(
+                        "hf_fp8, step 2: activation checkpointing: %d/%d layers kept their activations, %d recomputed (%s)",
+                        plan.last_kept, plan.last_checkpointed, plan.last_checkpointed - plan.last_kept, plan.last_reason,
+                    )  # fmt: skip
         return control
 
 

@@ -110,6 +110,30 @@ def test_trainer_logs_the_coverage_after_its_first_step(tmp_path, caplog):
     assert lines == ["hf_fp8, step 1: FP8 layers: 14/14 ran their forward in FP8, 14/14 their backward"]
 
 
+def test_trainer_says_what_selective_recompute_chose_after_its_second_step(tmp_path, caplog):
+    class Data(torch.utils.data.Dataset):
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, i):
+            ids = torch.randint(1, 512, (16,), generator=torch.Generator().manual_seed(i))
+            return {"input_ids": ids, "labels": ids}
+
+    args = hf_fp8.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, report_to="none", use_cpu=True,
+        disable_tqdm=True, fp8="delayed", fp8_auto_filter=False, gradient_checkpointing=True,
+    )  # fmt: skip
+    trainer = hf_fp8.Trainer(model=tiny_llama(seed=2), args=args, train_dataset=Data())
+    with caplog.at_level(logging.WARNING, logger="hf_fp8"):
+        trainer.train()
+    lines = [r.getMessage() for r in caplog.records if "step 2:" in r.getMessage()]
+    # on a CPU nothing is kept, and the line says why
+    assert lines == [
+        "hf_fp8, step 2: activation checkpointing: 0/2 layers kept their activations, 2 recomputed "
+        "(the cpu allocator's memory cannot be read)"
+    ]
+
+
 def test_compiled_steps_are_counted_too():
     """Under torch.compile the FP8 layers run as custom ops, whose bodies count at every call."""
     net = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.ReLU(), torch.nn.Linear(96, 32))
