@@ -155,3 +155,21 @@ def test_lora_published_fp8_example(tmp_path, examples_path):
     assert not any("fp8" in k or "lora" in k for k in merged.state_dict())
     fp8_model, _ = hf_fp8.from_pretrained(out["merged_fp8"])  # and the FP8 export loads again
     assert sum(isinstance(m, hf_fp8.FrozenFp8Linear) for m in fp8_model.modules()) == 28
+
+
+def test_fsdp2_fp8_all_gather_example_trains_as_the_bf16_gather():
+    """Two processes over gloo (torchrun): the FP8 gather's losses equal the BF16 gather's."""
+    import os
+    import subprocess
+    import sys
+
+    def run(*extra):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+               str(EXAMPLES / "fsdp2_fp8_all_gather.py"), "--steps", "3", *extra]  # fmt: skip
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert done.returncode == 0, done.stderr[-3000:]
+        return [line for line in done.stdout.splitlines() if line.startswith(("step", "28 FP8"))]
+
+    fp8, bf16 = run(), run("--no_fp8_all_gather")
+    assert fp8[0] == "28 FP8 layers, 28 of them gathered in FP8 over 2 ranks"
+    assert len(fp8) == 4 and fp8[1:] == bf16[1:]
