@@ -110,6 +110,8 @@ if __name__ == "__main__":
         print(f"{recipe:10s} min_weight_numel={numel:>11,d}  min_dim={dim}  (each layer alone, {path.name})")
     for recipe in ("tensorwise", "delayed"):
         numel, dim = derive_in_model(recipe=recipe)
-        print(f"{recipe:10s} min_weight_numel={numel:>11,d}  min_dim={dim}  (in a model, {IN_MODEL.name} + {IN_MODEL_FAMILIES.name})")
+        print(
+            f"{recipe:10s} min_weight_numel={numel:>11,d}  min_dim={dim}  (in a model, {IN_MODEL.name} + {IN_MODEL_FAMILIES.name})"
+        )
         numel, dim = derive_in_model(IN_MODEL_GRAPH, recipe, "_graph")
         print(f"{recipe:10s} min_weight_numel={numel:>11,d}  min_dim={dim}  (graph steps, {IN_MODEL_GRAPH.name})")

@@ -1,4 +1,4 @@
-"""Fine-tune a Llama with the HF Trainer and one flag: ``--fp8 delayed|tensorwise|rowwise`` (or ``--full_bf16``).
+"""Fine-tune a Llama with the HF Trainer and one flag: ``--fp8 delayed|tensorwise|rowwise|blockwise`` (or ``--full_bf16``).
 
     python examples/finetune_trainer.py                       # tiny Llama + public-domain text, CPU is fine
     python examples/finetune_trainer.py --fp8 rowwise --max_steps 60

@@ -1,4 +1,4 @@
-"""TRL's trainers with one flag: SFT, DPO or GRPO with ``--fp8 delayed|tensorwise|rowwise`` (or ``--full_bf16``).
+"""TRL's trainers with one flag: SFT, DPO or GRPO with ``--fp8 delayed|tensorwise|rowwise|blockwise`` (or ``--full_bf16``).
 
     python examples/trl_finetune.py --trainer sft          # tiny Llama + public-domain text, CPU is fine
     python examples/trl_finetune.py --trainer dpo --fp8 rowwise

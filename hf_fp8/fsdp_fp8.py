@@ -144,7 +144,9 @@ class Fp8GatheredWeight(torch.Tensor):
         pass
 
     def __repr__(self) -> str:
-        return f"Fp8GatheredWeight(shape={tuple(self.shape)}, dtype={self.dtype}, scale_inv={self._scale_inv.item():.3g})"
+        return (
+            f"Fp8GatheredWeight(shape={tuple(self.shape)}, dtype={self.dtype}, scale_inv={self._scale_inv.item():.3g})"
+        )
 
     __torch_function__ = torch._C._disabled_torch_function_impl
 

@@ -117,7 +117,10 @@ class RecomputePlan:
         if per_layer <= 0 or budget <= 0:
             return 0, "no gradient memory to spare"
         k = min(n, math.floor(budget / per_layer))
-        return k, f"{k} layers' activations ({per_layer / 2**20:.0f} MiB each) fit in {budget / 2**20:.0f} MiB of gradients to come"
+        return (
+            k,
+            f"{k} layers' activations ({per_layer / 2**20:.0f} MiB each) fit in {budget / 2**20:.0f} MiB of gradients to come",
+        )
 
     def observe(self, activation_bytes: int, elements: int) -> None:
         """A layer's activation bytes for an input of ``elements`` elements, as measured."""
@@ -201,8 +204,10 @@ def install_selective_recompute(model: nn.Module, keep: str | int = "auto") -> i
     stacks = 0
     for module in model.modules():
         for child in module.children():
-            if isinstance(child, nn.ModuleList) and len(child) and all(
-                type(m).__name__ == family.decoder for m in child
+            if (
+                isinstance(child, nn.ModuleList)
+                and len(child)
+                and all(type(m).__name__ == family.decoder for m in child)
             ):
                 plan = module.__dict__.get(_PLAN)
                 if plan is None:

@@ -77,7 +77,7 @@ def _recipe_from_environment(env) -> Fp8Config | None:
         if os.path.isfile(recipe):
             return Fp8Config.from_json(recipe)
         raise ValueError(
-            f"HF_FP8_RECIPE={recipe!r}: expected tensorwise, rowwise, delayed, full_bf16 or the path of an Fp8Config JSON"
+            f"HF_FP8_RECIPE={recipe!r}: expected tensorwise, rowwise, delayed, blockwise, full_bf16 or the path of an Fp8Config JSON"
         )
     if env.get("ACCELERATE_MIXED_PRECISION", "").lower() == "fp8":
         fmt = env.get("ACCELERATE_FP8_FORMAT", "HYBRID").upper()

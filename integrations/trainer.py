@@ -57,7 +57,7 @@ class Fp8ArgumentsMixin:
     fp8: str | None = dataclasses.field(
         default=None,
         metadata={
-            "help": "FP8 recipe: 'delayed' (hf_fp8's default), 'tensorwise' or 'rowwise', the path of an Fp8Config "
+            "help": "FP8 recipe: 'delayed' (hf_fp8's default), 'tensorwise', 'rowwise' or 'blockwise', the path of an Fp8Config "
             "JSON file, or 'none'."
         },
     )
@@ -234,7 +234,7 @@ class Fp8ArgumentsMixin:
         if os.path.isfile(self.fp8):
             return dataclasses.replace(Fp8Config.from_json(self.fp8), **overrides)
         raise ValueError(
-            f"--fp8: got {self.fp8!r}; expected 'delayed', 'tensorwise', 'rowwise', 'none' or the path of an Fp8Config "
+            f"--fp8: got {self.fp8!r}; expected 'delayed', 'tensorwise', 'rowwise', 'blockwise', 'none' or the path of an Fp8Config "
             "JSON file"
         )
 

@@ -26,8 +26,16 @@ from __future__ import annotations
 
 import torch
 
-from .quant_reference import Fp8Quantized, _amax_reference, _cast_reference, _check_fp8, _operand, _set_flag
-from .quant_reference import amax_to_scale_reference, pad_to
+from .quant_reference import (
+    Fp8Quantized,
+    _amax_reference,
+    _cast_reference,
+    _check_fp8,
+    _operand,
+    _set_flag,
+    amax_to_scale_reference,
+    pad_to,
+)
 
 TILE = 128
 

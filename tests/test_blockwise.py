@@ -23,7 +23,11 @@ E4M3 = torch.float8_e4m3fn
 def _rand(*shape, seed=0):
     g = torch.Generator().manual_seed(seed)
     # a different magnitude per row and column: tiles must each get their own scale
-    return torch.randn(*shape, generator=g) * torch.logspace(-2, 2, shape[-1])[None, :] * (1 + torch.rand(shape[0], 1, generator=g))
+    return (
+        torch.randn(*shape, generator=g)
+        * torch.logspace(-2, 2, shape[-1])[None, :]
+        * (1 + torch.rand(shape[0], 1, generator=g))
+    )
 
 
 def _check_dequantized_close(x: torch.Tensor, deq: torch.Tensor, amax_per_element: torch.Tensor) -> None:
@@ -201,7 +205,10 @@ def test_triton_tile_casts_are_bit_exact_against_the_reference(shape, dtype):
     from hf_fp8.kernels import blockwise as K
 
     x = _rand(*shape, seed=7).to(dtype)
-    for kernel, reference in ((K.quantize_tiles, B.quantize_tiles), (K.quantize_tiles_transposed, B.quantize_tiles_transposed)):
+    for kernel, reference in (
+        (K.quantize_tiles, B.quantize_tiles),
+        (K.quantize_tiles_transposed, B.quantize_tiles_transposed),
+    ):
         got, want = kernel(x, E4M3), reference(x, E4M3)
         for name in ("data", "data_t", "scale_inv", "amax"):
             a, b = getattr(got, name), getattr(want, name)

@@ -166,7 +166,9 @@ def test_fsdp2_fp8_all_gather_example_trains_as_the_bf16_gather():
     def run(*extra):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                str(EXAMPLES / "fsdp2_fp8_all_gather.py"), "--steps", "3", *extra]  # fmt: skip
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        done = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
+        )
         assert done.returncode == 0, done.stderr[-3000:]
         return [line for line in done.stdout.splitlines() if line.startswith(("step", "28 FP8"))]
 

@@ -231,6 +231,11 @@ def test_a_family_not_in_the_table_gets_fp8_linears_and_one_warning():
         hf_fp8.convert(
             transformers.GemmaForCausalLM(cfg),
             hf_fp8.Fp8Config(
-                recipe="rowwise", auto_filter=False, fp32_rope=False, fp32_loss=False, fused_ops=False, keep_activations=0
+                recipe="rowwise",
+                auto_filter=False,
+                fp32_rope=False,
+                fp32_loss=False,
+                fused_ops=False,
+                keep_activations=0,
             ),
         )

@@ -43,7 +43,9 @@ def test_kept_layers_train_bit_exactly_like_recomputed_ones(recipe, reentrant):
     runs = {}
     for keep in (0, 2, 4):
         model = copy.deepcopy(plain)
-        hf_fp8.convert(model, hf_fp8.Fp8Config(recipe=recipe, auto_filter=False, amax_history_len=4, keep_activations=keep))
+        hf_fp8.convert(
+            model, hf_fp8.Fp8Config(recipe=recipe, auto_filter=False, amax_history_len=4, keep_activations=keep)
+        )
         enable_activation_checkpointing(model, reentrant)
         runs[keep] = _train(model)
         # the last `keep` layers ran no recompute, the others one per step: the plan did act
@@ -82,7 +84,9 @@ class _FakeAllocator:
 
 
 def _layer_grad_bytes(model) -> tuple[int, int]:
-    sizes = [sum(p.numel() * p.element_size() for p in layer.parameters() if p.requires_grad) for layer in model.model.layers]
+    sizes = [
+        sum(p.numel() * p.element_size() for p in layer.parameters() if p.requires_grad) for layer in model.model.layers
+    ]
     return sum(sizes), max(sizes)
 
 

@@ -95,7 +95,7 @@ def test_cli_flags_parse_and_serialize(tmp_path):
     "kw, match",
     [
         (dict(fp8="rowwise", full_bf16=True), "exclude each other"),
-        (dict(fp8="fp4"), "expected 'delayed', 'tensorwise', 'rowwise', 'none'"),
+        (dict(fp8="fp4"), "expected 'delayed', 'tensorwise', 'rowwise', 'blockwise', 'none'"),
         (dict(fp8="tensorwise", fp16=True), "--fp16 cannot be combined"),
         (dict(fp8_attention=True), "--fp8_attention needs --fp8"),
         (dict(fp8_weights=True), "--fp8_weights needs --fp8"),
