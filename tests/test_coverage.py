@@ -90,20 +90,23 @@ def test_fp8_attention_counts_the_kernel_and_names_each_fallback():
     assert "FP8 attention: 0/2 modules ran the FP8 kernel (fell back for:" in cov.summary()
 
 
+class _Data(torch.utils.data.Dataset):
+    """Eight random 16-token sequences for the Trainer tests."""
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        ids = torch.randint(1, 512, (16,), generator=torch.Generator().manual_seed(i))
+        return {"input_ids": ids, "labels": ids}
+
+
 def test_trainer_logs_the_coverage_after_its_first_step(tmp_path, caplog):
-    class Data(torch.utils.data.Dataset):
-        def __len__(self):
-            return 8
-
-        def __getitem__(self, i):
-            ids = torch.randint(1, 512, (16,), generator=torch.Generator().manual_seed(i))
-            return {"input_ids": ids, "labels": ids}
-
     args = hf_fp8.TrainingArguments(
         output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, report_to="none", use_cpu=True,
         disable_tqdm=True, fp8="delayed", fp8_auto_filter=False,
     )  # fmt: skip
-    trainer = hf_fp8.Trainer(model=tiny_llama(seed=2), args=args, train_dataset=Data())
+    trainer = hf_fp8.Trainer(model=tiny_llama(seed=2), args=args, train_dataset=_Data())
     with caplog.at_level(logging.WARNING, logger="hf_fp8"):
         trainer.train()
     lines = [r.getMessage() for r in caplog.records if "step 1:" in r.getMessage()]
@@ -111,19 +114,11 @@ def test_trainer_logs_the_coverage_after_its_first_step(tmp_path, caplog):
 
 
 def test_trainer_says_what_selective_recompute_chose_after_its_second_step(tmp_path, caplog):
-    class Data(torch.utils.data.Dataset):
-        def __len__(self):
-            return 8
-
-        def __getitem__(self, i):
-            ids = torch.randint(1, 512, (16,), generator=torch.Generator().manual_seed(i))
-            return {"input_ids": ids, "labels": ids}
-
     args = hf_fp8.TrainingArguments(
         output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, report_to="none", use_cpu=True,
         disable_tqdm=True, fp8="delayed", fp8_auto_filter=False, gradient_checkpointing=True,
     )  # fmt: skip
-    trainer = hf_fp8.Trainer(model=tiny_llama(seed=2), args=args, train_dataset=Data())
+    trainer = hf_fp8.Trainer(model=tiny_llama(seed=2), args=args, train_dataset=_Data())
     with caplog.at_level(logging.WARNING, logger="hf_fp8"):
         trainer.train()
     lines = [r.getMessage() for r in caplog.records if "step 2:" in r.getMessage()]
