@@ -82,3 +82,8 @@ def main(argv: list[str] | None = None) -> list[float]:
 
 if __name__ == "__main__":
     main()
+    # With gloo (CPUs), the interpreter's teardown after a destroyed process group sometimes aborts
+    # ("terminate called without an active exception"); the work is done and printed: skip it.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
