@@ -161,14 +161,7 @@ def test_lora_trains_on_a_block_fp8_checkpoint_with_exact_gradients_and_merges(t
     for n in grads:  # FP32 against float64 on the same (dequantized) weights
         assert ((grads[n].double() - ref_grads[n]).norm() / ref_grads[n].norm()).item() < 1e-4, n
     pm.zero_grad()
-    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=3e-3)
-    losses = []
-    for _ in range(20):
-        loss = pm(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = _train_adapters(pm, ids, 20)
     assert losses[-1] < losses[0] - 0.5, losses  # it learns
     cov = hf_fp8.fp8_coverage(pm)  # the frozen layers say how they compute
     assert len(cov.dequantized) == 14 and "14 frozen FP8-weight layers" in cov.summary()
@@ -177,6 +170,19 @@ def test_lora_trains_on_a_block_fp8_checkpoint_with_exact_gradients_and_merges(t
     merged = pm.merge_and_unload()
     w = merged.model.layers[0].self_attn.q_proj.weight
     assert w.dtype == torch.float32 and torch.allclose(w, expected, rtol=0, atol=1e-6)
+
+
+def _train_adapters(pm, ids, steps: int) -> list[float]:
+    """``steps`` AdamW steps on the trainable (adapter) parameters, on one batch; the losses."""
+    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=3e-3)
+    losses = []
+    for _ in range(steps):
+        loss = pm(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
 
 
 def _dense_copy(model, like):
@@ -296,14 +302,7 @@ def test_blockwise_recipe_runs_the_frozen_block_layers_as_fp8_gemms_on_their_cod
     pm = peft.get_peft_model(model, peft.LoraConfig(r=8, target_modules=list(LINEARS)))
     hf_fp8.reset_fp8_coverage(pm)
     ids = torch.randint(1, 512, (2, 24), generator=torch.Generator().manual_seed(2))
-    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=3e-3)
-    losses = []
-    for _ in range(20):
-        loss = pm(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = _train_adapters(pm, ids, 20)
     assert losses[-1] < losses[0] - 0.5, losses
     cov = hf_fp8.fp8_coverage(pm)
     frozen = [n for n in cov.layers if "base_layer" in n]

@@ -71,6 +71,14 @@ def test_full_bf16_mode_keeps_layers_too():
     assert recompute.recompute_plans(ref) == []  # keep_activations=0 removes the plan
 
 
+def _checkpointed(layers: int, keep="auto"):
+    """A tiny BF16 Llama, tensorwise FP8 in every decoder linear, HF checkpointing (non-reentrant)."""
+    model = _bf16_llama(layers=layers)
+    hf_fp8.convert(model, hf_fp8.Fp8Config(recipe="tensorwise", auto_filter=False, keep_activations=keep))
+    enable_activation_checkpointing(model, False)
+    return model
+
+
 class _FakeAllocator:
     """Stands in for the CUDA allocator's counter on the CPU: every read returns ``step`` bytes more
     than the last, so each measurement sees ``step`` bytes (less the layer's output)."""
@@ -91,9 +99,7 @@ def _layer_grad_bytes(model) -> tuple[int, int]:
 
 
 def test_auto_measures_in_the_first_backward_then_keeps_what_the_gradients_to_come_leave_room_for(monkeypatch):
-    model = _bf16_llama(layers=6)
-    hf_fp8.convert(model, hf_fp8.Fp8Config(recipe="tensorwise", auto_filter=False))  # keep_activations="auto"
-    enable_activation_checkpointing(model, False)
+    model = _checkpointed(layers=6)  # keep_activations="auto"
     total, largest = _layer_grad_bytes(model)
     elements = 2 * 32 * model.config.hidden_size  # B=2, S=32 hidden states
     out_bytes = elements * 2
@@ -125,9 +131,7 @@ def _measured_plan(model, monkeypatch, per_layer_fraction=0.1):
 def test_auto_keeps_nothing_while_gradients_exist_at_the_forward(monkeypatch):
     """Gradient accumulation (or an update deferred to the next forward): the gradients the budget
     counts on already take their memory."""
-    model = _bf16_llama(layers=4)
-    hf_fp8.convert(model, hf_fp8.Fp8Config(recipe="tensorwise", auto_filter=False))
-    enable_activation_checkpointing(model, False)
+    model = _checkpointed(layers=4)
     plan = _measured_plan(model, monkeypatch)
     model.train()
     ids = next(bigram_batches(2, 32, 512, seed=1))
@@ -139,9 +143,7 @@ def test_auto_keeps_nothing_while_gradients_exist_at_the_forward(monkeypatch):
 
 def test_auto_keeps_nothing_for_frozen_layers(monkeypatch):
     """Adapter training: the base layers make no gradients, so there is no memory to borrow."""
-    model = _bf16_llama(layers=4)
-    hf_fp8.convert(model, hf_fp8.Fp8Config(recipe="tensorwise", auto_filter=False))
-    enable_activation_checkpointing(model, False)
+    model = _checkpointed(layers=4)
     plan = _measured_plan(model, monkeypatch)
     for p in model.model.layers.parameters():  # frozen after conversion, as PEFT does
         p.requires_grad_(False)
@@ -152,9 +154,7 @@ def test_auto_keeps_nothing_for_frozen_layers(monkeypatch):
 
 
 def test_auto_never_extrapolates_to_more_tokens_than_measured(monkeypatch):
-    model = _bf16_llama(layers=4)
-    hf_fp8.convert(model, hf_fp8.Fp8Config(recipe="tensorwise", auto_filter=False))
-    enable_activation_checkpointing(model, False)
+    model = _checkpointed(layers=4)
     plan = _measured_plan(model, monkeypatch)
     model.train()
     longer = next(bigram_batches(2, 64, 512, seed=1))  # twice the tokens measured
@@ -163,9 +163,7 @@ def test_auto_never_extrapolates_to_more_tokens_than_measured(monkeypatch):
 
 
 def test_auto_keeps_nothing_where_it_cannot_read_memory_or_with_several_processes(monkeypatch):
-    model = _bf16_llama(layers=2)
-    hf_fp8.convert(model, hf_fp8.Fp8Config(recipe="tensorwise", auto_filter=False))
-    enable_activation_checkpointing(model, False)
+    model = _checkpointed(layers=2)
     _train(model, steps=2)  # the CPU: the allocator cannot be read
     plan = recompute.recompute_plans(model)[0]
     assert plan.last_kept == 0 and "cpu allocator" in plan.last_reason
@@ -176,9 +174,7 @@ def test_auto_keeps_nothing_where_it_cannot_read_memory_or_with_several_processe
 
 
 def test_evaluation_and_no_grad_forwards_change_nothing():
-    model = _bf16_llama(layers=2)
-    hf_fp8.convert(model, hf_fp8.Fp8Config(recipe="tensorwise", auto_filter=False, keep_activations=2))
-    enable_activation_checkpointing(model, False)
+    model = _checkpointed(layers=2, keep=2)
     plan = recompute.recompute_plans(model)[0]
     ids = next(bigram_batches(2, 32, 512, seed=1))
     model.eval()
@@ -201,9 +197,7 @@ def test_other_families_get_the_plan_and_stay_bit_exact():
 
 
 def test_the_model_still_pickles_and_revert_restores_transformers_checkpointing(tmp_path):
-    model = _bf16_llama(layers=2)
-    hf_fp8.convert(model, hf_fp8.Fp8Config(recipe="tensorwise", auto_filter=False, keep_activations=1))
-    enable_activation_checkpointing(model, False)
+    model = _checkpointed(layers=2, keep=1)
     _train(model, steps=1)
     wrapped = model.model.layers[0]._gradient_checkpointing_func
     assert isinstance(wrapped, recompute._SelectiveCheckpoint)
