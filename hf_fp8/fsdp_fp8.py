@@ -207,8 +207,10 @@ def enable_fp8_all_gather(model: nn.Module) -> int:
     part; rowwise, blockwise and FP8-only (frozen) weights keep their gather, with one warning."""
     done, left = 0, []
     for name, m in model.named_modules():
-        if not isinstance(m, Fp8Linear) or isinstance(m.weight.data, Fp8GatherWeight):
-            done += isinstance(m, Fp8Linear) and isinstance(m.weight.data, Fp8GatherWeight)
+        if not isinstance(m, Fp8Linear):
+            continue
+        if isinstance(m.weight.data, Fp8GatherWeight):  # enabled already
+            done += 1
             continue
         if not m.fp8_config.recipe.per_tensor or m.has_fp8_weight:
             left.append(name)
