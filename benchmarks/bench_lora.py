@@ -6,8 +6,10 @@ FP8-only base weights, on an HF Llama with Llama-3-8B layer shapes.
 LoRA r=16 on q/k/v/o/gate/up/down, adapters FP32 (PEFT's default), AdamW on the adapters,
 BF16 model. ``published_fp8_*``: the targeted layers hold a block-FP8 checkpoint's weights (E4M3
 codes in 128x128 blocks, as :func:`hf_fp8.from_pretrained` loads them: ``FrozenFp8Linear``),
-computing on the weights dequantized on the fly (``_dequant``) or with blockwise FP8 GEMMs on
-the codes (``_blockwise``, what ``from_pretrained(path, "blockwise")`` sets up); stock BF16 LoRA
+set up as :func:`hf_fp8.from_pretrained` does (``hf_fp8.convert`` on the rest: FP32 RoPE and
+chunked loss, fused norms), computing on the weights dequantized on the fly (``_dequant``:
+``from_pretrained(path)``) or with blockwise FP8 GEMMs on the codes (``_blockwise``:
+``from_pretrained(path, "blockwise")``); stock BF16 LoRA
 on the same (dequantized) weights is the baseline. Per variant: bytes of the frozen base weights (the LoRA-targeted linear layers, and
 all frozen parameters including the BF16 embedding and lm_head), peak memory of a training
 step, median step time over the timed steps after warm-up, tokens/s, last loss.
@@ -52,7 +54,7 @@ def build(layers: int):
     return model
 
 
-def _to_published_blocks(model, fp8_gemm: bool) -> None:
+def _to_published_blocks(model) -> None:
     """The targeted linears as a 128x128-block FP8 checkpoint's frozen layers (codes and scales)."""
     from hf_fp8.frozen_fp8 import FrozenFp8Linear
     from hf_fp8.kernels.blockwise_reference import quantize_blocks
@@ -61,7 +63,6 @@ def _to_published_blocks(model, fp8_gemm: bool) -> None:
         if name.rpartition(".")[2] in TARGETS:
             q = quantize_blocks(module.weight.detach(), torch.float8_e4m3fn)
             frozen = FrozenFp8Linear(q.data, q.scale_inv, (128, 128), compute_dtype=torch.bfloat16)
-            frozen.fp8_gemm = fp8_gemm
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, frozen)
     torch.cuda.empty_cache()
@@ -74,8 +75,13 @@ def run_variant(name: str, layers: int, batch: int, seq: int, steps: int, warmup
 
     model = build(layers)
     model.requires_grad_(False)
-    if name.startswith("published_fp8"):
-        _to_published_blocks(model, fp8_gemm=name.endswith("_blockwise"))
+    if name.startswith("published_fp8"):  # as hf_fp8.from_pretrained(path[, "blockwise"]) sets it up
+        from hf_fp8.integrations.published import prepare_frozen_fp8_model
+
+        _to_published_blocks(model)
+        report = prepare_frozen_fp8_model(model, "blockwise" if name.endswith("_blockwise") else None)
+        model.requires_grad_(False)  # PEFT trains the adapters only
+        print(f"{name}: {report.notes[-2:]}", flush=True)
     elif name != "stock_bf16_lora":
         cfg = hf_fp8.Fp8Config(recipe="tensorwise", fp8_weights=(name == "hf_fp8_lora_fp8_weights"))
         report = hf_fp8.convert(model, cfg)

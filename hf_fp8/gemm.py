@@ -113,6 +113,20 @@ def _block_scales_for_cublas(scale: torch.Tensor) -> torch.Tensor:
     return scale.contiguous().t()
 
 
+def _rows_padded_for_cublas(a: torch.Tensor, scale_a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``a`` (M, K) and its 1x128 scales (M, G) with M padded to a multiple of 16 (zero rows, unit
+    scales): cuBLAS reads the scales column by column with leading dimension M, which must be
+    16-byte aligned (measured on the H100: M=999 gives CUBLAS_STATUS_NOT_SUPPORTED, M=1000 runs).
+    The padded rows of the product are zeros; callers slice them off."""
+    M = a.shape[0]
+    pad = -M % 16
+    if pad == 0:
+        return a, scale_a
+    a = torch.cat([a, a.new_zeros((pad, a.shape[1]))])
+    scale_a = torch.cat([scale_a, scale_a.new_ones((pad, scale_a.shape[1]))])
+    return a, scale_a
+
+
 def scaled_mm_blockwise(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -154,7 +168,9 @@ def scaled_mm_blockwise(
         F = torch.nn.functional
         kind = {"1x128": F.ScalingType.BlockWise1x128, "128x128": F.ScalingType.BlockWise128x128}
         sb = _outer_dim_major(scale_b) if blocks[1] == "1x128" else _block_scales_for_cublas(scale_b)
+        M = a.shape[0]
+        a, scale_a = _rows_padded_for_cublas(a, scale_a)
         out = F.scaled_mm(
             a, b, _outer_dim_major(scale_a), kind[blocks[0]], sb, kind[blocks[1]], output_dtype=torch.bfloat16
-        )
+        )[:M]
     return out if out.dtype == out_dtype else out.to(out_dtype)

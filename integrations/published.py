@@ -85,9 +85,7 @@ def from_pretrained(
     """
     from transformers import AutoModelForCausalLM
 
-    import hf_fp8
-    from hf_fp8.config import Recipe
-    from hf_fp8.frozen_fp8 import FrozenFp8Linear, fp8_gemm_layout
+    from hf_fp8.frozen_fp8 import FrozenFp8Linear
     from hf_fp8.integrations.export import _quantized_config, _read_checkpoint_tensors
 
     directory, config, qcfg = _quantized_config(path, "from_pretrained")
@@ -149,18 +147,31 @@ def from_pretrained(
     still_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if still_meta:
         raise ValueError(f"from_pretrained: not in the checkpoint: {still_meta[:5]}")
+    return model, prepare_frozen_fp8_model(model, fp8_config)
+
+
+def prepare_frozen_fp8_model(model: nn.Module, fp8_config=None):
+    """What :func:`from_pretrained` does once the checkpoint is loaded, for a model whose quantized
+    linears are :class:`~hf_fp8.frozen_fp8.FrozenFp8Linear`: everything else trainable, the frozen
+    layers frozen, :func:`hf_fp8.convert` with ``fp8_config`` (an ``Fp8Config`` or a recipe name;
+    default ``Fp8Config()``), blockwise FP8 GEMMs on the frozen layers' codes under the
+    ``"blockwise"`` recipe, and LoRA merges that dequantize first. Returns the report.
+    (bench_lora builds its block-FP8 model in memory and calls this, so it measures what users run.)"""
+    import hf_fp8
+    from hf_fp8.config import Recipe
+    from hf_fp8.frozen_fp8 import FrozenFp8Linear, fp8_gemm_layout
+
+    layers = [m for m in model.modules() if isinstance(m, FrozenFp8Linear)]
     model.requires_grad_(True)
-    for m in model.modules():
-        if isinstance(m, FrozenFp8Linear):
-            m.weight.requires_grad_(False)
-            if m.bias is not None:
-                m.bias.requires_grad_(False)
+    for m in layers:
+        m.weight.requires_grad_(False)
+        if m.bias is not None:
+            m.bias.requires_grad_(False)
     fp8_config = hf_fp8.Fp8Config() if fp8_config is None else fp8_config
     if isinstance(fp8_config, str):
         fp8_config = hf_fp8.Fp8Config(recipe=fp8_config)
     report = hf_fp8.convert(model, fp8_config)
-    if frozen and fp8_config.recipe is Recipe.BLOCKWISE:  # the frozen layers' GEMMs in FP8 too
-        layers = [m for m in model.modules() if isinstance(m, FrozenFp8Linear)]
+    if layers and fp8_config.recipe is Recipe.BLOCKWISE:  # the frozen layers' GEMMs in FP8 too
         for m in layers:
             m.fp8_gemm = fp8_gemm_layout(m)
         gemm = sum(m.fp8_gemm for m in layers)
@@ -168,12 +179,12 @@ def from_pretrained(
             f"{gemm} of {len(layers)} frozen layers run blockwise FP8 GEMMs on their codes"
             + ("" if gemm == len(layers) else " (the others: not 128x128 E4M3 blocks; they dequantize)")
         )
-    if frozen:
+    if layers:
         from hf_fp8.integrations.lora import enable_peft_fp8_weights
 
         enable_peft_fp8_weights()  # LoRA merges over these layers dequantize the base first
-    report.notes.append(f"{len(frozen)} linear layers keep the checkpoint's FP8 codes and scales (frozen)")
-    return model, report
+    report.notes.append(f"{len(layers)} linear layers keep the checkpoint's FP8 codes and scales (frozen)")
+    return report
 
 
 def _rebuild_buffer(module: nn.Module, name: str, device) -> None:

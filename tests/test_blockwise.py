@@ -104,6 +104,25 @@ def test_blockwise_gemm_emulation_against_float64(blocks):
     assert ((out.double() - ref).abs() <= bound).all()
 
 
+def test_rows_padded_for_cublas_change_nothing_but_the_alignment():
+    """cuBLAS needs the 1x128 scales' leading dimension (M) 16-byte aligned: the GPU path pads M
+    with zero rows and unit scales and slices them off; here the same padding goes through the
+    emulation, whose first M rows must equal the unpadded product bit for bit."""
+    from hf_fp8.gemm import _rows_padded_for_cublas
+
+    a = B.quantize_tiles(_rand(37, 256), E4M3)
+    b = B.quantize_blocks(_rand(128, 256, seed=5), E4M3)
+    pa, ps = _rows_padded_for_cublas(a.data, a.scale_inv)
+    assert pa.shape == (48, 256) and ps.shape == (48, 2) and not pa[37:].float().any()
+    kw = dict(blocks=("1x128", "128x128"), out_dtype=torch.float32, emulate=True)
+    padded = scaled_mm_blockwise(pa, b.data.t(), ps, b.scale_inv, **kw)
+    assert_bits_equal(padded[:37], scaled_mm_blockwise(a.data, b.data.t(), a.scale_inv, b.scale_inv, **kw), "rows")
+    assert not padded[37:].any()
+    aligned = B.quantize_tiles(_rand(32, 256), E4M3)
+    same = _rows_padded_for_cublas(aligned.data, aligned.scale_inv)
+    assert same[0] is aligned.data and same[1] is aligned.scale_inv  # aligned: no copy
+
+
 def test_blockwise_gemm_names_wrong_scale_shapes():
     a = B.quantize_tiles(_rand(64, 256), E4M3)
     b = B.quantize_blocks(_rand(128, 256), E4M3)
