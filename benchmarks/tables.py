@@ -166,7 +166,7 @@ def llama_table(name: str) -> str:
     for r in rows:
         layers = r["note"].split(" FP8 layers")[0].split(";")[0]
         out.append(
-            f"| {r['variant']} | {layers or '-'} | {r['tokens_per_s']:.0f} | "
+            f"| {_NAMES.get(r['variant'], r['variant'])} | {layers or '-'} | {r['tokens_per_s']:.0f} | "
             f"{r['speedup_vs_stock']:.2f}x | {r['peak_mem_gb']:.1f} | {r['mem_vs_stock']:.2f}x | {r['loss']:.4f} |"
         )
     return "\n".join(out)
@@ -213,6 +213,7 @@ _NAMES = {
     "hf_fp8_fp8attn": "hf_fp8 default + FP8 attention",
     "hf_fp8_recomputeall": "hf_fp8 default, every layer recomputed (`keep_activations=0`)",
     "hf_fp8_blockwise": "hf_fp8 blockwise",
+    "hf_fp8_blockwise_all": "hf_fp8 blockwise, every decoder linear",
 }
 
 
@@ -350,6 +351,8 @@ SECTIONS = {
         "lora_published_h100.json", "LoRA-targeted layers as a 128x128-block FP8 checkpoint's frozen codes"
     ),
     "padded": padded_table,
+    "blockwise_e2e": lambda: llama_table("blockwise_e2e_h100.json"),
+    "blockwise_loss": lambda: loss_table("blockwise_1b_loss_h100.json"),
     "loss": loss_table,
     "adamw": adamw_table,
     "attention": attention_table,
