@@ -20,13 +20,13 @@ gradient in one pass (:mod:`hf_fp8.embedding_ops`). Nothing outside the model ch
 from __future__ import annotations
 
 import functools
-import types
 
 import torch
 from torch import nn
 
 from hf_fp8._backend import use_triton
 from hf_fp8.embedding_ops import embedding_fusable, embedding_lookup
+from hf_fp8.instance_method import bind
 from hf_fp8.integrations._kv_cache import cache_arg, take_cache
 from hf_fp8.integrations.families import family_of
 from hf_fp8.integrations.rope import _attention_forward
@@ -189,20 +189,20 @@ def patch_fused_ops(model: nn.Module) -> int:
         if getattr(m, _MARK, False):
             continue
         if name == family.norm and hasattr(m, "variance_epsilon"):
-            m.forward = types.MethodType(_norm_forward, m)
+            m.forward = bind(_norm_forward, m)
         elif name == family.mlp and _is_silu(m):
-            m.forward = types.MethodType(_mlp_forward, m)
+            m.forward = bind(_mlp_forward, m)
         elif name == family.decoder and all(
             hasattr(m, a) for a in ("input_layernorm", "post_attention_layernorm", "self_attn", "mlp")
         ):
-            m.forward = types.MethodType(_decoder_forward, m)
+            m.forward = bind(_decoder_forward, m)
         else:
             continue
         setattr(m, _MARK, True)
         n += 1
     embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if type(embedding) is nn.Embedding and not getattr(embedding, _MARK, False):
-        embedding.forward = types.MethodType(_embedding_forward, embedding)
+        embedding.forward = bind(_embedding_forward, embedding)
         setattr(embedding, _MARK, True)
         n += 1
     return n

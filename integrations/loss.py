@@ -28,12 +28,12 @@ from __future__ import annotations
 
 import functools
 import os
-import types
 import weakref
 
 import torch
 from torch import nn
 
+from hf_fp8.instance_method import bind
 from hf_fp8.integrations._kv_cache import cache_arg, output_cache, output_cache_field, take_cache
 from hf_fp8.integrations.families import FAMILIES
 
@@ -222,7 +222,7 @@ def patch_loss(model: nn.Module) -> bool:
                 "hf_fp8.patch_loss: this model's forward is already replaced on the instance (by another library's "
                 "hook?); patch before wrapping it"
             )
-        lm.forward = types.MethodType(_causal_lm_forward, lm)
+        lm.forward = bind(_causal_lm_forward, lm)
     return True
 
 

@@ -21,7 +21,6 @@ table (:mod:`hf_fp8.integrations.families`).
 from __future__ import annotations
 
 import sys
-import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -29,6 +28,7 @@ import torch
 from torch import nn
 
 from hf_fp8._backend import use_triton
+from hf_fp8.instance_method import bind
 from hf_fp8.integrations._kv_cache import cache_arg, take_cache
 from hf_fp8.integrations.families import ModelFamily, family_of, supported_model_types
 from hf_fp8.linear import linear_on_kept_input, shared_input_linears
@@ -103,15 +103,30 @@ def _keep_fp32_apply(self: nn.Module, fn: Callable, recurse: bool = True):
     return out
 
 
-def _make_rotary_forward() -> Callable:
-    from transformers.modeling_rope_utils import dynamic_rope_update
+def _rope_inputs(self, x, position_ids):
+    return RopeInputs(position_ids, self.inv_freq, float(getattr(self, "attention_scaling", 1.0)))
 
-    @torch.no_grad()
-    @dynamic_rope_update  # dynamic / longrope types update inv_freq here, as in HF's own forward
-    def forward(self, x, position_ids):
-        return RopeInputs(position_ids, self.inv_freq, float(getattr(self, "attention_scaling", 1.0)))
 
-    return forward
+_DYNAMIC_UPDATE: list[Callable] = []  # built on first use: transformers is imported lazily
+
+
+def _rotary_forward(self, x, position_ids):
+    """The rotary module's forward: the position ids and FP32 ``inv_freq`` instead of cos/sin,
+    after HF's ``dynamic_rope_update`` (dynamic / longrope types update ``inv_freq`` there, as
+    in HF's own forward). Module-level, so that a patched model pickles; no_grad as a block, which
+    torch.compile traces without a break (a no_grad-decorated function built at run time breaks it)."""
+    with torch.no_grad():
+        return (_DYNAMIC_UPDATE or _build_dynamic_update())[0](self, x, position_ids)
+
+
+def _build_dynamic_update() -> list[Callable]:
+    """Called by patch_rope (eagerly, before any compile traces the forward), or on the first call
+    of a model unpickled in a fresh process."""
+    if not _DYNAMIC_UPDATE:
+        from transformers.modeling_rope_utils import dynamic_rope_update
+
+        _DYNAMIC_UPDATE.append(dynamic_rope_update(_rope_inputs))
+    return _DYNAMIC_UPDATE
 
 
 # ---- the attention forward ----------------------------------------------------------------
@@ -267,15 +282,15 @@ def patch_rope(model: nn.Module) -> RopePatch:
             f"hf_fp8.patch_rope: model_type {model_type!r} is not supported (supported: {supported_model_types()})"
         )
     patch = RopePatch()
-    forward = _make_rotary_forward()
+    _build_dynamic_update()
     for m in model.modules():
         if _is_rotary(m):
             fp32 = _fp32_inv_freq(m)
             m.inv_freq = fp32
             if isinstance(getattr(m, "original_inv_freq", None), torch.Tensor):
                 m.original_inv_freq = fp32.clone()
-            m.forward = types.MethodType(forward, m)
-            m._apply = types.MethodType(_keep_fp32_apply, m)
+            m.forward = bind(_rotary_forward, m)
+            m._apply = bind(_keep_fp32_apply, m)
             patch.rotary_modules.append(m)
         elif type(m).__name__ == family.attention:
             if family.qk_norm and not (hasattr(m, "q_norm") and hasattr(m, "k_norm")):
@@ -283,7 +298,7 @@ def patch_rope(model: nn.Module) -> RopePatch:
                 raise ValueError(
                     f"hf_fp8.patch_rope: {type(m).__name__} has no q_norm/k_norm, which {family.prefix} has"
                 )
-            m.forward = types.MethodType(_attention_forward, m)
+            m.forward = bind(_attention_forward, m)
             m._hf_fp8_family = family
             patch.attention_modules.append(m)
     if not patch.rotary_modules or not patch.attention_modules:
