@@ -10,7 +10,7 @@ import io
 
 import pytest
 import torch
-from llama_fixtures import bigram_batches, enable_activation_checkpointing, tiny_family
+from llama_fixtures import enable_activation_checkpointing, tiny_family, train_losses
 
 import hf_fp8
 from hf_fp8.instance_method import PatchedMethod, bind
@@ -32,16 +32,8 @@ def _patched(model) -> dict[str, PatchedMethod]:
     }
 
 
-def _train(model, batches, steps=3):
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    losses = []
-    for ids in batches[:steps]:
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.detach())
-    return losses
+def _adamw_losses(model, steps: int) -> list[float]:
+    return train_losses(model, torch.optim.AdamW(model.parameters(), lr=1e-3), steps, batch=2)
 
 
 @pytest.mark.parametrize("copier", [_round_trip, copy.deepcopy], ids=["torch.save", "deepcopy"])
@@ -57,9 +49,7 @@ def test_converted_model_copies_keep_their_patches_and_train_the_same(family, cf
     hf_fp8.convert(model, cfg)
     if copier is copy.deepcopy:  # (stock HF's checkpointing registers a closure hook: torch.save fails on it)
         enable_activation_checkpointing(model, use_reentrant=False)
-    data = bigram_batches(2, 32, 512, seed=1)
-    batches = [next(data) for _ in range(4)]
-    _train(model, batches, steps=1)  # FP8 state (delayed histories) and AdamW moments exist
+    _adamw_losses(model, 1)  # FP8 state (delayed histories) exists
     twin = copier(model)
     patched, twin_patched = _patched(model), _patched(twin)
     # the norms, MLPs, decoder layers, embedding, rotary (forward and _apply), attention, loss
@@ -68,7 +58,7 @@ def test_converted_model_copies_keep_their_patches_and_train_the_same(family, cf
         owner = twin.get_submodule(name.rpartition(".")[0])
         assert method.__self__ is owner, name
         assert method.__func__ is patched[name].__func__, name
-    assert _train(twin, batches[1:]) == _train(model, batches[1:])  # bit for bit, on a CPU
+    assert _adamw_losses(twin, 3) == _adamw_losses(model, 3)  # bit for bit, on a CPU
 
 
 def test_patched_method_looks_like_a_bound_method():
