@@ -30,7 +30,7 @@ for s in $steps; do
     # recompute, keep_activations="auto", and every layer recomputed as transformers does)
     full8b) $iso --configs 8b-full --batch 1 --checkpointing --budget-s 560 --out llama_8b_full_ckpt_h100.json --variants stock_bf16 hf_fp8 hf_fp8_recomputeall torchao_tensorwise_compile liger 2>&1 | show ;;
     # padded SFT batches (25% padding) on the whole 8B: FP8 attention (with the padding mask) against SDPA
-    padded) $iso --configs 8b-full --batch 1 --checkpointing --pad-frac 0.25 --budget-s 560 --out llama_8b_full_ckpt_padded_h100.json --variants hf_fp8_fp8attn hf_fp8 stock_bf16 torchao_tensorwise_compile 2>&1 | show ;;
+    padded) $iso --configs 8b-full --batch 1 --checkpointing --pad-frac 0.25 --budget-s 560 --out llama_8b_full_ckpt_padded_h100.json --variants stock_bf16 hf_fp8_fp8attn hf_fp8 torchao_tensorwise_compile liger 2>&1 | show ;;
     # the model families: 8 layers of Llama-3-8B, Qwen2.5-7B, Qwen3-8B and Mistral-7B, B=2, S=4096
     families) $iso --configs 8b qwen2.5-7b qwen3-8b mistral-7b --budget-s 560 --out families_h100.json --variants stock_bf16 hf_fp8 torchao_tensorwise_compile 2>&1 | show ;;
     # the blockwise recipe against the per-tensor ones: speed (8 layers of Llama-3-8B) and loss
