@@ -77,6 +77,7 @@ VARIANTS = [
     "liger",
 ]
 LR = 1e-4  # --lr
+SEED = 0  # --seed
 
 
 def build(name: str, config: dict):
@@ -104,7 +105,7 @@ def build(name: str, config: dict):
     config_cls, model_cls, liger_fn = (getattr(transformers, n, n) for n in FAMILIES[config.pop("model_type", "llama")])
     config.setdefault("rope_theta", 500000.0)
     cfg = config_cls(**config, max_position_embeddings=8192, attn_implementation="sdpa")
-    torch.manual_seed(0)
+    torch.manual_seed(SEED)
     with torch.device("cuda"), hf_fp8.set_default_dtype(torch.bfloat16):
         model = model_cls(cfg)
     note = ""
@@ -172,10 +173,10 @@ _BATCHES: dict[tuple, list[torch.Tensor]] = {}
 
 
 def bigram_batches(batch: int, seq: int, vocab: int, n: int) -> list[torch.Tensor]:
-    """The same n batches for every variant (built once on the CPU, cached on the GPU)."""
-    key = (batch, seq, vocab, n)
+    """The same n batches for every variant of a seed (built once on the CPU, cached on the GPU)."""
+    key = (batch, seq, vocab, n, SEED)
     if key not in _BATCHES:
-        g = torch.Generator().manual_seed(0)
+        g = torch.Generator().manual_seed(SEED)
         successor = torch.randperm(vocab, generator=g)
         ids = torch.empty(n * batch, seq, dtype=torch.long)
         ids[:, 0] = torch.randint(0, vocab, (n * batch,), generator=g)
@@ -291,6 +292,13 @@ def main() -> None:
     )
     ap.add_argument("--lr", type=float, default=LR, help="AdamW learning rate of every variant")
     ap.add_argument(
+        "--seed",
+        type=int,
+        default=SEED,
+        help="seeds the model's initialization and the bigram stream (chain and batches) of every variant: "
+        "repeat a loss run with other seeds to see how far runs scatter",
+    )
+    ap.add_argument(
         "--loss-window",
         type=int,
         default=0,
@@ -307,6 +315,7 @@ def main() -> None:
     )
     args = ap.parse_args()
     globals()["LR"] = args.lr
+    globals()["SEED"] = args.seed
     if args.plot:
         print(f"wrote {plot(Path(args.plot))}")
         return
@@ -354,7 +363,7 @@ def main() -> None:
             print(f"{cfg_name} {json.dumps({k: v for k, v in row.items() if k != 'losses'})}", flush=True)
             payload = {"env": environment(), "batch": args.batch, "seq": args.seq, "warmup": args.warmup,
                        "steps": args.steps, "checkpointing": args.checkpointing, "pad_frac": args.pad_frac, "lr": args.lr,
-                       "loss_window": args.loss_window,
+                       "seed": args.seed, "loss_window": args.loss_window,
                        "configs": {k: CONFIGS[k] for k in args.configs}, "rows": rows}  # fmt: skip
             write_json(args.out, payload)  # after every variant: a cut-off run keeps what it measured
 
@@ -381,7 +390,7 @@ def _run_isolated(name: str, cfg_name: str, args) -> dict:
     ]
     if args.checkpointing:
         cmd.append("--checkpointing")
-    cmd += ["--lr", str(args.lr), "--pad-frac", str(args.pad_frac)]
+    cmd += ["--lr", str(args.lr), "--pad-frac", str(args.pad_frac), "--seed", str(args.seed)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     path = RESULTS / tmp
     rows = json.loads(path.read_text())["rows"] if path.exists() else []
