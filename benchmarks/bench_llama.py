@@ -77,7 +77,9 @@ VARIANTS = [
     "liger",
 ]
 LR = 1e-4  # --lr
-SEED = 0  # --seed
+SEED = 0  # the seed of the variant being built (--seeds)
+# the baseline of a run's ratios: stock BF16, else stock BF16 with hf_fp8's AdamW (loss runs: the same optimizer)
+STOCK = ("stock_bf16", "stock_bf16_hfadamw")
 
 
 def build(name: str, config: dict):
@@ -292,11 +294,13 @@ def main() -> None:
     )
     ap.add_argument("--lr", type=float, default=LR, help="AdamW learning rate of every variant")
     ap.add_argument(
-        "--seed",
+        "--seeds",
         type=int,
-        default=SEED,
-        help="seeds the model's initialization and the bigram stream (chain and batches) of every variant: "
-        "repeat a loss run with other seeds to see how far runs scatter",
+        nargs="+",
+        default=[SEED],
+        help="each seed sets the model's initialization and the bigram stream (chain and batches) of every "
+        "variant, and each variant runs once per seed (loss runs: how far runs scatter); ratios compare rows "
+        "of one seed",
     )
     ap.add_argument(
         "--loss-window",
@@ -315,7 +319,6 @@ def main() -> None:
     )
     args = ap.parse_args()
     globals()["LR"] = args.lr
-    globals()["SEED"] = args.seed
     if args.plot:
         print(f"wrote {plot(Path(args.plot))}")
         return
@@ -324,51 +327,50 @@ def main() -> None:
     warm_up_gpu()
     t0 = time.perf_counter()
     rows = []
-    for cfg_name in args.configs:
-        for name in args.variants:
-            if time.perf_counter() - t0 > args.budget_s:
-                rows.append(dict(config=cfg_name, variant=name, skipped="time budget spent"))
-                print(f"{cfg_name} {name}: skipped (time budget)", flush=True)
-                continue
-            try:
-                if args.isolate:
-                    row = _run_isolated(name, cfg_name, args)
-                else:
-                    row = run_variant(
-                        name, CONFIGS[cfg_name], args.batch, args.seq, args.warmup, args.steps, args.checkpointing,
-                        args.pad_frac,
-                    )  # fmt: skip
-            except Exception as e:  # noqa: BLE001  a failed variant is a result too
-                import traceback
+    for cfg_name, seed, name in ((c, s, n) for c in args.configs for s in args.seeds for n in args.variants):
+        globals()["SEED"] = seed
+        if time.perf_counter() - t0 > args.budget_s:
+            rows.append(dict(config=cfg_name, seed=seed, variant=name, skipped="time budget spent"))
+            print(f"{cfg_name} {name}: skipped (time budget)", flush=True)
+            continue
+        try:
+            if args.isolate:
+                row = _run_isolated(name, cfg_name, seed, args)
+            else:
+                row = run_variant(
+                    name, CONFIGS[cfg_name], args.batch, args.seq, args.warmup, args.steps, args.checkpointing,
+                    args.pad_frac,
+                )  # fmt: skip
+        except Exception as e:  # noqa: BLE001  a failed variant is a result too
+            import traceback
 
-                traceback.print_exc(limit=3)
-                row = dict(variant=name, error=f"{type(e).__name__}: {str(e)[:300]}")
-                gc.collect()
-                torch.cuda.empty_cache()
-                torch._dynamo.reset()
-            row["config"] = cfg_name
-            rows.append(row)
-            base = next(
-                (r for r in rows if r["config"] == cfg_name and r["variant"] == "stock_bf16" and "step_ms" in r), None
-            )
-            if args.loss_window and "losses" in row:
-                tail = row["losses"][-args.loss_window :]
-                row["mean_loss_last"] = sum(tail) / len(tail)
-            if base and "step_ms" in row:
-                row["speedup_vs_stock"] = base["step_ms"] / row["step_ms"]
-                row["mem_vs_stock"] = row["peak_mem_gb"] / base["peak_mem_gb"]
-                row["loss_vs_stock"] = row["loss"] / base["loss"]
-                if "mean_loss_last" in row and "mean_loss_last" in base:
-                    row["mean_loss_last_vs_stock"] = row["mean_loss_last"] / base["mean_loss_last"]
-            print(f"{cfg_name} {json.dumps({k: v for k, v in row.items() if k != 'losses'})}", flush=True)
-            payload = {"env": environment(), "batch": args.batch, "seq": args.seq, "warmup": args.warmup,
-                       "steps": args.steps, "checkpointing": args.checkpointing, "pad_frac": args.pad_frac, "lr": args.lr,
-                       "seed": args.seed, "loss_window": args.loss_window,
-                       "configs": {k: CONFIGS[k] for k in args.configs}, "rows": rows}  # fmt: skip
-            write_json(args.out, payload)  # after every variant: a cut-off run keeps what it measured
+            traceback.print_exc(limit=3)
+            row = dict(variant=name, error=f"{type(e).__name__}: {str(e)[:300]}")
+            gc.collect()
+            torch.cuda.empty_cache()
+            torch._dynamo.reset()
+        row["config"], row["seed"] = cfg_name, seed
+        rows.append(row)
+        same_run = [r for r in rows if (r["config"], r["seed"]) == (cfg_name, seed) and "step_ms" in r]
+        base = next((r for v in STOCK for r in same_run if r["variant"] == v), None)
+        if args.loss_window and "losses" in row:
+            tail = row["losses"][-args.loss_window :]
+            row["mean_loss_last"] = sum(tail) / len(tail)
+        if base and "step_ms" in row:
+            row["speedup_vs_stock"] = base["step_ms"] / row["step_ms"]
+            row["mem_vs_stock"] = row["peak_mem_gb"] / base["peak_mem_gb"]
+            row["loss_vs_stock"] = row["loss"] / base["loss"]
+            if "mean_loss_last" in row and "mean_loss_last" in base:
+                row["mean_loss_last_vs_stock"] = row["mean_loss_last"] / base["mean_loss_last"]
+        print(f"{cfg_name} {json.dumps({k: v for k, v in row.items() if k != 'losses'})}", flush=True)
+        payload = {"env": environment(), "batch": args.batch, "seq": args.seq, "warmup": args.warmup,
+                   "steps": args.steps, "checkpointing": args.checkpointing, "pad_frac": args.pad_frac, "lr": args.lr,
+                   "seeds": args.seeds, "loss_window": args.loss_window,
+                   "configs": {k: CONFIGS[k] for k in args.configs}, "rows": rows}  # fmt: skip
+        write_json(args.out, payload)  # after every variant: a cut-off run keeps what it measured
 
 
-def _run_isolated(name: str, cfg_name: str, args) -> dict:
+def _run_isolated(name: str, cfg_name: str, seed: int, args) -> dict:
     """One variant in a fresh ``python -m benchmarks.bench_llama`` process; its row, or the error
     (a crash shows as its exit status, e.g. -11 for a segfault)."""
     import os
@@ -390,7 +392,7 @@ def _run_isolated(name: str, cfg_name: str, args) -> dict:
     ]
     if args.checkpointing:
         cmd.append("--checkpointing")
-    cmd += ["--lr", str(args.lr), "--pad-frac", str(args.pad_frac), "--seed", str(args.seed)]
+    cmd += ["--lr", str(args.lr), "--pad-frac", str(args.pad_frac), "--seeds", str(seed)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     path = RESULTS / tmp
     rows = json.loads(path.read_text())["rows"] if path.exists() else []
@@ -399,7 +401,15 @@ def _run_isolated(name: str, cfg_name: str, args) -> dict:
     if proc.returncode != 0 or not rows:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
         return dict(variant=name, error=f"exit status {proc.returncode}: {' | '.join(tail)[:300]}")
-    drop = ("config", "speedup_vs_stock", "mem_vs_stock", "loss_vs_stock", "mean_loss_last", "mean_loss_last_vs_stock")
+    drop = (
+        "config",
+        "seed",
+        "speedup_vs_stock",
+        "mem_vs_stock",
+        "loss_vs_stock",
+        "mean_loss_last",
+        "mean_loss_last_vs_stock",
+    )
     return {k: v for k, v in rows[0].items() if k not in drop}
 
 
