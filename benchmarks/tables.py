@@ -243,23 +243,41 @@ def e2e_table(name: str = "llama_e2e_h100.json") -> str:
 
 
 def loss_table(name: str = "llama_1b_loss_h100.json") -> str:
-    """FP8 against BF16 over a few hundred steps: mean loss of the last steps, the same AdamW."""
+    """FP8 against BF16 over a few hundred steps: mean loss of the last steps, the same AdamW. With
+    several seeds, one column per seed (each against BF16 of the same seed) and the mean of those."""
     d = _load(name)
     rows = [r for r in d["rows"] if "mean_loss_last" in r]
-    base = next(r for r in rows if r["variant"].startswith("stock_bf16"))
+    seeds = sorted({r.get("seed", 0) for r in rows})
+    base = {s: next(r for r in rows if r.get("seed", 0) == s and r["variant"].startswith("stock_bf16")) for s in seeds}
     cfg = rows[0]["config"]
     out = [
         f"{d['steps'] + d['warmup']} steps of the bigram stream at Llama-3.2-1B shapes ({cfg}), B={d['batch']}, "
         f"S={d['seq']}, lr {d['lr']:g}, each with hf_fp8.optim.AdamW (stochastic rounding); mean loss of the last "
-        f"{d['loss_window']} steps; {_env_line(d['env'])}; `{name}`.",
+        f"{d['loss_window']} steps"
+        + (f"; seeds {', '.join(map(str, seeds))} (initialization and data)" if len(seeds) > 1 else "")
+        + f"; {_env_line(d['env'])}; `{name}`.",
         "",
-        "| variant | ms / step | mean loss, last steps | vs BF16 |",
-        "|---|---|---|---|",
     ]
-    for r in rows:
+    if len(seeds) == 1:
+        out += ["| variant | ms / step | mean loss, last steps | vs BF16 |", "|---|---|---|---|"]
+        for r in rows:
+            out.append(
+                f"| {_NAMES.get(r['variant'], r['variant'])} | {r['step_ms']:.1f} | {r['mean_loss_last']:.4f} | "
+                f"{r['mean_loss_last'] / base[seeds[0]]['mean_loss_last'] - 1:+.2%} |"
+            )
+        return "\n".join(out)
+    out += [
+        "| variant | ms / step | " + " | ".join(f"seed {s}: loss (vs BF16)" for s in seeds) + " | mean vs BF16 |",
+        "|---|---|" + "---|" * len(seeds) + "---|",
+    ]
+    for variant in dict.fromkeys(r["variant"] for r in rows):
+        by_seed = {r.get("seed", 0): r for r in rows if r["variant"] == variant}
+        deltas = {s: r["mean_loss_last"] / base[s]["mean_loss_last"] - 1 for s, r in by_seed.items()}
+        times = sorted(r["step_ms"] for r in by_seed.values())
+        cells = [f"{by_seed[s]['mean_loss_last']:.4f} ({deltas[s]:+.2%})" if s in by_seed else "not run" for s in seeds]
         out.append(
-            f"| {_NAMES.get(r['variant'], r['variant'])} | {r['step_ms']:.1f} | {r['mean_loss_last']:.4f} | "
-            f"{r['mean_loss_last'] / base['mean_loss_last'] - 1:+.2%} |"
+            f"| {_NAMES.get(variant, variant)} | {times[len(times) // 2]:.1f} | {' | '.join(cells)} | "
+            f"{sum(deltas.values()) / len(deltas):+.2%} |"
         )
     return "\n".join(out)
 
