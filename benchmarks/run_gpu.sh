@@ -24,8 +24,9 @@ for s in $steps; do
     # the README's performance table: 8 layers of Llama-3-8B, B=2, S=4096, each variant in its own process
     e2e) $iso --budget-s 560 --out llama_e2e_h100.json 2>&1 | show ;;
     # FP8 loss against BF16 (the same AdamW): Llama-3.2-1B shapes, every decoder linear in FP8 (the size
-    # filter keeps them all in BF16 at this size), 300 steps of the bigram stream
-    loss) $iso --configs 1b --steps 300 --warmup 3 --loss-window 50 --budget-s 560 --out llama_1b_loss_h100.json --variants stock_bf16_hfadamw hf_fp8_all hf_fp8_tensorwise_all hf_fp8_rowwise_all 2>&1 | show ;;
+    # filter keeps them all in BF16 at this size), 300 steps of the bigram stream, three seeds (about
+    # 10 minutes; SEEDS="1 2" runs a part, for machines that cut a command at 10 minutes)
+    loss) $iso --configs 1b --steps 300 --warmup 3 --loss-window 50 --seeds ${SEEDS:-0 1 2} --budget-s 900 --out llama_1b_loss_h100.json --variants stock_bf16_hfadamw hf_fp8_all hf_fp8_tensorwise_all 2>&1 | show ;;
     # the whole Llama-3-8B on one GPU: B=1, S=4096, activation checkpointing (hf_fp8's selective
     # recompute, keep_activations="auto", and every layer recomputed as transformers does)
     full8b) $iso --configs 8b-full --batch 1 --checkpointing --budget-s 560 --out llama_8b_full_ckpt_h100.json --variants stock_bf16 hf_fp8 hf_fp8_recomputeall torchao_tensorwise_compile liger 2>&1 | show ;;
