@@ -2,8 +2,8 @@
 torchao float8 and hf_fp8, side by side in one run, each variant in its own process (--isolate).
 
     python -m benchmarks.bench_llama --isolate --out llama_e2e_h100.json           # the README's table
-    python -m benchmarks.bench_llama --isolate --configs 1b --steps 300 --warmup 3 \
-        --loss-window 50 --variants stock_bf16 hf_fp8 ... --out llama_1b_loss_h100.json   # loss vs BF16
+    python -m benchmarks.bench_llama --isolate --configs 1b --steps 300 --warmup 3 --loss-window 50 \
+        --seeds 0 1 2 --variants stock_bf16_hfadamw hf_fp8_all ... --out llama_1b_loss_h100.json  # loss vs BF16
     python -m benchmarks.bench_llama --isolate --configs 8b-full --batch 1 --checkpointing   # whole 8B
     python -m benchmarks.bench_llama --isolate --configs 8b-full --batch 1 --checkpointing --pad-frac 0.25 \
         --variants stock_bf16 hf_fp8 hf_fp8_fp8attn ...                                    # padded SFT batches

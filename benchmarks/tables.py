@@ -242,6 +242,17 @@ def e2e_table(name: str = "llama_e2e_h100.json") -> str:
     return "\n".join(out)
 
 
+def _steps_behind(losses: list[float], base: list[float], window: int) -> int:
+    """How many steps before its end the baseline's mean loss over ``window`` steps had already come
+    down to ``losses``' final mean: while the loss falls fast, a small delay shows as a large gap."""
+    target = sum(losses[-window:]) / window
+    for behind in range(len(base) - window + 1):
+        end = len(base) - behind
+        if sum(base[end - window : end]) / window >= target:
+            return behind
+    return len(base) - window
+
+
 def loss_table(name: str = "llama_1b_loss_h100.json") -> str:
     """FP8 against BF16 over a few hundred steps: mean loss of the last steps, the same AdamW. With
     several seeds, one column per seed (each against BF16 of the same seed) and the mean of those."""
@@ -267,17 +278,20 @@ def loss_table(name: str = "llama_1b_loss_h100.json") -> str:
             )
         return "\n".join(out)
     out += [
-        "| variant | ms / step | " + " | ".join(f"seed {s}: loss (vs BF16)" for s in seeds) + " | mean vs BF16 |",
-        "|---|---|" + "---|" * len(seeds) + "---|",
+        "| variant | ms / step | "
+        + " | ".join(f"seed {s}: loss (vs BF16)" for s in seeds)
+        + " | mean vs BF16 | steps behind BF16 |",
+        "|---|---|" + "---|" * len(seeds) + "---|---|",
     ]
     for variant in dict.fromkeys(r["variant"] for r in rows):
         by_seed = {r.get("seed", 0): r for r in rows if r["variant"] == variant}
         deltas = {s: r["mean_loss_last"] / base[s]["mean_loss_last"] - 1 for s, r in by_seed.items()}
         times = sorted(r["step_ms"] for r in by_seed.values())
         cells = [f"{by_seed[s]['mean_loss_last']:.4f} ({deltas[s]:+.2%})" if s in by_seed else "not run" for s in seeds]
+        behind = [_steps_behind(r["losses"], base[s]["losses"], d["loss_window"]) for s, r in sorted(by_seed.items())]
         out.append(
             f"| {_NAMES.get(variant, variant)} | {times[len(times) // 2]:.1f} | {' | '.join(cells)} | "
-            f"{sum(deltas.values()) / len(deltas):+.2%} |"
+            f"{sum(deltas.values()) / len(deltas):+.2%} | {', '.join(map(str, behind))} |"
         )
     return "\n".join(out)
 
