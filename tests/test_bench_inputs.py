@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import import_benchmark
 from llama_fixtures import tiny_llama
 
-from benchmarks.bench_llama import padded
-from benchmarks.common import time_training_steps
+padded = import_benchmark("bench_llama").padded
+time_training_steps = import_benchmark("common").time_training_steps
 
 
 @pytest.mark.parametrize("batch", [1, 2, 4])
@@ -45,7 +46,9 @@ def test_benchmark_configs_build_their_family_and_convert_every_decoder_linear(n
     import transformers
 
     import hf_fp8
-    from benchmarks.bench_llama import CONFIGS, FAMILIES
+
+    bench_llama = import_benchmark("bench_llama")
+    CONFIGS, FAMILIES = bench_llama.CONFIGS, bench_llama.FAMILIES
 
     config = dict(CONFIGS[name], num_hidden_layers=1)
     config_cls, model_cls, _ = (getattr(transformers, n, n) for n in FAMILIES[config.pop("model_type", "llama")])

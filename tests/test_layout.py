@@ -13,6 +13,7 @@ import importlib.metadata
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from helpers import ROOT
@@ -55,6 +56,29 @@ def test_no_regular_package_at_the_root_has_an_installed_distributions_name():
         f"these repo-root packages shadow installed distributions (name: distributions): {clashes}; "
         "rename them or drop their __init__.py"
     )
+
+
+def test_tests_import_nothing_that_only_the_repo_root_on_sys_path_provides():
+    """Plain ``pytest`` does not put the repo root on ``sys.path`` (``python -m pytest`` does):
+    a test that imports ``benchmarks.<x>`` (or ``examples``, ``scripts``) by name collects under
+    one command and fails under the other. Load them by path (``helpers.import_benchmark``)."""
+    import ast
+
+    tests = Path(__file__).parent
+    installed = _installed_top_level_names()
+    root_only = {
+        e.stem if e.suffix == ".py" else e.name
+        for e in ROOT.iterdir()
+        if not e.name.startswith(".") and (e.is_dir() or e.suffix == ".py")
+    } - {OWN_DISTRIBUTION, tests.name, *installed}
+    found = []
+    for path in sorted(tests.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            found += [f"{path.name}:{node.lineno} {n}" for n in names if n.split(".")[0] in root_only]
+    assert not found, f"imports that need the repo root on sys.path (use helpers.import_benchmark): {found}"
 
 
 def test_the_source_folders_are_not_regular_packages():
